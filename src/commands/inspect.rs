@@ -1,0 +1,197 @@
+//! `flow status`, `flow runs` and `flow pairs`: read the store and show it.
+
+use flow::store::{Store, pairs, runs};
+
+use super::{fmt_duration, fmt_time, table};
+use crate::cli::{PairsArgs, RunsArgs, StatusArgs, Target};
+
+async fn open(t: &Target) -> anyhow::Result<Store> {
+    let wf = flow::workflow::load(&t.workflow)?;
+    Ok(Store::open_existing(&wf.store).await?)
+}
+
+/// A run left 'running' while nobody holds the store lock was killed.
+fn live_status(store: &Store, status: &str) -> String {
+    if status == "running" && flow::engine::lock::RunLock::acquire(&store.path).is_ok() {
+        "interrupted".into()
+    } else {
+        status.to_string()
+    }
+}
+
+pub async fn status(a: StatusArgs) -> anyhow::Result<u8> {
+    let store = open(&a.target).await?;
+    let run = match a.run {
+        Some(id) => runs::get(&store, id).await?,
+        None => runs::latest(&store).await?,
+    };
+    let Some(run) = run else {
+        return Err(flow::Error::bad_input(
+            match a.run {
+                Some(id) => format!("run {id} is not in this store"),
+                None => "this store has no runs yet".into(),
+            },
+            "list runs with `flow runs -w WORKFLOW`",
+        )
+        .into());
+    };
+    let status = live_status(&store, &run.status);
+    let stages = runs::stages_of(&store, run.id).await?;
+    if a.json {
+        let mut v = serde_json::to_value(&run)?;
+        v["status"] = status.into();
+        v["stages"] = serde_json::to_value(&stages)?;
+        for s in v["stages"].as_array_mut().into_iter().flatten() {
+            if let Some(summary) = s["summary"]
+                .as_str()
+                .and_then(|x| serde_json::from_str::<serde_json::Value>(x).ok())
+            {
+                s["summary"] = summary;
+            }
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(0);
+    }
+    println!(
+        "run {} of {}: {status}, started {}, {}",
+        run.id,
+        run.workflow,
+        fmt_time(run.started_at),
+        fmt_duration(Some(run.started_at), run.finished_at)
+    );
+    let rows: Vec<Vec<String>> = stages
+        .iter()
+        .map(|s| {
+            vec![
+                s.stage.clone(),
+                s.kind.clone(),
+                s.status.clone(),
+                s.items_total.to_string(),
+                s.items_done.to_string(),
+                s.items_cached.to_string(),
+                s.items_skipped.to_string(),
+                s.items_failed.to_string(),
+                fmt_duration(s.started_at, s.finished_at),
+            ]
+        })
+        .collect();
+    println!(
+        "{}",
+        table(
+            &[
+                "STAGE", "KIND", "STATUS", "TOTAL", "DONE", "STORED", "SKIPPED", "FAILED", "TIME"
+            ],
+            &rows
+        )
+    );
+    for s in &stages {
+        if let Some(e) = &s.error {
+            println!("\n{} failed: {e}", s.stage);
+        }
+        let Some(summary) = s
+            .summary
+            .as_deref()
+            .and_then(|x| serde_json::from_str::<serde_json::Value>(x).ok())
+        else {
+            continue;
+        };
+        let Some(obj) = summary.as_object() else {
+            continue;
+        };
+        let figures: Vec<String> = obj
+            .iter()
+            .filter(|(_, v)| v.is_number())
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        if !figures.is_empty() {
+            println!("\n{}: {}", s.stage, figures.join(", "));
+        }
+        for skip in obj
+            .get("skipped")
+            .and_then(|v| v.as_array())
+            .into_iter()
+            .flatten()
+            .take(20)
+        {
+            println!(
+                "  skipped {}: {}",
+                skip["path"].as_str().unwrap_or("?"),
+                skip["reason"].as_str().unwrap_or("?")
+            );
+        }
+    }
+    Ok(0)
+}
+
+pub async fn runs(a: RunsArgs) -> anyhow::Result<u8> {
+    let store = open(&a.target).await?;
+    let rows = runs::list(&store, a.limit).await?;
+    if a.json {
+        let v: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|r| {
+                let mut v = serde_json::to_value(r).unwrap_or_default();
+                v["status"] = live_status(&store, &r.status).into();
+                v
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(0);
+    }
+    let table_rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.id.to_string(),
+                live_status(&store, &r.status),
+                fmt_time(r.started_at),
+                fmt_duration(Some(r.started_at), r.finished_at),
+                r.args.clone(),
+            ]
+        })
+        .collect();
+    println!(
+        "{}",
+        table(
+            &["RUN", "STATUS", "STARTED", "TIME", "OPTIONS"],
+            &table_rows
+        )
+    );
+    Ok(0)
+}
+
+pub async fn pairs(a: PairsArgs) -> anyhow::Result<u8> {
+    let store = open(&a.target).await?;
+    let rows = pairs::list(&store, a.run, a.verdict.as_deref(), a.limit).await?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(0);
+    }
+    if rows.is_empty() {
+        println!("no pairs yet (they come from the generate and judge stages)");
+    }
+    for p in &rows {
+        let passage: String = p
+            .passage
+            .chars()
+            .take(240)
+            .collect::<String>()
+            .replace('\n', " ");
+        let page = p.page.map(|n| format!(" p.{n}")).unwrap_or_default();
+        let score = p.score.map(|s| format!(" score {s}")).unwrap_or_default();
+        println!("#{} [{}{score}] {}", p.query_id, p.verdict, p.query);
+        println!("   {}{page} ({})", p.document, p.generator);
+        println!(
+            "   {passage}{}",
+            if p.passage.chars().count() > 240 {
+                "..."
+            } else {
+                ""
+            }
+        );
+        if let Some(r) = &p.reason {
+            println!("   judge: {r}");
+        }
+    }
+    Ok(0)
+}

@@ -1,0 +1,67 @@
+//! `flow run` and `flow resume`: start or continue a run and print what each stage did.
+
+use flow::engine::{self, RunOptions, RunReport, progress::Progress};
+
+use super::{fmt_duration, table};
+use crate::cli::{ResumeArgs, RunArgs};
+
+pub async fn run(a: RunArgs, quiet: bool) -> anyhow::Result<u8> {
+    let wf = flow::workflow::load(&a.workflow)?;
+    let opts = RunOptions {
+        force: a.force,
+        only: a.only,
+        from: a.from,
+    };
+    let report = engine::run(wf, opts, Progress::new(quiet)).await?;
+    Ok(print(&report, quiet))
+}
+
+pub async fn resume(a: ResumeArgs, quiet: bool) -> anyhow::Result<u8> {
+    let wf = flow::workflow::load(&a.target.workflow)?;
+    let report = engine::resume(&wf.store, a.run, Progress::new(quiet)).await?;
+    Ok(print(&report, quiet))
+}
+
+fn print(r: &RunReport, quiet: bool) -> u8 {
+    if !quiet {
+        let rows: Vec<Vec<String>> = r
+            .stages
+            .iter()
+            .map(|s| {
+                vec![
+                    s.stage.clone(),
+                    s.status.clone(),
+                    format!(
+                        "{}/{}",
+                        s.items_done + s.items_cached + s.items_skipped + s.items_failed,
+                        s.items_total
+                    ),
+                    s.items_done.to_string(),
+                    s.items_cached.to_string(),
+                    s.items_skipped.to_string(),
+                    s.items_failed.to_string(),
+                    fmt_duration(s.started_at, s.finished_at),
+                ]
+            })
+            .collect();
+        println!("run {} {}", r.run_id, r.status);
+        println!(
+            "{}",
+            table(
+                &[
+                    "STAGE", "STATUS", "ITEMS", "DONE", "STORED", "SKIPPED", "FAILED", "TIME"
+                ],
+                &rows
+            )
+        );
+        for s in &r.stages {
+            if let Some(e) = &s.error {
+                println!("{}: {e}", s.stage);
+            }
+        }
+        if r.status != "succeeded" {
+            println!("continue with: flow resume -w <workflow> {}", r.run_id);
+        }
+    }
+    r.exit_code()
+}

@@ -1,0 +1,463 @@
+//! Runs a workflow's DAG: stage runs with fingerprints, up-to-date skips, concurrency between
+//! independent stages, failure isolation, resume of a failed or killed run, and the run lock.
+
+pub mod lock;
+pub mod progress;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::task::JoinSet;
+
+use crate::dag;
+use crate::error::{Error, Result};
+use crate::stages::{Stage, StageCtx};
+use crate::store::runs::{self, Counts, StageRunRow};
+use crate::store::{Store, sha256_hex};
+use crate::workflow::Workflow;
+use lock::RunLock;
+use progress::Progress;
+
+/// The options of a run, stored with it so `flow resume` continues with the same ones.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RunOptions {
+    /// Run these stages even if they are up to date.
+    #[serde(default)]
+    pub force: Vec<String>,
+    /// Run only these stages; the others must have succeeded before.
+    #[serde(default)]
+    pub only: Vec<String>,
+    /// Run this stage and everything downstream of it, even if up to date.
+    #[serde(default)]
+    pub from: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct RunReport {
+    pub run_id: i64,
+    pub status: String,
+    pub stages: Vec<StageRunRow>,
+    pub notes: Vec<String>,
+}
+
+impl RunReport {
+    pub fn exit_code(&self) -> u8 {
+        if self.status == "succeeded" { 0 } else { 1 }
+    }
+}
+
+/// Starts a new run of `wf`.
+pub async fn run(wf: Workflow, opts: RunOptions, progress: Progress) -> Result<RunReport> {
+    check_names(&wf, &opts)?;
+    let lock = RunLock::acquire(&wf.store)?;
+    let store = Store::open(&wf.store).await?;
+    let notes = take_over(&store, &lock).await?;
+    let args = serde_json::to_string(&opts).expect("options serialise");
+    let run_id = runs::create(&store, &wf.name, &wf.path.to_string_lossy(), &args).await?;
+    execute(
+        Arc::new(wf),
+        store,
+        run_id,
+        opts,
+        BTreeMap::new(),
+        progress,
+        notes,
+    )
+    .await
+}
+
+/// Continues `run_id` (default: the newest unfinished run): stages that finished are kept, the
+/// rest run again and do only the items that have no stored result.
+pub async fn resume(
+    store_path: &std::path::Path,
+    run_id: Option<i64>,
+    progress: Progress,
+) -> Result<RunReport> {
+    let lock = RunLock::acquire(store_path)?;
+    let store = Store::open_existing(store_path).await?;
+    let notes = take_over(&store, &lock).await?;
+    let row = match run_id {
+        Some(id) => runs::get(&store, id).await?.ok_or_else(|| {
+            Error::bad_input(
+                format!("run {id} is not in {}", store_path.display()),
+                "list runs with `flow runs`",
+            )
+        })?,
+        None => runs::latest_unfinished(&store).await?.ok_or_else(|| {
+            Error::bad_input(
+                format!(
+                    "{} has no failed or interrupted run to resume",
+                    store_path.display()
+                ),
+                "start a new one with `flow run WORKFLOW`",
+            )
+        })?,
+    };
+    if row.status == "succeeded" {
+        return Err(Error::bad_input(
+            format!(
+                "run {} already succeeded; there is nothing to resume",
+                row.id
+            ),
+            "start a new run with `flow run WORKFLOW`",
+        ));
+    }
+    let wf = crate::workflow::load(std::path::Path::new(&row.workflow_path))?;
+    let opts: RunOptions = serde_json::from_str(&row.args).unwrap_or_default();
+    let mut finished = BTreeMap::new();
+    for s in runs::stages_of(&store, row.id).await? {
+        if matches!(s.status.as_str(), "succeeded" | "up_to_date")
+            && wf.stages.contains_key(&s.stage)
+        {
+            finished.insert(s.stage.clone(), s.fingerprint.clone());
+        }
+    }
+    runs::reopen(&store, row.id).await?;
+    progress.log(&format!(
+        "resuming run {} ({} stage(s) already finished)",
+        row.id,
+        finished.len()
+    ));
+    execute(Arc::new(wf), store, row.id, opts, finished, progress, notes).await
+}
+
+async fn take_over(store: &Store, lock: &RunLock) -> Result<Vec<String>> {
+    let mut notes = Vec::new();
+    if let Some(prev) = &lock.taken_over_from {
+        notes.push(format!(
+            "took over the store lock left by a process that is gone ({prev})"
+        ));
+    }
+    let n = runs::mark_interrupted(store).await?;
+    if n > 0 {
+        notes.push(format!("{n} run(s) left running by a killed process marked interrupted; `flow resume` continues them"));
+    }
+    Ok(notes)
+}
+
+fn check_names(wf: &Workflow, opts: &RunOptions) -> Result<()> {
+    for name in opts.force.iter().chain(&opts.only).chain(&opts.from) {
+        if !wf.stages.contains_key(name) {
+            return Err(Error::bad_input(
+                format!("no stage named `{name}` in {}", wf.path.display()),
+                format!("stages: {}", wf.order.join(", ")),
+            ));
+        }
+    }
+    Ok(())
+}
+
+enum State {
+    Waiting,
+    Running,
+    /// Finished well (ran, or was up to date); carries the fingerprint downstream stages build on.
+    Good(String),
+    Bad,
+}
+
+async fn execute(
+    wf: Arc<Workflow>,
+    store: Store,
+    run_id: i64,
+    opts: RunOptions,
+    finished: BTreeMap<String, String>,
+    progress: Progress,
+    mut notes: Vec<String>,
+) -> Result<RunReport> {
+    for n in &notes {
+        progress.log(n);
+    }
+    let needs: BTreeMap<String, Vec<String>> = wf
+        .stages
+        .iter()
+        .map(|(n, s)| (n.clone(), s.needs.clone()))
+        .collect();
+    let mut forced: BTreeSet<String> = opts.force.iter().cloned().collect();
+    if let Some(from) = &opts.from {
+        forced.insert(from.clone());
+        forced.extend(dag::downstream(&needs, from));
+    }
+
+    let mut state: HashMap<String, State> = HashMap::new();
+    for name in &wf.order {
+        let s = if let Some(fp) = finished.get(name) {
+            State::Good(fp.clone())
+        } else if !opts.only.is_empty() && !opts.only.contains(name) {
+            // Outside --only: stands as its last good result, which must exist.
+            match runs::latest_good_fingerprint(&store, name).await? {
+                Some(fp) => State::Good(fp),
+                None if needed_by_only(name, &opts.only, &needs) => {
+                    return Err(Error::bad_input(
+                        format!(
+                            "stage `{name}` has never succeeded, and the stages picked with --only need it"
+                        ),
+                        format!(
+                            "run it first: `flow run {} --only {name}`",
+                            wf.path.display()
+                        ),
+                    ));
+                }
+                None => State::Good(String::new()),
+            }
+        } else {
+            State::Waiting
+        };
+        state.insert(name.clone(), s);
+    }
+
+    // Building resolves models and paths: a bad setting stops the run before anything starts.
+    let mut built: HashMap<String, Arc<dyn Stage>> = HashMap::new();
+    for name in &wf.order {
+        if matches!(state[name], State::Waiting) {
+            let spec = &wf.stages[name];
+            built.insert(name.clone(), Arc::from((spec.kind.build)(spec, &wf)?));
+        }
+    }
+
+    let mut tasks: JoinSet<(String, Result<String, String>)> = JoinSet::new();
+    let interrupted = loop {
+        for name in &wf.order {
+            if !matches!(state[name], State::Waiting) {
+                continue;
+            }
+            let spec = &wf.stages[name];
+            if spec.needs.iter().any(|n| matches!(state[n], State::Bad)) {
+                let fp = String::new();
+                let id =
+                    runs::set_stage(&store, run_id, name, spec.kind.name, &fp, "blocked").await?;
+                let failed: Vec<&str> = spec
+                    .needs
+                    .iter()
+                    .filter(|n| matches!(state[*n], State::Bad))
+                    .map(String::as_str)
+                    .collect();
+                runs::finish_stage(
+                    &store,
+                    id,
+                    "blocked",
+                    Counts::default(),
+                    None,
+                    Some(&format!("not started: {} failed", failed.join(", "))),
+                )
+                .await?;
+                progress.log(&format!(
+                    "[{name}] not started: it needs {}, which did not succeed",
+                    failed.join(", ")
+                ));
+                state.insert(name.clone(), State::Bad);
+                continue;
+            }
+            let upstream: Option<Vec<(String, String)>> = spec
+                .needs
+                .iter()
+                .map(|n| match &state[n] {
+                    State::Good(fp) => Some((n.clone(), fp.clone())),
+                    _ => None,
+                })
+                .collect();
+            let Some(upstream) = upstream else { continue };
+            state.insert(name.clone(), State::Running);
+            let job = Job {
+                stage: built[name].clone(),
+                wf: wf.clone(),
+                store: store.clone(),
+                run_id,
+                name: name.clone(),
+                upstream,
+                force: forced.contains(name),
+                progress: progress.clone(),
+            };
+            tasks.spawn(async move {
+                let name = job.name.clone();
+                (name, job.run().await)
+            });
+        }
+        if tasks.is_empty() {
+            break false;
+        }
+        tokio::select! {
+            joined = tasks.join_next() => {
+                let (name, res) = joined.expect("tasks not empty").map_err(|e| Error::Other(format!("stage task: {e}")))?;
+                match res {
+                    Ok(fp) => state.insert(name, State::Good(fp)),
+                    Err(_) => state.insert(name, State::Bad),
+                };
+            }
+            _ = tokio::signal::ctrl_c() => break true,
+        }
+    };
+
+    let status = if interrupted {
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+        runs::mark_interrupted(&store).await?;
+        notes.push("interrupted: `flow resume` continues where this stopped".into());
+        "interrupted"
+    } else if state.values().all(|s| matches!(s, State::Good(_))) {
+        "succeeded"
+    } else {
+        "failed"
+    };
+    runs::finish(&store, run_id, status).await?;
+    let stages = runs::stages_of(&store, run_id).await?;
+    Ok(RunReport {
+        run_id,
+        status: status.to_string(),
+        stages,
+        notes,
+    })
+}
+
+fn needed_by_only(name: &str, only: &[String], needs: &BTreeMap<String, Vec<String>>) -> bool {
+    only.iter()
+        .any(|o| needs.get(o).is_some_and(|n| n.iter().any(|x| x == name)))
+}
+
+/// One stage's turn: fingerprint, up-to-date check, run, record.
+struct Job {
+    stage: Arc<dyn Stage>,
+    wf: Arc<Workflow>,
+    store: Store,
+    run_id: i64,
+    name: String,
+    upstream: Vec<(String, String)>,
+    force: bool,
+    progress: Progress,
+}
+
+impl Job {
+    /// Ok(fingerprint) when the stage succeeded or was up to date; Err(message) when it failed.
+    async fn run(self) -> Result<String, String> {
+        match self.attempt().await {
+            Ok(fp) => Ok(fp),
+            Err(e) => {
+                self.progress.log(&format!("[{}] failed: {e}", self.name));
+                Err(e.to_string())
+            }
+        }
+    }
+
+    async fn attempt(&self) -> Result<String> {
+        let spec = &self.wf.stages[&self.name];
+        let fp = fingerprint(
+            spec.kind.name,
+            &spec.params,
+            &self.stage.inputs().await?,
+            &self.upstream,
+        );
+        if !self.force
+            && let Some(prev) = runs::find_succeeded(&self.store, &self.name, &fp).await?
+        {
+            let id = runs::set_stage(
+                &self.store,
+                self.run_id,
+                &self.name,
+                spec.kind.name,
+                &fp,
+                "up_to_date",
+            )
+            .await?;
+            runs::finish_stage(
+                &self.store,
+                id,
+                "up_to_date",
+                Counts::default(),
+                Some(&format!("{{\"same_as_run\":{prev}}}")),
+                None,
+            )
+            .await?;
+            self.progress.log(&format!(
+                "[{}] up to date (same inputs as run {prev})",
+                self.name
+            ));
+            return Ok(fp);
+        }
+        let id = runs::set_stage(
+            &self.store,
+            self.run_id,
+            &self.name,
+            spec.kind.name,
+            &fp,
+            "running",
+        )
+        .await?;
+        let ctx = StageCtx {
+            run_id: self.run_id,
+            stage_run_id: id,
+            spec: spec.clone(),
+            workflow: self.wf.clone(),
+            store: self.store.clone(),
+            progress: self.progress.stage(&self.name),
+        };
+        // Counts reach the store every two seconds so `flow status` can watch a live run.
+        let ticker = {
+            let (store, p) = (self.store.clone(), ctx.progress.clone());
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(Duration::from_secs(2));
+                loop {
+                    every.tick().await;
+                    let _ = runs::update_counts(&store, id, p.counts()).await;
+                }
+            })
+        };
+        let result = self.stage.run(&ctx).await;
+        ticker.abort();
+        let counts = ctx.progress.counts();
+        match result {
+            Ok(out) => {
+                let summary = (!out.summary.is_null()).then(|| out.summary.to_string());
+                let status = if out.failure.is_some() {
+                    "failed"
+                } else {
+                    "succeeded"
+                };
+                runs::finish_stage(
+                    &self.store,
+                    id,
+                    status,
+                    counts,
+                    summary.as_deref(),
+                    out.failure.as_deref(),
+                )
+                .await?;
+                ctx.progress.finish(status);
+                match out.failure {
+                    None => Ok(fp),
+                    Some(f) => Err(Error::Stage {
+                        stage: self.name.clone(),
+                        message: f,
+                    }),
+                }
+            }
+            Err(e) => {
+                runs::finish_stage(
+                    &self.store,
+                    id,
+                    "failed",
+                    counts,
+                    None,
+                    Some(&e.to_string()),
+                )
+                .await?;
+                ctx.progress.finish("failed");
+                Err(e)
+            }
+        }
+    }
+}
+
+/// sha256 over the kind, the parameters (keys sorted), the stage's own inputs and its upstream fingerprints.
+pub fn fingerprint(
+    kind: &str,
+    params: &serde_json::Value,
+    inputs: &str,
+    upstream: &[(String, String)],
+) -> String {
+    let mut up = upstream.to_vec();
+    up.sort();
+    let doc =
+        serde_json::json!({ "kind": kind, "params": params, "inputs": inputs, "upstream": up });
+    sha256_hex(doc.to_string().as_bytes())
+}

@@ -1,0 +1,14 @@
+//! flow: a workflow engine that turns a team's own documents into a better retriever.
+//! The library holds everything; the `flow` binary only parses arguments and prints.
+
+pub mod corpus;
+pub mod dag;
+pub mod engine;
+pub mod error;
+pub mod models;
+pub mod schedule;
+pub mod stages;
+pub mod store;
+pub mod workflow;
+
+pub use error::{Error, Result};

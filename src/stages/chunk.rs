@@ -1,0 +1,611 @@
+//! The `chunk` stage: reads a corpus (folder or globs) into documents and cuts token-aware,
+//! overlapping chunks at paragraph and sentence bounds. Documents are keyed by content hash.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use text_splitter::{ChunkConfig, ChunkSizer, MarkdownSplitter, TextSplitter};
+use tokenizers::Tokenizer;
+
+use super::{Kind, Outcome, Stage, StageCtx};
+use crate::corpus::{self, Document, Format, JsonlFields};
+use crate::error::{Error, Result};
+use crate::store::documents::{self, DocState, DocWrite, NewChunk};
+use crate::store::sha256_hex;
+use crate::workflow::{CheckCtx, Diagnostic, StageSpec, Workflow, check_typed};
+
+pub const KIND: Kind = Kind {
+    name: "chunk",
+    about: "read a corpus folder or globs (txt, md, html, pdf, jsonl) into token-aware overlapping chunks",
+    check,
+    build,
+};
+
+/// Bumped when the way chunks are cut changes, so stored chunks are re-cut.
+const CHUNKER_VERSION: u32 = 1;
+/// Documents per transaction: small enough that a kill loses little, large enough to write fast.
+const BATCH_DOCS: usize = 64;
+const BATCH_BYTES: usize = 4 << 20;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Corpus {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Params {
+    /// A folder (read recursively) or glob patterns, relative to the workflow file.
+    pub corpus: Corpus,
+    #[serde(default = "default_max_tokens")]
+    pub max_tokens: usize,
+    #[serde(default = "default_overlap")]
+    pub overlap: usize,
+    /// A tokenizer.json path or a model name; by default the black-box model's tokenizer.
+    #[serde(default)]
+    pub tokenizer: Option<String>,
+    #[serde(default)]
+    pub jsonl: JsonlFields,
+}
+
+fn default_max_tokens() -> usize {
+    256
+}
+fn default_overlap() -> usize {
+    32
+}
+
+fn check(cx: &CheckCtx) -> Vec<Diagnostic> {
+    let mut diags = Vec::new();
+    let Some(p) = check_typed::<Params>(cx.node, cx.params.clone(), &mut diags) else {
+        return diags;
+    };
+    let at = |key: &str| cx.node.get(key).map(|n| n.span()).unwrap_or(cx.node.span());
+    if p.max_tokens < 8 {
+        diags.push(
+            Diagnostic::new(
+                at("max_tokens"),
+                format!("stage `{}`: max_tokens must be at least 8", cx.stage),
+            )
+            .hint("256 suits most embedding models"),
+        );
+    } else if p.overlap >= p.max_tokens {
+        diags.push(
+            Diagnostic::new(
+                at("overlap"),
+                format!(
+                    "stage `{}`: overlap ({}) must be less than max_tokens ({})",
+                    cx.stage, p.overlap, p.max_tokens
+                ),
+            )
+            .hint("an overlap of about an eighth of max_tokens is usual, e.g. 32 for 256"),
+        );
+    }
+    if p.tokenizer.is_none()
+        && cx
+            .models
+            .get("black_box")
+            .and_then(|m| m.model.as_ref())
+            .is_none()
+    {
+        diags.push(
+            Diagnostic::new(
+                cx.node.span(),
+                format!("stage `{}` has no tokenizer", cx.stage),
+            )
+            .hint(
+                "set `tokenizer:` (a tokenizer.json or a model name), or `models.black_box.model`",
+            ),
+        );
+    }
+    diags
+}
+
+fn build(spec: &StageSpec, wf: &Workflow) -> Result<Box<dyn Stage>> {
+    let params: Params = spec.params()?;
+    let tokenizer_path = match &params.tokenizer {
+        Some(t) if t.ends_with(".json") => wf.dir.join(t),
+        Some(name) => {
+            crate::models::resolve(name, &wf.dir, "tokenizer.json")?.join("tokenizer.json")
+        }
+        None => {
+            let name = wf
+                .models
+                .get("black_box")
+                .and_then(|m| m.model.clone())
+                .unwrap_or_default();
+            crate::models::resolve(&name, &wf.dir, "tokenizer.json")?.join("tokenizer.json")
+        }
+    };
+    let tokenizer = load_tokenizer(&tokenizer_path)?;
+    let tokenizer_hash =
+        sha256_hex(&std::fs::read(&tokenizer_path).map_err(Error::io(&tokenizer_path))?);
+    let patterns = match &params.corpus {
+        Corpus::One(p) => vec![p.clone()],
+        Corpus::Many(ps) => ps.clone(),
+    };
+    let config = serde_json::json!({
+        "v": CHUNKER_VERSION, "max_tokens": params.max_tokens, "overlap": params.overlap,
+        "tokenizer": tokenizer_hash, "jsonl": params.jsonl,
+    });
+    Ok(Box::new(Chunk {
+        stage: spec.name.clone(),
+        root: wf.dir.clone(),
+        patterns,
+        params,
+        tokenizer: Arc::new(tokenizer),
+        chunk_config: sha256_hex(config.to_string().as_bytes()),
+        listing: Mutex::new(None),
+    }))
+}
+
+/// Loads a tokenizer.json with truncation and padding off: the chunker needs true lengths.
+pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
+    let mut tok = Tokenizer::from_file(path).map_err(|e| {
+        Error::bad_input(
+            format!("cannot load tokenizer {}: {e}", path.display()),
+            "point `tokenizer:` at a Hugging Face tokenizer.json, or run `flow models pull`",
+        )
+    })?;
+    tok.with_truncation(None)
+        .map_err(|e| Error::Other(e.to_string()))?;
+    tok.with_padding(None);
+    Ok(tok)
+}
+
+struct Chunk {
+    stage: String,
+    root: PathBuf,
+    patterns: Vec<String>,
+    params: Params,
+    tokenizer: Arc<Tokenizer>,
+    chunk_config: String,
+    /// The corpus as hashed for the fingerprint, reused by `run`.
+    listing: Mutex<Option<Vec<(String, PathBuf, String)>>>,
+}
+
+impl Chunk {
+    /// (key relative to the corpus root, absolute path) of every corpus file, sorted.
+    fn files(&self) -> Result<Vec<(String, PathBuf)>> {
+        let mut out = Vec::new();
+        for pat in &self.patterns {
+            let full = self.root.join(pat);
+            if full.is_dir() {
+                let base = full.clone();
+                let mut found = Vec::new();
+                walk(&full, &mut found).map_err(Error::io(&full))?;
+                for p in found {
+                    let ext = p
+                        .extension()
+                        .and_then(|e| e.to_str())
+                        .map(str::to_ascii_lowercase)
+                        .unwrap_or_default();
+                    if corpus::EXTENSIONS.contains(&ext.as_str()) {
+                        let rel = p
+                            .strip_prefix(&base)
+                            .unwrap_or(&p)
+                            .to_string_lossy()
+                            .into_owned();
+                        out.push((rel, p));
+                    }
+                }
+            } else {
+                let pattern = full.to_string_lossy().into_owned();
+                let paths = glob::glob(&pattern).map_err(|e| {
+                    Error::bad_input(
+                        format!("stage `{}`: bad corpus pattern `{pat}`: {e}", self.stage),
+                        "use a folder or a glob like `docs/**/*.md`",
+                    )
+                })?;
+                let mut n = 0;
+                for p in paths.flatten() {
+                    if p.is_file() {
+                        n += 1;
+                        let rel = p
+                            .strip_prefix(&self.root)
+                            .unwrap_or(&p)
+                            .to_string_lossy()
+                            .into_owned();
+                        out.push((rel, p));
+                    }
+                }
+                if n == 0 && !pat.contains(['*', '?', '[']) {
+                    return Err(Error::bad_input(
+                        format!(
+                            "stage `{}`: corpus `{pat}` does not exist ({})",
+                            self.stage,
+                            full.display()
+                        ),
+                        "paths in a workflow are relative to the workflow file",
+                    ));
+                }
+            }
+        }
+        out.sort();
+        out.dedup_by(|a, b| a.1 == b.1);
+        Ok(out)
+    }
+}
+
+fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if name.to_string_lossy().starts_with('.') {
+            continue;
+        }
+        let ty = entry.file_type()?;
+        if ty.is_dir() {
+            walk(&entry.path(), out)?;
+        } else if ty.is_file() || ty.is_symlink() {
+            out.push(entry.path());
+        }
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Stage for Chunk {
+    async fn inputs(&self) -> Result<String> {
+        let files = self.files()?;
+        let hashed = tokio::task::spawn_blocking(move || {
+            files
+                .into_iter()
+                .map(|(rel, path)| {
+                    let hash = std::fs::read(&path)
+                        .map(|b| sha256_hex(&b))
+                        .unwrap_or_else(|e| format!("unreadable: {e}"));
+                    (rel, path, hash)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| Error::Other(e.to_string()))?;
+        let digest: Vec<(&str, &str)> = hashed
+            .iter()
+            .map(|(r, _, h)| (r.as_str(), h.as_str()))
+            .collect();
+        let d = sha256_hex(
+            serde_json::to_string(&digest)
+                .expect("serialise")
+                .as_bytes(),
+        );
+        *self.listing.lock().expect("listing lock") = Some(hashed);
+        Ok(format!("{d}:{}", self.chunk_config))
+    }
+
+    async fn run(&self, ctx: &StageCtx) -> Result<Outcome> {
+        let files = match self.listing.lock().expect("listing lock").take() {
+            Some(l) => l.into_iter().map(|(r, p, _)| (r, p)).collect(),
+            None => self.files()?,
+        };
+        let known = Arc::new(documents::state(&ctx.store, &self.stage).await?);
+        ctx.progress.set_total(files.len() as u64);
+
+        let queue = Arc::new(Mutex::new(files.into_iter().collect::<VecDeque<_>>()));
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<FileResult>(64);
+        let workers = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2);
+        for _ in 0..workers {
+            let job = Worker {
+                queue: queue.clone(),
+                known: known.clone(),
+                tokenizer: self.tokenizer.clone(),
+                params: self.params.clone(),
+                chunk_config: self.chunk_config.clone(),
+                tx: tx.clone(),
+            };
+            tokio::task::spawn_blocking(move || job.run());
+        }
+        drop(tx);
+
+        let mut seen: HashSet<String> = HashSet::new();
+        let mut pending: Vec<DocWrite> = Vec::new();
+        let mut pending_bytes = 0;
+        let mut skipped: Vec<(String, String)> = Vec::new();
+        let (mut written_docs, mut unchanged, mut bytes) = (0u64, 0u64, 0u64);
+        while let Some(res) = rx.recv().await {
+            if res.docs > 1 {
+                let c = ctx.progress.counts();
+                ctx.progress.set_total(c.total as u64 + res.docs as u64 - 1);
+            }
+            bytes += res.bytes;
+            unchanged += res.unchanged.len() as u64;
+            ctx.progress.cached(res.unchanged.len() as u64);
+            seen.extend(res.unchanged);
+            for w in res.writes {
+                seen.insert(w.path.clone());
+                if let Err(reason) = &w.chunks {
+                    ctx.progress.log(&format!("skipped {}: {reason}", w.path));
+                    skipped.push((w.path.clone(), reason.clone()));
+                }
+                pending_bytes += w
+                    .chunks
+                    .as_ref()
+                    .map(|c| c.iter().map(|c| c.text.len()).sum())
+                    .unwrap_or(0);
+                pending.push(w);
+            }
+            for (key, reason) in res.known_skips {
+                seen.insert(key.clone());
+                skipped.push((key, reason));
+                ctx.progress.skipped(1);
+            }
+            if pending.len() >= BATCH_DOCS || pending_bytes >= BATCH_BYTES {
+                written_docs += flush(ctx, &self.stage, &mut pending).await?;
+                pending_bytes = 0;
+            }
+        }
+        written_docs += flush(ctx, &self.stage, &mut pending).await?;
+
+        let gone: Vec<i64> = known
+            .values()
+            .filter(|d| d.status != "gone" && !seen.contains(&d.path))
+            .map(|d| d.id)
+            .collect();
+        documents::mark_gone(&ctx.store, &gone).await?;
+        let chunks = documents::count_chunks(&ctx.store, &self.stage).await?;
+        skipped.sort();
+        ctx.progress.log(
+            &format!(
+                "{} documents ({} new or changed, {} unchanged, {} gone), {} chunks, {} skipped",
+                seen.len() - skipped.len(),
+                written_docs.saturating_sub(
+                    skipped.iter().filter(|s| !known.contains_key(&s.0)).count() as u64
+                ),
+                unchanged,
+                gone.len(),
+                chunks,
+                skipped.len()
+            ),
+        );
+        let summary = serde_json::json!({
+            "documents": seen.len() - skipped.len(),
+            "written": written_docs,
+            "unchanged": unchanged,
+            "gone": gone.len(),
+            "chunks": chunks,
+            "bytes": bytes,
+            "skipped": skipped.iter().map(|(p, r)| serde_json::json!({"path": p, "reason": r})).collect::<Vec<_>>(),
+        });
+        Ok(Outcome {
+            summary,
+            failure: None,
+        })
+    }
+}
+
+async fn flush(ctx: &StageCtx, stage: &str, pending: &mut Vec<DocWrite>) -> Result<u64> {
+    if pending.is_empty() {
+        return Ok(0);
+    }
+    documents::write_batch(&ctx.store, stage, pending).await?;
+    let (ok, bad) = pending.iter().fold((0, 0), |(o, b), w| {
+        if w.chunks.is_ok() {
+            (o + 1, b)
+        } else {
+            (o, b + 1)
+        }
+    });
+    ctx.progress.done(ok);
+    ctx.progress.skipped(bad);
+    let n = pending.len() as u64;
+    pending.clear();
+    Ok(n)
+}
+
+/// What one corpus file turned into.
+struct FileResult {
+    docs: usize,
+    bytes: u64,
+    writes: Vec<DocWrite>,
+    /// Keys of documents stored before with the same content and settings: no work.
+    unchanged: Vec<String>,
+    /// Keys and reasons of documents skipped before for the same content.
+    known_skips: Vec<(String, String)>,
+}
+
+struct Worker {
+    queue: Arc<Mutex<VecDeque<(String, PathBuf)>>>,
+    known: Arc<HashMap<String, DocState>>,
+    tokenizer: Arc<Tokenizer>,
+    params: Params,
+    chunk_config: String,
+    tx: tokio::sync::mpsc::Sender<FileResult>,
+}
+
+impl Worker {
+    fn run(self) {
+        loop {
+            let Some((rel, path)) = self.queue.lock().expect("queue lock").pop_front() else {
+                return;
+            };
+            let res = self.file(&rel, &path);
+            if self.tx.blocking_send(res).is_err() {
+                return;
+            }
+        }
+    }
+
+    fn is_current(&self, key: &str, hash: &str) -> Option<&DocState> {
+        self.known.get(key).filter(|d| {
+            d.content_hash == hash && d.chunk_config == self.chunk_config && d.status != "gone"
+        })
+    }
+
+    fn file(&self, rel: &str, path: &Path) -> FileResult {
+        let mut res = FileResult {
+            docs: 1,
+            bytes: 0,
+            writes: vec![],
+            unchanged: vec![],
+            known_skips: vec![],
+        };
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) => {
+                res.writes.push(skip_write(
+                    rel,
+                    "",
+                    &self.chunk_config,
+                    0,
+                    format!("cannot read: {e}"),
+                ));
+                return res;
+            }
+        };
+        res.bytes = bytes.len() as u64;
+        let file_hash = sha256_hex(&bytes);
+        let is_jsonl = path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("jsonl"));
+        if !is_jsonl && let Some(d) = self.is_current(rel, &file_hash) {
+            if d.status == "skipped" {
+                let reason = "unchanged since it was skipped".to_string();
+                res.known_skips.push((rel.to_string(), reason));
+            } else {
+                res.unchanged.push(rel.to_string());
+            }
+            return res;
+        }
+        let docs = corpus::read(rel, path, &bytes, &self.params.jsonl);
+        res.docs = docs.len();
+        for doc in docs {
+            match doc {
+                Ok(doc) => {
+                    let hash = if is_jsonl {
+                        doc_hash(&doc)
+                    } else {
+                        file_hash.clone()
+                    };
+                    if is_jsonl && self.is_current(&doc.key, &hash).is_some() {
+                        res.unchanged.push(doc.key);
+                        continue;
+                    }
+                    let chunks = split(
+                        &doc,
+                        &self.tokenizer,
+                        self.params.max_tokens,
+                        self.params.overlap,
+                    );
+                    let doc_bytes = if is_jsonl {
+                        doc.text.len() as i64
+                    } else {
+                        bytes.len() as i64
+                    };
+                    res.writes.push(DocWrite {
+                        path: doc.key,
+                        title: doc.title,
+                        content_hash: hash,
+                        chunk_config: self.chunk_config.clone(),
+                        bytes: doc_bytes,
+                        chunks,
+                    });
+                }
+                Err((key, reason)) => res.writes.push(skip_write(
+                    &key,
+                    &file_hash,
+                    &self.chunk_config,
+                    bytes.len() as i64,
+                    reason,
+                )),
+            }
+        }
+        res
+    }
+}
+
+fn skip_write(key: &str, hash: &str, config: &str, bytes: i64, reason: String) -> DocWrite {
+    DocWrite {
+        path: key.to_string(),
+        title: None,
+        content_hash: hash.to_string(),
+        chunk_config: config.to_string(),
+        bytes,
+        chunks: Err(reason),
+    }
+}
+
+fn doc_hash(doc: &Document) -> String {
+    sha256_hex(format!("{}\0{}", doc.title.as_deref().unwrap_or(""), doc.text).as_bytes())
+}
+
+/// Counts tokens of a slice of the document from one tokenization of the whole document, so the
+/// splitter's many size probes cost a binary search each instead of a tokenizer call.
+struct OffsetSizer<'a> {
+    base: usize,
+    len: usize,
+    starts: Vec<usize>,
+    ends: Vec<usize>,
+    tokenizer: &'a Tokenizer,
+}
+
+impl ChunkSizer for OffsetSizer<'_> {
+    fn size(&self, chunk: &str) -> usize {
+        let p = chunk.as_ptr() as usize;
+        if p >= self.base && p + chunk.len() <= self.base + self.len {
+            let (s, e) = (p - self.base, p - self.base + chunk.len());
+            let first = self.ends.partition_point(|&x| x <= s);
+            let last = self.starts.partition_point(|&x| x < e);
+            return last.saturating_sub(first);
+        }
+        self.tokenizer
+            .encode(chunk, false)
+            .map(|e| e.len())
+            .unwrap_or(chunk.len())
+    }
+}
+
+/// Cuts a document into chunks of at most `max_tokens` tokens, `overlap` tokens shared between
+/// neighbours, breaking at the largest semantic unit that fits (sections, paragraphs, sentences).
+pub fn split(
+    doc: &Document,
+    tokenizer: &Tokenizer,
+    max_tokens: usize,
+    overlap: usize,
+) -> Result<Vec<NewChunk>, String> {
+    let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let enc = tokenizer
+            .encode(doc.text.as_str(), false)
+            .map_err(|e| format!("tokenizer failed: {e}"))?;
+        let mut starts: Vec<usize> = enc.get_offsets().iter().map(|o| o.0).collect();
+        let mut ends: Vec<usize> = enc.get_offsets().iter().map(|o| o.1).collect();
+        starts.sort_unstable();
+        ends.sort_unstable();
+        let sizer = OffsetSizer {
+            base: doc.text.as_ptr() as usize,
+            len: doc.text.len(),
+            starts,
+            ends,
+            tokenizer,
+        };
+        let config = ChunkConfig::new(max_tokens)
+            .with_sizer(&sizer)
+            .with_overlap(overlap)
+            .map_err(|e| e.to_string())?;
+        let pieces: Vec<(usize, &str)> = match doc.format {
+            Format::Markdown => MarkdownSplitter::new(config)
+                .chunk_indices(&doc.text)
+                .collect(),
+            Format::Text => TextSplitter::new(config).chunk_indices(&doc.text).collect(),
+        };
+        Ok(pieces
+            .into_iter()
+            .filter(|(_, t)| !t.trim().is_empty())
+            .map(|(start, text)| NewChunk {
+                n_tokens: sizer.size(text) as i64,
+                page: doc.page_at(start).map(i64::from),
+                start: start as i64,
+                end: (start + text.len()) as i64,
+                text: text.to_string(),
+            })
+            .collect())
+    }));
+    attempt.unwrap_or_else(|_| Err("the splitter failed on this document".into()))
+}

@@ -1,0 +1,64 @@
+//! Stage kinds: one file per kind behind the `Stage` trait, all listed in `KINDS`.
+//! The engine only ever goes through this table; it never names a kind.
+
+pub mod chunk;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::engine::progress::StageProgress;
+use crate::error::Result;
+use crate::store::Store;
+use crate::workflow::{CheckCtx, Diagnostic, StageSpec, Workflow};
+
+/// A stage kind: how to check its parameters without I/O, and how to build a runnable stage.
+pub struct Kind {
+    pub name: &'static str,
+    pub about: &'static str,
+    /// Checks the stage's parameters (all of them, reporting every problem); no I/O.
+    pub check: fn(&CheckCtx) -> Vec<Diagnostic>,
+    /// Resolves models and paths; errors here are input errors (exit 2) reported before the run starts.
+    pub build: fn(&StageSpec, &Workflow) -> Result<Box<dyn Stage>>,
+}
+
+impl std::fmt::Debug for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name)
+    }
+}
+
+pub const KINDS: &[Kind] = &[chunk::KIND];
+
+pub fn kind(name: &str) -> Option<&'static Kind> {
+    KINDS.iter().find(|k| k.name == name)
+}
+
+/// What a running stage is handed: its identity, the store and a progress handle. Nothing else.
+pub struct StageCtx {
+    pub run_id: i64,
+    pub stage_run_id: i64,
+    pub spec: StageSpec,
+    pub workflow: Arc<Workflow>,
+    pub store: Store,
+    pub progress: StageProgress,
+}
+
+/// What a stage hands back when it ends without error.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// Kind-specific figures shown by `flow status` (stored as JSON).
+    pub summary: serde_json::Value,
+    /// Set when some items failed beyond what the stage tolerates: the stage ends failed.
+    pub failure: Option<String>,
+}
+
+#[async_trait]
+pub trait Stage: Send + Sync {
+    /// A digest of everything besides the YAML parameters that decides the output: files read,
+    /// prompt text, corpus contents. Part of the stage fingerprint.
+    async fn inputs(&self) -> Result<String>;
+
+    /// Does the work, storing each item as it finishes and skipping items already stored.
+    async fn run(&self, ctx: &StageCtx) -> Result<Outcome>;
+}

@@ -1,0 +1,231 @@
+//! SQL for `runs` and `stage_runs`: the history of every `flow run` and what each stage did in it.
+
+use sqlx::FromRow;
+
+use super::{Store, now_ms};
+use crate::error::Result;
+
+#[derive(Debug, Clone, FromRow, serde::Serialize)]
+pub struct RunRow {
+    pub id: i64,
+    pub workflow: String,
+    pub workflow_path: String,
+    pub status: String,
+    pub args: String,
+    pub pid: Option<i64>,
+    pub started_at: i64,
+    pub finished_at: Option<i64>,
+}
+
+#[derive(Debug, Clone, FromRow, serde::Serialize)]
+pub struct StageRunRow {
+    pub id: i64,
+    pub run_id: i64,
+    pub stage: String,
+    pub kind: String,
+    pub fingerprint: String,
+    pub status: String,
+    pub items_total: i64,
+    pub items_done: i64,
+    pub items_cached: i64,
+    pub items_skipped: i64,
+    pub items_failed: i64,
+    pub summary: Option<String>,
+    pub error: Option<String>,
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+}
+
+/// Item counts a stage reports as it works.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub total: i64,
+    pub done: i64,
+    pub cached: i64,
+    pub skipped: i64,
+    pub failed: i64,
+}
+
+pub async fn create(store: &Store, workflow: &str, path: &str, args: &str) -> Result<i64> {
+    let id = sqlx::query(
+        "INSERT INTO runs (workflow, workflow_path, status, args, pid, started_at) VALUES (?, ?, 'running', ?, ?, ?)",
+    )
+    .bind(workflow)
+    .bind(path)
+    .bind(args)
+    .bind(std::process::id() as i64)
+    .bind(now_ms())
+    .execute(&store.pool)
+    .await?
+    .last_insert_rowid();
+    Ok(id)
+}
+
+pub async fn reopen(store: &Store, id: i64) -> Result<()> {
+    sqlx::query("UPDATE runs SET status = 'running', pid = ?, finished_at = NULL WHERE id = ?")
+        .bind(std::process::id() as i64)
+        .bind(id)
+        .execute(&store.pool)
+        .await?;
+    Ok(())
+}
+
+pub async fn finish(store: &Store, id: i64, status: &str) -> Result<()> {
+    sqlx::query("UPDATE runs SET status = ?, finished_at = ? WHERE id = ?")
+        .bind(status)
+        .bind(now_ms())
+        .bind(id)
+        .execute(&store.pool)
+        .await?;
+    Ok(())
+}
+
+/// Called with the run lock held: anything still marked running was left by a process that died.
+pub async fn mark_interrupted(store: &Store) -> Result<u64> {
+    let mut tx = store.pool.begin().await?;
+    let n = sqlx::query("UPDATE runs SET status = 'interrupted' WHERE status = 'running'")
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    sqlx::query(
+        "UPDATE stage_runs SET status = 'interrupted' WHERE status IN ('running', 'pending')",
+    )
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(n)
+}
+
+pub async fn get(store: &Store, id: i64) -> Result<Option<RunRow>> {
+    Ok(sqlx::query_as("SELECT * FROM runs WHERE id = ?")
+        .bind(id)
+        .fetch_optional(&store.pool)
+        .await?)
+}
+
+pub async fn latest(store: &Store) -> Result<Option<RunRow>> {
+    Ok(
+        sqlx::query_as("SELECT * FROM runs ORDER BY id DESC LIMIT 1")
+            .fetch_optional(&store.pool)
+            .await?,
+    )
+}
+
+pub async fn latest_unfinished(store: &Store) -> Result<Option<RunRow>> {
+    Ok(sqlx::query_as(
+        "SELECT * FROM runs WHERE status IN ('failed', 'interrupted', 'running') ORDER BY id DESC LIMIT 1",
+    )
+    .fetch_optional(&store.pool)
+    .await?)
+}
+
+pub async fn list(store: &Store, limit: i64) -> Result<Vec<RunRow>> {
+    Ok(
+        sqlx::query_as("SELECT * FROM runs ORDER BY id DESC LIMIT ?")
+            .bind(limit)
+            .fetch_all(&store.pool)
+            .await?,
+    )
+}
+
+/// Records a stage's state in a run, replacing what an earlier attempt of the same run wrote.
+pub async fn set_stage(
+    store: &Store,
+    run_id: i64,
+    stage: &str,
+    kind: &str,
+    fp: &str,
+    status: &str,
+) -> Result<i64> {
+    let now = now_ms();
+    let running = status == "running";
+    let id = sqlx::query_scalar(
+        "INSERT INTO stage_runs (run_id, stage, kind, fingerprint, status, started_at, finished_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+         ON CONFLICT (run_id, stage) DO UPDATE SET
+            kind = excluded.kind, fingerprint = excluded.fingerprint, status = excluded.status,
+            started_at = excluded.started_at, finished_at = excluded.finished_at, error = NULL, summary = NULL,
+            items_total = 0, items_done = 0, items_cached = 0, items_skipped = 0, items_failed = 0
+         RETURNING id",
+    )
+    .bind(run_id)
+    .bind(stage)
+    .bind(kind)
+    .bind(fp)
+    .bind(status)
+    .bind(now)
+    .bind(if running { None } else { Some(now) })
+    .fetch_one(&store.pool)
+    .await?;
+    Ok(id)
+}
+
+pub async fn update_counts(store: &Store, id: i64, c: Counts) -> Result<()> {
+    sqlx::query(
+        "UPDATE stage_runs SET items_total = ?, items_done = ?, items_cached = ?, items_skipped = ?, items_failed = ?
+         WHERE id = ?",
+    )
+    .bind(c.total)
+    .bind(c.done)
+    .bind(c.cached)
+    .bind(c.skipped)
+    .bind(c.failed)
+    .bind(id)
+    .execute(&store.pool)
+    .await?;
+    Ok(())
+}
+
+pub async fn finish_stage(
+    store: &Store,
+    id: i64,
+    status: &str,
+    c: Counts,
+    summary: Option<&str>,
+    error: Option<&str>,
+) -> Result<()> {
+    update_counts(store, id, c).await?;
+    sqlx::query(
+        "UPDATE stage_runs SET status = ?, summary = ?, error = ?, finished_at = ? WHERE id = ?",
+    )
+    .bind(status)
+    .bind(summary)
+    .bind(error)
+    .bind(now_ms())
+    .bind(id)
+    .execute(&store.pool)
+    .await?;
+    Ok(())
+}
+
+/// A succeeded run of `stage` with this fingerprint, if any: the stage is then up to date.
+pub async fn find_succeeded(store: &Store, stage: &str, fp: &str) -> Result<Option<i64>> {
+    Ok(sqlx::query_scalar(
+        "SELECT run_id FROM stage_runs WHERE stage = ? AND fingerprint = ? AND status = 'succeeded'
+         ORDER BY id DESC LIMIT 1",
+    )
+    .bind(stage)
+    .bind(fp)
+    .fetch_optional(&store.pool)
+    .await?)
+}
+
+/// The fingerprint of the newest successful (or up-to-date) result of `stage`.
+pub async fn latest_good_fingerprint(store: &Store, stage: &str) -> Result<Option<String>> {
+    Ok(sqlx::query_scalar(
+        "SELECT fingerprint FROM stage_runs WHERE stage = ? AND status IN ('succeeded', 'up_to_date')
+         ORDER BY id DESC LIMIT 1",
+    )
+    .bind(stage)
+    .fetch_optional(&store.pool)
+    .await?)
+}
+
+pub async fn stages_of(store: &Store, run_id: i64) -> Result<Vec<StageRunRow>> {
+    Ok(
+        sqlx::query_as("SELECT * FROM stage_runs WHERE run_id = ? ORDER BY id")
+            .bind(run_id)
+            .fetch_all(&store.pool)
+            .await?,
+    )
+}

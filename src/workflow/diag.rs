@@ -1,0 +1,118 @@
+//! Problems found in a workflow file, printed the way `just` prints them: message, place, the line, a caret.
+//! All problems are collected first so a user fixes a file in one pass.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use super::yaml::Span;
+
+#[derive(Debug, Clone)]
+pub struct Diagnostic {
+    pub span: Span,
+    pub message: String,
+    pub hint: Option<String>,
+}
+
+impl Diagnostic {
+    pub fn new(span: Span, message: impl Into<String>) -> Self {
+        Diagnostic {
+            span,
+            message: message.into(),
+            hint: None,
+        }
+    }
+
+    pub fn hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
+        self
+    }
+}
+
+/// Every problem found in one file, with the file's text for showing the offending lines.
+#[derive(Debug, Clone)]
+pub struct Diagnostics {
+    pub file: PathBuf,
+    pub source: String,
+    pub items: Vec<Diagnostic>,
+}
+
+impl fmt::Display for Diagnostics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let lines: Vec<&str> = self.source.lines().collect();
+        for (i, d) in self.items.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            writeln!(f, "error: {}", d.message)?;
+            writeln!(
+                f,
+                "  --> {}:{}:{}",
+                self.file.display(),
+                d.span.line,
+                d.span.col
+            )?;
+            if let Some(line) = d.span.line.checked_sub(1).and_then(|i| lines.get(i)) {
+                let num = d.span.line.to_string();
+                let pad = " ".repeat(num.len());
+                writeln!(f, "{pad} |")?;
+                writeln!(f, "{num} | {line}")?;
+                writeln!(f, "{pad} | {}^", " ".repeat(d.span.col.saturating_sub(1)))?;
+            }
+            if let Some(h) = &d.hint {
+                writeln!(f, "  = hint: {h}")?;
+            }
+        }
+        let n = self.items.len();
+        write!(
+            f,
+            "{} problem{} in {}",
+            n,
+            if n == 1 { "" } else { "s" },
+            self.file.display()
+        )
+    }
+}
+
+/// Levenshtein distance, for "did you mean" hints on misspelt keys.
+pub fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur[j + 1] = (prev[j] + usize::from(ca != *cb))
+                .min(prev[j + 1] + 1)
+                .min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// The closest of `candidates` to `word`, if it is close enough to be a likely typo.
+pub fn did_you_mean<'a>(
+    word: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
+    candidates
+        .into_iter()
+        .map(|c| (edit_distance(word, c), c))
+        .filter(|(d, c)| *d <= (c.len() / 3).max(2))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn distances() {
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(
+            did_you_mean("max_tokns", ["max_tokens", "overlap"]),
+            Some("max_tokens")
+        );
+        assert_eq!(did_you_mean("zzz", ["max_tokens", "overlap"]), None);
+    }
+}

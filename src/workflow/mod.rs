@@ -1,0 +1,562 @@
+//! A workflow file turned into a checked `Workflow`: schema, `${VAR}`, stage kinds, the DAG.
+//! Loading is pure apart from reading the file and the environment, so `flow validate` runs only this.
+
+mod diag;
+pub mod yaml;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+pub use diag::{Diagnostic, Diagnostics, did_you_mean};
+use yaml::{Node, Span};
+
+use crate::dag;
+use crate::error::{Error, Result};
+use crate::stages::{self, Kind};
+
+/// A checked workflow, with every path made absolute.
+#[derive(Debug, Clone)]
+pub struct Workflow {
+    pub name: String,
+    pub path: PathBuf,
+    pub dir: PathBuf,
+    pub store: PathBuf,
+    pub schedule: Option<String>,
+    pub models: BTreeMap<String, ModelSpec>,
+    pub stages: BTreeMap<String, StageSpec>,
+    /// Stage names, each after everything it needs.
+    pub order: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StageSpec {
+    pub name: String,
+    pub kind: &'static Kind,
+    pub needs: Vec<String>,
+    /// The stage's own parameters (everything but `kind` and `needs`), already checked by its kind.
+    pub params: Value,
+}
+
+impl StageSpec {
+    /// The parameters as the kind's typed struct; they were checked when the workflow loaded.
+    pub fn params<T: DeserializeOwned>(&self) -> Result<T> {
+        serde_json::from_value(self.params.clone())
+            .map_err(|e| Error::Other(format!("stage '{}': parameters: {e}", self.name)))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    Local,
+    Openai,
+}
+
+/// One entry of `models:`: where an LLM or embedding comes from.
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    pub provider: Option<Provider>,
+    /// A model name: a folder, `$FLOW_MODELS/<name>`, a Hugging Face id, or an API model id.
+    pub model: Option<String>,
+    /// For trainable models: the model to start from.
+    pub init: Option<String>,
+    pub base_url: Option<String>,
+    pub api_key_env: Option<String>,
+    pub max_seq_length: Option<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)] // fields are read through the checked tree; the struct is the schema
+struct TopLevel {
+    name: String,
+    #[serde(default)]
+    description: Option<String>,
+    store: String,
+    #[serde(default)]
+    schedule: Option<String>,
+    #[serde(default)]
+    models: BTreeMap<String, ModelSpec>,
+    stages: BTreeMap<String, Value>,
+}
+
+/// What a stage kind sees when it checks its parameters.
+pub struct CheckCtx<'a> {
+    pub stage: &'a str,
+    pub node: &'a Node,
+    pub params: Value,
+    pub models: &'a BTreeMap<String, ModelSpec>,
+}
+
+/// Reads, parses and checks a workflow file, reporting every problem found.
+pub fn load(path: &Path) -> Result<Workflow> {
+    let source = std::fs::read_to_string(path).map_err(|e| {
+        Error::bad_input(
+            format!("cannot read workflow {}: {e}", path.display()),
+            "pass the path of a workflow YAML file, e.g. `flow run workflows/finance.yaml`",
+        )
+    })?;
+    let abs = std::path::absolute(path).map_err(Error::io(path))?;
+    let fail = |items: Vec<Diagnostic>| {
+        Error::Workflow(Diagnostics {
+            file: path.to_path_buf(),
+            source: source.clone(),
+            items,
+        })
+    };
+    let mut root = match yaml::parse(&source) {
+        Ok(Some(root)) => root,
+        Ok(None) => {
+            return Err(fail(vec![
+                Diagnostic::new(Span { line: 1, col: 1 }, "the workflow file is empty")
+                    .hint("a workflow needs at least `name`, `store` and `stages`"),
+            ]));
+        }
+        Err(e) => {
+            return Err(fail(vec![
+                Diagnostic::new(e.span, format!("YAML syntax: {}", e.message))
+                    .hint("check indentation and that every `[`/`{` is closed"),
+            ]));
+        }
+    };
+    let mut diags = Vec::new();
+    expand_env(&mut root, &mut diags);
+    let wf = check(&root, &abs, &mut diags);
+    if !diags.is_empty() {
+        diags.sort_by_key(|d| (d.span.line, d.span.col));
+        return Err(fail(diags));
+    }
+    Ok(wf.expect("a workflow with no problems is built"))
+}
+
+fn check(root: &Node, abs: &Path, diags: &mut Vec<Diagnostic>) -> Option<Workflow> {
+    let Node::Map { .. } = root else {
+        diags.push(
+            Diagnostic::new(
+                root.span(),
+                format!("the workflow must be a mapping, found {}", root.type_name()),
+            )
+            .hint("start with `name: ...`, `store: ...`, `stages: ...`"),
+        );
+        return None;
+    };
+    let top: Option<TopLevel> = check_typed(root, root.to_json(), diags);
+    let top = top?;
+
+    if let Some(expr) = &top.schedule
+        && let Err(e) = crate::schedule::parse_cron(expr)
+    {
+        let span = root.get("schedule").map(Node::span).unwrap_or_default();
+        diags.push(
+            Diagnostic::new(span, format!("`schedule`: {e}"))
+                .hint("five cron fields: minute hour day-of-month month day-of-week, e.g. \"0 2 * * *\" for 02:00 daily"),
+        );
+    }
+    for (name, spec) in &top.models {
+        if spec.model.is_none() && spec.init.is_none() {
+            let span = root
+                .get("models")
+                .and_then(|m| m.key_span(name))
+                .unwrap_or_default();
+            diags.push(
+                Diagnostic::new(span, format!("model `{name}` names no model"))
+                    .hint("add `model: <name or folder>` (or `init:` for a trainable model)"),
+            );
+        }
+    }
+
+    let stages_node = root.get("stages")?;
+    let mut stages = BTreeMap::new();
+    for (name, raw) in &top.stages {
+        let node = stages_node.get(name)?;
+        let key_span = stages_node.key_span(name).unwrap_or_default();
+        if let Some(spec) = check_stage(name, raw, node, key_span, &top.models, diags) {
+            stages.insert(name.clone(), spec);
+        }
+    }
+    if top.stages.is_empty() {
+        diags.push(
+            Diagnostic::new(stages_node.span(), "`stages` is empty")
+                .hint("add a stage, e.g. `chunk: { kind: chunk, corpus: docs/ }`"),
+        );
+    }
+
+    // `needs` that name no stage, then cycles among the rest.
+    let mut edges: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (name, spec) in &stages {
+        let mut known = Vec::new();
+        for (i, need) in spec.needs.iter().enumerate() {
+            if top.stages.contains_key(need) {
+                known.push(need.clone());
+            } else {
+                let node = stages_node.get(name).and_then(|s| s.get("needs"));
+                let span = match node {
+                    Some(Node::Seq { items, .. }) => items.get(i).map(Node::span),
+                    other => other.map(Node::span),
+                }
+                .unwrap_or_default();
+                let mut d = Diagnostic::new(
+                    span,
+                    format!("stage `{name}` needs `{need}`, which is not a stage"),
+                );
+                d = match did_you_mean(need, top.stages.keys().map(String::as_str)) {
+                    Some(s) => d.hint(format!("did you mean `{s}`?")),
+                    None => d.hint(format!(
+                        "stages here: {}",
+                        top.stages.keys().cloned().collect::<Vec<_>>().join(", ")
+                    )),
+                };
+                diags.push(d);
+            }
+        }
+        edges.insert(name.clone(), known);
+    }
+    let order = match dag::order(&edges) {
+        Ok(order) => order,
+        Err(cycle) => {
+            let span = stages_node.key_span(&cycle[0]).unwrap_or_default();
+            diags.push(
+                Diagnostic::new(
+                    span,
+                    format!("the stages form a cycle: {}", cycle.join(" -> ")),
+                )
+                .hint("remove one of these `needs` so the stages can run in order"),
+            );
+            return None;
+        }
+    };
+    if !diags.is_empty() {
+        return None;
+    }
+    let dir = abs.parent().unwrap_or(Path::new("/")).to_path_buf();
+    Some(Workflow {
+        name: top.name,
+        path: abs.to_path_buf(),
+        store: dir.join(&top.store),
+        dir,
+        schedule: top.schedule,
+        models: top.models,
+        stages,
+        order,
+    })
+}
+
+fn check_stage(
+    name: &str,
+    raw: &Value,
+    node: &Node,
+    key_span: Span,
+    models: &BTreeMap<String, ModelSpec>,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<StageSpec> {
+    let Value::Object(map) = raw else {
+        diags.push(
+            Diagnostic::new(
+                node.span(),
+                format!(
+                    "stage `{name}` must be a mapping, found {}",
+                    node.type_name()
+                ),
+            )
+            .hint("write `name: { kind: chunk, ... }`"),
+        );
+        return None;
+    };
+    let mut params = map.clone();
+    let kind_name = match params.remove("kind") {
+        Some(Value::String(k)) => k,
+        Some(_) => {
+            let span = node.get("kind").map(Node::span).unwrap_or(key_span);
+            diags.push(
+                Diagnostic::new(span, format!("stage `{name}`: `kind` must be a string"))
+                    .hint(kinds_hint()),
+            );
+            return None;
+        }
+        None => {
+            diags.push(
+                Diagnostic::new(key_span, format!("stage `{name}` has no `kind`"))
+                    .hint(kinds_hint()),
+            );
+            return None;
+        }
+    };
+    let needs = match params.remove("needs") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(s)) => vec![s],
+        Some(Value::Array(items)) if items.iter().all(Value::is_string) => items
+            .into_iter()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect(),
+        Some(_) => {
+            let span = node.get("needs").map(Node::span).unwrap_or(key_span);
+            diags.push(
+                Diagnostic::new(
+                    span,
+                    format!("stage `{name}`: `needs` must be a stage name or a list of them"),
+                )
+                .hint("e.g. `needs: [chunk]`"),
+            );
+            Vec::new()
+        }
+    };
+    let Some(kind) = stages::kind(&kind_name) else {
+        let span = node.get("kind").map(Node::span).unwrap_or(key_span);
+        let mut d = Diagnostic::new(span, format!("stage `{name}`: unknown kind `{kind_name}`"));
+        d = match did_you_mean(&kind_name, stages::KINDS.iter().map(|k| k.name)) {
+            Some(s) => d.hint(format!("did you mean `{s}`? {}", kinds_hint())),
+            None => d.hint(kinds_hint()),
+        };
+        diags.push(d);
+        return None;
+    };
+    let params = Value::Object(params);
+    let before = diags.len();
+    diags.extend((kind.check)(&CheckCtx {
+        stage: name,
+        node,
+        params: params.clone(),
+        models,
+    }));
+    (diags.len() == before).then(|| StageSpec {
+        name: name.to_string(),
+        kind,
+        needs,
+        params,
+    })
+}
+
+fn kinds_hint() -> String {
+    format!(
+        "stage kinds: {}",
+        stages::KINDS
+            .iter()
+            .map(|k| k.name)
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+/// Deserialises `value` into `T`, turning every serde error into a diagnostic at the right place.
+/// Unknown keys and badly typed values are removed one at a time and the rest checked again, so a
+/// file with several mistakes reports them all at once.
+pub fn check_typed<T: DeserializeOwned>(
+    node: &Node,
+    mut value: Value,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<T> {
+    let mut reported: Vec<String> = Vec::new();
+    let mut clean = true;
+    for _ in 0..64 {
+        let err = match serde_path_to_error::deserialize::<_, T>(&value) {
+            Ok(t) => return clean.then_some(t),
+            Err(e) => e,
+        };
+        clean = false;
+        let path: Vec<String> = err
+            .path()
+            .iter()
+            .filter_map(|seg| match seg {
+                serde_path_to_error::Segment::Map { key } => Some(key.clone()),
+                serde_path_to_error::Segment::Seq { index } => Some(index.to_string()),
+                _ => None,
+            })
+            .collect();
+        let msg = err.inner().to_string();
+        if let Some(field) = between(&msg, "unknown field `", "`") {
+            let parent: Vec<String> = if path.last().map(String::as_str) == Some(field) {
+                path[..path.len() - 1].to_vec()
+            } else {
+                path.clone()
+            };
+            let at = node.at_path(&parent);
+            let span = at
+                .and_then(|n| n.key_span(field))
+                .or(at.map(Node::span))
+                .unwrap_or_default();
+            let expected: Vec<&str> = msg.split('`').skip(3).step_by(2).collect();
+            let mut d = Diagnostic::new(span, format!("unknown key `{field}`{}", place(&parent)));
+            d = match did_you_mean(field, expected.iter().copied()) {
+                Some(s) => d.hint(format!("did you mean `{s}`?")),
+                None if expected.is_empty() => d.hint("remove it"),
+                None => d.hint(format!("expected one of: {}", expected.join(", "))),
+            };
+            diags.push(d);
+            if !remove(&mut value, &parent, Some(field)) {
+                return None;
+            }
+        } else if let Some(field) = between(&msg, "missing field `", "`") {
+            let mut full = path.clone();
+            full.push(field.to_string());
+            if !reported.contains(&full.join(".")) {
+                let span = node.at_path(&path).map(Node::span).unwrap_or_default();
+                diags.push(
+                    Diagnostic::new(span, format!("missing key `{field}`{}", place(&path)))
+                        .hint(format!("add `{field}: ...`")),
+                );
+            }
+            return None;
+        } else {
+            let span = node.at_path(&path).map(Node::span).unwrap_or_default();
+            let what = if path.is_empty() {
+                String::new()
+            } else {
+                format!("`{}`: ", path.join("."))
+            };
+            diags.push(
+                Diagnostic::new(span, format!("{what}{}", tidy_serde(&msg))).hint(type_hint(&msg)),
+            );
+            reported.push(path.join("."));
+            if path.is_empty()
+                || !remove(
+                    &mut value,
+                    &path[..path.len() - 1],
+                    path.last().map(String::as_str),
+                )
+            {
+                return None;
+            }
+        }
+    }
+    None
+}
+
+fn between<'a>(s: &'a str, start: &str, end: &str) -> Option<&'a str> {
+    let rest = &s[s.find(start)? + start.len()..];
+    Some(&rest[..rest.find(end)?])
+}
+
+fn place(path: &[String]) -> String {
+    if path.is_empty() {
+        String::new()
+    } else {
+        format!(" in `{}`", path.join("."))
+    }
+}
+
+fn tidy_serde(msg: &str) -> String {
+    msg.replace("invalid type: ", "wrong type: found ")
+        .replace(", expected", "; expected")
+}
+
+fn type_hint(msg: &str) -> String {
+    if msg.contains("expected usize") || msg.contains("expected u") || msg.contains("expected i") {
+        "write a whole number, e.g. `256`".into()
+    } else if msg.contains("expected f") {
+        "write a number, e.g. `0.5`".into()
+    } else if msg.contains("expected a string") {
+        "quote the value: `\"...\"`".into()
+    } else if msg.contains("expected a sequence") {
+        "write a list: `[a, b]`".into()
+    } else if msg.contains("unknown variant") {
+        "use one of the values listed".into()
+    } else {
+        "see the stage kind's parameters in the README".into()
+    }
+}
+
+fn remove(value: &mut Value, parent: &[String], key: Option<&str>) -> bool {
+    let mut v = value;
+    for seg in parent {
+        v = match v {
+            Value::Object(m) => match m.get_mut(seg) {
+                Some(x) => x,
+                None => return false,
+            },
+            Value::Array(a) => match seg.parse::<usize>().ok().and_then(|i| a.get_mut(i)) {
+                Some(x) => x,
+                None => return false,
+            },
+            _ => return false,
+        };
+    }
+    match (v, key) {
+        (Value::Object(m), Some(k)) => m.remove(k).is_some(),
+        (Value::Array(a), Some(k)) => match k.parse::<usize>() {
+            Ok(i) if i < a.len() => {
+                a.remove(i);
+                true
+            }
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
+/// Replaces `${VAR}` and `${VAR:-default}` in every scalar; `$${` is a literal `${`.
+fn expand_env(node: &mut Node, diags: &mut Vec<Diagnostic>) {
+    match node {
+        Node::Scalar { value, span, .. } => {
+            if value.contains("${") {
+                match expand_str(value) {
+                    Ok(v) => *value = v,
+                    Err(var) => diags.push(
+                        Diagnostic::new(*span, format!("environment variable `{var}` is not set"))
+                            .hint(format!(
+                                "export {var}=... before running, or write `${{{var}:-default}}`"
+                            )),
+                    ),
+                }
+            }
+        }
+        Node::Seq { items, .. } => items.iter_mut().for_each(|n| expand_env(n, diags)),
+        Node::Map { entries, .. } => entries.iter_mut().for_each(|(_, n)| expand_env(n, diags)),
+    }
+}
+
+fn expand_str(s: &str) -> std::result::Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find("${") {
+        if rest[..i].ends_with('$') {
+            out.push_str(&rest[..i - 1]);
+            out.push_str("${");
+            rest = &rest[i + 2..];
+            continue;
+        }
+        out.push_str(&rest[..i]);
+        let Some(end) = rest[i..].find('}') else {
+            out.push_str(&rest[i..]);
+            return Ok(out);
+        };
+        let inner = &rest[i + 2..i + end];
+        let (var, default) = match inner.split_once(":-") {
+            Some((v, d)) => (v, Some(d)),
+            None => (inner, None),
+        };
+        let set = std::env::var(var)
+            .ok()
+            .filter(|v| !v.is_empty() || default.is_none());
+        match (set, default) {
+            (Some(v), _) => out.push_str(&v),
+            (None, Some(d)) => out.push_str(d),
+            (None, None) => return Err(var.to_string()),
+        }
+        rest = &rest[i + end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_expansion() {
+        // SAFETY: tests in this module do not read these variables concurrently.
+        unsafe { std::env::set_var("FLOW_TEST_X", "abc") };
+        assert_eq!(expand_str("a${FLOW_TEST_X}b").unwrap(), "aabcb");
+        assert_eq!(expand_str("${FLOW_TEST_UNSET_Y:-d}").unwrap(), "d");
+        assert_eq!(expand_str("$${HOME}").unwrap(), "${HOME}");
+        assert_eq!(
+            expand_str("${FLOW_TEST_UNSET_Y}").unwrap_err(),
+            "FLOW_TEST_UNSET_Y"
+        );
+    }
+}
