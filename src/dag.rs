@@ -68,25 +68,14 @@ mod tests {
     use super::*;
 
     fn graph(edges: &[(&str, &[&str])]) -> BTreeMap<String, Vec<String>> {
-        edges
-            .iter()
-            .map(|(n, d)| (n.to_string(), d.iter().map(|s| s.to_string()).collect()))
-            .collect()
+        edges.iter().map(|(n, d)| (n.to_string(), d.iter().map(|s| s.to_string()).collect())).collect()
     }
 
     #[test]
     fn orders_after_needs() {
-        let g = graph(&[
-            ("judge", &["generate"]),
-            ("generate", &["chunk"]),
-            ("chunk", &[]),
-            ("other", &[]),
-        ]);
+        let g = graph(&[("judge", &["generate"]), ("generate", &["chunk"]), ("chunk", &[]), ("other", &[])]);
         assert_eq!(order(&g).unwrap(), ["chunk", "generate", "judge", "other"]);
-        assert_eq!(
-            downstream(&g, "chunk").into_iter().collect::<Vec<_>>(),
-            ["generate", "judge"]
-        );
+        assert_eq!(downstream(&g, "chunk").into_iter().collect::<Vec<_>>(), ["generate", "judge"]);
     }
 
     #[test]

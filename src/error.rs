@@ -21,11 +21,7 @@ pub enum Error {
         "model '{name}' not found; looked in:\n{}\n  hint: run `flow models pull` to fetch the default models, or set `model:` to a folder holding {expect}",
         looked.iter().map(|p| format!("    {}", p.display())).collect::<Vec<_>>().join("\n")
     )]
-    ModelNotFound {
-        name: String,
-        looked: Vec<PathBuf>,
-        expect: String,
-    },
+    ModelNotFound { name: String, looked: Vec<PathBuf>, expect: String },
 
     #[error(
         "store {store} is in use by {holder}\n  hint: wait for that run to finish, or stop it; a lock left by a dead process is taken over automatically"
@@ -33,10 +29,7 @@ pub enum Error {
     Locked { store: PathBuf, holder: String },
 
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
 
     #[error("store {path}: {source}")]
     Store { path: PathBuf, source: sqlx::Error },
@@ -45,10 +38,7 @@ pub enum Error {
     Sql(#[from] sqlx::Error),
 
     #[error("store {path}: could not apply migrations: {source}")]
-    Migrate {
-        path: PathBuf,
-        source: sqlx::migrate::MigrateError,
-    },
+    Migrate { path: PathBuf, source: sqlx::migrate::MigrateError },
 
     /// A stage failed while running; the engine records it and goes on with independent stages.
     #[error("stage '{stage}': {message}")]
@@ -62,19 +52,13 @@ impl Error {
     /// 2 for anything the user can fix in their input or config, 1 for a failed run.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Error::Workflow(_)
-            | Error::BadInput { .. }
-            | Error::ModelNotFound { .. }
-            | Error::Locked { .. } => 2,
+            Error::Workflow(_) | Error::BadInput { .. } | Error::ModelNotFound { .. } | Error::Locked { .. } => 2,
             _ => 1,
         }
     }
 
     pub fn bad_input(what: impl Into<String>, hint: impl Into<String>) -> Self {
-        Error::BadInput {
-            what: what.into(),
-            hint: hint.into(),
-        }
+        Error::BadInput { what: what.into(), hint: hint.into() }
     }
 
     pub fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {

@@ -42,9 +42,7 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<u8> {
         v["status"] = status.into();
         v["stages"] = serde_json::to_value(&stages)?;
         for s in v["stages"].as_array_mut().into_iter().flatten() {
-            if let Some(summary) = s["summary"]
-                .as_str()
-                .and_then(|x| serde_json::from_str::<serde_json::Value>(x).ok())
+            if let Some(summary) = s["summary"].as_str().and_then(|x| serde_json::from_str::<serde_json::Value>(x).ok())
             {
                 s["summary"] = summary;
             }
@@ -75,49 +73,23 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<u8> {
             ]
         })
         .collect();
-    println!(
-        "{}",
-        table(
-            &[
-                "STAGE", "KIND", "STATUS", "TOTAL", "DONE", "STORED", "SKIPPED", "FAILED", "TIME"
-            ],
-            &rows
-        )
-    );
+    println!("{}", table(&["STAGE", "KIND", "STATUS", "TOTAL", "DONE", "STORED", "SKIPPED", "FAILED", "TIME"], &rows));
     for s in &stages {
         if let Some(e) = &s.error {
             println!("\n{} failed: {e}", s.stage);
         }
-        let Some(summary) = s
-            .summary
-            .as_deref()
-            .and_then(|x| serde_json::from_str::<serde_json::Value>(x).ok())
-        else {
+        let Some(summary) = s.summary.as_deref().and_then(|x| serde_json::from_str::<serde_json::Value>(x).ok()) else {
             continue;
         };
         let Some(obj) = summary.as_object() else {
             continue;
         };
-        let figures: Vec<String> = obj
-            .iter()
-            .filter(|(_, v)| v.is_number())
-            .map(|(k, v)| format!("{k} {v}"))
-            .collect();
+        let figures: Vec<String> = obj.iter().filter(|(_, v)| v.is_number()).map(|(k, v)| format!("{k} {v}")).collect();
         if !figures.is_empty() {
             println!("\n{}: {}", s.stage, figures.join(", "));
         }
-        for skip in obj
-            .get("skipped")
-            .and_then(|v| v.as_array())
-            .into_iter()
-            .flatten()
-            .take(20)
-        {
-            println!(
-                "  skipped {}: {}",
-                skip["path"].as_str().unwrap_or("?"),
-                skip["reason"].as_str().unwrap_or("?")
-            );
+        for skip in obj.get("skipped").and_then(|v| v.as_array()).into_iter().flatten().take(20) {
+            println!("  skipped {}: {}", skip["path"].as_str().unwrap_or("?"), skip["reason"].as_str().unwrap_or("?"));
         }
     }
     Ok(0)
@@ -150,13 +122,7 @@ pub async fn runs(a: RunsArgs) -> anyhow::Result<u8> {
             ]
         })
         .collect();
-    println!(
-        "{}",
-        table(
-            &["RUN", "STATUS", "STARTED", "TIME", "OPTIONS"],
-            &table_rows
-        )
-    );
+    println!("{}", table(&["RUN", "STATUS", "STARTED", "TIME", "OPTIONS"], &table_rows));
     Ok(0)
 }
 
@@ -171,24 +137,12 @@ pub async fn pairs(a: PairsArgs) -> anyhow::Result<u8> {
         println!("no pairs yet (they come from the generate and judge stages)");
     }
     for p in &rows {
-        let passage: String = p
-            .passage
-            .chars()
-            .take(240)
-            .collect::<String>()
-            .replace('\n', " ");
+        let passage: String = p.passage.chars().take(240).collect::<String>().replace('\n', " ");
         let page = p.page.map(|n| format!(" p.{n}")).unwrap_or_default();
         let score = p.score.map(|s| format!(" score {s}")).unwrap_or_default();
         println!("#{} [{}{score}] {}", p.query_id, p.verdict, p.query);
         println!("   {}{page} ({})", p.document, p.generator);
-        println!(
-            "   {passage}{}",
-            if p.passage.chars().count() > 240 {
-                "..."
-            } else {
-                ""
-            }
-        );
+        println!("   {passage}{}", if p.passage.chars().count() > 240 { "..." } else { "" });
         if let Some(r) = &p.reason {
             println!("   judge: {r}");
         }

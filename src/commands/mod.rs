@@ -20,9 +20,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
 }
 
 pub fn exit_code(e: &anyhow::Error) -> u8 {
-    e.downcast_ref::<flow::Error>()
-        .map(flow::Error::exit_code)
-        .unwrap_or(1)
+    e.downcast_ref::<flow::Error>().map(flow::Error::exit_code).unwrap_or(1)
 }
 
 pub fn render_error(e: &anyhow::Error) -> String {

@@ -14,12 +14,7 @@ pub async fn models(c: ModelsCommand, quiet: bool) -> anyhow::Result<u8> {
             };
             let pulled = tokio::task::spawn_blocking(move || models::pull(&log)).await??;
             for p in pulled {
-                println!(
-                    "{:<24} {} {}",
-                    p.name,
-                    if p.already { "present " } else { "installed" },
-                    p.dir.display()
-                );
+                println!("{:<24} {} {}", p.name, if p.already { "present " } else { "installed" }, p.dir.display());
             }
             Ok(0)
         }
@@ -27,11 +22,8 @@ pub async fn models(c: ModelsCommand, quiet: bool) -> anyhow::Result<u8> {
             let root = models::models_dir();
             let mut rows = Vec::new();
             if let Ok(entries) = std::fs::read_dir(&root) {
-                let mut names: Vec<_> = entries
-                    .flatten()
-                    .filter(|e| e.path().is_dir())
-                    .map(|e| e.file_name())
-                    .collect();
+                let mut names: Vec<_> =
+                    entries.flatten().filter(|e| e.path().is_dir()).map(|e| e.file_name()).collect();
                 names.sort();
                 for n in names {
                     let name = n.to_string_lossy().to_string();

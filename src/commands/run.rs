@@ -7,11 +7,7 @@ use crate::cli::{ResumeArgs, RunArgs};
 
 pub async fn run(a: RunArgs, quiet: bool) -> anyhow::Result<u8> {
     let wf = flow::workflow::load(&a.workflow)?;
-    let opts = RunOptions {
-        force: a.force,
-        only: a.only,
-        from: a.from,
-    };
+    let opts = RunOptions { force: a.force, only: a.only, from: a.from };
     let report = engine::run(wf, opts, Progress::new(quiet)).await?;
     Ok(print(&report, quiet))
 }
@@ -31,11 +27,7 @@ fn print(r: &RunReport, quiet: bool) -> u8 {
                 vec![
                     s.stage.clone(),
                     s.status.clone(),
-                    format!(
-                        "{}/{}",
-                        s.items_done + s.items_cached + s.items_skipped + s.items_failed,
-                        s.items_total
-                    ),
+                    format!("{}/{}", s.items_done + s.items_cached + s.items_skipped + s.items_failed, s.items_total),
                     s.items_done.to_string(),
                     s.items_cached.to_string(),
                     s.items_skipped.to_string(),
@@ -45,15 +37,7 @@ fn print(r: &RunReport, quiet: bool) -> u8 {
             })
             .collect();
         println!("run {} {}", r.run_id, r.status);
-        println!(
-            "{}",
-            table(
-                &[
-                    "STAGE", "STATUS", "ITEMS", "DONE", "STORED", "SKIPPED", "FAILED", "TIME"
-                ],
-                &rows
-            )
-        );
+        println!("{}", table(&["STAGE", "STATUS", "ITEMS", "DONE", "STORED", "SKIPPED", "FAILED", "TIME"], &rows));
         for s in &r.stages {
             if let Some(e) = &s.error {
                 println!("{}: {e}", s.stage);

@@ -11,12 +11,7 @@ pub fn validate(a: ValidateArgs) -> anyhow::Result<u8> {
                 if a.json {
                     json.push(serde_json::json!({"file": file, "ok": true, "stages": wf.order}));
                 } else {
-                    println!(
-                        "{}: ok ({} stages: {})",
-                        file.display(),
-                        wf.order.len(),
-                        wf.order.join(" -> ")
-                    );
+                    println!("{}: ok ({} stages: {})", file.display(), wf.order.len(), wf.order.join(" -> "));
                 }
             }
             Err(e) => {

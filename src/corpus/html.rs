@@ -1,11 +1,9 @@
 //! Visible text of an HTML page: no scripts, styles or head; block elements become paragraph breaks
 //! so the chunker can cut at them.
 
-use scraper::{Html, Node};
+use scraper::{Html, Node, Selector};
 
-const HIDDEN: &[&str] = &[
-    "script", "style", "noscript", "template", "head", "svg", "iframe", "object",
-];
+const HIDDEN: &[&str] = &["script", "style", "noscript", "template", "head", "svg", "iframe", "object"];
 const BLOCK: &[&str] = &[
     "p",
     "div",
@@ -49,42 +47,30 @@ const BLOCK: &[&str] = &[
 pub fn visible_text(src: &str) -> (Option<String>, String) {
     let doc = Html::parse_document(src);
     let mut out = String::new();
-    let mut title = None;
-    walk(doc.tree.root(), &mut out, &mut title);
+    walk(doc.tree.root(), &mut out);
     let text = out
         .split("\n\n")
-        .map(|p| {
-            p.lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty())
-                .collect::<Vec<_>>()
-                .join("\n")
-        })
+        .map(|p| p.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("\n"))
         .filter(|p| !p.is_empty())
         .collect::<Vec<_>>()
         .join("\n\n");
-    (title, text)
+    (first_text(&doc, "title").or_else(|| first_text(&doc, "h1")), text)
 }
 
-fn walk(node: ego_tree::NodeRef<'_, Node>, out: &mut String, title: &mut Option<String>) {
+fn first_text(doc: &Html, tag: &str) -> Option<String> {
+    let sel = Selector::parse(tag).ok()?;
+    let el = doc.select(&sel).next()?;
+    let t = el.text().collect::<Vec<_>>().join(" ");
+    let t = t.split_whitespace().collect::<Vec<_>>().join(" ");
+    (!t.is_empty()).then_some(t)
+}
+
+fn walk(node: ego_tree::NodeRef<'_, Node>, out: &mut String) {
     for child in node.children() {
         match child.value() {
             Node::Text(t) => push_text(out, t),
             Node::Element(e) => {
                 let name = e.name();
-                if name == "title" || (name == "h1" && title.is_none()) {
-                    let mut t = String::new();
-                    for d in child.descendants() {
-                        if let Node::Text(x) = d.value() {
-                            push_text(&mut t, x);
-                        }
-                    }
-                    if title.is_none() || name == "title" {
-                        *title = Some(t.trim().to_string())
-                            .filter(|t| !t.is_empty())
-                            .or(title.take());
-                    }
-                }
                 if HIDDEN.contains(&name) {
                     continue;
                 }
@@ -96,14 +82,14 @@ fn walk(node: ego_tree::NodeRef<'_, Node>, out: &mut String, title: &mut Option<
                 } else if name == "td" || name == "th" {
                     out.push_str(" | ");
                 }
-                walk(child, out, title);
+                walk(child, out);
                 if block {
                     out.push_str("\n\n");
                 } else if name == "tr" {
                     out.push('\n');
                 }
             }
-            _ => walk(child, out, title),
+            _ => walk(child, out),
         }
     }
 }

@@ -21,11 +21,7 @@ pub struct JsonlFields {
 
 impl Default for JsonlFields {
     fn default() -> Self {
-        JsonlFields {
-            id: "id".into(),
-            title: "title".into(),
-            text: "text".into(),
-        }
+        JsonlFields { id: "id".into(), title: "title".into(), text: "text".into() }
     }
 }
 
@@ -58,32 +54,19 @@ pub type Read = Result<Document, (String, String)>;
 
 /// Reads one file's bytes into documents.
 pub fn read(rel: &str, path: &Path, bytes: &[u8], jsonl: &JsonlFields) -> Vec<Read> {
-    let ext = path
-        .extension()
-        .and_then(|e| e.to_str())
-        .map(str::to_ascii_lowercase)
-        .unwrap_or_default();
+    let ext = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).unwrap_or_default();
     let skip = |reason: String| vec![Err((rel.to_string(), reason))];
     if ext == "pdf" {
         return match pdf(bytes) {
             Ok((text, pages)) if !text.trim().is_empty() => {
-                vec![Ok(Document {
-                    key: rel.into(),
-                    title: stem(path),
-                    text,
-                    format: Format::Text,
-                    pages,
-                })]
+                vec![Ok(Document { key: rel.into(), title: stem(path), text, format: Format::Text, pages })]
             }
             Ok(_) => skip("PDF has no extractable text (scanned images need OCR first)".into()),
             Err(e) => skip(format!("unreadable PDF: {e}")),
         };
     }
     if !EXTENSIONS.contains(&ext.as_str()) {
-        return skip(format!(
-            "unsupported file type `.{ext}` (supported: {})",
-            EXTENSIONS.join(", ")
-        ));
+        return skip(format!("unsupported file type `.{ext}` (supported: {})", EXTENSIONS.join(", ")));
     }
     if bytes.iter().take(8192).any(|&b| b == 0) {
         return skip("binary file (contains NUL bytes)".into());
@@ -116,10 +99,7 @@ pub fn read(rel: &str, path: &Path, bytes: &[u8], jsonl: &JsonlFields) -> Vec<Re
             })]
         }
         "md" | "markdown" => {
-            let title = text
-                .lines()
-                .find_map(|l| l.strip_prefix("# "))
-                .map(|t| t.trim().to_string());
+            let title = text.lines().find_map(|l| l.strip_prefix("# ")).map(|t| t.trim().to_string());
             vec![Ok(Document {
                 key: rel.into(),
                 title: title.or_else(|| stem(path)),
@@ -139,8 +119,7 @@ pub fn read(rel: &str, path: &Path, bytes: &[u8], jsonl: &JsonlFields) -> Vec<Re
 }
 
 fn stem(path: &Path) -> Option<String> {
-    path.file_stem()
-        .map(|s| s.to_string_lossy().replace(['_', '-'], " "))
+    path.file_stem().map(|s| s.to_string_lossy().replace(['_', '-'], " "))
 }
 
 fn jsonl_records(rel: &str, text: &str, f: &JsonlFields) -> Vec<Read> {
@@ -164,13 +143,7 @@ fn jsonl_records(rel: &str, text: &str, f: &JsonlFields) -> Vec<Read> {
             _ => None,
         };
         let Some(id) = field(&f.id) else {
-            out.push(Err((
-                at,
-                format!(
-                    "record has no `{}` field (set `jsonl: {{ id: ... }}` on the stage)",
-                    f.id
-                ),
-            )));
+            out.push(Err((at, format!("record has no `{}` field (set `jsonl: {{ id: ... }}` on the stage)", f.id))));
             continue;
         };
         let key = format!("{rel}#{id}");
@@ -185,7 +158,10 @@ fn jsonl_records(rel: &str, text: &str, f: &JsonlFields) -> Vec<Read> {
             Some(_) => out.push(Err((key, format!("line {line_no}: `{}` is empty", f.text)))),
             None => out.push(Err((
                 key,
-                format!("line {line_no}: record has no string `{}` field (set `jsonl: {{ text: ... }}` on the stage)", f.text),
+                format!(
+                    "line {line_no}: record has no string `{}` field (set `jsonl: {{ text: ... }}` on the stage)",
+                    f.text
+                ),
             ))),
         }
     }
@@ -234,36 +210,20 @@ mod tests {
     fn bad_files_are_skipped_with_a_reason() {
         assert!(one("a.txt", b"").unwrap_err().1.contains("empty"));
         assert!(one("a.txt", b"ab\0cd").unwrap_err().1.contains("binary"));
-        assert!(
-            one("a.txt", b"caf\xe9 au lait")
-                .unwrap_err()
-                .1
-                .contains("UTF-8 at byte 3")
-        );
-        assert!(
-            one("a.pdf", b"%PDF-1.4 garbage")
-                .unwrap_err()
-                .1
-                .contains("PDF")
-        );
+        assert!(one("a.txt", b"caf\xe9 au lait").unwrap_err().1.contains("UTF-8 at byte 3"));
+        assert!(one("a.pdf", b"%PDF-1.4 garbage").unwrap_err().1.contains("PDF"));
         assert!(one("a.docx", b"x").unwrap_err().1.contains("unsupported"));
     }
 
     #[test]
     fn jsonl_records_become_documents() {
-        let src = b"{\"_id\": \"d1\", \"title\": \"T\", \"body\": \"hello\"}\n\nnot json\n{\"_id\": 2, \"body\": \"x\"}\n";
-        let f = JsonlFields {
-            id: "_id".into(),
-            title: "title".into(),
-            text: "body".into(),
-        };
+        let src =
+            b"{\"_id\": \"d1\", \"title\": \"T\", \"body\": \"hello\"}\n\nnot json\n{\"_id\": 2, \"body\": \"x\"}\n";
+        let f = JsonlFields { id: "_id".into(), title: "title".into(), text: "body".into() };
         let docs = read("c.jsonl", Path::new("c.jsonl"), src, &f);
         assert_eq!(docs.len(), 3);
         let d = docs[0].as_ref().unwrap();
-        assert_eq!(
-            (d.key.as_str(), d.title.as_deref(), d.text.as_str()),
-            ("c.jsonl#d1", Some("T"), "hello")
-        );
+        assert_eq!((d.key.as_str(), d.title.as_deref(), d.text.as_str()), ("c.jsonl#d1", Some("T"), "hello"));
         assert_eq!(docs[1].as_ref().unwrap_err().0, "c.jsonl:3");
         assert_eq!(docs[2].as_ref().unwrap().key, "c.jsonl#2");
     }

@@ -42,30 +42,18 @@ impl RunLock {
                 let holder = previous.trim();
                 return Err(Error::Locked {
                     store: store.to_path_buf(),
-                    holder: if holder.is_empty() {
-                        "another flow process".into()
-                    } else {
-                        holder.to_string()
-                    },
+                    holder: if holder.is_empty() { "another flow process".into() } else { holder.to_string() },
                 });
             }
             Err(TryLockError::Error(e)) => return Err(Error::Io { path, source: e }),
         }
         let taken_over_from = Some(previous.trim().to_string()).filter(|s| !s.is_empty());
-        let me = format!(
-            "flow run (pid {}) since {}\n",
-            std::process::id(),
-            chrono::Local::now().format("%F %T")
-        );
+        let me = format!("flow run (pid {}) since {}\n", std::process::id(), chrono::Local::now().format("%F %T"));
         file.set_len(0).map_err(Error::io(&path))?;
         file.seek(SeekFrom::Start(0)).map_err(Error::io(&path))?;
         file.write_all(me.as_bytes()).map_err(Error::io(&path))?;
         file.flush().map_err(Error::io(&path))?;
-        Ok(RunLock {
-            _file: file,
-            path,
-            taken_over_from,
-        })
+        Ok(RunLock { _file: file, path, taken_over_from })
     }
 }
 

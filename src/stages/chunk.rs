@@ -68,11 +68,8 @@ fn check(cx: &CheckCtx) -> Vec<Diagnostic> {
     let at = |key: &str| cx.node.get(key).map(|n| n.span()).unwrap_or(cx.node.span());
     if p.max_tokens < 8 {
         diags.push(
-            Diagnostic::new(
-                at("max_tokens"),
-                format!("stage `{}`: max_tokens must be at least 8", cx.stage),
-            )
-            .hint("256 suits most embedding models"),
+            Diagnostic::new(at("max_tokens"), format!("stage `{}`: max_tokens must be at least 8", cx.stage))
+                .hint("256 suits most embedding models"),
         );
     } else if p.overlap >= p.max_tokens {
         diags.push(
@@ -86,21 +83,10 @@ fn check(cx: &CheckCtx) -> Vec<Diagnostic> {
             .hint("an overlap of about an eighth of max_tokens is usual, e.g. 32 for 256"),
         );
     }
-    if p.tokenizer.is_none()
-        && cx
-            .models
-            .get("black_box")
-            .and_then(|m| m.model.as_ref())
-            .is_none()
-    {
+    if p.tokenizer.is_none() && cx.models.get("black_box").and_then(|m| m.model.as_ref()).is_none() {
         diags.push(
-            Diagnostic::new(
-                cx.node.span(),
-                format!("stage `{}` has no tokenizer", cx.stage),
-            )
-            .hint(
-                "set `tokenizer:` (a tokenizer.json or a model name), or `models.black_box.model`",
-            ),
+            Diagnostic::new(cx.node.span(), format!("stage `{}` has no tokenizer", cx.stage))
+                .hint("set `tokenizer:` (a tokenizer.json or a model name), or `models.black_box.model`"),
         );
     }
     diags
@@ -110,21 +96,14 @@ fn build(spec: &StageSpec, wf: &Workflow) -> Result<Box<dyn Stage>> {
     let params: Params = spec.params()?;
     let tokenizer_path = match &params.tokenizer {
         Some(t) if t.ends_with(".json") => wf.dir.join(t),
-        Some(name) => {
-            crate::models::resolve(name, &wf.dir, "tokenizer.json")?.join("tokenizer.json")
-        }
+        Some(name) => crate::models::resolve(name, &wf.dir, "tokenizer.json")?.join("tokenizer.json"),
         None => {
-            let name = wf
-                .models
-                .get("black_box")
-                .and_then(|m| m.model.clone())
-                .unwrap_or_default();
+            let name = wf.models.get("black_box").and_then(|m| m.model.clone()).unwrap_or_default();
             crate::models::resolve(&name, &wf.dir, "tokenizer.json")?.join("tokenizer.json")
         }
     };
     let tokenizer = load_tokenizer(&tokenizer_path)?;
-    let tokenizer_hash =
-        sha256_hex(&std::fs::read(&tokenizer_path).map_err(Error::io(&tokenizer_path))?);
+    let tokenizer_hash = sha256_hex(&std::fs::read(&tokenizer_path).map_err(Error::io(&tokenizer_path))?);
     let patterns = match &params.corpus {
         Corpus::One(p) => vec![p.clone()],
         Corpus::Many(ps) => ps.clone(),
@@ -152,8 +131,7 @@ pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
             "point `tokenizer:` at a Hugging Face tokenizer.json, or run `flow models pull`",
         )
     })?;
-    tok.with_truncation(None)
-        .map_err(|e| Error::Other(e.to_string()))?;
+    tok.with_truncation(None).map_err(|e| Error::Other(e.to_string()))?;
     tok.with_padding(None);
     Ok(tok)
 }
@@ -180,17 +158,9 @@ impl Chunk {
                 let mut found = Vec::new();
                 walk(&full, &mut found).map_err(Error::io(&full))?;
                 for p in found {
-                    let ext = p
-                        .extension()
-                        .and_then(|e| e.to_str())
-                        .map(str::to_ascii_lowercase)
-                        .unwrap_or_default();
+                    let ext = p.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).unwrap_or_default();
                     if corpus::EXTENSIONS.contains(&ext.as_str()) {
-                        let rel = p
-                            .strip_prefix(&base)
-                            .unwrap_or(&p)
-                            .to_string_lossy()
-                            .into_owned();
+                        let rel = p.strip_prefix(&base).unwrap_or(&p).to_string_lossy().into_owned();
                         out.push((rel, p));
                     }
                 }
@@ -206,21 +176,13 @@ impl Chunk {
                 for p in paths.flatten() {
                     if p.is_file() {
                         n += 1;
-                        let rel = p
-                            .strip_prefix(&self.root)
-                            .unwrap_or(&p)
-                            .to_string_lossy()
-                            .into_owned();
+                        let rel = p.strip_prefix(&self.root).unwrap_or(&p).to_string_lossy().into_owned();
                         out.push((rel, p));
                     }
                 }
                 if n == 0 && !pat.contains(['*', '?', '[']) {
                     return Err(Error::bad_input(
-                        format!(
-                            "stage `{}`: corpus `{pat}` does not exist ({})",
-                            self.stage,
-                            full.display()
-                        ),
+                        format!("stage `{}`: corpus `{pat}` does not exist ({})", self.stage, full.display()),
                         "paths in a workflow are relative to the workflow file",
                     ));
                 }
@@ -257,24 +219,16 @@ impl Stage for Chunk {
             files
                 .into_iter()
                 .map(|(rel, path)| {
-                    let hash = std::fs::read(&path)
-                        .map(|b| sha256_hex(&b))
-                        .unwrap_or_else(|e| format!("unreadable: {e}"));
+                    let hash =
+                        std::fs::read(&path).map(|b| sha256_hex(&b)).unwrap_or_else(|e| format!("unreadable: {e}"));
                     (rel, path, hash)
                 })
                 .collect::<Vec<_>>()
         })
         .await
         .map_err(|e| Error::Other(e.to_string()))?;
-        let digest: Vec<(&str, &str)> = hashed
-            .iter()
-            .map(|(r, _, h)| (r.as_str(), h.as_str()))
-            .collect();
-        let d = sha256_hex(
-            serde_json::to_string(&digest)
-                .expect("serialise")
-                .as_bytes(),
-        );
+        let digest: Vec<(&str, &str)> = hashed.iter().map(|(r, _, h)| (r.as_str(), h.as_str())).collect();
+        let d = sha256_hex(serde_json::to_string(&digest).expect("serialise").as_bytes());
         *self.listing.lock().expect("listing lock") = Some(hashed);
         Ok(format!("{d}:{}", self.chunk_config))
     }
@@ -289,9 +243,7 @@ impl Stage for Chunk {
 
         let queue = Arc::new(Mutex::new(files.into_iter().collect::<VecDeque<_>>()));
         let (tx, mut rx) = tokio::sync::mpsc::channel::<FileResult>(64);
-        let workers = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(2);
+        let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
         for _ in 0..workers {
             let job = Worker {
                 queue: queue.clone(),
@@ -325,11 +277,7 @@ impl Stage for Chunk {
                     ctx.progress.log(&format!("skipped {}: {reason}", w.path));
                     skipped.push((w.path.clone(), reason.clone()));
                 }
-                pending_bytes += w
-                    .chunks
-                    .as_ref()
-                    .map(|c| c.iter().map(|c| c.text.len()).sum())
-                    .unwrap_or(0);
+                pending_bytes += w.chunks.as_ref().map(|c| c.iter().map(|c| c.text.len()).sum()).unwrap_or(0);
                 pending.push(w);
             }
             for (key, reason) in res.known_skips {
@@ -344,27 +292,20 @@ impl Stage for Chunk {
         }
         written_docs += flush(ctx, &self.stage, &mut pending).await?;
 
-        let gone: Vec<i64> = known
-            .values()
-            .filter(|d| d.status != "gone" && !seen.contains(&d.path))
-            .map(|d| d.id)
-            .collect();
+        let gone: Vec<i64> =
+            known.values().filter(|d| d.status != "gone" && !seen.contains(&d.path)).map(|d| d.id).collect();
         documents::mark_gone(&ctx.store, &gone).await?;
         let chunks = documents::count_chunks(&ctx.store, &self.stage).await?;
         skipped.sort();
-        ctx.progress.log(
-            &format!(
-                "{} documents ({} new or changed, {} unchanged, {} gone), {} chunks, {} skipped",
-                seen.len() - skipped.len(),
-                written_docs.saturating_sub(
-                    skipped.iter().filter(|s| !known.contains_key(&s.0)).count() as u64
-                ),
-                unchanged,
-                gone.len(),
-                chunks,
-                skipped.len()
-            ),
-        );
+        ctx.progress.log(&format!(
+            "{} documents ({} new or changed, {} unchanged, {} gone), {} chunks, {} skipped",
+            seen.len() - skipped.len(),
+            written_docs.saturating_sub(skipped.iter().filter(|s| !known.contains_key(&s.0)).count() as u64),
+            unchanged,
+            gone.len(),
+            chunks,
+            skipped.len()
+        ));
         let summary = serde_json::json!({
             "documents": seen.len() - skipped.len(),
             "written": written_docs,
@@ -374,10 +315,7 @@ impl Stage for Chunk {
             "bytes": bytes,
             "skipped": skipped.iter().map(|(p, r)| serde_json::json!({"path": p, "reason": r})).collect::<Vec<_>>(),
         });
-        Ok(Outcome {
-            summary,
-            failure: None,
-        })
+        Ok(Outcome { summary, failure: None })
     }
 }
 
@@ -386,13 +324,7 @@ async fn flush(ctx: &StageCtx, stage: &str, pending: &mut Vec<DocWrite>) -> Resu
         return Ok(0);
     }
     documents::write_batch(&ctx.store, stage, pending).await?;
-    let (ok, bad) = pending.iter().fold((0, 0), |(o, b), w| {
-        if w.chunks.is_ok() {
-            (o + 1, b)
-        } else {
-            (o, b + 1)
-        }
-    });
+    let (ok, bad) = pending.iter().fold((0, 0), |(o, b), w| if w.chunks.is_ok() { (o + 1, b) } else { (o, b + 1) });
     ctx.progress.done(ok);
     ctx.progress.skipped(bad);
     let n = pending.len() as u64;
@@ -434,37 +366,23 @@ impl Worker {
     }
 
     fn is_current(&self, key: &str, hash: &str) -> Option<&DocState> {
-        self.known.get(key).filter(|d| {
-            d.content_hash == hash && d.chunk_config == self.chunk_config && d.status != "gone"
-        })
+        self.known
+            .get(key)
+            .filter(|d| d.content_hash == hash && d.chunk_config == self.chunk_config && d.status != "gone")
     }
 
     fn file(&self, rel: &str, path: &Path) -> FileResult {
-        let mut res = FileResult {
-            docs: 1,
-            bytes: 0,
-            writes: vec![],
-            unchanged: vec![],
-            known_skips: vec![],
-        };
+        let mut res = FileResult { docs: 1, bytes: 0, writes: vec![], unchanged: vec![], known_skips: vec![] };
         let bytes = match std::fs::read(path) {
             Ok(b) => b,
             Err(e) => {
-                res.writes.push(skip_write(
-                    rel,
-                    "",
-                    &self.chunk_config,
-                    0,
-                    format!("cannot read: {e}"),
-                ));
+                res.writes.push(skip_write(rel, "", &self.chunk_config, 0, format!("cannot read: {e}")));
                 return res;
             }
         };
         res.bytes = bytes.len() as u64;
         let file_hash = sha256_hex(&bytes);
-        let is_jsonl = path
-            .extension()
-            .is_some_and(|e| e.eq_ignore_ascii_case("jsonl"));
+        let is_jsonl = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("jsonl"));
         if !is_jsonl && let Some(d) = self.is_current(rel, &file_hash) {
             if d.status == "skipped" {
                 let reason = "unchanged since it was skipped".to_string();
@@ -479,26 +397,13 @@ impl Worker {
         for doc in docs {
             match doc {
                 Ok(doc) => {
-                    let hash = if is_jsonl {
-                        doc_hash(&doc)
-                    } else {
-                        file_hash.clone()
-                    };
+                    let hash = if is_jsonl { doc_hash(&doc) } else { file_hash.clone() };
                     if is_jsonl && self.is_current(&doc.key, &hash).is_some() {
                         res.unchanged.push(doc.key);
                         continue;
                     }
-                    let chunks = split(
-                        &doc,
-                        &self.tokenizer,
-                        self.params.max_tokens,
-                        self.params.overlap,
-                    );
-                    let doc_bytes = if is_jsonl {
-                        doc.text.len() as i64
-                    } else {
-                        bytes.len() as i64
-                    };
+                    let chunks = split(&doc, &self.tokenizer, self.params.max_tokens, self.params.overlap);
+                    let doc_bytes = if is_jsonl { doc.text.len() as i64 } else { bytes.len() as i64 };
                     res.writes.push(DocWrite {
                         path: doc.key,
                         title: doc.title,
@@ -508,13 +413,9 @@ impl Worker {
                         chunks,
                     });
                 }
-                Err((key, reason)) => res.writes.push(skip_write(
-                    &key,
-                    &file_hash,
-                    &self.chunk_config,
-                    bytes.len() as i64,
-                    reason,
-                )),
+                Err((key, reason)) => {
+                    res.writes.push(skip_write(&key, &file_hash, &self.chunk_config, bytes.len() as i64, reason))
+                }
             }
         }
         res
@@ -555,10 +456,7 @@ impl ChunkSizer for OffsetSizer<'_> {
             let last = self.starts.partition_point(|&x| x < e);
             return last.saturating_sub(first);
         }
-        self.tokenizer
-            .encode(chunk, false)
-            .map(|e| e.len())
-            .unwrap_or(chunk.len())
+        self.tokenizer.encode(chunk, false).map(|e| e.len()).unwrap_or(chunk.len())
     }
 }
 
@@ -571,28 +469,16 @@ pub fn split(
     overlap: usize,
 ) -> Result<Vec<NewChunk>, String> {
     let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let enc = tokenizer
-            .encode(doc.text.as_str(), false)
-            .map_err(|e| format!("tokenizer failed: {e}"))?;
+        let enc = tokenizer.encode(doc.text.as_str(), false).map_err(|e| format!("tokenizer failed: {e}"))?;
         let mut starts: Vec<usize> = enc.get_offsets().iter().map(|o| o.0).collect();
         let mut ends: Vec<usize> = enc.get_offsets().iter().map(|o| o.1).collect();
         starts.sort_unstable();
         ends.sort_unstable();
-        let sizer = OffsetSizer {
-            base: doc.text.as_ptr() as usize,
-            len: doc.text.len(),
-            starts,
-            ends,
-            tokenizer,
-        };
-        let config = ChunkConfig::new(max_tokens)
-            .with_sizer(&sizer)
-            .with_overlap(overlap)
-            .map_err(|e| e.to_string())?;
+        let sizer = OffsetSizer { base: doc.text.as_ptr() as usize, len: doc.text.len(), starts, ends, tokenizer };
+        let config =
+            ChunkConfig::new(max_tokens).with_sizer(&sizer).with_overlap(overlap).map_err(|e| e.to_string())?;
         let pieces: Vec<(usize, &str)> = match doc.format {
-            Format::Markdown => MarkdownSplitter::new(config)
-                .chunk_indices(&doc.text)
-                .collect(),
+            Format::Markdown => MarkdownSplitter::new(config).chunk_indices(&doc.text).collect(),
             Format::Text => TextSplitter::new(config).chunk_indices(&doc.text).collect(),
         };
         Ok(pieces

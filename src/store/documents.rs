@@ -39,12 +39,11 @@ pub struct DocWrite {
 }
 
 pub async fn state(store: &Store, stage: &str) -> Result<HashMap<String, DocState>> {
-    let rows: Vec<DocState> = sqlx::query_as(
-        "SELECT id, path, content_hash, chunk_config, status FROM documents WHERE stage = ?",
-    )
-    .bind(stage)
-    .fetch_all(&store.pool)
-    .await?;
+    let rows: Vec<DocState> =
+        sqlx::query_as("SELECT id, path, content_hash, chunk_config, status FROM documents WHERE stage = ?")
+            .bind(stage)
+            .fetch_all(&store.pool)
+            .await?;
     Ok(rows.into_iter().map(|r| (r.path.clone(), r)).collect())
 }
 
@@ -77,12 +76,11 @@ pub async fn write_batch(store: &Store, stage: &str, docs: &[DocWrite]) -> Resul
         .fetch_one(&mut *tx)
         .await?;
 
-        let old: Vec<(i64, String)> = sqlx::query_as(
-            "SELECT id, content_hash FROM chunks WHERE document_id = ? AND retired_at IS NULL",
-        )
-        .bind(doc_id)
-        .fetch_all(&mut *tx)
-        .await?;
+        let old: Vec<(i64, String)> =
+            sqlx::query_as("SELECT id, content_hash FROM chunks WHERE document_id = ? AND retired_at IS NULL")
+                .bind(doc_id)
+                .fetch_all(&mut *tx)
+                .await?;
         let mut reusable: HashMap<String, Vec<i64>> = HashMap::new();
         for (id, hash) in old {
             reusable.entry(hash).or_default().push(id);
@@ -116,11 +114,7 @@ pub async fn write_batch(store: &Store, stage: &str, docs: &[DocWrite]) -> Resul
             }
         }
         for id in reusable.into_values().flatten() {
-            sqlx::query("UPDATE chunks SET retired_at = ? WHERE id = ?")
-                .bind(now)
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query("UPDATE chunks SET retired_at = ? WHERE id = ?").bind(now).bind(id).execute(&mut *tx).await?;
         }
     }
     tx.commit().await?;
@@ -137,13 +131,11 @@ pub async fn mark_gone(store: &Store, ids: &[i64]) -> Result<()> {
             .bind(id)
             .execute(&mut *tx)
             .await?;
-        sqlx::query(
-            "UPDATE chunks SET retired_at = ? WHERE document_id = ? AND retired_at IS NULL",
-        )
-        .bind(now)
-        .bind(id)
-        .execute(&mut *tx)
-        .await?;
+        sqlx::query("UPDATE chunks SET retired_at = ? WHERE document_id = ? AND retired_at IS NULL")
+            .bind(now)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
     }
     tx.commit().await?;
     Ok(())

@@ -9,9 +9,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 
 use crate::error::{Error, Result};
 
@@ -30,10 +28,7 @@ impl Store {
             std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
         }
         let opts = SqliteConnectOptions::from_str("sqlite://")
-            .map_err(|e| Error::Store {
-                path: path.into(),
-                source: e,
-            })?
+            .map_err(|e| Error::Store { path: path.into(), source: e })?
             .filename(path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
@@ -46,18 +41,9 @@ impl Store {
             .max_connections(4)
             .connect_with(opts)
             .await
-            .map_err(|e| Error::Store {
-                path: path.into(),
-                source: e,
-            })?;
-        MIGRATOR.run(&pool).await.map_err(|e| Error::Migrate {
-            path: path.into(),
-            source: e,
-        })?;
-        Ok(Store {
-            pool,
-            path: path.into(),
-        })
+            .map_err(|e| Error::Store { path: path.into(), source: e })?;
+        MIGRATOR.run(&pool).await.map_err(|e| Error::Migrate { path: path.into(), source: e })?;
+        Ok(Store { pool, path: path.into() })
     }
 
     /// Opens a store that must already exist (for the read-only commands).

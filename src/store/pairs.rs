@@ -19,12 +19,7 @@ pub struct PairRow {
 }
 
 /// Pairs, newest first; `run` limits them to queries made during that run, `verdict` to one verdict.
-pub async fn list(
-    store: &Store,
-    run: Option<i64>,
-    verdict: Option<&str>,
-    limit: i64,
-) -> Result<Vec<PairRow>> {
+pub async fn list(store: &Store, run: Option<i64>, verdict: Option<&str>, limit: i64) -> Result<Vec<PairRow>> {
     Ok(sqlx::query_as(
         "SELECT p.query_id, p.query, p.passage, p.document, p.page, p.score, p.verdict, p.reason, p.generator
          FROM pairs p

@@ -87,28 +87,19 @@ pub async fn mark_interrupted(store: &Store) -> Result<u64> {
         .execute(&mut *tx)
         .await?
         .rows_affected();
-    sqlx::query(
-        "UPDATE stage_runs SET status = 'interrupted' WHERE status IN ('running', 'pending')",
-    )
-    .execute(&mut *tx)
-    .await?;
+    sqlx::query("UPDATE stage_runs SET status = 'interrupted' WHERE status IN ('running', 'pending')")
+        .execute(&mut *tx)
+        .await?;
     tx.commit().await?;
     Ok(n)
 }
 
 pub async fn get(store: &Store, id: i64) -> Result<Option<RunRow>> {
-    Ok(sqlx::query_as("SELECT * FROM runs WHERE id = ?")
-        .bind(id)
-        .fetch_optional(&store.pool)
-        .await?)
+    Ok(sqlx::query_as("SELECT * FROM runs WHERE id = ?").bind(id).fetch_optional(&store.pool).await?)
 }
 
 pub async fn latest(store: &Store) -> Result<Option<RunRow>> {
-    Ok(
-        sqlx::query_as("SELECT * FROM runs ORDER BY id DESC LIMIT 1")
-            .fetch_optional(&store.pool)
-            .await?,
-    )
+    Ok(sqlx::query_as("SELECT * FROM runs ORDER BY id DESC LIMIT 1").fetch_optional(&store.pool).await?)
 }
 
 pub async fn latest_unfinished(store: &Store) -> Result<Option<RunRow>> {
@@ -120,23 +111,11 @@ pub async fn latest_unfinished(store: &Store) -> Result<Option<RunRow>> {
 }
 
 pub async fn list(store: &Store, limit: i64) -> Result<Vec<RunRow>> {
-    Ok(
-        sqlx::query_as("SELECT * FROM runs ORDER BY id DESC LIMIT ?")
-            .bind(limit)
-            .fetch_all(&store.pool)
-            .await?,
-    )
+    Ok(sqlx::query_as("SELECT * FROM runs ORDER BY id DESC LIMIT ?").bind(limit).fetch_all(&store.pool).await?)
 }
 
 /// Records a stage's state in a run, replacing what an earlier attempt of the same run wrote.
-pub async fn set_stage(
-    store: &Store,
-    run_id: i64,
-    stage: &str,
-    kind: &str,
-    fp: &str,
-    status: &str,
-) -> Result<i64> {
+pub async fn set_stage(store: &Store, run_id: i64, stage: &str, kind: &str, fp: &str, status: &str) -> Result<i64> {
     let now = now_ms();
     let running = status == "running";
     let id = sqlx::query_scalar(
@@ -185,16 +164,14 @@ pub async fn finish_stage(
     error: Option<&str>,
 ) -> Result<()> {
     update_counts(store, id, c).await?;
-    sqlx::query(
-        "UPDATE stage_runs SET status = ?, summary = ?, error = ?, finished_at = ? WHERE id = ?",
-    )
-    .bind(status)
-    .bind(summary)
-    .bind(error)
-    .bind(now_ms())
-    .bind(id)
-    .execute(&store.pool)
-    .await?;
+    sqlx::query("UPDATE stage_runs SET status = ?, summary = ?, error = ?, finished_at = ? WHERE id = ?")
+        .bind(status)
+        .bind(summary)
+        .bind(error)
+        .bind(now_ms())
+        .bind(id)
+        .execute(&store.pool)
+        .await?;
     Ok(())
 }
 
@@ -222,10 +199,8 @@ pub async fn latest_good_fingerprint(store: &Store, stage: &str) -> Result<Optio
 }
 
 pub async fn stages_of(store: &Store, run_id: i64) -> Result<Vec<StageRunRow>> {
-    Ok(
-        sqlx::query_as("SELECT * FROM stage_runs WHERE run_id = ? ORDER BY id")
-            .bind(run_id)
-            .fetch_all(&store.pool)
-            .await?,
-    )
+    Ok(sqlx::query_as("SELECT * FROM stage_runs WHERE run_id = ? ORDER BY id")
+        .bind(run_id)
+        .fetch_all(&store.pool)
+        .await?)
 }

@@ -15,11 +15,7 @@ pub struct Diagnostic {
 
 impl Diagnostic {
     pub fn new(span: Span, message: impl Into<String>) -> Self {
-        Diagnostic {
-            span,
-            message: message.into(),
-            hint: None,
-        }
+        Diagnostic { span, message: message.into(), hint: None }
     }
 
     pub fn hint(mut self, hint: impl Into<String>) -> Self {
@@ -44,13 +40,7 @@ impl fmt::Display for Diagnostics {
                 writeln!(f)?;
             }
             writeln!(f, "error: {}", d.message)?;
-            writeln!(
-                f,
-                "  --> {}:{}:{}",
-                self.file.display(),
-                d.span.line,
-                d.span.col
-            )?;
+            writeln!(f, "  --> {}:{}:{}", self.file.display(), d.span.line, d.span.col)?;
             if let Some(line) = d.span.line.checked_sub(1).and_then(|i| lines.get(i)) {
                 let num = d.span.line.to_string();
                 let pad = " ".repeat(num.len());
@@ -63,13 +53,7 @@ impl fmt::Display for Diagnostics {
             }
         }
         let n = self.items.len();
-        write!(
-            f,
-            "{} problem{} in {}",
-            n,
-            if n == 1 { "" } else { "s" },
-            self.file.display()
-        )
+        write!(f, "{} problem{} in {}", n, if n == 1 { "" } else { "s" }, self.file.display())
     }
 }
 
@@ -80,9 +64,7 @@ pub fn edit_distance(a: &str, b: &str) -> usize {
     for (i, ca) in a.chars().enumerate() {
         let mut cur = vec![i + 1; b.len() + 1];
         for (j, cb) in b.iter().enumerate() {
-            cur[j + 1] = (prev[j] + usize::from(ca != *cb))
-                .min(prev[j + 1] + 1)
-                .min(cur[j] + 1);
+            cur[j + 1] = (prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1);
         }
         prev = cur;
     }
@@ -90,10 +72,7 @@ pub fn edit_distance(a: &str, b: &str) -> usize {
 }
 
 /// The closest of `candidates` to `word`, if it is close enough to be a likely typo.
-pub fn did_you_mean<'a>(
-    word: &str,
-    candidates: impl IntoIterator<Item = &'a str>,
-) -> Option<&'a str> {
+pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
     candidates
         .into_iter()
         .map(|c| (edit_distance(word, c), c))
@@ -109,10 +88,7 @@ mod tests {
     #[test]
     fn distances() {
         assert_eq!(edit_distance("kitten", "sitting"), 3);
-        assert_eq!(
-            did_you_mean("max_tokns", ["max_tokens", "overlap"]),
-            Some("max_tokens")
-        );
+        assert_eq!(did_you_mean("max_tokns", ["max_tokens", "overlap"]), Some("max_tokens"));
         assert_eq!(did_you_mean("zzz", ["max_tokens", "overlap"]), None);
     }
 }

@@ -103,11 +103,7 @@ pub fn load(path: &Path) -> Result<Workflow> {
     })?;
     let abs = std::path::absolute(path).map_err(Error::io(path))?;
     let fail = |items: Vec<Diagnostic>| {
-        Error::Workflow(Diagnostics {
-            file: path.to_path_buf(),
-            source: source.clone(),
-            items,
-        })
+        Error::Workflow(Diagnostics { file: path.to_path_buf(), source: source.clone(), items })
     };
     let mut root = match yaml::parse(&source) {
         Ok(Some(root)) => root,
@@ -137,11 +133,8 @@ pub fn load(path: &Path) -> Result<Workflow> {
 fn check(root: &Node, abs: &Path, diags: &mut Vec<Diagnostic>) -> Option<Workflow> {
     let Node::Map { .. } = root else {
         diags.push(
-            Diagnostic::new(
-                root.span(),
-                format!("the workflow must be a mapping, found {}", root.type_name()),
-            )
-            .hint("start with `name: ...`, `store: ...`, `stages: ...`"),
+            Diagnostic::new(root.span(), format!("the workflow must be a mapping, found {}", root.type_name()))
+                .hint("start with `name: ...`, `store: ...`, `stages: ...`"),
         );
         return None;
     };
@@ -153,16 +146,14 @@ fn check(root: &Node, abs: &Path, diags: &mut Vec<Diagnostic>) -> Option<Workflo
     {
         let span = root.get("schedule").map(Node::span).unwrap_or_default();
         diags.push(
-            Diagnostic::new(span, format!("`schedule`: {e}"))
-                .hint("five cron fields: minute hour day-of-month month day-of-week, e.g. \"0 2 * * *\" for 02:00 daily"),
+            Diagnostic::new(span, format!("`schedule`: {e}")).hint(
+                "five cron fields: minute hour day-of-month month day-of-week, e.g. \"0 2 * * *\" for 02:00 daily",
+            ),
         );
     }
     for (name, spec) in &top.models {
         if spec.model.is_none() && spec.init.is_none() {
-            let span = root
-                .get("models")
-                .and_then(|m| m.key_span(name))
-                .unwrap_or_default();
+            let span = root.get("models").and_then(|m| m.key_span(name)).unwrap_or_default();
             diags.push(
                 Diagnostic::new(span, format!("model `{name}` names no model"))
                     .hint("add `model: <name or folder>` (or `init:` for a trainable model)"),
@@ -200,16 +191,12 @@ fn check(root: &Node, abs: &Path, diags: &mut Vec<Diagnostic>) -> Option<Workflo
                     other => other.map(Node::span),
                 }
                 .unwrap_or_default();
-                let mut d = Diagnostic::new(
-                    span,
-                    format!("stage `{name}` needs `{need}`, which is not a stage"),
-                );
+                let mut d = Diagnostic::new(span, format!("stage `{name}` needs `{need}`, which is not a stage"));
                 d = match did_you_mean(need, top.stages.keys().map(String::as_str)) {
                     Some(s) => d.hint(format!("did you mean `{s}`?")),
-                    None => d.hint(format!(
-                        "stages here: {}",
-                        top.stages.keys().cloned().collect::<Vec<_>>().join(", ")
-                    )),
+                    None => {
+                        d.hint(format!("stages here: {}", top.stages.keys().cloned().collect::<Vec<_>>().join(", ")))
+                    }
                 };
                 diags.push(d);
             }
@@ -221,11 +208,8 @@ fn check(root: &Node, abs: &Path, diags: &mut Vec<Diagnostic>) -> Option<Workflo
         Err(cycle) => {
             let span = stages_node.key_span(&cycle[0]).unwrap_or_default();
             diags.push(
-                Diagnostic::new(
-                    span,
-                    format!("the stages form a cycle: {}", cycle.join(" -> ")),
-                )
-                .hint("remove one of these `needs` so the stages can run in order"),
+                Diagnostic::new(span, format!("the stages form a cycle: {}", cycle.join(" -> ")))
+                    .hint("remove one of these `needs` so the stages can run in order"),
             );
             return None;
         }
@@ -256,14 +240,8 @@ fn check_stage(
 ) -> Option<StageSpec> {
     let Value::Object(map) = raw else {
         diags.push(
-            Diagnostic::new(
-                node.span(),
-                format!(
-                    "stage `{name}` must be a mapping, found {}",
-                    node.type_name()
-                ),
-            )
-            .hint("write `name: { kind: chunk, ... }`"),
+            Diagnostic::new(node.span(), format!("stage `{name}` must be a mapping, found {}", node.type_name()))
+                .hint("write `name: { kind: chunk, ... }`"),
         );
         return None;
     };
@@ -272,35 +250,25 @@ fn check_stage(
         Some(Value::String(k)) => k,
         Some(_) => {
             let span = node.get("kind").map(Node::span).unwrap_or(key_span);
-            diags.push(
-                Diagnostic::new(span, format!("stage `{name}`: `kind` must be a string"))
-                    .hint(kinds_hint()),
-            );
+            diags.push(Diagnostic::new(span, format!("stage `{name}`: `kind` must be a string")).hint(kinds_hint()));
             return None;
         }
         None => {
-            diags.push(
-                Diagnostic::new(key_span, format!("stage `{name}` has no `kind`"))
-                    .hint(kinds_hint()),
-            );
+            diags.push(Diagnostic::new(key_span, format!("stage `{name}` has no `kind`")).hint(kinds_hint()));
             return None;
         }
     };
     let needs = match params.remove("needs") {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::String(s)) => vec![s],
-        Some(Value::Array(items)) if items.iter().all(Value::is_string) => items
-            .into_iter()
-            .filter_map(|v| v.as_str().map(str::to_string))
-            .collect(),
+        Some(Value::Array(items)) if items.iter().all(Value::is_string) => {
+            items.into_iter().filter_map(|v| v.as_str().map(str::to_string)).collect()
+        }
         Some(_) => {
             let span = node.get("needs").map(Node::span).unwrap_or(key_span);
             diags.push(
-                Diagnostic::new(
-                    span,
-                    format!("stage `{name}`: `needs` must be a stage name or a list of them"),
-                )
-                .hint("e.g. `needs: [chunk]`"),
+                Diagnostic::new(span, format!("stage `{name}`: `needs` must be a stage name or a list of them"))
+                    .hint("e.g. `needs: [chunk]`"),
             );
             Vec::new()
         }
@@ -317,39 +285,18 @@ fn check_stage(
     };
     let params = Value::Object(params);
     let before = diags.len();
-    diags.extend((kind.check)(&CheckCtx {
-        stage: name,
-        node,
-        params: params.clone(),
-        models,
-    }));
-    (diags.len() == before).then(|| StageSpec {
-        name: name.to_string(),
-        kind,
-        needs,
-        params,
-    })
+    diags.extend((kind.check)(&CheckCtx { stage: name, node, params: params.clone(), models }));
+    (diags.len() == before).then(|| StageSpec { name: name.to_string(), kind, needs, params })
 }
 
 fn kinds_hint() -> String {
-    format!(
-        "stage kinds: {}",
-        stages::KINDS
-            .iter()
-            .map(|k| k.name)
-            .collect::<Vec<_>>()
-            .join(", ")
-    )
+    format!("stage kinds: {}", stages::KINDS.iter().map(|k| k.name).collect::<Vec<_>>().join(", "))
 }
 
 /// Deserialises `value` into `T`, turning every serde error into a diagnostic at the right place.
 /// Unknown keys and badly typed values are removed one at a time and the rest checked again, so a
 /// file with several mistakes reports them all at once.
-pub fn check_typed<T: DeserializeOwned>(
-    node: &Node,
-    mut value: Value,
-    diags: &mut Vec<Diagnostic>,
-) -> Option<T> {
+pub fn check_typed<T: DeserializeOwned>(node: &Node, mut value: Value, diags: &mut Vec<Diagnostic>) -> Option<T> {
     let mut reported: Vec<String> = Vec::new();
     let mut clean = true;
     for _ in 0..64 {
@@ -375,10 +322,7 @@ pub fn check_typed<T: DeserializeOwned>(
                 path.clone()
             };
             let at = node.at_path(&parent);
-            let span = at
-                .and_then(|n| n.key_span(field))
-                .or(at.map(Node::span))
-                .unwrap_or_default();
+            let span = at.and_then(|n| n.key_span(field)).or(at.map(Node::span)).unwrap_or_default();
             let expected: Vec<&str> = msg.split('`').skip(3).step_by(2).collect();
             let mut d = Diagnostic::new(span, format!("unknown key `{field}`{}", place(&parent)));
             d = match did_you_mean(field, expected.iter().copied()) {
@@ -403,22 +347,10 @@ pub fn check_typed<T: DeserializeOwned>(
             return None;
         } else {
             let span = node.at_path(&path).map(Node::span).unwrap_or_default();
-            let what = if path.is_empty() {
-                String::new()
-            } else {
-                format!("`{}`: ", path.join("."))
-            };
-            diags.push(
-                Diagnostic::new(span, format!("{what}{}", tidy_serde(&msg))).hint(type_hint(&msg)),
-            );
+            let what = if path.is_empty() { String::new() } else { format!("`{}`: ", path.join(".")) };
+            diags.push(Diagnostic::new(span, format!("{what}{}", tidy_serde(&msg))).hint(type_hint(&msg)));
             reported.push(path.join("."));
-            if path.is_empty()
-                || !remove(
-                    &mut value,
-                    &path[..path.len() - 1],
-                    path.last().map(String::as_str),
-                )
-            {
+            if path.is_empty() || !remove(&mut value, &path[..path.len() - 1], path.last().map(String::as_str)) {
                 return None;
             }
         }
@@ -432,16 +364,11 @@ fn between<'a>(s: &'a str, start: &str, end: &str) -> Option<&'a str> {
 }
 
 fn place(path: &[String]) -> String {
-    if path.is_empty() {
-        String::new()
-    } else {
-        format!(" in `{}`", path.join("."))
-    }
+    if path.is_empty() { String::new() } else { format!(" in `{}`", path.join(".")) }
 }
 
 fn tidy_serde(msg: &str) -> String {
-    msg.replace("invalid type: ", "wrong type: found ")
-        .replace(", expected", "; expected")
+    msg.replace("invalid type: ", "wrong type: found ").replace(", expected", "; expected")
 }
 
 fn type_hint(msg: &str) -> String {
@@ -497,9 +424,7 @@ fn expand_env(node: &mut Node, diags: &mut Vec<Diagnostic>) {
                     Ok(v) => *value = v,
                     Err(var) => diags.push(
                         Diagnostic::new(*span, format!("environment variable `{var}` is not set"))
-                            .hint(format!(
-                                "export {var}=... before running, or write `${{{var}:-default}}`"
-                            )),
+                            .hint(format!("export {var}=... before running, or write `${{{var}:-default}}`")),
                     ),
                 }
             }
@@ -529,9 +454,7 @@ fn expand_str(s: &str) -> std::result::Result<String, String> {
             Some((v, d)) => (v, Some(d)),
             None => (inner, None),
         };
-        let set = std::env::var(var)
-            .ok()
-            .filter(|v| !v.is_empty() || default.is_none());
+        let set = std::env::var(var).ok().filter(|v| !v.is_empty() || default.is_none());
         match (set, default) {
             (Some(v), _) => out.push_str(&v),
             (None, Some(d)) => out.push_str(d),
@@ -554,9 +477,6 @@ mod tests {
         assert_eq!(expand_str("a${FLOW_TEST_X}b").unwrap(), "aabcb");
         assert_eq!(expand_str("${FLOW_TEST_UNSET_Y:-d}").unwrap(), "d");
         assert_eq!(expand_str("$${HOME}").unwrap(), "${HOME}");
-        assert_eq!(
-            expand_str("${FLOW_TEST_UNSET_Y}").unwrap_err(),
-            "FLOW_TEST_UNSET_Y"
-        );
+        assert_eq!(expand_str("${FLOW_TEST_UNSET_Y}").unwrap_err(), "FLOW_TEST_UNSET_Y");
     }
 }

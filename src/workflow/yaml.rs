@@ -16,10 +16,7 @@ pub struct Span {
 impl From<Marker> for Span {
     fn from(m: Marker) -> Self {
         // yaml-rust2 counts lines from 1 and columns from 0.
-        Span {
-            line: m.line(),
-            col: m.col() + 1,
-        }
+        Span { line: m.line(), col: m.col() + 1 }
     }
 }
 
@@ -56,19 +53,14 @@ impl Node {
 
     pub fn get(&self, key: &str) -> Option<&Node> {
         match self {
-            Node::Map { entries, .. } => {
-                entries.iter().find(|(k, _)| k.name == key).map(|(_, v)| v)
-            }
+            Node::Map { entries, .. } => entries.iter().find(|(k, _)| k.name == key).map(|(_, v)| v),
             _ => None,
         }
     }
 
     pub fn key_span(&self, key: &str) -> Option<Span> {
         match self {
-            Node::Map { entries, .. } => entries
-                .iter()
-                .find(|(k, _)| k.name == key)
-                .map(|(k, _)| k.span),
+            Node::Map { entries, .. } => entries.iter().find(|(k, _)| k.name == key).map(|(k, _)| k.span),
             _ => None,
         }
     }
@@ -77,21 +69,12 @@ impl Node {
     pub fn to_json(&self) -> serde_json::Value {
         use serde_json::Value;
         match self {
-            Node::Scalar {
-                value,
-                plain: false,
-                ..
-            } => Value::String(value.clone()),
-            Node::Scalar {
-                value, plain: true, ..
-            } => plain_scalar(value),
+            Node::Scalar { value, plain: false, .. } => Value::String(value.clone()),
+            Node::Scalar { value, plain: true, .. } => plain_scalar(value),
             Node::Seq { items, .. } => Value::Array(items.iter().map(Node::to_json).collect()),
-            Node::Map { entries, .. } => Value::Object(
-                entries
-                    .iter()
-                    .map(|(k, v)| (k.name.clone(), v.to_json()))
-                    .collect(),
-            ),
+            Node::Map { entries, .. } => {
+                Value::Object(entries.iter().map(|(k, v)| (k.name.clone(), v.to_json())).collect())
+            }
         }
     }
 
@@ -128,10 +111,7 @@ fn plain_scalar(v: &str) -> serde_json::Value {
     if let Ok(i) = v.parse::<i64>() {
         return Value::from(i);
     }
-    let looks_numeric = v
-        .bytes()
-        .next()
-        .is_some_and(|b| b.is_ascii_digit() || b"+-.".contains(&b));
+    let looks_numeric = v.bytes().next().is_some_and(|b| b.is_ascii_digit() || b"+-.".contains(&b));
     if looks_numeric
         && let Ok(f) = v.parse::<f64>()
         && f.is_finite()
@@ -151,10 +131,9 @@ pub struct SyntaxError {
 pub fn parse(src: &str) -> Result<Option<Node>, SyntaxError> {
     let mut builder = Builder::default();
     let mut parser = Parser::new_from_str(src);
-    parser.load(&mut builder, false).map_err(|e| SyntaxError {
-        message: e.info().to_string(),
-        span: (*e.marker()).into(),
-    })?;
+    parser
+        .load(&mut builder, false)
+        .map_err(|e| SyntaxError { message: e.info().to_string(), span: (*e.marker()).into() })?;
     if let Some(err) = builder.error {
         return Err(err);
     }
@@ -185,9 +164,7 @@ impl Builder {
                     Node::Scalar { value, span, .. } => {
                         if entries.iter().any(|(k, _)| k.name == value) && self.error.is_none() {
                             self.error = Some(SyntaxError {
-                                message: format!(
-                                    "duplicate key `{value}`: each key may appear once in a mapping"
-                                ),
+                                message: format!("duplicate key `{value}`: each key may appear once in a mapping"),
                                 span,
                             });
                         }
@@ -196,16 +173,11 @@ impl Builder {
                     other => {
                         if self.error.is_none() {
                             self.error = Some(SyntaxError {
-                                message:
-                                    "a mapping key must be a plain value, not a list or mapping"
-                                        .into(),
+                                message: "a mapping key must be a plain value, not a list or mapping".into(),
                                 span: other.span(),
                             });
                         }
-                        *key = Some(Key {
-                            name: String::new(),
-                            span: other.span(),
-                        });
+                        *key = Some(Key { name: String::new(), span: other.span() });
                     }
                 },
                 Some(k) => entries.push((k, node)),
@@ -225,11 +197,7 @@ impl MarkedEventReceiver for Builder {
         let span = Span::from(mark);
         match ev {
             Event::Scalar(value, style, anchor, _tag) => {
-                let node = Node::Scalar {
-                    value,
-                    plain: style == TScalarStyle::Plain,
-                    span,
-                };
+                let node = Node::Scalar { value, plain: style == TScalarStyle::Plain, span };
                 self.remember(anchor, &node);
                 self.push_value(node);
             }
@@ -252,18 +220,11 @@ impl MarkedEventReceiver for Builder {
                 self.push_value(node);
             }
             Event::Alias(id) => {
-                let node = self.anchors.get(&id).cloned().unwrap_or(Node::Scalar {
-                    value: String::new(),
-                    plain: true,
-                    span,
-                });
+                let node =
+                    self.anchors.get(&id).cloned().unwrap_or(Node::Scalar { value: String::new(), plain: true, span });
                 self.push_value(node);
             }
-            Event::Nothing
-            | Event::StreamStart
-            | Event::StreamEnd
-            | Event::DocumentStart
-            | Event::DocumentEnd => {}
+            Event::Nothing | Event::StreamStart | Event::StreamEnd | Event::DocumentStart | Event::DocumentEnd => {}
         }
     }
 }
@@ -274,12 +235,11 @@ mod tests {
 
     #[test]
     fn spans_and_types() {
-        let src =
-            "name: x\nstages:\n  a: { kind: chunk, max_tokens: 256 }\n  b:\n    kind: \"42\"\n";
+        let src = "name: x\nstages:\n  a: { kind: chunk, max_tokens: 256 }\n  b:\n    kind: \"42\"\n";
         let root = parse(src).unwrap().unwrap();
         assert_eq!(root.key_span("stages"), Some(Span { line: 2, col: 1 }));
         let a = root.get("stages").unwrap().get("a").unwrap();
-        assert_eq!(a.key_span("max_tokens"), Some(Span { line: 3, col: 20 }));
+        assert_eq!(a.key_span("max_tokens"), Some(Span { line: 3, col: 21 }));
         let json = root.to_json();
         assert_eq!(json["stages"]["a"]["max_tokens"], 256);
         assert_eq!(json["stages"]["b"]["kind"], "42");

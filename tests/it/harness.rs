@@ -34,15 +34,9 @@ impl From<Output> for Ran {
 pub fn models_dir() -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let out = Command::new(env!("CARGO_BIN_EXE_flow"))
-            .args(["models", "pull", "--quiet"])
-            .output()
-            .expect("run flow");
-        assert!(
-            out.status.success(),
-            "flow models pull failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out =
+            Command::new(env!("CARGO_BIN_EXE_flow")).args(["models", "pull", "--quiet"]).output().expect("run flow");
+        assert!(out.status.success(), "flow models pull failed: {}", String::from_utf8_lossy(&out.stderr));
         flow::models::models_dir()
     })
     .clone()
@@ -50,9 +44,7 @@ pub fn models_dir() -> PathBuf {
 
 impl Sandbox {
     pub fn new() -> Sandbox {
-        Sandbox {
-            dir: tempfile::tempdir().expect("tempdir"),
-        }
+        Sandbox { dir: tempfile::tempdir().expect("tempdir") }
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -68,10 +60,7 @@ impl Sandbox {
 
     pub fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_flow"));
-        c.args(args)
-            .current_dir(self.dir.path())
-            .env("FLOW_MODELS", models_dir())
-            .stdin(Stdio::null());
+        c.args(args).current_dir(self.dir.path()).env("FLOW_MODELS", models_dir()).stdin(Stdio::null());
         c
     }
 
@@ -80,9 +69,7 @@ impl Sandbox {
     }
 
     pub fn db(&self, name: &str) -> Db {
-        Db {
-            path: self.path(name),
-        }
+        Db { path: self.path(name) }
     }
 }
 
@@ -95,23 +82,16 @@ impl Db {
     pub fn scalar(&self, sql: &str) -> i64 {
         let path = self.path.clone();
         let sql = sql.to_string();
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(async move {
-                use sqlx::ConnectOptions;
-                let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
-                    .filename(&path)
-                    .busy_timeout(std::time::Duration::from_secs(10))
-                    .connect()
-                    .await
-                    .unwrap();
-                sqlx::query_scalar::<_, i64>(&sql)
-                    .fetch_one(&mut conn)
-                    .await
-                    .unwrap()
-            })
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async move {
+            use sqlx::ConnectOptions;
+            let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+                .filename(&path)
+                .busy_timeout(std::time::Duration::from_secs(10))
+                .connect()
+                .await
+                .unwrap();
+            sqlx::query_scalar::<_, i64>(&sql).fetch_one(&mut conn).await.unwrap()
+        })
     }
 
     pub fn exists(&self) -> bool {
@@ -165,9 +145,7 @@ pub fn prose(seed: u64, n_paras: usize) -> String {
         "facilities",
         "open",
     ];
-    let mut x = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
     let mut next = |m: usize| {
         x ^= x << 13;
         x ^= x >> 7;
@@ -195,26 +173,15 @@ pub fn pdf(pages: &[&str]) -> Vec<u8> {
     let mut objs: Vec<String> = Vec::new();
     objs.push("<< /Type /Catalog /Pages 2 0 R >>".into());
     let kids: Vec<String> = (0..n).map(|i| format!("{} 0 R", 4 + 2 * i)).collect();
-    objs.push(format!(
-        "<< /Type /Pages /Kids [{}] /Count {n} >>",
-        kids.join(" ")
-    ));
-    objs.push(
-        "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica /Encoding /WinAnsiEncoding >>".into(),
-    );
+    objs.push(format!("<< /Type /Pages /Kids [{}] /Count {n} >>", kids.join(" ")));
+    objs.push("<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica /Encoding /WinAnsiEncoding >>".into());
     for (i, text) in pages.iter().enumerate() {
         objs.push(format!(
             "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Resources << /Font << /F1 3 0 R >> >> /Contents {} 0 R >>",
             5 + 2 * i
         ));
-        let stream = format!(
-            "BT /F1 12 Tf 72 720 Td ({}) Tj ET",
-            text.replace('(', "\\(").replace(')', "\\)")
-        );
-        objs.push(format!(
-            "<< /Length {} >>\nstream\n{stream}\nendstream",
-            stream.len()
-        ));
+        let stream = format!("BT /F1 12 Tf 72 720 Td ({}) Tj ET", text.replace('(', "\\(").replace(')', "\\)"));
+        objs.push(format!("<< /Length {} >>\nstream\n{stream}\nendstream", stream.len()));
     }
     let mut out = b"%PDF-1.4\n".to_vec();
     let mut offsets = Vec::new();
@@ -228,11 +195,7 @@ pub fn pdf(pages: &[&str]) -> Vec<u8> {
         out.extend_from_slice(format!("{off:010} 00000 n \n").as_bytes());
     }
     out.extend_from_slice(
-        format!(
-            "trailer\n<< /Size {} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n",
-            objs.len() + 1
-        )
-        .as_bytes(),
+        format!("trailer\n<< /Size {} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n", objs.len() + 1).as_bytes(),
     );
     out
 }

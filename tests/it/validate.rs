@@ -2,7 +2,8 @@
 
 use crate::harness::Sandbox;
 
-const HEAD: &str = "name: t\nstore: t.db\nmodels:\n  black_box: { provider: local, model: all-MiniLM-L6-v2 }\nstages:\n";
+const HEAD: &str =
+    "name: t\nstore: t.db\nmodels:\n  black_box: { provider: local, model: all-MiniLM-L6-v2 }\nstages:\n";
 
 fn validate(yaml: &str) -> (i32, String) {
     let sb = Sandbox::new();
@@ -14,10 +15,7 @@ fn validate(yaml: &str) -> (i32, String) {
 fn assert_problem(yaml: &str, place: &str, words: &[&str]) {
     let (code, out) = validate(yaml);
     assert_eq!(code, 2, "exit code; output:\n{out}");
-    assert!(
-        out.contains(&format!("wf.yaml:{place}")),
-        "expected place wf.yaml:{place} in:\n{out}"
-    );
+    assert!(out.contains(&format!("wf.yaml:{place}")), "expected place wf.yaml:{place} in:\n{out}");
     for w in words {
         assert!(out.contains(w), "expected `{w}` in:\n{out}");
     }
@@ -32,11 +30,7 @@ fn valid_file_passes() {
 
 #[test]
 fn yaml_syntax_error() {
-    assert_problem(
-        &format!("{HEAD}  chunk: {{ kind: chunk, corpus: [docs }}\n"),
-        "6:",
-        &["YAML syntax"],
-    );
+    assert_problem(&format!("{HEAD}  chunk: {{ kind: chunk, corpus: [docs }}\n"), "6:", &["YAML syntax"]);
 }
 
 #[test]
@@ -100,9 +94,7 @@ fn cycle_is_printed() {
 #[test]
 fn unset_environment_variable() {
     assert_problem(
-        &format!(
-            "{HEAD}  chunk: {{ kind: chunk, corpus: \"${{FLOW_TEST_SURELY_UNSET}}/docs\" }}\n"
-        ),
+        &format!("{HEAD}  chunk: {{ kind: chunk, corpus: \"${{FLOW_TEST_SURELY_UNSET}}/docs\" }}\n"),
         "6:",
         &["environment variable `FLOW_TEST_SURELY_UNSET` is not set"],
     );
@@ -134,19 +126,13 @@ fn every_problem_at_once() {
 #[test]
 fn json_output_lists_problems() {
     let sb = Sandbox::new();
-    sb.write(
-        "wf.yaml",
-        format!("{HEAD}  chunk: {{ kind: chunk, corpus: docs, overlap: 300 }}\n"),
-    );
+    sb.write("wf.yaml", format!("{HEAD}  chunk: {{ kind: chunk, corpus: docs, overlap: 300 }}\n"));
     let r = sb.flow(&["validate", "--json", "wf.yaml"]);
     assert_eq!(r.code, 2);
     let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
     assert_eq!(v[0]["ok"], false);
     assert_eq!(v[0]["problems"][0]["line"], 6);
     assert!(
-        v[0]["problems"][0]["message"]
-            .as_str()
-            .unwrap()
-            .contains("overlap (300) must be less than max_tokens (256)")
+        v[0]["problems"][0]["message"].as_str().unwrap().contains("overlap (300) must be less than max_tokens (256)")
     );
 }
