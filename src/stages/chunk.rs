@@ -300,7 +300,7 @@ impl Stage for Chunk {
         ctx.progress.log(&format!(
             "{} documents ({} new or changed, {} unchanged, {} gone), {} chunks, {} skipped",
             seen.len() - skipped.len(),
-            written_docs.saturating_sub(skipped.iter().filter(|s| !known.contains_key(&s.0)).count() as u64),
+            written_docs,
             unchanged,
             gone.len(),
             chunks,
@@ -319,6 +319,7 @@ impl Stage for Chunk {
     }
 }
 
+/// Commits the pending documents in one transaction; returns how many were chunked (not skipped).
 async fn flush(ctx: &StageCtx, stage: &str, pending: &mut Vec<DocWrite>) -> Result<u64> {
     if pending.is_empty() {
         return Ok(0);
@@ -327,9 +328,8 @@ async fn flush(ctx: &StageCtx, stage: &str, pending: &mut Vec<DocWrite>) -> Resu
     let (ok, bad) = pending.iter().fold((0, 0), |(o, b), w| if w.chunks.is_ok() { (o + 1, b) } else { (o, b + 1) });
     ctx.progress.done(ok);
     ctx.progress.skipped(bad);
-    let n = pending.len() as u64;
     pending.clear();
-    Ok(n)
+    Ok(ok)
 }
 
 /// What one corpus file turned into.

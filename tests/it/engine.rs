@@ -230,3 +230,70 @@ fn second_live_run_is_refused_and_a_dead_lock_is_taken_over() {
     assert_eq!(v[0]["status"], "succeeded");
     assert_eq!(v[1]["status"], "interrupted");
 }
+
+#[test]
+fn missing_model_says_where_it_looked_and_how_to_fetch() {
+    let sb = Sandbox::new();
+    small_corpus(&sb, 1);
+    sb.write(
+        "wf.yaml",
+        "name: t\nstore: t.db\nmodels:\n  black_box: { provider: local, model: no-such-model }\nstages:\n  chunk: { kind: chunk, corpus: docs }\n",
+    );
+    let r = sb.flow(&["run", "wf.yaml"]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(r.stderr.contains("model 'no-such-model' not found"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&format!("{}", crate::harness::models_dir().join("no-such-model").display())),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("flow models pull"), "{}", r.stderr);
+
+    sb.write("tok/tokenizer.json", "{ not json");
+    sb.write(
+        "wf.yaml",
+        "name: t\nstore: t.db\nstages:\n  chunk: { kind: chunk, corpus: docs, tokenizer: tok/tokenizer.json }\n",
+    );
+    let r = sb.flow(&["run", "wf.yaml"]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(r.stderr.contains("cannot load tokenizer") && r.stderr.contains("tok/tokenizer.json"), "{}", r.stderr);
+}
+
+#[test]
+fn plain_progress_without_escape_codes_and_quiet() {
+    let sb = Sandbox::new();
+    small_corpus(&sb, 2);
+    sb.write("wf.yaml", workflow("  chunk: { kind: chunk, corpus: docs }\n"));
+    let r = sb.flow(&["run", "wf.yaml"]);
+    assert_eq!(r.code, 0);
+    assert!(r.stderr.contains("[chunk] succeeded"), "{}", r.stderr);
+    assert!(!r.stderr.contains('\x1b'), "no terminal escapes when stderr is not a terminal");
+    let q = sb.flow(&["run", "wf.yaml", "--force", "chunk", "--quiet"]);
+    assert_eq!((q.code, q.stderr.as_str(), q.stdout.as_str()), (0, "", ""));
+}
+
+#[test]
+fn pairs_view_filters_by_verdict() {
+    let sb = Sandbox::new();
+    small_corpus(&sb, 1);
+    sb.write("wf.yaml", workflow("  chunk: { kind: chunk, corpus: docs }\n"));
+    assert_eq!(sb.flow(&["run", "wf.yaml"]).code, 0);
+    let db = sb.db("t.db");
+    db.execute(
+        "INSERT INTO queries (chunk_id, stage, text, model, prompt_hash, created_at)
+             SELECT id, 'generate', 'What drove cloud revenue?', 'm', 'h', 1 FROM chunks ORDER BY id LIMIT 1;
+         INSERT INTO queries (chunk_id, stage, text, model, prompt_hash, created_at)
+             SELECT id, 'generate', 'What does the passage say?', 'm', 'h', 2 FROM chunks ORDER BY id LIMIT 1;
+         INSERT INTO judgments (query_id, stage, score, verdict, reason, model, created_at)
+             VALUES (1, 'judge', 5, 'accepted', 'specific', 'm', 3), (2, 'judge', 1, 'rejected', 'leans on the passage', 'm', 3);",
+    );
+    let r = sb.flow(&["pairs", "-w", "wf.yaml", "--verdict", "rejected", "--json"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 1);
+    assert_eq!(v[0]["query"], "What does the passage say?");
+    assert_eq!(v[0]["reason"], "leans on the passage");
+    assert_eq!(v[0]["document"], "d000.txt");
+    let all = sb.flow(&["pairs", "-w", "wf.yaml"]);
+    assert!(all.stdout.contains("[accepted score 5] What drove cloud revenue?"), "{}", all.stdout);
+}

@@ -94,6 +94,17 @@ impl Db {
         })
     }
 
+    /// Writes test fixtures straight into the store (for tables no stage fills yet).
+    pub fn execute(&self, sql: &str) {
+        let path = self.path.clone();
+        let sql = sql.to_string();
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async move {
+            use sqlx::{ConnectOptions, Executor};
+            let mut conn = sqlx::sqlite::SqliteConnectOptions::new().filename(&path).connect().await.unwrap();
+            conn.execute(sqlx::raw_sql(&sql)).await.unwrap();
+        })
+    }
+
     pub fn exists(&self) -> bool {
         Path::new(&self.path).exists()
     }
