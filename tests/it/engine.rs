@@ -297,3 +297,27 @@ fn pairs_view_filters_by_verdict() {
     let all = sb.flow(&["pairs", "-w", "wf.yaml"]);
     assert!(all.stdout.contains("[accepted score 5] What drove cloud revenue?"), "{}", all.stdout);
 }
+
+#[test]
+fn model_names_resolve_through_the_hugging_face_cache() {
+    let sb = Sandbox::new();
+    small_corpus(&sb, 1);
+    let snap = sb.path("hf/hub/models--sentence-transformers--all-MiniLM-L6-v2/snapshots/abc123");
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::copy(crate::harness::models_dir().join("all-MiniLM-L6-v2/tokenizer.json"), snap.join("tokenizer.json"))
+        .unwrap();
+    sb.write("hf/hub/models--sentence-transformers--all-MiniLM-L6-v2/refs/main", "abc123");
+    sb.write(
+        "wf.yaml",
+        "name: t\nstore: t.db\nmodels:\n  black_box: { provider: local, model: sentence-transformers/all-MiniLM-L6-v2 }\nstages:\n  chunk: { kind: chunk, corpus: docs }\n",
+    );
+    let r = sb
+        .cmd(&["run", "wf.yaml"])
+        .env("HF_HOME", sb.path("hf"))
+        .env("FLOW_MODELS", sb.path("empty"))
+        .output()
+        .unwrap();
+    let r: crate::harness::Ran = r.into();
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert!(sb.db("t.db").scalar("SELECT COUNT(*) FROM chunks") > 0);
+}
