@@ -5,10 +5,13 @@ pub mod corpus;
 pub mod dag;
 pub mod engine;
 pub mod error;
+pub mod llm;
 pub mod models;
+pub mod prompt;
 pub mod schedule;
 pub mod stages;
 pub mod store;
+pub mod text;
 pub mod workflow;
 
 pub use error::{Error, Result};

@@ -2,6 +2,8 @@
 //! The engine only ever goes through this table; it never names a kind.
 
 pub mod chunk;
+pub mod generate;
+pub mod judge;
 
 use std::sync::Arc;
 
@@ -28,7 +30,7 @@ impl std::fmt::Debug for Kind {
     }
 }
 
-pub const KINDS: &[Kind] = &[chunk::KIND];
+pub const KINDS: &[Kind] = &[chunk::KIND, generate::KIND, judge::KIND];
 
 pub fn kind(name: &str) -> Option<&'static Kind> {
     KINDS.iter().find(|k| k.name == name)

@@ -34,6 +34,12 @@ pub struct StageRunRow {
     pub error: Option<String>,
     pub started_at: Option<i64>,
     pub finished_at: Option<i64>,
+    pub llm_calls: i64,
+    pub llm_cached: i64,
+    pub llm_failures: i64,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub cost: Option<f64>,
 }
 
 /// Item counts a stage reports as it works.
@@ -124,7 +130,8 @@ pub async fn set_stage(store: &Store, run_id: i64, stage: &str, kind: &str, fp: 
          ON CONFLICT (run_id, stage) DO UPDATE SET
             kind = excluded.kind, fingerprint = excluded.fingerprint, status = excluded.status,
             started_at = excluded.started_at, finished_at = excluded.finished_at, error = NULL, summary = NULL,
-            items_total = 0, items_done = 0, items_cached = 0, items_skipped = 0, items_failed = 0
+            items_total = 0, items_done = 0, items_cached = 0, items_skipped = 0, items_failed = 0,
+            llm_calls = 0, llm_cached = 0, llm_failures = 0, prompt_tokens = 0, completion_tokens = 0, cost = NULL
          RETURNING id",
     )
     .bind(run_id)
@@ -203,4 +210,22 @@ pub async fn stages_of(store: &Store, run_id: i64) -> Result<Vec<StageRunRow>> {
         .bind(run_id)
         .fetch_all(&store.pool)
         .await?)
+}
+
+/// LLM accounting of a stage run: calls made, answers from the cache, failures, tokens, cost.
+pub async fn set_llm_usage(store: &Store, id: i64, u: &crate::llm::client::UsageSnapshot) -> Result<()> {
+    sqlx::query(
+        "UPDATE stage_runs SET llm_calls = ?, llm_cached = ?, llm_failures = ?, prompt_tokens = ?,
+            completion_tokens = ?, cost = ? WHERE id = ?",
+    )
+    .bind(u.calls as i64)
+    .bind(u.cached as i64)
+    .bind(u.failures as i64)
+    .bind(u.prompt_tokens as i64)
+    .bind(u.completion_tokens as i64)
+    .bind(u.cost)
+    .bind(id)
+    .execute(&store.pool)
+    .await?;
+    Ok(())
 }

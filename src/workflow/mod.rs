@@ -68,6 +68,17 @@ pub struct ModelSpec {
     pub base_url: Option<String>,
     pub api_key_env: Option<String>,
     pub max_seq_length: Option<usize>,
+    /// Rate limits for this endpoint: requests/min, tokens/min, requests in flight.
+    #[serde(default)]
+    pub limits: crate::llm::limiter::Limits,
+    #[serde(default)]
+    pub retry: crate::llm::retry::RetryPolicy,
+    /// Per-request timeout in seconds (default 60).
+    pub timeout_s: Option<f64>,
+    /// Ask for `response_format: json_schema` (default true); set false for servers that reject it.
+    pub json_schema: Option<bool>,
+    /// Dollars per million prompt / completion tokens, for cost accounting.
+    pub price: Option<crate::llm::client::Price>,
 }
 
 #[derive(Deserialize)]

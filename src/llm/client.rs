@@ -1,0 +1,252 @@
+//! The one way stages call an LLM: request cache first, then the shared limiter, then attempts with
+//! backoff; every paid answer is stored before it is used, and usage is counted for accounting.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::limiter::Limiter;
+use super::retry::RetryPolicy;
+use super::{AttemptError, ChatAnswer, ChatProvider, ChatRequest, EmbeddingProvider, Identity, estimate_tokens};
+use crate::error::Result;
+use crate::store::llm_calls::{self, NewCall};
+use crate::store::{Store, sha256_hex};
+
+/// Dollars per million tokens, from the workflow's optional price table.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Price {
+    pub prompt_per_mtok: f64,
+    pub completion_per_mtok: f64,
+}
+
+/// Counters of one client (one stage run).
+#[derive(Debug, Default)]
+pub struct Usage {
+    pub calls: AtomicU64,
+    pub cached: AtomicU64,
+    pub failures: AtomicU64,
+    pub prompt_tokens: AtomicU64,
+    pub completion_tokens: AtomicU64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct UsageSnapshot {
+    pub calls: u64,
+    pub cached: u64,
+    pub failures: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cost: Option<f64>,
+}
+
+/// A chat call that produced an answer (maybe from the cache).
+#[derive(Debug, Clone)]
+pub struct ChatDone {
+    pub answer: ChatAnswer,
+    pub call_id: i64,
+    pub cached: bool,
+    pub attempts: u32,
+}
+
+/// A call that gave up: the server's message (or ours) and how often it tried.
+#[derive(Debug, Clone)]
+pub struct LlmFailure {
+    pub message: String,
+    pub attempts: u32,
+}
+
+pub struct LlmClient {
+    limiter: Arc<Limiter>,
+    retry: RetryPolicy,
+    store: Store,
+    price: Option<Price>,
+    usage: Usage,
+    run_id: i64,
+    stage: String,
+}
+
+impl LlmClient {
+    pub fn new(
+        limiter: Arc<Limiter>,
+        retry: RetryPolicy,
+        price: Option<Price>,
+        store: Store,
+        run_id: i64,
+        stage: &str,
+    ) -> LlmClient {
+        LlmClient { limiter, retry, store, price, usage: Usage::default(), run_id, stage: stage.to_string() }
+    }
+
+    pub fn usage(&self) -> UsageSnapshot {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let (p, c) = (g(&self.usage.prompt_tokens), g(&self.usage.completion_tokens));
+        UsageSnapshot {
+            calls: g(&self.usage.calls),
+            cached: g(&self.usage.cached),
+            failures: g(&self.usage.failures),
+            prompt_tokens: p,
+            completion_tokens: c,
+            cost: self.price.map(|pr| (p as f64 * pr.prompt_per_mtok + c as f64 * pr.completion_per_mtok) / 1e6),
+        }
+    }
+
+    /// The hash that keys the cache: endpoint and the exact body (model, messages, every parameter).
+    pub fn request_hash(id: &Identity, body: &Value) -> String {
+        sha256_hex(serde_json::json!([id.provider, id.base_url, id.model, body]).to_string().as_bytes())
+    }
+
+    pub async fn chat(&self, provider: &dyn ChatProvider, req: &ChatRequest) -> Result<Result<ChatDone, LlmFailure>> {
+        let id = provider.identity();
+        let body = provider.body(req);
+        let hash = Self::request_hash(id, &body);
+        if let Some(row) = llm_calls::lookup(&self.store, &hash).await? {
+            self.usage.cached.fetch_add(1, Ordering::Relaxed);
+            let answer = ChatAnswer {
+                text: row.text.unwrap_or_default(),
+                finish_reason: row.finish_reason,
+                response_id: row.response_id,
+                prompt_tokens: row.prompt_tokens as u64,
+                completion_tokens: row.completion_tokens as u64,
+                raw: serde_json::from_str(&row.response).unwrap_or(Value::Null),
+            };
+            return Ok(Ok(ChatDone { answer, call_id: row.id, cached: true, attempts: 0 }));
+        }
+        let est = req.messages.iter().map(|m| estimate_tokens(&m.content)).sum::<u64>()
+            + u64::from(req.params.max_tokens.unwrap_or(256));
+        let outcome =
+            self.attempts(est, |a: &ChatAnswer| a.prompt_tokens + a.completion_tokens, || provider.send(&body)).await;
+        let (answer, attempts, latency) = match outcome {
+            Ok(x) => x,
+            Err(f) => return Ok(Err(f)),
+        };
+        let call_id = llm_calls::insert(
+            &self.store,
+            &NewCall {
+                request_hash: &hash,
+                kind: "chat",
+                provider: &id.provider,
+                base_url: &id.base_url,
+                model: &id.model,
+                request: &body.to_string(),
+                response: &answer.raw.to_string(),
+                text: Some(&answer.text),
+                finish_reason: answer.finish_reason.as_deref(),
+                response_id: answer.response_id.as_deref(),
+                prompt_tokens: answer.prompt_tokens as i64,
+                completion_tokens: answer.completion_tokens as i64,
+                latency_ms: latency.as_millis() as i64,
+                attempts: attempts as i64,
+                run_id: Some(self.run_id),
+                stage: Some(&self.stage),
+            },
+        )
+        .await?;
+        self.usage.prompt_tokens.fetch_add(answer.prompt_tokens, Ordering::Relaxed);
+        self.usage.completion_tokens.fetch_add(answer.completion_tokens, Ordering::Relaxed);
+        Ok(Ok(ChatDone { answer, call_id, cached: false, attempts }))
+    }
+
+    /// Embeds a batch of texts in one request (cached like chat calls).
+    pub async fn embed(
+        &self,
+        provider: &dyn EmbeddingProvider,
+        texts: &[String],
+    ) -> Result<Result<Vec<Vec<f32>>, LlmFailure>> {
+        let id = provider.identity();
+        let body = provider.body(texts);
+        let hash = Self::request_hash(id, &body);
+        if let Some(row) = llm_calls::lookup(&self.store, &hash).await?
+            && let Ok(v) = serde_json::from_str::<Vec<Vec<f32>>>(&row.response)
+        {
+            self.usage.cached.fetch_add(1, Ordering::Relaxed);
+            return Ok(Ok(v));
+        }
+        let est: u64 = texts.iter().map(|t| estimate_tokens(t)).sum();
+        let outcome = self.attempts(est, |r: &(Vec<Vec<f32>>, u64, Value)| r.1, || provider.send(&body)).await;
+        let ((vectors, tokens, _raw), attempts, latency) = match outcome {
+            Ok(x) => x,
+            Err(f) => return Ok(Err(f)),
+        };
+        llm_calls::insert(
+            &self.store,
+            &NewCall {
+                request_hash: &hash,
+                kind: "embeddings",
+                provider: &id.provider,
+                base_url: &id.base_url,
+                model: &id.model,
+                request: &body.to_string(),
+                response: &serde_json::to_string(&vectors).expect("floats serialise"),
+                text: None,
+                finish_reason: None,
+                response_id: None,
+                prompt_tokens: tokens as i64,
+                completion_tokens: 0,
+                latency_ms: latency.as_millis() as i64,
+                attempts: attempts as i64,
+                run_id: Some(self.run_id),
+                stage: Some(&self.stage),
+            },
+        )
+        .await?;
+        self.usage.prompt_tokens.fetch_add(tokens, Ordering::Relaxed);
+        Ok(Ok(vectors))
+    }
+
+    /// Attempts until success, a fatal error, the attempt cap or the deadline.
+    async fn attempts<T, F, Fut>(
+        &self,
+        est: u64,
+        used: impl Fn(&T) -> u64,
+        send: F,
+    ) -> Result<(T, u32, Duration), LlmFailure>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T, AttemptError>>,
+    {
+        let started = Instant::now();
+        let mut attempt = 0u32;
+        loop {
+            let permit = self.limiter.acquire(est).await;
+            let t0 = Instant::now();
+            self.usage.calls.fetch_add(1, Ordering::Relaxed);
+            let res = send().await;
+            drop(permit);
+            attempt += 1;
+            let err = match res {
+                Ok(v) => {
+                    self.limiter.reconcile(est, used(&v)).await;
+                    return Ok((v, attempt, t0.elapsed()));
+                }
+                Err(e) => e,
+            };
+            let give_up = |message: String| {
+                self.usage.failures.fetch_add(1, Ordering::Relaxed);
+                LlmFailure { message, attempts: attempt }
+            };
+            match err {
+                AttemptError::Fatal { message } => return Err(give_up(message)),
+                AttemptError::Retryable { message, retry_after } => {
+                    if let Some(ra) = retry_after {
+                        self.limiter.pause_for(ra);
+                    }
+                    let wait = self.retry.backoff(attempt - 1, retry_after);
+                    if attempt >= self.retry.attempts {
+                        return Err(give_up(format!("{message} (gave up after {attempt} attempts)")));
+                    }
+                    if started.elapsed() + wait > self.retry.deadline() {
+                        return Err(give_up(format!(
+                            "{message} (gave up after {attempt} attempts: the {}s deadline would pass)",
+                            self.retry.deadline_s
+                        )));
+                    }
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,170 @@
+//! LLM access for stages: chat and embeddings behind one client that checks the request cache,
+//! waits on the shared rate limits, retries what is worth retrying, and records every call.
+
+pub mod client;
+pub mod limiter;
+pub mod openai;
+pub mod retry;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+pub use client::{ChatDone, LlmClient, LlmFailure, Usage};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+impl Message {
+    pub fn user(content: impl Into<String>) -> Self {
+        Message { role: "user".into(), content: content.into() }
+    }
+    pub fn system(content: impl Into<String>) -> Self {
+        Message { role: "system".into(), content: content.into() }
+    }
+}
+
+/// Sampling settings of a chat call; every one is part of the request hash.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GenParams {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ChatRequest {
+    pub messages: Vec<Message>,
+    pub params: GenParams,
+    /// Ask for JSON matching this schema (name, schema) where the server supports it.
+    pub json_schema: Option<(String, Value)>,
+}
+
+/// A chat answer as the provider returned it.
+#[derive(Debug, Clone)]
+pub struct ChatAnswer {
+    pub text: String,
+    pub finish_reason: Option<String>,
+    pub response_id: Option<String>,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub raw: Value,
+}
+
+/// Why one attempt failed, and whether another attempt may succeed.
+#[derive(Debug, Clone)]
+pub enum AttemptError {
+    /// 429, 5xx, timeouts, dropped connections, unreadable replies.
+    Retryable { message: String, retry_after: Option<Duration> },
+    /// Other 4xx and anything a retry cannot change.
+    Fatal { message: String },
+}
+
+impl std::fmt::Display for AttemptError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AttemptError::Retryable { message, .. } | AttemptError::Fatal { message } => f.write_str(message),
+        }
+    }
+}
+
+/// Which endpoint answers: part of every request hash.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Identity {
+    pub provider: String,
+    pub base_url: String,
+    pub model: String,
+}
+
+/// A chat backend: builds the exact request body, and sends it once.
+#[async_trait]
+pub trait ChatProvider: Send + Sync {
+    fn identity(&self) -> &Identity;
+    fn body(&self, req: &ChatRequest) -> Value;
+    async fn send(&self, body: &Value) -> Result<ChatAnswer, AttemptError>;
+}
+
+/// An embeddings backend: one request for a batch of texts.
+#[async_trait]
+pub trait EmbeddingProvider: Send + Sync {
+    fn identity(&self) -> &Identity;
+    fn body(&self, texts: &[String]) -> Value;
+    async fn send(&self, body: &Value) -> Result<(Vec<Vec<f32>>, u64, Value), AttemptError>;
+}
+
+/// Rough token count before a call (about four characters a token), reconciled after with the usage.
+pub fn estimate_tokens(text: &str) -> u64 {
+    (text.len() as u64).div_ceil(4)
+}
+
+/// The chat backend named by `models.<key>` of a workflow.
+pub fn chat_provider(wf: &crate::workflow::Workflow, key: &str) -> crate::Result<std::sync::Arc<dyn ChatProvider>> {
+    let spec = model_spec(wf, key)?;
+    match spec.provider.unwrap_or(crate::workflow::Provider::Openai) {
+        crate::workflow::Provider::Openai => Ok(std::sync::Arc::new(openai::OpenAi::new(&endpoint(spec)?)?)),
+        crate::workflow::Provider::Local => Err(crate::Error::bad_input(
+            format!("models.{key}: the local chat provider is not available in this build yet"),
+            "use `provider: openai` with `base_url:` pointing at an OpenAI-compatible server (vLLM, llama.cpp, Ollama)",
+        )),
+    }
+}
+
+/// The embeddings backend named by `models.<key>` (the OpenAI-compatible one; local ones live in models/).
+pub fn embedding_provider(
+    wf: &crate::workflow::Workflow,
+    key: &str,
+) -> crate::Result<std::sync::Arc<dyn EmbeddingProvider>> {
+    let spec = model_spec(wf, key)?;
+    Ok(std::sync::Arc::new(openai::OpenAi::new(&endpoint(spec)?)?))
+}
+
+/// The client for one stage run, sharing its endpoint's limiter with every other user in the process.
+pub fn client(
+    wf: &crate::workflow::Workflow,
+    key: &str,
+    identity: &Identity,
+    store: &crate::store::Store,
+    run_id: i64,
+    stage: &str,
+) -> crate::Result<LlmClient> {
+    let spec = model_spec(wf, key)?;
+    let limiter = limiter::Limiter::shared(
+        &format!("{}|{}|{}", identity.provider, identity.base_url, identity.model),
+        &spec.limits,
+    );
+    Ok(LlmClient::new(limiter, spec.retry.clone(), spec.price, store.clone(), run_id, stage))
+}
+
+fn model_spec<'a>(wf: &'a crate::workflow::Workflow, key: &str) -> crate::Result<&'a crate::workflow::ModelSpec> {
+    wf.models.get(key).ok_or_else(|| {
+        crate::Error::bad_input(
+            format!("the workflow has no `models.{key}`"),
+            format!("add `models: {{ {key}: {{ provider: openai, model: gpt-4o-mini }} }}`"),
+        )
+    })
+}
+
+fn endpoint(spec: &crate::workflow::ModelSpec) -> crate::Result<openai::Endpoint> {
+    let model = spec
+        .model
+        .clone()
+        .ok_or_else(|| crate::Error::bad_input("a model entry names no `model`", "add `model: ...`"))?;
+    Ok(openai::Endpoint {
+        base_url: openai::Endpoint::base_url(spec.base_url.as_deref()),
+        model,
+        api_key_env: spec.api_key_env.clone().unwrap_or_else(|| "OPENAI_API_KEY".into()),
+        timeout: std::time::Duration::from_secs_f64(spec.timeout_s.unwrap_or(60.0).max(0.001)),
+        json_schema: spec.json_schema.unwrap_or(true),
+    })
+}

@@ -1,0 +1,256 @@
+//! OpenAI-compatible chat and embeddings through async-openai (OpenAI, vLLM, llama.cpp's server,
+//! Ollama). One attempt per `send`; the client decides about retries. The key never leaves memory.
+
+use std::time::Duration;
+
+use async_openai::config::OpenAIConfig;
+use async_openai::error::OpenAIError;
+use async_openai::middleware::{HttpRequestFactory, ReqwestService};
+use async_trait::async_trait;
+use serde_json::{Value, json};
+
+use super::{AttemptError, ChatAnswer, ChatProvider, ChatRequest, EmbeddingProvider, Identity};
+use crate::error::{Error, Result};
+
+pub const DEFAULT_BASE_URL: &str = "https://api.openai.com/v1";
+
+/// Connection settings of one `models:` entry with `provider: openai`.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub base_url: String,
+    pub model: String,
+    pub api_key_env: String,
+    pub timeout: Duration,
+    /// Whether to ask for `response_format: json_schema` (OpenAI, vLLM, llama.cpp and Ollama take it).
+    pub json_schema: bool,
+}
+
+impl Endpoint {
+    /// The base URL from the workflow, else `OPENAI_BASE_URL`, else OpenAI's.
+    pub fn base_url(configured: Option<&str>) -> String {
+        configured
+            .map(str::to_string)
+            .or_else(|| std::env::var("OPENAI_BASE_URL").ok().filter(|v| !v.is_empty()))
+            .unwrap_or_else(|| DEFAULT_BASE_URL.to_string())
+            .trim_end_matches('/')
+            .to_string()
+    }
+}
+
+pub struct OpenAi {
+    id: Identity,
+    client: async_openai::Client<OpenAIConfig>,
+    json_schema: bool,
+}
+
+impl OpenAi {
+    pub fn new(ep: &Endpoint) -> Result<OpenAi> {
+        // Local servers (llama.cpp, Ollama, vLLM) take any key; OpenAI itself needs one.
+        let key = std::env::var(&ep.api_key_env).ok().filter(|k| !k.is_empty());
+        let key = match key {
+            Some(k) => k,
+            None if ep.base_url == DEFAULT_BASE_URL => {
+                return Err(Error::bad_input(
+                    format!("environment variable {} is not set (the API key for {})", ep.api_key_env, ep.base_url),
+                    format!("export {}=... ; keys are read from the environment only", ep.api_key_env),
+                ));
+            }
+            None => "none".to_string(),
+        };
+        let http = reqwest::Client::builder()
+            .timeout(ep.timeout)
+            .connect_timeout(Duration::from_secs(10))
+            .pool_max_idle_per_host(256)
+            .build()
+            .map_err(|e| Error::Other(format!("HTTP client: {e}")))?;
+        let config = OpenAIConfig::new().with_api_base(&ep.base_url).with_api_key(key);
+        let client = async_openai::Client::with_config(config)
+            .with_http_client(http.clone())
+            .with_http_service(StatusAware { inner: ReqwestService::new(http) });
+        Ok(OpenAi {
+            id: Identity { provider: "openai".into(), base_url: ep.base_url.clone(), model: ep.model.clone() },
+            client,
+            json_schema: ep.json_schema,
+        })
+    }
+}
+
+#[async_trait]
+impl ChatProvider for OpenAi {
+    fn identity(&self) -> &Identity {
+        &self.id
+    }
+
+    fn body(&self, req: &ChatRequest) -> Value {
+        let mut body = json!({ "model": self.id.model, "messages": req.messages, "stream": false });
+        let p = &req.params;
+        if let Some(t) = p.temperature {
+            body["temperature"] = json!(t);
+        }
+        if let Some(t) = p.top_p {
+            body["top_p"] = json!(t);
+        }
+        if let Some(t) = p.max_tokens {
+            body["max_tokens"] = json!(t);
+        }
+        if let Some(s) = p.seed {
+            body["seed"] = json!(s);
+        }
+        if let (true, Some((name, schema))) = (self.json_schema, &req.json_schema) {
+            body["response_format"] =
+                json!({ "type": "json_schema", "json_schema": { "name": name, "schema": schema, "strict": true } });
+        }
+        body
+    }
+
+    async fn send(&self, body: &Value) -> Result<ChatAnswer, AttemptError> {
+        let raw: Value = self.client.chat().create_byot(body).await.map_err(classify)?;
+        let choice = raw.get("choices").and_then(|c| c.get(0)).ok_or_else(|| AttemptError::Retryable {
+            message: format!("reply has no choices: {}", excerpt(&raw.to_string())),
+            retry_after: None,
+        })?;
+        let text = choice.pointer("/message/content").and_then(Value::as_str).unwrap_or_default().to_string();
+        let usage = |k: &str| raw.pointer(&format!("/usage/{k}")).and_then(Value::as_u64).unwrap_or(0);
+        Ok(ChatAnswer {
+            text,
+            finish_reason: choice.get("finish_reason").and_then(Value::as_str).map(str::to_string),
+            response_id: raw.get("id").and_then(Value::as_str).map(str::to_string),
+            prompt_tokens: usage("prompt_tokens"),
+            completion_tokens: usage("completion_tokens"),
+            raw,
+        })
+    }
+}
+
+#[async_trait]
+impl EmbeddingProvider for OpenAi {
+    fn identity(&self) -> &Identity {
+        &self.id
+    }
+
+    fn body(&self, texts: &[String]) -> Value {
+        json!({ "model": self.id.model, "input": texts, "encoding_format": "float" })
+    }
+
+    async fn send(&self, body: &Value) -> Result<(Vec<Vec<f32>>, u64, Value), AttemptError> {
+        let raw: Value = self.client.embeddings().create_byot(body).await.map_err(classify)?;
+        let bad =
+            |what: &str| AttemptError::Retryable { message: format!("embeddings reply {what}"), retry_after: None };
+        let data = raw.get("data").and_then(Value::as_array).ok_or_else(|| bad("has no data"))?;
+        let mut out = vec![Vec::new(); data.len()];
+        for (i, item) in data.iter().enumerate() {
+            let idx = item.get("index").and_then(Value::as_u64).map(|x| x as usize).unwrap_or(i);
+            let v = item.get("embedding").and_then(Value::as_array).ok_or_else(|| bad("item has no embedding"))?;
+            let slot = out.get_mut(idx).ok_or_else(|| bad("index out of range"))?;
+            *slot = v.iter().map(|x| x.as_f64().unwrap_or(0.0) as f32).collect();
+        }
+        let tokens = raw.pointer("/usage/prompt_tokens").and_then(Value::as_u64).unwrap_or(0);
+        Ok((out, tokens, raw))
+    }
+}
+
+/// A non-2xx reply with what retry decisions need: status, Retry-After and the server's message.
+#[derive(Debug)]
+struct HttpStatus {
+    status: u16,
+    retry_after: Option<Duration>,
+    body: String,
+}
+
+impl std::fmt::Display for HttpStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "HTTP {}: {}", self.status, server_message(&self.body))
+    }
+}
+
+impl std::error::Error for HttpStatus {}
+
+/// Transport for async-openai that keeps the response headers of failed calls: async-openai's own
+/// error type drops Retry-After, which the shared limiter needs.
+#[derive(Clone)]
+struct StatusAware {
+    inner: ReqwestService,
+}
+
+impl tower::Service<HttpRequestFactory> for StatusAware {
+    type Response = reqwest::Response;
+    type Error = OpenAIError;
+    type Future = std::pin::Pin<Box<dyn Future<Output = Result<reqwest::Response, OpenAIError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), OpenAIError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: HttpRequestFactory) -> Self::Future {
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let resp = fut.await?;
+            if resp.status().is_success() {
+                return Ok(resp);
+            }
+            let status = resp.status().as_u16();
+            let retry_after = resp
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .filter(|s| s.is_finite() && *s >= 0.0)
+                .map(Duration::from_secs_f64);
+            let body = resp.text().await.unwrap_or_default();
+            Err(OpenAIError::Boxed(Box::new(HttpStatus { status, retry_after, body })))
+        })
+    }
+}
+
+fn classify(e: OpenAIError) -> AttemptError {
+    match e {
+        OpenAIError::Boxed(b) => match b.downcast::<HttpStatus>() {
+            Ok(h) => {
+                let message = h.to_string();
+                if h.status == 429 || h.status == 408 || h.status >= 500 {
+                    AttemptError::Retryable { message, retry_after: h.retry_after }
+                } else {
+                    AttemptError::Fatal { message }
+                }
+            }
+            Err(other) => AttemptError::Retryable { message: other.to_string(), retry_after: None },
+        },
+        OpenAIError::Reqwest(e) => {
+            let what = if e.is_timeout() {
+                "timed out"
+            } else if e.is_connect() {
+                "could not connect"
+            } else {
+                "connection failed"
+            };
+            AttemptError::Retryable { message: format!("{what}: {e}"), retry_after: None }
+        }
+        OpenAIError::JSONDeserialize(err, body) => AttemptError::Retryable {
+            message: format!("reply is not valid JSON ({err}): {}", excerpt(&body)),
+            retry_after: None,
+        },
+        OpenAIError::ApiError(a) => {
+            let code = a.status_code.as_u16();
+            let message = format!("HTTP {code}: {}", a.api_error.message);
+            if code == 429 || code >= 500 {
+                AttemptError::Retryable { message, retry_after: None }
+            } else {
+                AttemptError::Fatal { message }
+            }
+        }
+        other => AttemptError::Fatal { message: other.to_string() },
+    }
+}
+
+/// The `error.message` of an OpenAI-style error body, else the start of the body.
+fn server_message(body: &str) -> String {
+    serde_json::from_str::<Value>(body)
+        .ok()
+        .and_then(|v| v.pointer("/error/message").and_then(Value::as_str).map(str::to_string))
+        .unwrap_or_else(|| excerpt(body))
+}
+
+fn excerpt(s: &str) -> String {
+    let s: String = s.chars().take(300).collect();
+    s.replace('\n', " ")
+}

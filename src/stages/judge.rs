@@ -1,0 +1,246 @@
+//! The `judge` stage: an LLM scores each kept question against its chunk with a rubric
+//! (answerable from the chunk, specific to it, a real user's question) and accepts it at `min_score`.
+//! Rejected pairs stay in the store with the judge's reason.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::generate::{check_common, failure_verdict};
+use super::{Kind, Outcome, Stage, StageCtx};
+use crate::error::Result;
+use crate::llm::{self, ChatProvider, ChatRequest, GenParams, Message};
+use crate::prompt::Template;
+use crate::store::judgments::{self, Judgment};
+use crate::store::runs;
+use crate::text::first_json;
+use crate::workflow::{CheckCtx, Diagnostic, StageSpec, Workflow, check_typed};
+
+pub const KIND: Kind = Kind {
+    name: "judge",
+    about: "score each question against its chunk with an LLM judge; accept at min_score",
+    check,
+    build,
+};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Params {
+    pub prompt: String,
+    #[serde(default = "default_model")]
+    pub model: String,
+    #[serde(default = "default_min_score")]
+    pub min_score: i64,
+    #[serde(default)]
+    pub domain: Option<String>,
+    #[serde(default)]
+    pub system: Option<String>,
+    #[serde(default)]
+    pub temperature: f32,
+    #[serde(default)]
+    pub top_p: Option<f32>,
+    #[serde(default = "default_max_tokens")]
+    pub max_tokens: u32,
+    #[serde(default)]
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub max_failures: f64,
+}
+
+fn default_model() -> String {
+    "llm".into()
+}
+fn default_min_score() -> i64 {
+    4
+}
+fn default_max_tokens() -> u32 {
+    200
+}
+
+fn check(cx: &CheckCtx) -> Vec<Diagnostic> {
+    let mut diags = Vec::new();
+    let Some(p) = check_typed::<Params>(cx.node, cx.params.clone(), &mut diags) else { return diags };
+    if !(1..=5).contains(&p.min_score) {
+        let span = cx.node.get("min_score").map(|n| n.span()).unwrap_or(cx.node.span());
+        diags.push(
+            Diagnostic::new(span, format!("stage `{}`: min_score must be 1 to 5", cx.stage)).hint("4 keeps good pairs"),
+        );
+    }
+    check_common(cx, &p.model, p.max_failures, &mut diags);
+    diags
+}
+
+fn build(spec: &StageSpec, wf: &Workflow) -> Result<Box<dyn Stage>> {
+    let params: Params = spec.params()?;
+    let template = Template::load(&wf.dir.join(&params.prompt))?;
+    let provider = llm::chat_provider(wf, &params.model)?;
+    Ok(Box::new(Judge {
+        name: spec.name.clone(),
+        wf: Arc::new(wf.clone()),
+        inputs_from: spec.needs.clone(),
+        params,
+        template: Arc::new(template),
+        provider,
+    }))
+}
+
+struct Judge {
+    name: String,
+    wf: Arc<Workflow>,
+    inputs_from: Vec<String>,
+    params: Params,
+    template: Arc<Template>,
+    provider: Arc<dyn ChatProvider>,
+}
+
+const JUDGMENT_SCHEMA: &str = r#"{"type":"object","properties":{"score":{"type":"integer"},"reason":{"type":"string"}},"required":["score","reason"],"additionalProperties":false}"#;
+
+/// The score (1-5) and reason in a judge's answer: JSON if there is any, else "score: N" in prose.
+pub fn parse_judgment(text: &str) -> Option<(i64, String)> {
+    if let Some(v) = first_json(text) {
+        let score = match v.get("score") {
+            Some(Value::Number(n)) => n.as_f64().map(|f| f.round() as i64),
+            Some(Value::String(s)) => s.trim().parse::<f64>().ok().map(|f| f.round() as i64),
+            _ => None,
+        };
+        if let Some(s) = score.filter(|s| (1..=5).contains(s)) {
+            let reason = v.get("reason").and_then(Value::as_str).unwrap_or_default().to_string();
+            return Some((s, reason));
+        }
+    }
+    let lower = text.to_lowercase();
+    let i = lower.find("score")?;
+    let digit = lower[i..].chars().find(|c| c.is_ascii_digit())?;
+    let s = digit.to_digit(10)? as i64;
+    (1..=5).contains(&s).then(|| (s, text.trim().chars().take(300).collect()))
+}
+
+#[async_trait]
+impl Stage for Judge {
+    async fn inputs(&self) -> Result<String> {
+        let id = self.provider.identity();
+        Ok(format!("{}|{}|{}|{}", self.template.hash, id.provider, id.base_url, id.model))
+    }
+
+    async fn run(&self, ctx: &StageCtx) -> Result<Outcome> {
+        let todo = judgments::pending(&ctx.store, &self.inputs_from, &self.name).await?;
+        let decided = judgments::decided(&ctx.store, &self.inputs_from, &self.name).await?;
+        let total = todo.len() as u64 + decided as u64;
+        ctx.progress.set_total(total);
+        ctx.progress.cached(decided as u64);
+
+        let client =
+            llm::client(&self.wf, &self.params.model, self.provider.identity(), &ctx.store, ctx.run_id, &self.name)?;
+        let p = &self.params;
+        let gen_params = GenParams {
+            temperature: Some(p.temperature),
+            top_p: p.top_p,
+            max_tokens: Some(p.max_tokens),
+            seed: p.seed,
+        };
+        let schema: Value = serde_json::from_str(JUDGMENT_SCHEMA).expect("static schema");
+        let mut results = futures::stream::iter(todo)
+            .map(|item| {
+                let (client, provider, template) = (&client, self.provider.clone(), self.template.clone());
+                let (gen_params, schema) = (gen_params.clone(), schema.clone());
+                async move {
+                    let prompt = template.render(json!({
+                        "query": item.query, "chunk": item.chunk, "title": item.title.clone().unwrap_or_default(),
+                        "path": item.path, "domain": p.domain.clone().unwrap_or_default(), "min_score": p.min_score,
+                    }))?;
+                    let mut messages = Vec::new();
+                    if let Some(s) = &p.system {
+                        messages.push(Message::system(s.clone()));
+                    }
+                    messages.push(Message::user(prompt));
+                    let req =
+                        ChatRequest { messages, params: gen_params, json_schema: Some(("judgment".into(), schema)) };
+                    Ok::<_, crate::Error>((item.query_id, client.chat(provider.as_ref(), &req).await?))
+                }
+            })
+            .buffer_unordered(256);
+
+        let model = self.provider.identity().model.clone();
+        let (mut failed, mut accepted, mut rejected, mut first_error) = (0u64, 0u64, 0u64, None::<String>);
+        let mut last_usage = Instant::now();
+        while let Some(res) = results.next().await {
+            let (query_id, outcome) = res?;
+            let (verdict, score, reason, call_id) = match outcome {
+                Ok(done) => match done.answer.finish_reason.as_deref() {
+                    Some("length") => (
+                        "failed",
+                        None,
+                        format!("the answer was cut off at max_tokens = {}; raise max_tokens", p.max_tokens),
+                        Some(done.call_id),
+                    ),
+                    _ => match parse_judgment(&done.answer.text) {
+                        Some((s, r)) => {
+                            (if s >= p.min_score { "accepted" } else { "rejected" }, Some(s), r, Some(done.call_id))
+                        }
+                        None => (
+                            "failed",
+                            None,
+                            format!(
+                                "no score from 1 to 5 in the judge's answer: {}",
+                                done.answer.text.chars().take(200).collect::<String>()
+                            ),
+                            Some(done.call_id),
+                        ),
+                    },
+                },
+                Err(f) => ("failed", None, f.message, None),
+            };
+            judgments::write(
+                &ctx.store,
+                &self.name,
+                &Judgment { query_id, score, verdict, reason: Some(&reason), model: &model, call_id },
+            )
+            .await?;
+            match verdict {
+                "accepted" => accepted += 1,
+                "rejected" => rejected += 1,
+                _ => {
+                    failed += 1;
+                    first_error.get_or_insert(reason);
+                }
+            }
+            if verdict == "failed" {
+                ctx.progress.failed(1);
+            } else {
+                ctx.progress.done(1);
+            }
+            if last_usage.elapsed() > Duration::from_secs(2) {
+                runs::set_llm_usage(&ctx.store, ctx.stage_run_id, &client.usage()).await?;
+                last_usage = Instant::now();
+            }
+        }
+        let usage = client.usage();
+        runs::set_llm_usage(&ctx.store, ctx.stage_run_id, &usage).await?;
+        let verdicts: serde_json::Map<String, Value> =
+            judgments::verdict_counts(&ctx.store, &self.name).await?.into_iter().map(|(k, v)| (k, v.into())).collect();
+        ctx.progress.log(&format!(
+            "{accepted} accepted, {rejected} rejected, {failed} failed this run; {} calls, {} from cache",
+            usage.calls, usage.cached
+        ));
+        let summary = json!({ "accepted": accepted, "rejected": rejected, "failed": failed, "verdicts": verdicts });
+        Ok(Outcome { summary, failure: failure_verdict(failed, total, p.max_failures, first_error, &ctx.progress) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn judgments_from_json_and_prose() {
+        assert_eq!(parse_judgment("{\"score\": 4, \"reason\": \"ok\"}"), Some((4, "ok".into())));
+        assert_eq!(parse_judgment("```json\n{\"score\": \"5\", \"reason\": \"x\"}\n```").map(|x| x.0), Some(5));
+        assert_eq!(parse_judgment("Score: 2 - too vague").map(|x| x.0), Some(2));
+        assert_eq!(parse_judgment("{\"score\": 9}"), None);
+        assert_eq!(parse_judgment("I cannot judge this."), None);
+    }
+}

@@ -1,0 +1,114 @@
+//! SQL for `queries` and `generations`: the generate stage's questions and its per-chunk ledger.
+
+use std::collections::HashSet;
+
+use sqlx::FromRow;
+
+use super::{Store, now_ms};
+use crate::error::Result;
+
+/// A live chunk a generate stage works from.
+#[derive(Debug, Clone, FromRow)]
+pub struct InputChunk {
+    pub id: i64,
+    pub text: String,
+    pub title: Option<String>,
+    pub path: String,
+}
+
+pub async fn input_chunks(store: &Store, chunk_stages: &[String]) -> Result<Vec<InputChunk>> {
+    let stages = serde_json::to_string(chunk_stages).expect("strings serialise");
+    Ok(sqlx::query_as(
+        "SELECT c.id, c.text, d.title, d.path FROM chunks c JOIN documents d ON d.id = c.document_id
+         WHERE d.stage IN (SELECT value FROM json_each(?)) AND d.status = 'active' AND c.retired_at IS NULL
+         ORDER BY c.id",
+    )
+    .bind(stages)
+    .fetch_all(&store.pool)
+    .await?)
+}
+
+/// Chunks this stage has finished (failed ones are tried again).
+pub async fn done_chunks(store: &Store, stage: &str) -> Result<HashSet<i64>> {
+    let ids: Vec<i64> = sqlx::query_scalar("SELECT chunk_id FROM generations WHERE stage = ? AND status = 'done'")
+        .bind(stage)
+        .fetch_all(&store.pool)
+        .await?;
+    Ok(ids.into_iter().collect())
+}
+
+/// Texts of the queries this stage kept, for de-duplication across the corpus.
+pub async fn kept_texts(store: &Store, stage: &str) -> Result<Vec<String>> {
+    Ok(sqlx::query_scalar("SELECT text FROM queries WHERE stage = ? AND status = 'kept' ORDER BY id")
+        .bind(stage)
+        .fetch_all(&store.pool)
+        .await?)
+}
+
+#[derive(Debug, Clone)]
+pub struct NewQuery {
+    pub text: String,
+    /// `kept`, or why it was dropped.
+    pub status: String,
+}
+
+/// The outcome of one chunk, written in one transaction with its queries.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub chunk_id: i64,
+    pub call_id: Option<i64>,
+    pub model: String,
+    pub prompt_hash: String,
+    pub params: String,
+    pub queries: Vec<NewQuery>,
+    pub error: Option<String>,
+}
+
+pub async fn write_generation(store: &Store, stage: &str, g: &Generation) -> Result<()> {
+    let now = now_ms();
+    let mut tx = store.pool.begin().await?;
+    for q in &g.queries {
+        sqlx::query(
+            "INSERT INTO queries (chunk_id, stage, text, model, prompt_hash, params, status, call_id, created_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(g.chunk_id)
+        .bind(stage)
+        .bind(&q.text)
+        .bind(&g.model)
+        .bind(&g.prompt_hash)
+        .bind(&g.params)
+        .bind(&q.status)
+        .bind(g.call_id)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+    }
+    let kept = g.queries.iter().filter(|q| q.status == "kept").count() as i64;
+    sqlx::query(
+        "INSERT INTO generations (stage, chunk_id, status, error, call_id, kept, dropped, updated_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+         ON CONFLICT (stage, chunk_id) DO UPDATE SET status = excluded.status, error = excluded.error,
+            call_id = excluded.call_id, kept = excluded.kept, dropped = excluded.dropped, updated_at = excluded.updated_at",
+    )
+    .bind(stage)
+    .bind(g.chunk_id)
+    .bind(if g.error.is_some() { "failed" } else { "done" })
+    .bind(&g.error)
+    .bind(g.call_id)
+    .bind(kept)
+    .bind(g.queries.len() as i64 - kept)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Dropped-query counts by reason for this stage.
+pub async fn drop_counts(store: &Store, stage: &str) -> Result<Vec<(String, i64)>> {
+    Ok(sqlx::query_as("SELECT status, COUNT(*) FROM queries WHERE stage = ? GROUP BY status ORDER BY status")
+        .bind(stage)
+        .fetch_all(&store.pool)
+        .await?)
+}

@@ -1,0 +1,228 @@
+//! Text rules for generated queries: normalisation, cheap quality rules, exact and near-duplicate
+//! detection across a corpus, and tolerant extraction of JSON from model output.
+
+use std::collections::{HashMap, HashSet};
+
+use serde_json::Value;
+
+/// Lower case, letters and digits only, single spaces: the form duplicates are compared in.
+pub fn normalise(s: &str) -> String {
+    s.to_lowercase()
+        .chars()
+        .map(|c| if c.is_alphanumeric() { c } else { ' ' })
+        .collect::<String>()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+const QUESTION_WORDS: &[&str] = &[
+    "what", "how", "why", "when", "where", "which", "who", "whom", "whose", "is", "are", "was", "were", "does", "do",
+    "did", "can", "could", "should", "would", "will", "has", "have", "had",
+];
+
+const CONTEXT_PHRASES: &[&str] = &[
+    "the passage",
+    "this passage",
+    "the text",
+    "this text",
+    "the document",
+    "this document",
+    "the above",
+    "the given",
+    "this section",
+    "the section above",
+    "the excerpt",
+    "this excerpt",
+    "the context",
+    "mentioned above",
+    "the article",
+    "this article",
+    "the author",
+    "the paragraph",
+    "this paragraph",
+];
+
+/// Why a candidate query is dropped by the cheap rules, if it is.
+pub fn rule_violation(q: &str) -> Option<&'static str> {
+    let n = normalise(q);
+    let words: Vec<&str> = n.split(' ').filter(|w| !w.is_empty()).collect();
+    if words.len() < 3 {
+        return Some("too_short");
+    }
+    if words.len() > 60 {
+        return Some("too_long");
+    }
+    let padded = format!(" {n} ");
+    if CONTEXT_PHRASES.iter().any(|p| padded.contains(&format!(" {p} "))) {
+        return Some("refers_to_context");
+    }
+    if !q.trim_end().ends_with('?') && !QUESTION_WORDS.contains(&words[0]) {
+        return Some("not_a_question");
+    }
+    None
+}
+
+const STOP: &[&str] = &[
+    "a", "an", "the", "of", "in", "on", "for", "to", "and", "or", "is", "are", "was", "were", "what", "how", "which",
+    "did", "does", "do", "by", "at", "with", "from", "its", "it", "that", "this", "as", "be",
+];
+
+fn content_words(normalised: &str) -> HashSet<String> {
+    normalised.split(' ').filter(|w| !w.is_empty() && !STOP.contains(w)).map(str::to_string).collect()
+}
+
+/// Remembers kept queries and says whether a new one repeats one of them, exactly (after
+/// normalisation) or nearly (Jaccard similarity of content words at or above the threshold).
+pub struct DupIndex {
+    threshold: f64,
+    exact: HashSet<String>,
+    sets: Vec<HashSet<String>>,
+    by_word: HashMap<String, Vec<usize>>,
+}
+
+impl DupIndex {
+    pub fn new(threshold: f64) -> DupIndex {
+        DupIndex { threshold, exact: HashSet::new(), sets: Vec::new(), by_word: HashMap::new() }
+    }
+
+    /// `None` if new (and now remembered), else the reason it is a duplicate.
+    pub fn check_and_add(&mut self, q: &str) -> Option<&'static str> {
+        let n = normalise(q);
+        if self.exact.contains(&n) {
+            return Some("duplicate");
+        }
+        let words = content_words(&n);
+        let mut seen = HashSet::new();
+        for w in &words {
+            for &i in self.by_word.get(w).into_iter().flatten() {
+                if seen.insert(i) && jaccard(&words, &self.sets[i]) >= self.threshold {
+                    return Some("near_duplicate");
+                }
+            }
+        }
+        let i = self.sets.len();
+        for w in &words {
+            self.by_word.entry(w.clone()).or_default().push(i);
+        }
+        self.sets.push(words);
+        self.exact.insert(n);
+        None
+    }
+}
+
+pub fn jaccard(a: &HashSet<String>, b: &HashSet<String>) -> f64 {
+    if a.is_empty() && b.is_empty() {
+        return 1.0;
+    }
+    let inter = a.intersection(b).count() as f64;
+    inter / ((a.len() + b.len()) as f64 - inter)
+}
+
+/// The first JSON object or array in a model's answer, ignoring prose and code fences around it.
+pub fn first_json(text: &str) -> Option<Value> {
+    for (i, c) in text.char_indices() {
+        if c == '{' || c == '[' {
+            let mut stream = serde_json::Deserializer::from_str(&text[i..]).into_iter::<Value>();
+            if let Some(Ok(v)) = stream.next() {
+                return Some(v);
+            }
+        }
+    }
+    None
+}
+
+/// Questions in a model's answer: a JSON list (or `{"queries": [...]}`), else one per line.
+pub fn extract_questions(text: &str) -> Vec<String> {
+    let from_json = |v: &Value| -> Option<Vec<String>> {
+        let list = match v {
+            Value::Array(a) => a,
+            Value::Object(o) => ["queries", "questions", "query", "question"]
+                .iter()
+                .find_map(|k| o.get(*k).and_then(Value::as_array))?,
+            _ => return None,
+        };
+        Some(
+            list.iter()
+                .filter_map(|x| match x {
+                    Value::String(s) => Some(s.clone()),
+                    Value::Object(o) => {
+                        ["query", "question", "text"].iter().find_map(|k| o.get(*k)?.as_str().map(str::to_string))
+                    }
+                    _ => None,
+                })
+                .collect(),
+        )
+    };
+    if let Some(qs) = first_json(text).as_ref().and_then(from_json)
+        && !qs.is_empty()
+    {
+        return qs.into_iter().map(|q| q.trim().to_string()).filter(|q| !q.is_empty()).collect();
+    }
+    let lines: Vec<String> = text
+        .lines()
+        .map(|l| {
+            l.trim()
+                .trim_start_matches(|c: char| {
+                    c.is_ascii_digit() || matches!(c, '.' | ')' | '-' | '*' | '•' | ' ' | '#')
+                })
+                .trim_matches(|c| c == '"' || c == '\'' || c == '`')
+                .trim()
+                .to_string()
+        })
+        .filter(|l| !l.is_empty())
+        .collect();
+    let questions: Vec<String> = lines.iter().filter(|l| l.ends_with('?')).cloned().collect();
+    if !questions.is_empty() {
+        return questions;
+    }
+    lines.into_iter().take(1).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules() {
+        assert_eq!(rule_violation("What was Northwind's 2025 cloud revenue?"), None);
+        assert_eq!(rule_violation("How did margins change in fiscal 2025"), None);
+        assert_eq!(rule_violation("Revenue in 2025 was strong."), Some("not_a_question"));
+        assert_eq!(rule_violation("What does the passage say about revenue?"), Some("refers_to_context"));
+        assert_eq!(rule_violation("According to this document, what is the debt?"), Some("refers_to_context"));
+        assert_eq!(rule_violation("Revenue?"), Some("too_short"));
+    }
+
+    #[test]
+    fn duplicates_exact_and_near() {
+        let mut ix = DupIndex::new(0.8);
+        assert_eq!(ix.check_and_add("What was the 2025 operating margin of the Cloud segment?"), None);
+        assert_eq!(ix.check_and_add("what was the 2025 operating margin of the cloud segment"), Some("duplicate"));
+        assert_eq!(ix.check_and_add("What was the Cloud segment's 2025 operating margin?"), Some("near_duplicate"));
+        assert_eq!(ix.check_and_add("What was the 2024 operating margin of the Hardware segment?"), None);
+    }
+
+    #[test]
+    fn jaccard_by_hand() {
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<HashSet<_>>();
+        // |{b, c}| / |{a, b, c, d}| = 2 / 4
+        assert!((jaccard(&s(&["a", "b", "c"]), &s(&["b", "c", "d"])) - 0.5).abs() < 1e-12);
+    }
+
+    #[test]
+    fn questions_from_json_and_prose() {
+        assert_eq!(
+            extract_questions("Sure!\n```json\n{\"queries\": [\"A b c?\", \"D e f?\"]}\n```"),
+            ["A b c?", "D e f?"]
+        );
+        assert_eq!(extract_questions("[\"x y z?\"] trailing"), ["x y z?"]);
+        assert_eq!(
+            extract_questions("Here are two:\n1. What is X?\n2) How is Y?\nThanks"),
+            ["What is X?", "How is Y?"]
+        );
+        assert_eq!(
+            extract_questions("What is the net revenue in the Cloud segment"),
+            ["What is the net revenue in the Cloud segment"]
+        );
+    }
+}
