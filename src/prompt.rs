@@ -58,7 +58,7 @@ mod tests {
     fn errors_name_the_template_and_line() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("t.j2");
-        std::fs::write(&p, "Hello {{ chunk }}\n{{ title | nosuchfilter }}\n").unwrap();
+        std::fs::write(&p, "Hello {{ chunk }}\n{% for x in %}{% endfor %}\n").unwrap();
         let t = Template::load(&p);
         let msg = t.err().map(|e| e.to_string()).unwrap_or_default();
         assert!(msg.contains("t.j2:2"), "{msg}");

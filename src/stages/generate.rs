@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -152,8 +151,14 @@ impl Stage for Generate {
         ctx.progress.set_total(chunks.len() as u64);
         ctx.progress.cached((chunks.len() - todo.len()) as u64);
 
-        let client =
-            llm::client(&self.wf, &self.params.model, self.provider.identity(), &ctx.store, ctx.run_id, &self.name)?;
+        let client = Arc::new(llm::client(
+            &self.wf,
+            &self.params.model,
+            self.provider.identity(),
+            &ctx.store,
+            ctx.run_id,
+            &self.name,
+        )?);
         let mut dups = DupIndex::new(self.params.near_duplicate);
         for q in queries::kept_texts(&ctx.store, &self.name).await? {
             dups.check_and_add(&q);
@@ -168,31 +173,30 @@ impl Stage for Generate {
         let schema: serde_json::Value = serde_json::from_str(QUERIES_SCHEMA).expect("static schema");
         let window = 256;
 
-        let mut results = futures::stream::iter(todo)
-            .map(|chunk| {
-                let (client, provider, template) = (&client, self.provider.clone(), self.template.clone());
-                let (gen_params, schema) = (gen_params.clone(), schema.clone());
-                async move {
-                    let prompt = template.render(json!({
-                        "chunk": chunk.text, "title": chunk.title.clone().unwrap_or_default(), "path": chunk.path,
-                        "n": p.per_chunk, "domain": p.domain.clone().unwrap_or_default(), "examples": p.examples,
-                    }))?;
-                    let mut messages = Vec::new();
-                    if let Some(s) = &p.system {
-                        messages.push(Message::system(s.clone()));
-                    }
-                    messages.push(Message::user(prompt));
-                    let req =
-                        ChatRequest { messages, params: gen_params, json_schema: Some(("queries".into(), schema)) };
-                    Ok::<_, crate::Error>((chunk.id, client.chat(provider.as_ref(), &req).await?))
-                }
-            })
-            .buffer_unordered(window);
+        let mut requests = Vec::with_capacity(todo.len());
+        for chunk in todo {
+            let prompt = self.template.render(json!({
+                "chunk": chunk.text, "title": chunk.title.clone().unwrap_or_default(), "path": chunk.path,
+                "n": p.per_chunk, "domain": p.domain.clone().unwrap_or_default(), "examples": p.examples,
+            }))?;
+            let mut messages = Vec::new();
+            if let Some(s) = &p.system {
+                messages.push(Message::system(s.clone()));
+            }
+            messages.push(Message::user(prompt));
+            let json_schema = Some(("queries".to_string(), schema.clone()));
+            requests.push((chunk.id, ChatRequest { messages, params: gen_params.clone(), json_schema }));
+        }
+        let (c, provider) = (client.clone(), self.provider.clone());
+        let mut results = super::spawn_items(requests, window, move |(id, req): (i64, ChatRequest)| {
+            let (client, provider) = (c.clone(), provider.clone());
+            async move { (id, client.chat(provider.as_ref(), &req).await) }
+        });
 
         let (mut failed, mut first_error, mut kept, mut dropped) = (0u64, None::<String>, 0u64, 0u64);
         let mut last_usage = Instant::now();
-        while let Some(res) = results.next().await {
-            let (chunk_id, outcome) = res?;
+        while let Some((chunk_id, outcome)) = results.recv().await {
+            let outcome = outcome?;
             let id = self.provider.identity();
             let mut g = Generation {
                 chunk_id,

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -133,8 +132,14 @@ impl Stage for Judge {
         ctx.progress.set_total(total);
         ctx.progress.cached(decided as u64);
 
-        let client =
-            llm::client(&self.wf, &self.params.model, self.provider.identity(), &ctx.store, ctx.run_id, &self.name)?;
+        let client = Arc::new(llm::client(
+            &self.wf,
+            &self.params.model,
+            self.provider.identity(),
+            &ctx.store,
+            ctx.run_id,
+            &self.name,
+        )?);
         let p = &self.params;
         let gen_params = GenParams {
             temperature: Some(p.temperature),
@@ -143,32 +148,31 @@ impl Stage for Judge {
             seed: p.seed,
         };
         let schema: Value = serde_json::from_str(JUDGMENT_SCHEMA).expect("static schema");
-        let mut results = futures::stream::iter(todo)
-            .map(|item| {
-                let (client, provider, template) = (&client, self.provider.clone(), self.template.clone());
-                let (gen_params, schema) = (gen_params.clone(), schema.clone());
-                async move {
-                    let prompt = template.render(json!({
-                        "query": item.query, "chunk": item.chunk, "title": item.title.clone().unwrap_or_default(),
-                        "path": item.path, "domain": p.domain.clone().unwrap_or_default(), "min_score": p.min_score,
-                    }))?;
-                    let mut messages = Vec::new();
-                    if let Some(s) = &p.system {
-                        messages.push(Message::system(s.clone()));
-                    }
-                    messages.push(Message::user(prompt));
-                    let req =
-                        ChatRequest { messages, params: gen_params, json_schema: Some(("judgment".into(), schema)) };
-                    Ok::<_, crate::Error>((item.query_id, client.chat(provider.as_ref(), &req).await?))
-                }
-            })
-            .buffer_unordered(256);
+        let mut requests = Vec::with_capacity(todo.len());
+        for item in todo {
+            let prompt = self.template.render(json!({
+                "query": item.query, "chunk": item.chunk, "title": item.title.clone().unwrap_or_default(),
+                "path": item.path, "domain": p.domain.clone().unwrap_or_default(), "min_score": p.min_score,
+            }))?;
+            let mut messages = Vec::new();
+            if let Some(s) = &p.system {
+                messages.push(Message::system(s.clone()));
+            }
+            messages.push(Message::user(prompt));
+            let json_schema = Some(("judgment".to_string(), schema.clone()));
+            requests.push((item.query_id, ChatRequest { messages, params: gen_params.clone(), json_schema }));
+        }
+        let (c, provider) = (client.clone(), self.provider.clone());
+        let mut results = super::spawn_items(requests, 256, move |(id, req): (i64, ChatRequest)| {
+            let (client, provider) = (c.clone(), provider.clone());
+            async move { (id, client.chat(provider.as_ref(), &req).await) }
+        });
 
         let model = self.provider.identity().model.clone();
         let (mut failed, mut accepted, mut rejected, mut first_error) = (0u64, 0u64, 0u64, None::<String>);
         let mut last_usage = Instant::now();
-        while let Some(res) = results.next().await {
-            let (query_id, outcome) = res?;
+        while let Some((query_id, outcome)) = results.recv().await {
+            let outcome = outcome?;
             let (verdict, score, reason, call_id) = match outcome {
                 Ok(done) => match done.answer.finish_reason.as_deref() {
                     Some("length") => (
@@ -205,7 +209,7 @@ impl Stage for Judge {
                 "rejected" => rejected += 1,
                 _ => {
                     failed += 1;
-                    first_error.get_or_insert(reason);
+                    first_error.get_or_insert_with(|| reason.clone());
                 }
             }
             if verdict == "failed" {

@@ -64,3 +64,30 @@ pub trait Stage: Send + Sync {
     /// Does the work, storing each item as it finishes and skipping items already stored.
     async fn run(&self, ctx: &StageCtx) -> Result<Outcome>;
 }
+
+/// Runs `work` on each item as its own task, at most `window` at a time, and returns the results
+/// in completion order. Separate tasks keep making progress (and release their store connections)
+/// while the caller awaits its own writes.
+pub fn spawn_items<I, R, F, Fut>(items: Vec<I>, window: usize, work: F) -> tokio::sync::mpsc::Receiver<R>
+where
+    I: Send + 'static,
+    R: Send + 'static,
+    F: Fn(I) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = R> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(window.max(1));
+    let work = Arc::new(work);
+    let gate = Arc::new(tokio::sync::Semaphore::new(window.max(1)));
+    tokio::spawn(async move {
+        for item in items {
+            let Ok(permit) = gate.clone().acquire_owned().await else { return };
+            let (tx, work) = (tx.clone(), work.clone());
+            tokio::spawn(async move {
+                let r = work(item).await;
+                let _ = tx.send(r).await;
+                drop(permit);
+            });
+        }
+    });
+    rx
+}

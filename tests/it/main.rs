@@ -3,4 +3,7 @@
 mod chunk;
 mod engine;
 mod harness;
+mod llm;
+#[path = "../support/openai_server.rs"]
+mod openai_server;
 mod validate;

@@ -1,0 +1,281 @@
+//! A real HTTP server on 127.0.0.1 speaking the OpenAI chat-completions and embeddings API, for
+//! tests and benchmarks. It answers deterministically from a hash of the request, can inject the
+//! faults real APIs throw (429 with Retry-After, 500/503, slow replies, malformed JSON, truncated
+//! output, dropped connections, 400s) and logs every request it sees.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use serde_json::{Value, json};
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Added to every reply.
+    pub latency: Duration,
+    /// First attempts of some requests fail in a retryable way (chosen by request hash).
+    pub transient_faults: bool,
+    /// Some requests always fail: a 400, or a reply cut off at max_tokens.
+    pub persistent_faults: bool,
+    /// How long a "slow" reply takes (longer than the client's timeout).
+    pub slow: Duration,
+    /// Answer with prose instead of JSON (a server without structured output).
+    pub prose: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            latency: Duration::ZERO,
+            transient_faults: false,
+            persistent_faults: false,
+            slow: Duration::from_secs(3),
+            prose: false,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Entry {
+    pub received: Instant,
+    pub hash: u64,
+    pub path: String,
+    /// What the server did: "ok", "429", "500", "503", "slow", "malformed", "drop", "400", "length".
+    pub outcome: &'static str,
+}
+
+#[derive(Default)]
+pub struct Log {
+    pub entries: Mutex<Vec<Entry>>,
+    seen: Mutex<HashMap<u64, u32>>,
+}
+
+impl Log {
+    pub fn entries(&self) -> Vec<Entry> {
+        self.entries.lock().unwrap().clone()
+    }
+}
+
+struct Shared {
+    cfg: Config,
+    log: Arc<Log>,
+}
+
+pub struct Server {
+    pub addr: SocketAddr,
+    pub log: Arc<Log>,
+}
+
+impl Server {
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+}
+
+/// Starts the server on its own thread and runtime; it lives until the process ends.
+pub fn start(cfg: Config) -> Server {
+    start_on("127.0.0.1:0", cfg)
+}
+
+pub fn start_on(addr: &str, cfg: Config) -> Server {
+    let log = Arc::new(Log::default());
+    let shared = Arc::new(Shared { cfg, log: log.clone() });
+    let listener = std::net::TcpListener::bind(addr).expect("bind 127.0.0.1");
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        rt.block_on(async move {
+            let app = Router::new()
+                .route("/v1/chat/completions", post(chat))
+                .route("/v1/embeddings", post(embeddings))
+                .with_state(shared);
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            axum::serve(listener, app).await.unwrap();
+        });
+    });
+    Server { addr, log }
+}
+
+/// FNV-1a: a stable hash of the request body, so faults and answers repeat across runs.
+pub fn hash(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in bytes {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h
+}
+
+/// How many times this request (by hash) has arrived, this one included.
+fn record(s: &Shared, h: u64) -> u32 {
+    let mut seen = s.log.seen.lock().unwrap();
+    let n = seen.entry(h).or_insert(0);
+    *n += 1;
+    *n
+}
+
+fn log(s: &Shared, h: u64, path: &str, outcome: &'static str, received: Instant) {
+    s.log.entries.lock().unwrap().push(Entry { received, hash: h, path: path.to_string(), outcome });
+}
+
+/// The fault for this request, if any: transient ones on the first attempt only.
+fn fault(cfg: &Config, h: u64, attempt: u32) -> Option<&'static str> {
+    if cfg.persistent_faults {
+        if h.is_multiple_of(97) {
+            return Some("400");
+        }
+        if h.is_multiple_of(89) {
+            return Some("length");
+        }
+    }
+    if cfg.transient_faults && attempt == 1 {
+        return match h % 10 {
+            1 => Some("429"),
+            2 => Some("500"),
+            3 => Some("503"),
+            4 => Some("slow"),
+            5 => Some("malformed"),
+            6 => Some("drop"),
+            _ => None,
+        };
+    }
+    None
+}
+
+async fn fail(s: &Shared, what: &'static str) -> Option<Response> {
+    let err = |code: StatusCode, msg: &str| {
+        (code, axum::Json(json!({"error": {"message": msg, "type": "test"}}))).into_response()
+    };
+    Some(match what {
+        "429" => {
+            let mut r = err(StatusCode::TOO_MANY_REQUESTS, "Rate limit reached, retry after 1s");
+            r.headers_mut().insert("retry-after", "1".parse().unwrap());
+            r
+        }
+        "500" => err(StatusCode::INTERNAL_SERVER_ERROR, "internal error"),
+        "503" => err(StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
+        "400" => err(StatusCode::BAD_REQUEST, "Invalid prompt: flagged by the test server's content policy"),
+        "slow" => {
+            tokio::time::sleep(s.cfg.slow).await;
+            return None;
+        }
+        "malformed" => {
+            (StatusCode::OK, [("content-type", "application/json")], "{\"id\": \"x\", \"choices\": [{\"mess")
+                .into_response()
+        }
+        "drop" => {
+            let stream = futures::stream::iter(vec![
+                Ok::<Bytes, std::io::Error>(Bytes::from_static(b"{\"id\": \"partial\", ")),
+                Err(std::io::Error::other("connection dropped by the test server")),
+            ]);
+            Response::builder()
+                .status(200)
+                .header("content-type", "application/json")
+                .body(Body::from_stream(stream))
+                .unwrap()
+        }
+        _ => return None,
+    })
+}
+
+async fn chat(State(s): State<Arc<Shared>>, _headers: HeaderMap, body: Bytes) -> Response {
+    let received = Instant::now();
+    let h = hash(&body);
+    let attempt = record(&s, h);
+    let req: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("bad json: {e}")).into_response(),
+    };
+    let what = fault(&s.cfg, h, attempt);
+    log(&s, h, "chat", what.unwrap_or("ok"), received);
+    if let Some(w) = what
+        && w != "length"
+        && let Some(r) = fail(&s, w).await
+    {
+        return r;
+    }
+    tokio::time::sleep(s.cfg.latency).await;
+    let schema = req.pointer("/response_format/json_schema/name").and_then(Value::as_str).unwrap_or("");
+    let prompt = req["messages"].as_array().and_then(|m| m.last()).and_then(|m| m["content"].as_str()).unwrap_or("");
+    let content = answer(schema, prompt, h, s.cfg.prose);
+    let (content, finish) =
+        if what == Some("length") { (content[..content.len() / 2].to_string(), "length") } else { (content, "stop") };
+    axum::Json(json!({
+        "id": format!("chatcmpl-{h:016x}-{attempt}"),
+        "object": "chat.completion",
+        "model": req["model"],
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}],
+        "usage": {"prompt_tokens": body.len() / 4, "completion_tokens": content.len() / 4, "total_tokens": body.len() / 4 + content.len() / 4},
+    }))
+    .into_response()
+}
+
+/// Deterministic answers: questions for the generate schema, a score for the judge schema.
+fn answer(schema: &str, prompt: &str, h: u64, prose: bool) -> String {
+    let is_judge = schema == "judgment" || prompt.contains("Score the query");
+    if is_judge {
+        let score = 1 + h % 5;
+        return if prose {
+            format!("Score: {score}. The query is reasonable.")
+        } else {
+            json!({"score": score, "reason": format!("test judge gives {score}")}).to_string()
+        };
+    }
+    let mut qs = vec![
+        format!("What was the value of metric {} reported in section {}?", h % 100_000, (h >> 20) % 1000),
+        format!("How did item {} change during fiscal year {}?", (h >> 8) % 100_000, 2000 + (h >> 40) % 26),
+    ];
+    if h.is_multiple_of(13) {
+        qs[0] = "What was total revenue in fiscal 2025?".into();
+    }
+    if h.is_multiple_of(17) {
+        qs[1] = "What does the passage say about revenue?".into();
+    }
+    if prose {
+        format!("Here are two questions:\n1. {}\n2. {}\n", qs[0], qs[1])
+    } else {
+        json!({"queries": qs}).to_string()
+    }
+}
+
+async fn embeddings(State(s): State<Arc<Shared>>, body: Bytes) -> Response {
+    let received = Instant::now();
+    let h = hash(&body);
+    let attempt = record(&s, h);
+    let what = fault(&s.cfg, h, attempt).filter(|w| *w != "length");
+    log(&s, h, "embeddings", what.unwrap_or("ok"), received);
+    if let Some(w) = what
+        && let Some(r) = fail(&s, w).await
+    {
+        return r;
+    }
+    tokio::time::sleep(s.cfg.latency).await;
+    let req: Value = serde_json::from_slice(&body).unwrap_or_default();
+    let inputs: Vec<String> = match &req["input"] {
+        Value::String(s) => vec![s.clone()],
+        Value::Array(a) => a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect(),
+        _ => vec![],
+    };
+    let data: Vec<Value> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let th = hash(t.as_bytes());
+            let v: Vec<f32> = (0..8).map(|k| (((th >> (k * 8)) & 0xff) as f32 / 255.0) - 0.5).collect();
+            json!({"object": "embedding", "index": i, "embedding": v})
+        })
+        .collect();
+    let tokens: usize = inputs.iter().map(|t| t.len() / 4).sum();
+    axum::Json(json!({"object": "list", "data": data, "model": req["model"], "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}))
+        .into_response()
+}
