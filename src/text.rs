@@ -65,7 +65,7 @@ pub fn rule_violation(q: &str) -> Option<&'static str> {
 
 const STOP: &[&str] = &[
     "a", "an", "the", "of", "in", "on", "for", "to", "and", "or", "is", "are", "was", "were", "what", "how", "which",
-    "did", "does", "do", "by", "at", "with", "from", "its", "it", "that", "this", "as", "be",
+    "did", "does", "do", "by", "at", "with", "from", "its", "it", "that", "this", "as", "be", "s",
 ];
 
 fn content_words(normalised: &str) -> HashSet<String> {
@@ -74,16 +74,22 @@ fn content_words(normalised: &str) -> HashSet<String> {
 
 /// Remembers kept queries and says whether a new one repeats one of them, exactly (after
 /// normalisation) or nearly (Jaccard similarity of content words at or above the threshold).
+/// Near-duplicate candidates come from MinHash locality-sensitive hashing (16 bands of 8 rows: a pair
+/// at similarity 0.85 is a candidate with probability 0.994, one at 0.5 with 0.06), and every candidate is checked
+/// exactly, so the cost per query stays flat as the corpus grows instead of scanning all queries.
 pub struct DupIndex {
     threshold: f64,
     exact: HashSet<String>,
     sets: Vec<HashSet<String>>,
-    by_word: HashMap<String, Vec<usize>>,
+    buckets: HashMap<(usize, u64), Vec<usize>>,
 }
+
+const BANDS: usize = 16;
+const ROWS: usize = 8;
 
 impl DupIndex {
     pub fn new(threshold: f64) -> DupIndex {
-        DupIndex { threshold, exact: HashSet::new(), sets: Vec::new(), by_word: HashMap::new() }
+        DupIndex { threshold, exact: HashSet::new(), sets: Vec::new(), buckets: HashMap::new() }
     }
 
     /// `None` if new (and now remembered), else the reason it is a duplicate.
@@ -93,22 +99,50 @@ impl DupIndex {
             return Some("duplicate");
         }
         let words = content_words(&n);
+        let keys = band_keys(&words);
         let mut seen = HashSet::new();
-        for w in &words {
-            for &i in self.by_word.get(w).into_iter().flatten() {
+        for key in &keys {
+            for &i in self.buckets.get(key).into_iter().flatten() {
                 if seen.insert(i) && jaccard(&words, &self.sets[i]) >= self.threshold {
                     return Some("near_duplicate");
                 }
             }
         }
         let i = self.sets.len();
-        for w in &words {
-            self.by_word.entry(w.clone()).or_default().push(i);
+        for key in keys {
+            self.buckets.entry(key).or_default().push(i);
         }
         self.sets.push(words);
         self.exact.insert(n);
         None
     }
+}
+
+/// One bucket key per band: the hash of that band's rows of the MinHash signature.
+fn band_keys(words: &HashSet<String>) -> Vec<(usize, u64)> {
+    let word_hashes: Vec<u64> = words.iter().map(|w| fnv1a(w.as_bytes())).collect();
+    (0..BANDS)
+        .map(|band| {
+            let mut key = 0xcbf29ce484222325u64;
+            for row in 0..ROWS {
+                let seed = (band * ROWS + row) as u64;
+                let min = word_hashes.iter().map(|h| mix(h ^ seed.wrapping_mul(0x9e3779b97f4a7c15))).min().unwrap_or(0);
+                key = (key ^ min).wrapping_mul(0x100000001b3);
+            }
+            (band, key)
+        })
+        .collect()
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf29ce484222325u64, |h, b| (h ^ *b as u64).wrapping_mul(0x100000001b3))
+}
+
+/// splitmix64's finaliser: a cheap, well-spread permutation of u64.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
+    z ^ (z >> 31)
 }
 
 pub fn jaccard(a: &HashSet<String>, b: &HashSet<String>) -> f64 {
@@ -200,6 +234,10 @@ mod tests {
         assert_eq!(ix.check_and_add("what was the 2025 operating margin of the cloud segment"), Some("duplicate"));
         assert_eq!(ix.check_and_add("What was the Cloud segment's 2025 operating margin?"), Some("near_duplicate"));
         assert_eq!(ix.check_and_add("What was the 2024 operating margin of the Hardware segment?"), None);
+        // Many queries sharing common words stay distinct.
+        for i in 0..2000 {
+            assert_eq!(ix.check_and_add(&format!("What was the value of metric {i} reported in section {}?", i * 7)), None);
+        }
     }
 
     #[test]

@@ -74,6 +74,25 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<u8> {
         })
         .collect();
     println!("{}", table(&["STAGE", "KIND", "STATUS", "TOTAL", "DONE", "STORED", "SKIPPED", "FAILED", "TIME"], &rows));
+    let llm: Vec<Vec<String>> = stages
+        .iter()
+        .filter(|s| s.llm_calls + s.llm_cached > 0)
+        .map(|s| {
+            vec![
+                s.stage.clone(),
+                s.llm_calls.to_string(),
+                s.llm_cached.to_string(),
+                s.llm_failures.to_string(),
+                s.prompt_tokens.to_string(),
+                s.completion_tokens.to_string(),
+                s.cost.map(|c| format!("${c:.4}")).unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    if !llm.is_empty() {
+        println!("\nLLM calls (calls include retries; cached answers cost nothing)");
+        println!("{}", table(&["STAGE", "CALLS", "CACHED", "FAILED", "PROMPT TOK", "COMPLETION TOK", "COST"], &llm));
+    }
     for s in &stages {
         if let Some(e) = &s.error {
             println!("\n{} failed: {e}", s.stage);

@@ -15,7 +15,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use serde_json::{Value, json};
 
 #[derive(Clone, Debug)]
@@ -68,6 +68,7 @@ impl Log {
 struct Shared {
     cfg: Config,
     log: Arc<Log>,
+    started: Instant,
 }
 
 pub struct Server {
@@ -88,7 +89,7 @@ pub fn start(cfg: Config) -> Server {
 
 pub fn start_on(addr: &str, cfg: Config) -> Server {
     let log = Arc::new(Log::default());
-    let shared = Arc::new(Shared { cfg, log: log.clone() });
+    let shared = Arc::new(Shared { cfg, log: log.clone(), started: Instant::now() });
     let listener = std::net::TcpListener::bind(addr).expect("bind 127.0.0.1");
     listener.set_nonblocking(true).unwrap();
     let addr = listener.local_addr().unwrap();
@@ -98,6 +99,7 @@ pub fn start_on(addr: &str, cfg: Config) -> Server {
             let app = Router::new()
                 .route("/v1/chat/completions", post(chat))
                 .route("/v1/embeddings", post(embeddings))
+                .route("/stats", get(stats))
                 .with_state(shared);
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
             axum::serve(listener, app).await.unwrap();
@@ -278,4 +280,10 @@ async fn embeddings(State(s): State<Arc<Shared>>, body: Bytes) -> Response {
     let tokens: usize = inputs.iter().map(|t| t.len() / 4).sum();
     axum::Json(json!({"object": "list", "data": data, "model": req["model"], "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}))
         .into_response()
+}
+
+/// Arrival times of every request so far, in milliseconds since the server started (for benchmarks).
+async fn stats(State(s): State<Arc<Shared>>) -> Response {
+    let ms: Vec<f64> = s.log.entries().iter().map(|e| e.received.duration_since(s.started).as_secs_f64() * 1000.0).collect();
+    axum::Json(json!({ "count": ms.len(), "received_ms": ms })).into_response()
 }
