@@ -236,7 +236,10 @@ mod tests {
         assert_eq!(ix.check_and_add("What was the 2024 operating margin of the Hardware segment?"), None);
         // Many queries sharing common words stay distinct.
         for i in 0..2000 {
-            assert_eq!(ix.check_and_add(&format!("What was the value of metric {i} reported in section {}?", i * 7)), None);
+            assert_eq!(
+                ix.check_and_add(&format!("What was the value of metric {i} reported in section {}?", i * 7)),
+                None
+            );
         }
     }
 

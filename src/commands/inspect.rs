@@ -90,8 +90,20 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<u8> {
         })
         .collect();
     if !llm.is_empty() {
+        let sum = |f: fn(&flow::store::runs::StageRunRow) -> i64| stages.iter().map(f).sum::<i64>().to_string();
+        let cost: Option<f64> = stages.iter().filter_map(|s| s.cost).reduce(|a, b| a + b);
+        let mut rows = llm;
+        rows.push(vec![
+            "(run)".into(),
+            sum(|s| s.llm_calls),
+            sum(|s| s.llm_cached),
+            sum(|s| s.llm_failures),
+            sum(|s| s.prompt_tokens),
+            sum(|s| s.completion_tokens),
+            cost.map(|c| format!("${c:.4}")).unwrap_or_else(|| "-".into()),
+        ]);
         println!("\nLLM calls (calls include retries; cached answers cost nothing)");
-        println!("{}", table(&["STAGE", "CALLS", "CACHED", "FAILED", "PROMPT TOK", "COMPLETION TOK", "COST"], &llm));
+        println!("{}", table(&["STAGE", "CALLS", "CACHED", "FAILED", "PROMPT TOK", "COMPLETION TOK", "COST"], &rows));
     }
     for s in &stages {
         if let Some(e) = &s.error {

@@ -136,3 +136,16 @@ fn json_output_lists_problems() {
         v[0]["problems"][0]["message"].as_str().unwrap().contains("overlap (300) must be less than max_tokens (256)")
     );
 }
+
+#[test]
+fn shipped_workflows_validate() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/workflows");
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "yaml") {
+            continue;
+        }
+        let r = Sandbox::new().flow(&["validate", path.to_str().unwrap()]);
+        assert_eq!(r.code, 0, "{}: {}", path.display(), r.all());
+    }
+}

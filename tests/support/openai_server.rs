@@ -284,6 +284,7 @@ async fn embeddings(State(s): State<Arc<Shared>>, body: Bytes) -> Response {
 
 /// Arrival times of every request so far, in milliseconds since the server started (for benchmarks).
 async fn stats(State(s): State<Arc<Shared>>) -> Response {
-    let ms: Vec<f64> = s.log.entries().iter().map(|e| e.received.duration_since(s.started).as_secs_f64() * 1000.0).collect();
+    let ms: Vec<f64> =
+        s.log.entries().iter().map(|e| e.received.duration_since(s.started).as_secs_f64() * 1000.0).collect();
     axum::Json(json!({ "count": ms.len(), "received_ms": ms })).into_response()
 }
