@@ -22,6 +22,9 @@ const QUESTION_WORDS: &[&str] = &[
 ];
 
 const CONTEXT_PHRASES: &[&str] = &[
+    "this question",
+    "the question",
+    "you like me to",
     "the passage",
     "this passage",
     "the text",
@@ -206,7 +209,14 @@ pub fn extract_questions(text: &str) -> Vec<String> {
         })
         .filter(|l| !l.is_empty())
         .collect();
-    let questions: Vec<String> = lines.iter().filter(|l| l.ends_with('?')).cloned().collect();
+    // Small models often chain questions on one line ("What is the answer to this question? What
+    // was ...?"): each becomes a candidate of its own, and the rules drop the filler.
+    let questions: Vec<String> = lines
+        .iter()
+        .flat_map(|l| {
+            l.split_inclusive('?').map(str::trim).filter(|q| q.ends_with('?')).map(str::to_string).collect::<Vec<_>>()
+        })
+        .collect();
     if !questions.is_empty() {
         return questions;
     }
@@ -265,5 +275,10 @@ mod tests {
             extract_questions("What is the net revenue in the Cloud segment"),
             ["What is the net revenue in the Cloud segment"]
         );
+        assert_eq!(
+            extract_questions("What is the answer to this question? What was 2025 revenue?"),
+            ["What is the answer to this question?", "What was 2025 revenue?"]
+        );
+        assert_eq!(rule_violation("What is the answer to this question?"), Some("refers_to_context"));
     }
 }

@@ -94,10 +94,14 @@ impl Engine {
                 stop.push(id);
             }
         }
-        let context = content.metadata.get("llama.context_length").and_then(|v| v.to_u32().ok()).unwrap_or(2048) as usize;
+        let context =
+            content.metadata.get("llama.context_length").and_then(|v| v.to_u32().ok()).unwrap_or(2048) as usize;
         let device = Device::Cpu;
         let model = ModelWeights::from_gguf(content, &mut file, &device).map_err(|e| {
-            Error::bad_input(format!("{}: cannot load the model weights: {e}", path.display()), "the file is corrupt: run `flow models pull`")
+            Error::bad_input(
+                format!("{}: cannot load the model weights: {e}", path.display()),
+                "the file is corrupt: run `flow models pull`",
+            )
         })?;
         Ok(Engine { model, tokenizer, template, stop, context, device })
     }
@@ -107,7 +111,14 @@ impl Engine {
         let p: super::GenParams = serde_json::from_value(body["params"].clone()).unwrap_or_default();
         let prompt = self.template.render(&messages).map_err(|e| e.to_string())?;
         let (text, prompt_tokens, completion, finish) = self
-            .generate(&prompt, p.max_tokens.unwrap_or(256) as usize, p.temperature, p.top_p, p.seed.unwrap_or(0))
+            .generate_with(
+                &prompt,
+                p.max_tokens.unwrap_or(256) as usize,
+                p.temperature,
+                p.top_p,
+                p.seed.unwrap_or(0),
+                p.repeat_penalty,
+            )
             .map_err(|e| format!("local generation failed: {e}"))?;
         Ok(ChatAnswer {
             raw: json!({ "text": text, "finish_reason": finish }),
@@ -127,6 +138,19 @@ impl Engine {
         temperature: Option<f32>,
         top_p: Option<f32>,
         seed: u64,
+    ) -> candle_core::Result<(String, u64, u64, &'static str)> {
+        self.generate_with(prompt, max_tokens, temperature, top_p, seed, None)
+    }
+
+    /// `generate` with a repeat penalty over the last 64 generated tokens.
+    pub fn generate_with(
+        &mut self,
+        prompt: &str,
+        max_tokens: usize,
+        temperature: Option<f32>,
+        top_p: Option<f32>,
+        seed: u64,
+        repeat_penalty: Option<f32>,
     ) -> candle_core::Result<(String, u64, u64, &'static str)> {
         let enc = self.tokenizer.encode(prompt, false).map_err(candle_core::Error::msg)?;
         let mut tokens: Vec<u32> = enc.get_ids().to_vec();
@@ -149,6 +173,11 @@ impl Engine {
         let mut logits = self.model.forward(&input, 0)?.squeeze(0)?;
         let mut finish = "length";
         for i in 0..max_tokens {
+            if let Some(penalty) = repeat_penalty.filter(|p| *p != 1.0) {
+                // Only the answer so far: penalising the prompt would steer away from the passage's words.
+                let recent: Vec<u32> = out.iter().rev().take(64).copied().collect();
+                logits = candle_transformers::utils::apply_repeat_penalty(&logits, penalty, &recent)?;
+            }
             let next = logits_proc.sample(&logits)?;
             if self.stop.contains(&next) {
                 finish = "stop";

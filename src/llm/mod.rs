@@ -42,6 +42,9 @@ pub struct GenParams {
     pub max_tokens: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
+    /// Penalise tokens among the last 64 generated (local models only; small models loop without it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repeat_penalty: Option<f32>,
 }
 
 #[derive(Debug, Clone)]
@@ -181,11 +184,13 @@ fn local_gguf(name: &str, base: &std::path::Path) -> crate::Result<std::path::Pa
     }
     let dir = match crate::models::resolve(name, base, "") {
         Ok(d) => d,
-        Err(_) => return Err(crate::Error::ModelNotFound {
-            name: name.to_string(),
-            looked: vec![base.join(name), crate::models::models_dir().join(name)],
-            expect: "a .gguf file".into(),
-        }),
+        Err(_) => {
+            return Err(crate::Error::ModelNotFound {
+                name: name.to_string(),
+                looked: vec![base.join(name), crate::models::models_dir().join(name)],
+                expect: "a .gguf file".into(),
+            });
+        }
     };
     let found = std::fs::read_dir(&dir)
         .ok()

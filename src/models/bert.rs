@@ -54,7 +54,10 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> Result<
         )
     })?;
     serde_json::from_str(&text).map_err(|e| {
-        Error::bad_input(format!("{}: not a valid {what}: {e}", path.display()), "the file is corrupt: fetch the model again")
+        Error::bad_input(
+            format!("{}: not a valid {what}: {e}", path.display()),
+            "the file is corrupt: fetch the model again",
+        )
     })
 }
 
@@ -92,12 +95,14 @@ impl SentenceEncoder {
             .ok()
             .and_then(|t| serde_json::from_str::<SbConfig>(&t).ok())
             .and_then(|c| c.max_seq_length);
-        let max_seq_length =
-            max_seq_length.or(configured).unwrap_or(512).min(config.max_position_embeddings).max(2);
+        let max_seq_length = max_seq_length.or(configured).unwrap_or(512).min(config.max_position_embeddings).max(2);
 
         let tok_path = dir.join("tokenizer.json");
         let mut tokenizer = Tokenizer::from_file(&tok_path).map_err(|e| {
-            Error::bad_input(format!("cannot load {}: {e}", tok_path.display()), "the model folder needs a tokenizer.json")
+            Error::bad_input(
+                format!("cannot load {}: {e}", tok_path.display()),
+                "the model folder needs a tokenizer.json",
+            )
         })?;
         // The bundled tokenizer.json fixes truncation and padding at 128: we truncate at
         // max_seq_length and pad each batch ourselves.
@@ -114,8 +119,12 @@ impl SentenceEncoder {
             ));
         }
         // SAFETY: the file is mapped read-only and not modified while the model lives.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, device) }
-            .map_err(|e| Error::bad_input(format!("{}: cannot read weights: {e}", weights.display()), "the file is corrupt: fetch the model again"))?;
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, device) }.map_err(|e| {
+            Error::bad_input(
+                format!("{}: cannot read weights: {e}", weights.display()),
+                "the file is corrupt: fetch the model again",
+            )
+        })?;
         let model = BertModel::load(vb, &config).map_err(|e| {
             Error::bad_input(
                 format!("{}: not a BERT checkpoint matching config.json: {e}", weights.display()),
@@ -154,7 +163,8 @@ impl SentenceEncoder {
                 mask.extend(std::iter::repeat_n(1u32, e.len()));
                 mask.extend(std::iter::repeat_n(0u32, len - e.len()));
             }
-            let vectors = self.forward(ids, mask, batch.len(), len).map_err(|e| Error::Other(format!("BERT forward: {e}")))?;
+            let vectors =
+                self.forward(ids, mask, batch.len(), len).map_err(|e| Error::Other(format!("BERT forward: {e}")))?;
             for (row, &i) in vectors.into_iter().zip(batch) {
                 out[i] = row;
             }

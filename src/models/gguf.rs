@@ -38,7 +38,8 @@ fn meta<'a>(c: &'a Content, path: &Path, key: &str) -> Result<&'a Value> {
 }
 
 fn strings(v: &Value, path: &Path, key: &str) -> Result<Vec<String>> {
-    let bad = || Error::bad_input(format!("{}: `{key}` is not a list of strings", path.display()), "re-convert the model");
+    let bad =
+        || Error::bad_input(format!("{}: `{key}` is not a list of strings", path.display()), "re-convert the model");
     v.to_vec().map_err(|_| bad())?.iter().map(|x| x.to_string().cloned().map_err(|_| bad())).collect()
 }
 
@@ -59,16 +60,16 @@ pub fn tokenizer(c: &Content, path: &Path) -> Result<Tokenizer> {
         None => vec![],
     };
     let vocab: ahash::AHashMap<String, u32> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
-    let merges: Vec<(String, String)> = merges
-        .iter()
-        .filter_map(|m| m.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())))
-        .collect();
-    let bpe = BPE::builder()
-        .vocab_and_merges(vocab, merges)
-        .build()
-        .map_err(|e| Error::bad_input(format!("{}: bad BPE vocabulary: {e}", path.display()), "re-convert the model"))?;
+    let merges: Vec<(String, String)> =
+        merges.iter().filter_map(|m| m.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string()))).collect();
+    let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(|e| {
+        Error::bad_input(format!("{}: bad BPE vocabulary: {e}", path.display()), "re-convert the model")
+    })?;
     let mut tok = Tokenizer::new(bpe);
-    tok.with_pre_tokenizer(Some(Sequence::new(vec![Digits::new(true).into(), ByteLevel::new(false, true, true).into()])));
+    tok.with_pre_tokenizer(Some(Sequence::new(vec![
+        Digits::new(true).into(),
+        ByteLevel::new(false, true, true).into(),
+    ])));
     tok.with_decoder(Some(ByteLevelDecoder::default()));
     let special: Vec<AddedToken> = tokens
         .iter()
@@ -76,8 +77,9 @@ pub fn tokenizer(c: &Content, path: &Path) -> Result<Tokenizer> {
         .filter(|(_, t)| **t == TOKEN_TYPE_CONTROL)
         .map(|(s, _)| AddedToken::from(s.clone(), true))
         .collect();
-    tok.add_special_tokens(special)
-        .map_err(|e| Error::bad_input(format!("{}: bad special tokens: {e}", path.display()), "re-convert the model"))?;
+    tok.add_special_tokens(special).map_err(|e| {
+        Error::bad_input(format!("{}: bad special tokens: {e}", path.display()), "re-convert the model")
+    })?;
     Ok(tok)
 }
 
@@ -105,8 +107,9 @@ impl ChatTemplate {
         env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
             Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
         });
-        env.add_template_owned("chat", source.to_string())
-            .map_err(|e| Error::bad_input(format!("the model's chat template does not parse: {e}"), "re-convert the model"))?;
+        env.add_template_owned("chat", source.to_string()).map_err(|e| {
+            Error::bad_input(format!("the model's chat template does not parse: {e}"), "re-convert the model")
+        })?;
         Ok(ChatTemplate { env, bos: bos.to_string(), eos: eos.to_string() })
     }
 

@@ -51,6 +51,9 @@ pub struct Params {
     pub max_tokens: u32,
     #[serde(default)]
     pub seed: Option<u64>,
+    /// Local models only: penalty for repeating recent tokens (1.0 = none).
+    #[serde(default)]
+    pub repeat_penalty: Option<f32>,
     /// The share of chunks that may fail while the stage still succeeds (with a warning).
     #[serde(default)]
     pub max_failures: f64,
@@ -169,6 +172,7 @@ impl Stage for Generate {
             top_p: p.top_p,
             max_tokens: Some(p.max_tokens),
             seed: p.seed,
+            repeat_penalty: p.repeat_penalty,
         };
         let schema: serde_json::Value = serde_json::from_str(QUERIES_SCHEMA).expect("static schema");
         let window = 256;

@@ -46,6 +46,9 @@ pub struct Params {
     pub max_tokens: u32,
     #[serde(default)]
     pub seed: Option<u64>,
+    /// Local models only: penalty for repeating recent tokens (1.0 = none).
+    #[serde(default)]
+    pub repeat_penalty: Option<f32>,
     #[serde(default)]
     pub max_failures: f64,
 }
@@ -111,9 +114,14 @@ pub fn parse_judgment(text: &str) -> Option<(i64, String)> {
             return Some((s, reason));
         }
     }
+    // Prose: the number after "score", else the first digit 1-5 (small models answer "4" or "I'd say 4").
     let lower = text.to_lowercase();
-    let i = lower.find("score")?;
-    let digit = lower[i..].chars().find(|c| c.is_ascii_digit())?;
+    let from = lower.find("score").unwrap_or(0);
+    let Some(digit) = lower[from..].chars().find(|c| ('1'..='5').contains(c)) else {
+        // A plain "it does not answer the question" is the bottom of the scale.
+        const NO: &[&str] = &["does not answer", "doesn't answer", "not answered", "does not provide an answer"];
+        return NO.iter().any(|p| lower.contains(p)).then(|| (1, text.trim().chars().take(300).collect()));
+    };
     let s = digit.to_digit(10)? as i64;
     (1..=5).contains(&s).then(|| (s, text.trim().chars().take(300).collect()))
 }
@@ -146,6 +154,7 @@ impl Stage for Judge {
             top_p: p.top_p,
             max_tokens: Some(p.max_tokens),
             seed: p.seed,
+            repeat_penalty: p.repeat_penalty,
         };
         let schema: Value = serde_json::from_str(JUDGMENT_SCHEMA).expect("static schema");
         let mut requests = Vec::with_capacity(todo.len());
@@ -174,14 +183,16 @@ impl Stage for Judge {
         while let Some((query_id, outcome)) = results.recv().await {
             let outcome = outcome?;
             let (verdict, score, reason, call_id) = match outcome {
-                Ok(done) => match done.answer.finish_reason.as_deref() {
-                    Some("length") => (
+                // An answer cut off after its score still carries the verdict; only one cut off
+                // before it fails.
+                Ok(done) => match (parse_judgment(&done.answer.text), done.answer.finish_reason.as_deref()) {
+                    (None, Some("length")) => (
                         "failed",
                         None,
                         format!("the answer was cut off at max_tokens = {}; raise max_tokens", p.max_tokens),
                         Some(done.call_id),
                     ),
-                    _ => match parse_judgment(&done.answer.text) {
+                    (parsed, _) => match parsed {
                         Some((s, r)) => {
                             (if s >= p.min_score { "accepted" } else { "rejected" }, Some(s), r, Some(done.call_id))
                         }
@@ -246,5 +257,8 @@ mod tests {
         assert_eq!(parse_judgment("Score: 2 - too vague").map(|x| x.0), Some(2));
         assert_eq!(parse_judgment("{\"score\": 9}"), None);
         assert_eq!(parse_judgment("I cannot judge this."), None);
+        assert_eq!(parse_judgment("4").map(|x| x.0), Some(4));
+        assert_eq!(parse_judgment("The text does not answer the question.").map(|x| x.0), Some(1));
+        assert_eq!(parse_judgment("I would rate it 5 out of 5.").map(|x| x.0), Some(5));
     }
 }

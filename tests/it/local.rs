@@ -77,7 +77,8 @@ fn seeded_generation_is_reproducible_and_stops_at_end_of_turn() {
     assert_eq!(s1, s2, "same seed, same text");
     let short = e.generate(prompt, 3, None, None, 0).unwrap();
     assert_eq!((short.2, short.3), (3, "length"));
-    let stopped = e.generate("<|im_start|>user\nSay OK.<|im_end|>\n<|im_start|>assistant\n", 60, None, None, 0).unwrap();
+    let stopped =
+        e.generate("<|im_start|>user\nSay OK.<|im_end|>\n<|im_start|>assistant\n", 60, None, None, 0).unwrap();
     assert_eq!(stopped.3, "stop", "{stopped:?}");
 }
 
@@ -125,7 +126,8 @@ fn bad_model_files_name_the_file_and_what_was_expected() {
     }
     let err = SentenceEncoder::load(&sb.path("bert"), None, &candle_core::Device::Cpu).err().unwrap().to_string();
     assert!(err.contains("model.safetensors"), "{err}");
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(minilm().join("config.json")).unwrap()).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(minilm().join("config.json")).unwrap()).unwrap();
     cfg["hidden_size"] = 512.into();
     sb.write("bert/config.json", cfg.to_string());
     std::fs::copy(minilm().join("model.safetensors"), sb.path("bert/model.safetensors")).unwrap();

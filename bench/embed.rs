@@ -1,0 +1,37 @@
+//! Local embedding throughput: `cargo run --release --example embed -- TEXTS.jsonl OUT.f32 [--batch 32] [--max-seq 256]`
+//! reads a JSON list of strings, embeds them with the local all-MiniLM-L6-v2 and writes the vectors
+//! (little-endian f32) so the Python side can compare them with sentence-transformers.
+
+use std::io::Write;
+use std::time::Instant;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (input, output) = (&args[0], &args[1]);
+    let flag = |name: &str, default: usize| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let (batch, max_seq) = (flag("--batch", 32), flag("--max-seq", 256));
+    let texts: Vec<String> = serde_json::from_str(&std::fs::read_to_string(input).unwrap()).unwrap();
+    let dir = flow::models::models_dir().join("all-MiniLM-L6-v2");
+    let enc = flow::models::bert::SentenceEncoder::load(&dir, Some(max_seq), &candle_core::Device::Cpu).unwrap();
+    // Warm-up on one batch, as sentence-transformers' first call also pays its set-up.
+    enc.embed(&texts[..batch.min(texts.len())], batch).unwrap();
+    let t = Instant::now();
+    let vectors = enc.embed(&texts, batch).unwrap();
+    let secs = t.elapsed().as_secs_f64();
+    let mut f = std::fs::File::create(output).unwrap();
+    for v in &vectors {
+        for x in v {
+            f.write_all(&x.to_le_bytes()).unwrap();
+        }
+    }
+    println!(
+        "{}",
+        serde_json::json!({"texts": texts.len(), "seconds": secs, "texts_per_s": texts.len() as f64 / secs})
+    );
+}
