@@ -111,7 +111,7 @@ impl Engine {
         let p: super::GenParams = serde_json::from_value(body["params"].clone()).unwrap_or_default();
         let prompt = self.template.render(&messages).map_err(|e| e.to_string())?;
         let (text, prompt_tokens, completion, finish) = self
-            .generate_with(
+            .generate(
                 &prompt,
                 p.max_tokens.unwrap_or(256) as usize,
                 p.temperature,
@@ -130,20 +130,9 @@ impl Engine {
         })
     }
 
-    /// Greedy (temperature 0 or none) or sampled decoding with a KV cache, stopping at end-of-turn.
+    /// Greedy (temperature 0 or none) or sampled decoding with a KV cache, stopping at end-of-turn,
+    /// with an optional repeat penalty over the last 64 generated tokens.
     pub fn generate(
-        &mut self,
-        prompt: &str,
-        max_tokens: usize,
-        temperature: Option<f32>,
-        top_p: Option<f32>,
-        seed: u64,
-    ) -> candle_core::Result<(String, u64, u64, &'static str)> {
-        self.generate_with(prompt, max_tokens, temperature, top_p, seed, None)
-    }
-
-    /// `generate` with a repeat penalty over the last 64 generated tokens.
-    pub fn generate_with(
         &mut self,
         prompt: &str,
         max_tokens: usize,

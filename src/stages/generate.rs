@@ -11,7 +11,7 @@ use serde_json::json;
 
 use super::{Kind, Outcome, Stage, StageCtx};
 use crate::error::Result;
-use crate::llm::{self, ChatProvider, ChatRequest, GenParams, Message};
+use crate::llm::{self, ChatProvider, GenParams};
 use crate::prompt::Template;
 use crate::store::queries::{self, Generation, NewQuery};
 use crate::store::runs;
@@ -177,25 +177,23 @@ impl Stage for Generate {
         let schema: serde_json::Value = serde_json::from_str(QUERIES_SCHEMA).expect("static schema");
         let window = 256;
 
-        let mut requests = Vec::with_capacity(todo.len());
-        for chunk in todo {
-            let prompt = self.template.render(json!({
-                "chunk": chunk.text, "title": chunk.title.clone().unwrap_or_default(), "path": chunk.path,
-                "n": p.per_chunk, "domain": p.domain.clone().unwrap_or_default(), "examples": p.examples,
-            }))?;
-            let mut messages = Vec::new();
-            if let Some(s) = &p.system {
-                messages.push(Message::system(s.clone()));
-            }
-            messages.push(Message::user(prompt));
-            let json_schema = Some(("queries".to_string(), schema.clone()));
-            requests.push((chunk.id, ChatRequest { messages, params: gen_params.clone(), json_schema }));
-        }
-        let (c, provider) = (client.clone(), self.provider.clone());
-        let mut results = super::spawn_items(requests, window, move |(id, req): (i64, ChatRequest)| {
-            let (client, provider) = (c.clone(), provider.clone());
-            async move { (id, client.chat(provider.as_ref(), &req).await) }
-        });
+        let items = todo
+            .into_iter()
+            .map(|c| {
+                let vars = json!({
+                    "chunk": c.text, "title": c.title.unwrap_or_default(), "path": c.path,
+                    "n": p.per_chunk, "domain": p.domain.clone().unwrap_or_default(), "examples": p.examples,
+                });
+                (c.id, vars)
+            })
+            .collect();
+        let how = super::Prompted {
+            template: &self.template,
+            system: p.system.as_deref(),
+            params: &gen_params,
+            schema: ("queries", &schema),
+        };
+        let mut results = super::start_chats(items, &how, client.clone(), self.provider.clone(), window)?;
 
         let (mut failed, mut first_error, mut kept, mut dropped) = (0u64, None::<String>, 0u64, 0u64);
         let mut last_usage = Instant::now();

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use super::generate::{check_common, failure_verdict};
 use super::{Kind, Outcome, Stage, StageCtx};
 use crate::error::Result;
-use crate::llm::{self, ChatProvider, ChatRequest, GenParams, Message};
+use crate::llm::{self, ChatProvider, GenParams};
 use crate::prompt::Template;
 use crate::store::judgments::{self, Judgment};
 use crate::store::runs;
@@ -157,25 +157,23 @@ impl Stage for Judge {
             repeat_penalty: p.repeat_penalty,
         };
         let schema: Value = serde_json::from_str(JUDGMENT_SCHEMA).expect("static schema");
-        let mut requests = Vec::with_capacity(todo.len());
-        for item in todo {
-            let prompt = self.template.render(json!({
-                "query": item.query, "chunk": item.chunk, "title": item.title.clone().unwrap_or_default(),
-                "path": item.path, "domain": p.domain.clone().unwrap_or_default(), "min_score": p.min_score,
-            }))?;
-            let mut messages = Vec::new();
-            if let Some(s) = &p.system {
-                messages.push(Message::system(s.clone()));
-            }
-            messages.push(Message::user(prompt));
-            let json_schema = Some(("judgment".to_string(), schema.clone()));
-            requests.push((item.query_id, ChatRequest { messages, params: gen_params.clone(), json_schema }));
-        }
-        let (c, provider) = (client.clone(), self.provider.clone());
-        let mut results = super::spawn_items(requests, 256, move |(id, req): (i64, ChatRequest)| {
-            let (client, provider) = (c.clone(), provider.clone());
-            async move { (id, client.chat(provider.as_ref(), &req).await) }
-        });
+        let items = todo
+            .into_iter()
+            .map(|q| {
+                let vars = json!({
+                    "query": q.query, "chunk": q.chunk, "title": q.title.unwrap_or_default(), "path": q.path,
+                    "domain": p.domain.clone().unwrap_or_default(), "min_score": p.min_score,
+                });
+                (q.query_id, vars)
+            })
+            .collect();
+        let how = super::Prompted {
+            template: &self.template,
+            system: p.system.as_deref(),
+            params: &gen_params,
+            schema: ("judgment", &schema),
+        };
+        let mut results = super::start_chats(items, &how, client.clone(), self.provider.clone(), 256)?;
 
         let model = self.provider.identity().model.clone();
         let (mut failed, mut accepted, mut rejected, mut first_error) = (0u64, 0u64, 0u64, None::<String>);

@@ -91,3 +91,41 @@ where
     });
     rx
 }
+
+/// What an LLM stage sends for one item: the rendered prompt as one chat request.
+pub struct Prompted<'a> {
+    pub template: &'a crate::prompt::Template,
+    pub system: Option<&'a str>,
+    pub params: &'a crate::llm::GenParams,
+    /// The JSON schema asked for (name, schema).
+    pub schema: (&'a str, &'a serde_json::Value),
+}
+
+/// One chat result per item id: the answer (or why it failed), or a store error.
+pub type ChatResult = (i64, Result<Result<crate::llm::ChatDone, crate::llm::LlmFailure>>);
+
+/// Renders a request per item (id, template variables) and starts them on the client, at most
+/// `window` at a time; results arrive as they finish. A template error stops the stage before any call.
+pub fn start_chats(
+    items: Vec<(i64, serde_json::Value)>,
+    how: &Prompted,
+    client: Arc<crate::llm::LlmClient>,
+    provider: Arc<dyn crate::llm::ChatProvider>,
+    window: usize,
+) -> Result<tokio::sync::mpsc::Receiver<ChatResult>> {
+    use crate::llm::{ChatRequest, Message};
+    let mut requests = Vec::with_capacity(items.len());
+    for (id, vars) in items {
+        let mut messages = Vec::new();
+        if let Some(s) = how.system {
+            messages.push(Message::system(s));
+        }
+        messages.push(Message::user(how.template.render(vars)?));
+        let json_schema = Some((how.schema.0.to_string(), how.schema.1.clone()));
+        requests.push((id, ChatRequest { messages, params: how.params.clone(), json_schema }));
+    }
+    Ok(spawn_items(requests, window, move |(id, req): (i64, ChatRequest)| {
+        let (client, provider) = (client.clone(), provider.clone());
+        async move { (id, client.chat(provider.as_ref(), &req).await) }
+    }))
+}

@@ -182,7 +182,8 @@ fn kill_9_mid_chunk_then_resume_matches_a_clean_run() {
     sb.write("wf.yaml", workflow("  chunk: { kind: chunk, corpus: big, max_tokens: 128, overlap: 16 }\n"));
     let mut child = sb.cmd(&["run", "wf.yaml", "--quiet"]).spawn().unwrap();
     let db = sb.db("t.db");
-    let docs = |db: &crate::harness::Db| if db.exists() { db.scalar("SELECT COUNT(*) FROM documents") } else { 0 };
+    // The store may not exist or be migrated yet when polling starts.
+    let docs = |db: &crate::harness::Db| db.try_scalar("SELECT COUNT(*) FROM documents").unwrap_or(0);
     wait_until("some documents to be stored", Duration::from_secs(120), || docs(&db) > 0);
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();

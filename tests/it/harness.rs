@@ -1,6 +1,6 @@
 //! A small builder around the `flow` binary: a temp folder with files, args, env; then the output.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 
@@ -80,6 +80,11 @@ pub struct Db {
 
 impl Db {
     pub fn scalar(&self, sql: &str) -> i64 {
+        self.try_scalar(sql).unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    /// Like `scalar`, for polling a store that a running process may still be creating.
+    pub fn try_scalar(&self, sql: &str) -> Result<i64, sqlx::Error> {
         let path = self.path.clone();
         let sql = sql.to_string();
         tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async move {
@@ -88,9 +93,8 @@ impl Db {
                 .filename(&path)
                 .busy_timeout(std::time::Duration::from_secs(10))
                 .connect()
-                .await
-                .unwrap();
-            sqlx::query_scalar::<_, i64>(&sql).fetch_one(&mut conn).await.unwrap()
+                .await?;
+            sqlx::query_scalar::<_, i64>(&sql).fetch_one(&mut conn).await
         })
     }
 
@@ -103,10 +107,6 @@ impl Db {
             let mut conn = sqlx::sqlite::SqliteConnectOptions::new().filename(&path).connect().await.unwrap();
             conn.execute(sqlx::raw_sql(&sql)).await.unwrap();
         })
-    }
-
-    pub fn exists(&self) -> bool {
-        Path::new(&self.path).exists()
     }
 }
 
