@@ -10,9 +10,9 @@ async fn open(t: &Target) -> anyhow::Result<Store> {
     Ok(Store::open_existing(&wf.store).await?)
 }
 
-/// A run left 'running' while nobody holds the store lock was killed.
+/// A run left 'running' while no live process holds the store lock was killed.
 fn live_status(store: &Store, status: &str) -> String {
-    if status == "running" && flow::engine::lock::RunLock::acquire(&store.path).is_ok() {
+    if status == "running" && !flow::engine::lock::holder_alive(&store.path) {
         "interrupted".into()
     } else {
         status.to_string()

@@ -57,6 +57,20 @@ impl RunLock {
     }
 }
 
+/// Whether a live process holds the store's lock, found without taking it: the lock file names the
+/// holder's pid while it runs and is emptied on a clean exit. Read-only commands use this, so they
+/// never stand in the way of a run that is starting.
+pub fn holder_alive(store: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(lock_path(store)) else { return false };
+    let pid = text.split("(pid ").nth(1).and_then(|r| r.split(')').next()).and_then(|p| p.trim().parse::<u32>().ok());
+    match pid {
+        Some(pid) if pid == std::process::id() => true,
+        // /proc is Linux's; elsewhere a named holder is taken to be alive.
+        Some(pid) => !Path::new("/proc").exists() || Path::new(&format!("/proc/{pid}")).exists(),
+        None => false,
+    }
+}
+
 impl Drop for RunLock {
     fn drop(&mut self) {
         // An empty lock file means "released cleanly"; the kernel drops the lock itself on close.

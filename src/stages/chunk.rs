@@ -234,9 +234,12 @@ impl Stage for Chunk {
     }
 
     async fn run(&self, ctx: &StageCtx) -> Result<Outcome> {
-        let files = match self.listing.lock().expect("listing lock").take() {
-            Some(l) => l.into_iter().map(|(r, p, _)| (r, p)).collect(),
-            None => self.files()?,
+        // The fingerprint already hashed every file: workers reuse those hashes instead of hashing again.
+        let files: Vec<FileJob> = match self.listing.lock().expect("listing lock").take() {
+            Some(l) => {
+                l.into_iter().map(|(r, p, h)| (r, p, Some(h).filter(|h| !h.starts_with("unreadable")))).collect()
+            }
+            None => self.files()?.into_iter().map(|(r, p)| (r, p, None)).collect(),
         };
         let known = Arc::new(documents::state(&ctx.store, &self.stage).await?);
         ctx.progress.set_total(files.len() as u64);
@@ -332,6 +335,9 @@ async fn flush(ctx: &StageCtx, stage: &str, pending: &mut Vec<DocWrite>) -> Resu
     Ok(ok)
 }
 
+/// A corpus file to read: key, path, and its content hash if the fingerprint already computed it.
+type FileJob = (String, PathBuf, Option<String>);
+
 /// What one corpus file turned into.
 struct FileResult {
     docs: usize,
@@ -344,7 +350,7 @@ struct FileResult {
 }
 
 struct Worker {
-    queue: Arc<Mutex<VecDeque<(String, PathBuf)>>>,
+    queue: Arc<Mutex<VecDeque<FileJob>>>,
     known: Arc<HashMap<String, DocState>>,
     tokenizer: Arc<Tokenizer>,
     params: Params,
@@ -355,10 +361,10 @@ struct Worker {
 impl Worker {
     fn run(self) {
         loop {
-            let Some((rel, path)) = self.queue.lock().expect("queue lock").pop_front() else {
+            let Some((rel, path, hash)) = self.queue.lock().expect("queue lock").pop_front() else {
                 return;
             };
-            let res = self.file(&rel, &path);
+            let res = self.file(&rel, &path, hash);
             if self.tx.blocking_send(res).is_err() {
                 return;
             }
@@ -371,7 +377,7 @@ impl Worker {
             .filter(|d| d.content_hash == hash && d.chunk_config == self.chunk_config && d.status != "gone")
     }
 
-    fn file(&self, rel: &str, path: &Path) -> FileResult {
+    fn file(&self, rel: &str, path: &Path, known_hash: Option<String>) -> FileResult {
         let mut res = FileResult { docs: 1, bytes: 0, writes: vec![], unchanged: vec![], known_skips: vec![] };
         let bytes = match std::fs::read(path) {
             Ok(b) => b,
@@ -381,7 +387,7 @@ impl Worker {
             }
         };
         res.bytes = bytes.len() as u64;
-        let file_hash = sha256_hex(&bytes);
+        let file_hash = known_hash.unwrap_or_else(|| sha256_hex(&bytes));
         let is_jsonl = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("jsonl"));
         if !is_jsonl && let Some(d) = self.is_current(rel, &file_hash) {
             if d.status == "skipped" {
