@@ -217,6 +217,11 @@ fn second_live_run_is_refused_and_a_dead_lock_is_taken_over() {
     let mut child = sb.cmd(&["run", "wf.yaml", "--quiet"]).spawn().unwrap();
     let lock = sb.path("t.db.lock");
     wait_until("the lock", Duration::from_secs(60), || std::fs::read_to_string(&lock).is_ok_and(|s| !s.is_empty()));
+    // The lock is taken before the run is recorded; kill only once there is a run to mark interrupted.
+    let db = sb.db("t.db");
+    wait_until("the run to be recorded", Duration::from_secs(60), || {
+        db.try_scalar("SELECT COUNT(*) FROM runs").unwrap_or(0) > 0
+    });
     let second = sb.flow(&["run", "wf.yaml"]);
     assert_eq!(second.code, 2, "{}", second.all());
     assert!(second.stderr.contains("is in use by flow run (pid"), "{}", second.stderr);
