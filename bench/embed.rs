@@ -30,8 +30,15 @@ fn main() {
             f.write_all(&x.to_le_bytes()).unwrap();
         }
     }
+    // Peak resident memory of this process, read here because a parent's RUSAGE_CHILDREN also counts
+    // whatever else it forked.
+    let peak_kb = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(str::to_string))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()));
     println!(
         "{}",
-        serde_json::json!({"texts": texts.len(), "seconds": secs, "texts_per_s": texts.len() as f64 / secs})
+        serde_json::json!({"texts": texts.len(), "seconds": secs, "texts_per_s": texts.len() as f64 / secs,
+            "peak_rss_mb": peak_kb.map(|k| k as f64 / 1024.0)})
     );
 }

