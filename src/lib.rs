@@ -1,10 +1,12 @@
 //! flow: a workflow engine that turns a team's own documents into a better retriever.
 //! The library holds everything; the `flow` binary only parses arguments and prints.
 
+pub mod beir;
 pub mod corpus;
 pub mod dag;
 pub mod engine;
 pub mod error;
+pub mod eval;
 pub mod llm;
 pub mod models;
 pub mod prompt;
@@ -12,6 +14,7 @@ pub mod schedule;
 pub mod stages;
 pub mod store;
 pub mod text;
+pub mod train;
 pub mod workflow;
 
 pub use error::{Error, Result};

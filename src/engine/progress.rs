@@ -72,6 +72,7 @@ impl Progress {
                 counts: Mutex::new(Counts::default()),
                 started: Instant::now(),
                 last_line: Mutex::new(Instant::now()),
+                message: Mutex::new(String::new()),
             }),
         }
     }
@@ -84,6 +85,7 @@ struct Inner {
     counts: Mutex<Counts>,
     started: Instant,
     last_line: Mutex<Instant>,
+    message: Mutex<String>,
 }
 
 /// One stage's counters; cheap to clone into worker tasks.
@@ -107,6 +109,14 @@ impl StageProgress {
     }
     pub fn failed(&self, n: u64) {
         self.update(|c| c.failed += n as i64);
+    }
+
+    /// A short status shown beside the bar (e.g. the training loss).
+    pub fn message(&self, msg: &str) {
+        if let Some(bar) = &self.inner.bar {
+            bar.set_message(msg.to_string());
+        }
+        *self.inner.message.lock().expect("message lock") = msg.to_string();
     }
 
     pub fn counts(&self) -> Counts {
@@ -156,9 +166,12 @@ impl StageProgress {
             let rate = finished as f64 / secs;
             let left = (c.total as u64).saturating_sub(finished) as f64;
             let eta = if rate > 0.0 { format!("{:.0}s", left / rate) } else { "?".into() };
-            self.inner
-                .progress
-                .log(&format!("[{}] {finished}/{} items, {rate:.1}/s, ETA {eta}", self.inner.name, c.total));
+            let msg = self.inner.message.lock().expect("message lock").clone();
+            self.inner.progress.log(&format!(
+                "[{}] {finished}/{} items, {rate:.1}/s, ETA {eta} {msg}",
+                self.inner.name,
+                c.total
+            ));
         }
     }
 }

@@ -2,6 +2,7 @@
 //! waits on the shared rate limits, retries what is worth retrying, and records every call.
 
 pub mod client;
+pub mod embed;
 pub mod limiter;
 pub mod local;
 pub mod openai;
@@ -151,7 +152,7 @@ pub fn client(
     Ok(LlmClient::new(limiter, spec.retry.clone(), spec.price, store.clone(), run_id, stage))
 }
 
-fn model_spec<'a>(wf: &'a crate::workflow::Workflow, key: &str) -> crate::Result<&'a crate::workflow::ModelSpec> {
+pub fn model_spec<'a>(wf: &'a crate::workflow::Workflow, key: &str) -> crate::Result<&'a crate::workflow::ModelSpec> {
     wf.models.get(key).ok_or_else(|| {
         crate::Error::bad_input(
             format!("the workflow has no `models.{key}`"),

@@ -71,10 +71,21 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> Result<
     })
 }
 
-impl SentenceEncoder {
-    /// Loads a sentence-transformers folder (config.json, model.safetensors, tokenizer.json,
-    /// modules.json, 1_Pooling/config.json). `max_seq_length` overrides sentence_bert_config.json.
-    pub fn load(dir: &Path, max_seq_length: Option<usize>, device: &Device) -> Result<SentenceEncoder> {
+/// What a sentence-transformers folder says besides its weights.
+#[derive(Clone)]
+pub struct Folder {
+    pub dir: PathBuf,
+    pub config: Config,
+    pub tokenizer: Tokenizer,
+    pub pooling: Pooling,
+    pub normalize: bool,
+    pub max_seq_length: usize,
+}
+
+impl Folder {
+    /// Reads config.json, tokenizer.json, modules.json and the pooling config. `max_seq_length`
+    /// overrides sentence_bert_config.json.
+    pub fn read(dir: &Path, max_seq_length: Option<usize>) -> Result<Folder> {
         let config: Config = read_json(&dir.join("config.json"), "BERT config.json")?;
         let (pooling, normalize) = match std::fs::metadata(dir.join("modules.json")) {
             Ok(_) => {
@@ -121,6 +132,15 @@ impl SentenceEncoder {
             .map_err(|e| Error::Other(e.to_string()))?;
         tokenizer.with_padding(None);
 
+        Ok(Folder { dir: dir.to_path_buf(), config, tokenizer, pooling, normalize, max_seq_length })
+    }
+}
+
+impl SentenceEncoder {
+    /// Loads a sentence-transformers folder (config.json, model.safetensors, tokenizer.json,
+    /// modules.json, 1_Pooling/config.json). `max_seq_length` overrides sentence_bert_config.json.
+    pub fn load(dir: &Path, max_seq_length: Option<usize>, device: &Device) -> Result<SentenceEncoder> {
+        let folder = Folder::read(dir, max_seq_length)?;
         let weights = dir.join("model.safetensors");
         if !weights.exists() {
             return Err(Error::bad_input(
@@ -135,26 +155,31 @@ impl SentenceEncoder {
                 "the file is corrupt: fetch the model again",
             )
         })?;
-        let mismatch = |e: candle_core::Error| {
+        SentenceEncoder::with_weights(folder, &vb).map_err(|e| {
             Error::bad_input(
                 format!("{}: not a BERT checkpoint matching config.json: {e}", weights.display()),
                 "flow's local embedder runs BERT-family sentence-transformers models (e.g. all-MiniLM-L6-v2)",
             )
-        };
+        })
+    }
+
+    /// An encoder over the weights in `vb` (a file, or a training run's VarMap) on `vb`'s device.
+    pub fn with_weights(folder: Folder, vb: &VarBuilder) -> candle_core::Result<SentenceEncoder> {
+        let device = vb.device().clone();
         let backend = if device.is_cpu() {
-            Backend::Cpu(CpuBert::load(&vb, &config).map_err(mismatch)?, Mutex::new(Scratch::default()))
+            Backend::Cpu(CpuBert::load(vb, &folder.config)?, Mutex::new(Scratch::default()))
         } else {
-            Backend::Device(BertModel::load(vb, &config).map_err(mismatch)?)
+            Backend::Device(BertModel::load(vb.clone(), &folder.config)?)
         };
         Ok(SentenceEncoder {
             backend,
-            tokenizer,
-            pooling,
-            normalize,
-            max_seq_length,
-            dim: config.hidden_size,
-            device: device.clone(),
-            dir: dir.to_path_buf(),
+            tokenizer: folder.tokenizer,
+            pooling: folder.pooling,
+            normalize: folder.normalize,
+            max_seq_length: folder.max_seq_length,
+            dim: folder.config.hidden_size,
+            device,
+            dir: folder.dir,
         })
     }
 

@@ -474,6 +474,16 @@ mod tests {
             let mask_t = Tensor::from_vec(mask, (3, max), &Device::Cpu).unwrap();
             let want = reference.forward(&ids_t, &ids_t.zeros_like().unwrap(), Some(&mask_t)).unwrap();
             let want: Vec<Vec<Vec<f32>>> = want.to_vec3().unwrap();
+            // The training graph reads the same parameters and must agree too.
+            let graph = crate::train::bert::TrainBert::load(vb.clone(), &config).unwrap();
+            let trained: Vec<Vec<Vec<f32>>> = graph.forward(&ids_t, &mask_t).unwrap().to_vec3().unwrap();
+            for (s, &n) in lens.iter().enumerate() {
+                for p in 0..n {
+                    for (g, w) in trained[s][p].iter().zip(&want[s][p]) {
+                        assert!((g - w).abs() < 2e-5, "training graph {act:?} seq {s} pos {p}: {g} vs {w}");
+                    }
+                }
+            }
 
             let packed: Vec<u32> = seqs.concat();
             let mut scratch = Scratch::default();

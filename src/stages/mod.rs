@@ -4,6 +4,7 @@
 pub mod chunk;
 pub mod generate;
 pub mod judge;
+pub mod train;
 
 use std::sync::Arc;
 
@@ -30,7 +31,7 @@ impl std::fmt::Debug for Kind {
     }
 }
 
-pub const KINDS: &[Kind] = &[chunk::KIND, generate::KIND, judge::KIND];
+pub const KINDS: &[Kind] = &[chunk::KIND, generate::KIND, judge::KIND, train::KIND];
 
 pub fn kind(name: &str) -> Option<&'static Kind> {
     KINDS.iter().find(|k| k.name == name)

@@ -2,8 +2,10 @@
 //! migrated on open. Each table's SQL lives in one submodule.
 
 pub mod documents;
+pub mod embeddings;
 pub mod judgments;
 pub mod llm_calls;
+pub mod models;
 pub mod pairs;
 pub mod queries;
 pub mod runs;

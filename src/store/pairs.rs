@@ -34,3 +34,10 @@ pub async fn list(store: &Store, run: Option<i64>, verdict: Option<&str>, limit:
     .fetch_all(&store.pool)
     .await?)
 }
+
+/// Every accepted pair as (query, passage, document path), oldest first: what training learns from.
+pub async fn accepted(store: &Store) -> Result<Vec<(String, String, String)>> {
+    Ok(sqlx::query_as("SELECT query, passage, document FROM pairs WHERE verdict = 'accepted' ORDER BY query_id")
+        .fetch_all(&store.pool)
+        .await?)
+}

@@ -1,0 +1,70 @@
+//! Ranking metrics as sentence-transformers' InformationRetrievalEvaluator defines them (binary
+//! relevance): Accuracy@k, Recall@k, MRR@k, nDCG@k and MAP@k, averaged over queries.
+
+use std::collections::{BTreeMap, HashSet};
+
+/// One query's metrics from its ranking (document indices, best first) and its relevant documents.
+pub fn query_metrics(ranking: &[usize], relevant: &HashSet<usize>, ks: &[usize]) -> BTreeMap<String, f64> {
+    let mut m = BTreeMap::new();
+    if relevant.is_empty() {
+        return m;
+    }
+    let hit: Vec<bool> = ranking.iter().map(|d| relevant.contains(d)).collect();
+    for &k in ks {
+        let top = &hit[..k.min(hit.len())];
+        let found = top.iter().filter(|&&h| h).count() as f64;
+        m.insert(format!("accuracy@{k}"), if found > 0.0 { 1.0 } else { 0.0 });
+        m.insert(format!("recall@{k}"), found / relevant.len() as f64);
+        m.insert(format!("mrr@{k}"), top.iter().position(|&h| h).map_or(0.0, |r| 1.0 / (r + 1) as f64));
+        let dcg: f64 = top.iter().enumerate().filter(|(_, h)| **h).map(|(i, _)| 1.0 / ((i + 2) as f64).log2()).sum();
+        let idcg: f64 = (0..relevant.len().min(k)).map(|i| 1.0 / ((i + 2) as f64).log2()).sum();
+        m.insert(format!("ndcg@{k}"), dcg / idcg);
+        let (mut correct, mut ap) = (0usize, 0.0);
+        for (i, _) in top.iter().enumerate().filter(|(_, h)| **h) {
+            correct += 1;
+            ap += correct as f64 / (i + 1) as f64;
+        }
+        m.insert(format!("map@{k}"), ap / relevant.len().min(k) as f64);
+    }
+    m
+}
+
+/// The mean of each metric over the queries that have relevant documents.
+pub fn mean(per_query: &[BTreeMap<String, f64>]) -> BTreeMap<String, f64> {
+    let mut sum: BTreeMap<String, f64> = BTreeMap::new();
+    let mut n = 0usize;
+    for q in per_query.iter().filter(|q| !q.is_empty()) {
+        n += 1;
+        for (k, v) in q {
+            *sum.entry(k.clone()).or_default() += v;
+        }
+    }
+    sum.values_mut().for_each(|v| *v /= n.max(1) as f64);
+    sum
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hand_computed_query() {
+        // Relevant: documents 7 and 9; ranking puts 9 second and 7 fourth.
+        let rel: HashSet<usize> = [7, 9].into();
+        let m = query_metrics(&[1, 9, 3, 7, 5], &rel, &[1, 3, 5]);
+        assert_eq!(m["accuracy@1"], 0.0);
+        assert_eq!(m["recall@3"], 0.5);
+        assert_eq!(m["recall@5"], 1.0);
+        assert_eq!(m["mrr@5"], 0.5);
+        assert_eq!(m["mrr@1"], 0.0);
+        // DCG@5 = 1/log2(3) + 1/log2(5); IDCG = 1 + 1/log2(3)
+        let want = (1.0 / 3f64.log2() + 1.0 / 5f64.log2()) / (1.0 + 1.0 / 3f64.log2());
+        assert!((m["ndcg@5"] - want).abs() < 1e-12);
+        // AP@5 = (1/2 + 2/4) / 2
+        assert!((m["map@5"] - 0.5).abs() < 1e-12);
+        // AP@3 = (1/2) / min(2, 3)
+        assert!((m["map@3"] - 0.25).abs() < 1e-12);
+        let avg = mean(&[m, query_metrics(&[7], &[7].into(), &[1, 3, 5])]);
+        assert!((avg["recall@3"] - 0.75).abs() < 1e-12);
+    }
+}

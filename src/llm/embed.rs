@@ -1,0 +1,118 @@
+//! The black-box embedder of a workflow (`models.black_box`): a local sentence-transformers folder or an
+//! OpenAI-compatible API, with every vector cached in the `embeddings` table so none is made twice.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use super::{EmbeddingProvider, LlmClient};
+use crate::error::{Error, Result};
+use crate::models::bert::SentenceEncoder;
+use crate::store::{Store, embeddings, sha256_hex};
+use crate::workflow::{Provider, Workflow};
+
+enum Backend {
+    Local(Arc<SentenceEncoder>),
+    Api(Arc<dyn EmbeddingProvider>),
+}
+
+pub struct BlackBox {
+    backend: Backend,
+    /// Names the vectors in the `embeddings` table: endpoint and model, or folder, length and weights hash.
+    pub identity: String,
+    key: String,
+}
+
+/// Texts per request to an API, and per batch written to the store.
+const BATCH: usize = 64;
+
+impl BlackBox {
+    /// The embedder named by `models.<key>`.
+    pub fn load(wf: &Workflow, key: &str) -> Result<BlackBox> {
+        let spec = super::model_spec(wf, key)?;
+        match spec.provider.unwrap_or(Provider::Openai) {
+            Provider::Local => {
+                let name = spec.model.clone().ok_or_else(|| {
+                    Error::bad_input(format!("`models.{key}` names no `model`"), "add `model: all-MiniLM-L6-v2`")
+                })?;
+                let dir = crate::models::resolve(&name, &wf.dir, "model.safetensors")?;
+                let enc = SentenceEncoder::load(&dir, spec.max_seq_length, &candle_core::Device::Cpu)?;
+                let weights = std::fs::read(dir.join("model.safetensors")).map_err(Error::io(&dir))?;
+                let identity = format!("local|{name}|{}|{}", enc.max_seq_length, &sha256_hex(&weights)[..16]);
+                Ok(BlackBox { backend: Backend::Local(Arc::new(enc)), identity, key: key.into() })
+            }
+            Provider::Openai => {
+                let provider = super::embedding_provider(wf, key)?;
+                let id = provider.identity();
+                let identity = format!("{}|{}|{}", id.provider, id.base_url, id.model);
+                Ok(BlackBox { backend: Backend::Api(provider), identity, key: key.into() })
+            }
+        }
+    }
+
+    /// The folder of a local black box (an augment model can start from it).
+    pub fn local_dir(&self) -> Option<PathBuf> {
+        match &self.backend {
+            Backend::Local(e) => Some(e.dir.clone()),
+            Backend::Api(_) => None,
+        }
+    }
+
+    /// Vectors for `texts` in order: from the store where there, else computed (or requested) in
+    /// batches, each batch stored as soon as it is made. `done(n)` reports progress.
+    pub async fn embed(
+        &self,
+        wf: &Workflow,
+        store: &Store,
+        run_id: i64,
+        stage: &str,
+        texts: &[String],
+        done: &(dyn Fn(u64) + Sync),
+    ) -> Result<Vec<Vec<f32>>> {
+        let hashes: Vec<String> = texts.iter().map(|t| sha256_hex(t.as_bytes())).collect();
+        let mut unique: Vec<String> = hashes.clone();
+        unique.sort();
+        unique.dedup();
+        let mut have = embeddings::lookup(store, &self.identity, &unique).await?;
+        done(have.len() as u64);
+        let mut missing: Vec<(String, String)> = Vec::new();
+        let mut queued = std::collections::HashSet::new();
+        for (t, h) in texts.iter().zip(&hashes) {
+            if !have.contains_key(h) && queued.insert(h.as_str()) {
+                missing.push((h.clone(), t.clone()));
+            }
+        }
+        let client = match &self.backend {
+            Backend::Api(p) => Some(super::client(wf, &self.key, p.identity(), store, run_id, stage)?),
+            Backend::Local(_) => None,
+        };
+        for part in missing.chunks(BATCH) {
+            let batch: Vec<String> = part.iter().map(|(_, t)| t.clone()).collect();
+            let vectors = match &self.backend {
+                Backend::Local(enc) => {
+                    let enc = enc.clone();
+                    tokio::task::spawn_blocking(move || enc.embed(&batch, 32))
+                        .await
+                        .map_err(|e| Error::Other(format!("embedding task: {e}")))??
+                }
+                Backend::Api(p) => {
+                    let client: &LlmClient = client.as_ref().expect("api client");
+                    client.embed(p.as_ref(), &batch).await?.map_err(|f| {
+                        Error::Other(format!("black-box embeddings failed after {} attempts: {}", f.attempts, f.message))
+                    })?
+                }
+            };
+            if vectors.len() != part.len() {
+                return Err(Error::Other(format!(
+                    "the black box returned {} vectors for {} texts",
+                    vectors.len(),
+                    part.len()
+                )));
+            }
+            let rows: Vec<(String, Vec<f32>)> = part.iter().map(|(h, _)| h.clone()).zip(vectors).collect();
+            embeddings::insert(store, &self.identity, &rows).await?;
+            done(rows.len() as u64);
+            have.extend(rows);
+        }
+        Ok(hashes.iter().map(|h| have[h].clone()).collect())
+    }
+}

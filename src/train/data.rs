@@ -1,0 +1,138 @@
+//! Training examples, the validation split held out by document, and batches with no repeated
+//! text (a repeated passage in a batch would be counted as its own negative).
+
+use std::collections::{HashMap, HashSet};
+
+use crate::store::sha256_hex;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Example {
+    pub query: String,
+    pub positive: String,
+    /// The document the passage comes from: the unit of the validation split.
+    pub doc: String,
+    /// A hard negative mined with the black box, if mining is on.
+    pub negative: Option<String>,
+}
+
+/// Whether a document is held out for validation: a seeded hash, so the same documents are held out
+/// on every run and by the evaluation stages.
+pub fn is_validation(doc: &str, seed: u64, fraction: f64) -> bool {
+    let h = sha256_hex(format!("{seed}|{doc}").as_bytes());
+    let x = u64::from_str_radix(&h[..12], 16).unwrap_or(0) as f64 / (1u64 << 48) as f64;
+    x < fraction
+}
+
+/// Splits by document. With at least two documents and a non-zero fraction, at least one is held out.
+pub fn split(examples: Vec<Example>, seed: u64, fraction: f64) -> (Vec<Example>, Vec<Example>) {
+    let (mut train, mut val): (Vec<_>, Vec<_>) = examples.into_iter().partition(|e| !is_validation(&e.doc, seed, fraction));
+    if val.is_empty() && fraction > 0.0 {
+        let docs: HashSet<&str> = train.iter().map(|e| e.doc.as_str()).collect();
+        if docs.len() >= 2 {
+            // The document that hashes lowest is the one nearest to being held out.
+            let doc = docs.iter().min_by_key(|d| sha256_hex(format!("{seed}|{d}").as_bytes())).map(|d| d.to_string());
+            let (t, v) = train.into_iter().partition(|e| Some(&e.doc) != doc.as_ref());
+            (train, val) = (t, v);
+        }
+    }
+    (train, val)
+}
+
+/// Batches of indices into `examples` for one epoch: a seeded shuffle, then each batch filled with
+/// examples whose query, positive and negative texts are not already in it.
+pub fn batches(examples: &[Example], size: usize, seed: u64, epoch: usize) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..examples.len()).collect();
+    fastrand::Rng::with_seed(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ epoch as u64).shuffle(&mut order);
+    let mut out = Vec::new();
+    let size = size.max(1);
+    while !order.is_empty() {
+        let mut batch = Vec::with_capacity(size);
+        let mut seen: HashSet<&str> = HashSet::new();
+        let mut rest = Vec::with_capacity(order.len());
+        for &i in &order {
+            let e = &examples[i];
+            let texts = [Some(e.query.as_str()), Some(e.positive.as_str()), e.negative.as_deref()];
+            if batch.len() < size && texts.iter().flatten().all(|t| !seen.contains(t)) {
+                seen.extend(texts.iter().flatten());
+                batch.push(i);
+            } else {
+                rest.push(i);
+            }
+        }
+        out.push(batch);
+        order = rest;
+    }
+    out
+}
+
+/// A retrieval task built from examples: unique queries, unique passages (the corpus) and each
+/// query's relevant passages.
+#[derive(Debug, Default)]
+pub struct RetrievalSet {
+    pub queries: Vec<String>,
+    pub corpus: Vec<String>,
+    pub relevant: Vec<HashSet<usize>>,
+}
+
+/// Queries from `queries`, searched over the passages of `queries` and `extra_corpus` together.
+pub fn retrieval_set(queries: &[Example], extra_corpus: &[Example]) -> RetrievalSet {
+    let mut set = RetrievalSet::default();
+    let mut corpus_index: HashMap<&str, usize> = HashMap::new();
+    for e in queries.iter().chain(extra_corpus) {
+        corpus_index.entry(e.positive.as_str()).or_insert_with(|| {
+            set.corpus.push(e.positive.clone());
+            set.corpus.len() - 1
+        });
+    }
+    let mut query_index: HashMap<&str, usize> = HashMap::new();
+    for e in queries {
+        let qi = *query_index.entry(e.query.as_str()).or_insert_with(|| {
+            set.queries.push(e.query.clone());
+            set.relevant.push(HashSet::new());
+            set.queries.len() - 1
+        });
+        set.relevant[qi].insert(corpus_index[e.positive.as_str()]);
+    }
+    set
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ex(q: &str, p: &str, doc: &str) -> Example {
+        Example { query: q.into(), positive: p.into(), doc: doc.into(), negative: None }
+    }
+
+    #[test]
+    fn batches_hold_no_repeated_text_and_cover_everything() {
+        let mut data = Vec::new();
+        for i in 0..50 {
+            // Every passage is shared by two queries.
+            data.push(ex(&format!("q{i}"), &format!("p{}", i / 2), "d"));
+        }
+        let bs = batches(&data, 8, 1, 0);
+        let mut all: Vec<usize> = bs.concat();
+        all.sort();
+        assert_eq!(all, (0..50).collect::<Vec<_>>());
+        for b in &bs {
+            let passages: HashSet<&str> = b.iter().map(|&i| data[i].positive.as_str()).collect();
+            assert_eq!(passages.len(), b.len());
+            assert!(b.len() <= 8);
+        }
+        assert_eq!(bs, batches(&data, 8, 1, 0));
+        assert_ne!(bs, batches(&data, 8, 1, 1));
+    }
+
+    #[test]
+    fn split_holds_out_whole_documents() {
+        let data: Vec<Example> = (0..200).map(|i| ex(&format!("q{i}"), &format!("p{i}"), &format!("d{}", i % 20))).collect();
+        let (train, val) = split(data, 3, 0.2);
+        assert!(!val.is_empty() && !train.is_empty());
+        let val_docs: HashSet<&str> = val.iter().map(|e| e.doc.as_str()).collect();
+        assert!(train.iter().all(|e| !val_docs.contains(e.doc.as_str())));
+        let set = retrieval_set(&val, &train);
+        assert_eq!(set.corpus.len(), 200);
+        assert!(set.relevant.iter().all(|r| r.len() == 1));
+    }
+}

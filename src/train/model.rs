@@ -1,0 +1,176 @@
+//! The trainable augment model: candle-transformers' BERT over a candle-nn VarMap, started from a
+//! sentence-transformers folder (or random weights), saved back as a folder sentence-transformers loads.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+
+use super::loss::normalize;
+use crate::error::{Error, Result};
+use crate::models::bert::{Folder, Pooling, SentenceEncoder};
+
+pub struct Augment {
+    pub varmap: VarMap,
+    model: super::bert::TrainBert,
+    pub folder: Folder,
+    pub device: Device,
+}
+
+fn weights_error(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::bad_input(
+        format!("{}: cannot use these weights: {e}", path.display()),
+        "the augment model starts from a BERT sentence-transformers folder (e.g. all-MiniLM-L6-v2)",
+    )
+}
+
+impl Augment {
+    /// A model over `folder`'s architecture with the weights of `weights` (a model.safetensors, with
+    /// or without a `bert.` prefix), or candle's random initialisation when `weights` is None.
+    pub fn new(folder: Folder, weights: Option<&Path>, device: &Device) -> Result<Augment> {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+        let model = super::bert::TrainBert::load(vb, &folder.config).map_err(|e| weights_error(&folder.dir, e))?;
+        let aug = Augment { varmap, model, folder, device: device.clone() };
+        if let Some(path) = weights {
+            aug.load_weights(path)?;
+        }
+        Ok(aug)
+    }
+
+    /// Overwrites every parameter from a safetensors file.
+    pub fn load_weights(&self, path: &Path) -> Result<()> {
+        let tensors = candle_core::safetensors::load(path, &self.device).map_err(|e| weights_error(path, e))?;
+        for (name, var) in self.varmap.data().lock().expect("varmap lock").iter() {
+            let t = tensors
+                .get(name)
+                .or_else(|| tensors.get(&format!("bert.{name}")))
+                .ok_or_else(|| weights_error(path, format!("tensor `{name}` is missing")))?;
+            if t.dims() != var.dims() {
+                return Err(weights_error(path, format!("`{name}` is {:?}, config.json says {:?}", t.dims(), var.dims())));
+            }
+            var.set(&t.to_dtype(DType::F32).map_err(|e| weights_error(path, e))?).map_err(|e| weights_error(path, e))?;
+        }
+        Ok(())
+    }
+
+    /// Parameters by name, sorted so every run visits them in the same order.
+    pub fn named_vars(&self) -> Vec<(String, candle_core::Var)> {
+        let mut v: Vec<_> = self.varmap.data().lock().expect("varmap lock").iter().map(|(n, v)| (n.clone(), v.clone())).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// Pooled (and, as the folder says, normalised) embeddings as a graph that gradients flow through.
+    pub fn encode(&self, texts: &[&str]) -> candle_core::Result<Tensor> {
+        let enc = self.folder.tokenizer.encode_batch(texts.to_vec(), true).map_err(candle_core::Error::msg)?;
+        let len = enc.iter().map(|e| e.get_ids().len()).max().unwrap_or(1).max(1);
+        let (mut ids, mut mask) = (Vec::with_capacity(texts.len() * len), Vec::with_capacity(texts.len() * len));
+        for e in &enc {
+            let n = e.get_ids().len();
+            ids.extend(e.get_ids().iter().copied().chain(std::iter::repeat_n(0, len - n)));
+            mask.extend(std::iter::repeat_n(1u32, n).chain(std::iter::repeat_n(0, len - n)));
+        }
+        let ids = Tensor::from_vec(ids, (texts.len(), len), &self.device)?;
+        let mask = Tensor::from_vec(mask, (texts.len(), len), &self.device)?;
+        let hidden = self.model.forward(&ids, &mask)?;
+        let maskf = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
+        let pooled = match self.folder.pooling {
+            Pooling::Cls => hidden.get_on_dim(1, 0)?,
+            Pooling::Mean => hidden.broadcast_mul(&maskf)?.sum(1)?.broadcast_div(&maskf.sum(1)?.clamp(1e-9, f64::MAX)?)?,
+            Pooling::Max => hidden.broadcast_add(&((maskf.ones_like()? - &maskf)? * -1e9)?)?.max(1)?,
+        };
+        // Training always compares cosines, whether or not the folder normalises its output.
+        normalize(&pooled)
+    }
+
+    /// An inference encoder over the current weights (the fast packed path on the CPU).
+    pub fn encoder(&self) -> Result<SentenceEncoder> {
+        let vb = VarBuilder::from_varmap(&self.varmap, DType::F32, &self.device);
+        SentenceEncoder::with_weights(self.folder.clone(), &vb).map_err(|e| Error::Other(format!("augment encoder: {e}")))
+    }
+
+    /// Writes a sentence-transformers folder: the parent folder's configuration files, this model's
+    /// weights, and sentence_bert_config.json with the max_seq_length trained at. Written beside `dest`
+    /// and renamed into place, so a kill never leaves half a checkpoint.
+    pub fn save(&self, dest: &Path, extra: &HashMap<&str, Tensor>, state: Option<&serde_json::Value>) -> Result<()> {
+        let tmp = dest.with_extension("tmp");
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(Error::io(&tmp))?;
+        copy_config(&self.folder.dir, &tmp)?;
+        let weights = tmp.join("model.safetensors");
+        self.varmap.save(&weights).map_err(|e| Error::Other(format!("{}: {e}", weights.display())))?;
+        let sb = tmp.join("sentence_bert_config.json");
+        let mut cfg: serde_json::Value = std::fs::read_to_string(&sb)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_else(|| serde_json::json!({"do_lower_case": false}));
+        cfg["max_seq_length"] = self.folder.max_seq_length.into();
+        std::fs::write(&sb, serde_json::to_vec_pretty(&cfg).expect("json")).map_err(Error::io(&sb))?;
+        if !extra.is_empty() {
+            let p = tmp.join("optimizer.safetensors");
+            candle_core::safetensors::save(extra, &p).map_err(|e| Error::Other(format!("{}: {e}", p.display())))?;
+        }
+        if let Some(state) = state {
+            let p = tmp.join("trainer_state.json");
+            std::fs::write(&p, serde_json::to_vec_pretty(state).expect("json")).map_err(Error::io(&p))?;
+        }
+        let old = dest.with_extension("old");
+        let _ = std::fs::remove_dir_all(&old);
+        if dest.exists() {
+            std::fs::rename(dest, &old).map_err(Error::io(dest))?;
+        }
+        std::fs::rename(&tmp, dest).map_err(Error::io(dest))?;
+        let _ = std::fs::remove_dir_all(&old);
+        Ok(())
+    }
+}
+
+/// A checkpoint folder as it stands after a possible kill mid-save: `dest`, else the `.old` copy.
+pub fn existing_checkpoint(dest: &Path) -> Option<std::path::PathBuf> {
+    [dest.to_path_buf(), dest.with_extension("old")].into_iter().find(|p| p.join("model.safetensors").exists())
+}
+
+/// Copies what a sentence-transformers folder needs besides weights: top-level JSON and text files
+/// and the numbered module folders (1_Pooling, 2_Normalize). Writes a mean-pooling module list when
+/// the parent is a bare transformers folder.
+fn copy_config(from: &Path, to: &Path) -> Result<()> {
+    let entries = std::fs::read_dir(from).map_err(Error::io(from))?;
+    for e in entries.flatten() {
+        let (path, name) = (e.path(), e.file_name().to_string_lossy().to_string());
+        let module = name.split_once('_').is_some_and(|(n, _)| n.parse::<u32>().is_ok());
+        if path.is_dir() && module {
+            std::fs::create_dir_all(to.join(&name)).map_err(Error::io(to))?;
+            for f in std::fs::read_dir(&path).map_err(Error::io(&path))?.flatten() {
+                if f.path().is_file() {
+                    std::fs::copy(f.path(), to.join(&name).join(f.file_name())).map_err(Error::io(f.path()))?;
+                }
+            }
+        } else if path.is_file()
+            && (name.ends_with(".json") || name.ends_with(".txt") || name == "tokenizer.model")
+            && name != "trainer_state.json"
+        {
+            std::fs::copy(&path, to.join(&name)).map_err(Error::io(&path))?;
+        }
+    }
+    if !to.join("modules.json").exists() {
+        let modules = serde_json::json!([
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}
+        ]);
+        std::fs::write(to.join("modules.json"), modules.to_string()).map_err(Error::io(to))?;
+        std::fs::create_dir_all(to.join("1_Pooling")).map_err(Error::io(to))?;
+        std::fs::create_dir_all(to.join("2_Normalize")).map_err(Error::io(to))?;
+        let dim = serde_json::from_str::<serde_json::Value>(
+            &std::fs::read_to_string(to.join("config.json")).unwrap_or_default(),
+        )
+        .ok()
+        .and_then(|c| c["hidden_size"].as_u64())
+        .unwrap_or(384);
+        let pooling = serde_json::json!({"word_embedding_dimension": dim, "pooling_mode_mean_tokens": true});
+        std::fs::write(to.join("1_Pooling/config.json"), pooling.to_string()).map_err(Error::io(to))?;
+    }
+    Ok(())
+}
