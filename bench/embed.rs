@@ -1,4 +1,4 @@
-//! Local embedding throughput: `cargo run --release --example embed -- TEXTS.jsonl OUT.f32 [--batch 32] [--max-seq 256]`
+//! Local embedding throughput: `cargo run --release --example embed -- TEXTS.json OUT.f32 [--batch 32] [--max-seq 256] [--model DIR]`
 //! reads a JSON list of strings, embeds them with the local all-MiniLM-L6-v2 and writes the vectors
 //! (little-endian f32) so the Python side can compare them with sentence-transformers.
 
@@ -17,7 +17,10 @@ fn main() {
     };
     let (batch, max_seq) = (flag("--batch", 32), flag("--max-seq", 256));
     let texts: Vec<String> = serde_json::from_str(&std::fs::read_to_string(input).unwrap()).unwrap();
-    let dir = flow::models::models_dir().join("all-MiniLM-L6-v2");
+    let dir = match args.iter().position(|a| a == "--model").and_then(|i| args.get(i + 1)) {
+        Some(d) => std::path::PathBuf::from(d),
+        None => flow::models::models_dir().join("all-MiniLM-L6-v2"),
+    };
     let enc = flow::models::bert::SentenceEncoder::load(&dir, Some(max_seq), &candle_core::Device::Cpu).unwrap();
     // Warm-up on one batch, as sentence-transformers' first call also pays its set-up.
     enc.embed(&texts[..batch.min(texts.len())], batch).unwrap();

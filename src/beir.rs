@@ -54,8 +54,11 @@ fn bad_line(path: &Path, line: usize, what: impl std::fmt::Display, hint: &str) 
     Error::bad_input(format!("{}:{line}: {what}", path.display()), hint)
 }
 
+/// Ids and texts of a jsonl file, and each id's position.
+type Texts = (Vec<String>, Vec<String>, HashMap<String, usize>);
+
 /// Reads `{"_id", "title"?, "text"}` lines; returns ids and texts (title + " " + text).
-fn read_jsonl(path: &Path, with_title: bool) -> Result<(Vec<String>, Vec<String>, HashMap<String, usize>)> {
+fn read_jsonl(path: &Path, with_title: bool) -> Result<Texts> {
     let (mut ids, mut texts, mut index) = (Vec::new(), Vec::new(), HashMap::new());
     for (n, line) in open(path)?.lines().enumerate() {
         let line = line.map_err(Error::io(path))?;
@@ -93,9 +96,15 @@ pub fn load(dir: &Path, split: &str) -> Result<Beir> {
             continue;
         }
         let [q, d, score] = cols[..] else {
-            return Err(bad_line(&path, n + 1, format!("expected 3 tab-separated columns, found {}", cols.len()), hint));
+            return Err(bad_line(
+                &path,
+                n + 1,
+                format!("expected 3 tab-separated columns, found {}", cols.len()),
+                hint,
+            ));
         };
-        let score: i64 = score.parse().map_err(|_| bad_line(&path, n + 1, format!("score {score:?} is not an integer"), hint))?;
+        let score: i64 =
+            score.parse().map_err(|_| bad_line(&path, n + 1, format!("score {score:?} is not an integer"), hint))?;
         let qi = *queries.get(q).ok_or_else(|| {
             bad_line(&path, n + 1, format!("query {q:?} is not in queries.jsonl"), "qrels must name known queries")
         })?;
@@ -127,7 +136,11 @@ mod tests {
     #[test]
     fn reads_a_set_and_names_the_line_of_a_bad_qrel() {
         let t = tempfile::tempdir().unwrap();
-        write(t.path(), "corpus.jsonl", "{\"_id\": \"d1\", \"title\": \"T\", \"text\": \"body\"}\n{\"_id\": 2, \"text\": \"x\"}\n");
+        write(
+            t.path(),
+            "corpus.jsonl",
+            "{\"_id\": \"d1\", \"title\": \"T\", \"text\": \"body\"}\n{\"_id\": 2, \"text\": \"x\"}\n",
+        );
         write(t.path(), "queries.jsonl", "{\"_id\": \"q1\", \"text\": \"what?\"}\n");
         write(t.path(), "qrels/train.tsv", "query-id\tcorpus-id\tscore\nq1\td1\t1\nq1\t2\t0\n");
         let b = load(t.path(), "train").unwrap();

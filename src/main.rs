@@ -16,6 +16,7 @@ fn main() -> ExitCode {
         // SAFETY: single-threaded here: the async runtime starts below.
         unsafe { std::env::set_var("CANDLE_DEQUANTIZE_ALL", "1") };
     }
+    keep_freed_memory();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -31,3 +32,20 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// Tensor code allocates and frees buffers of many megabytes per operation. glibc hands such blocks
+/// straight back to the kernel (mmap/munmap), so every new tensor is page-faulted in again, which
+/// cost training a third of its time. Keeping freed memory in the process avoids that.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn keep_freed_memory() {
+    // SAFETY: mallopt only changes allocator thresholds; called before any other thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        // One arena per core at most: worker threads would otherwise each keep their own freed memory.
+        libc::mallopt(libc::M_ARENA_MAX, 4);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn keep_freed_memory() {}

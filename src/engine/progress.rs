@@ -167,11 +167,9 @@ impl StageProgress {
             let left = (c.total as u64).saturating_sub(finished) as f64;
             let eta = if rate > 0.0 { format!("{:.0}s", left / rate) } else { "?".into() };
             let msg = self.inner.message.lock().expect("message lock").clone();
-            self.inner.progress.log(&format!(
-                "[{}] {finished}/{} items, {rate:.1}/s, ETA {eta} {msg}",
-                self.inner.name,
-                c.total
-            ));
+            self.inner
+                .progress
+                .log(&format!("[{}] {finished}/{} items, {rate:.1}/s, ETA {eta} {msg}", self.inner.name, c.total));
         }
     }
 }

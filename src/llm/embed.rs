@@ -97,7 +97,10 @@ impl BlackBox {
                 Backend::Api(p) => {
                     let client: &LlmClient = client.as_ref().expect("api client");
                     client.embed(p.as_ref(), &batch).await?.map_err(|f| {
-                        Error::Other(format!("black-box embeddings failed after {} attempts: {}", f.attempts, f.message))
+                        Error::Other(format!(
+                            "black-box embeddings failed after {} attempts: {}",
+                            f.attempts, f.message
+                        ))
                     })?
                 }
             };

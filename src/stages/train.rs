@@ -146,7 +146,11 @@ fn check(cx: &CheckCtx) -> Vec<Diagnostic> {
         diags.push(Diagnostic::new(at(key), format!("stage `{}`: {what}", cx.stage)).hint(hint.to_string()))
     };
     if p.epochs == 0 || p.batch_size < 2 || p.grad_accum == 0 {
-        bad("epochs", "epochs and grad_accum must be at least 1, batch_size at least 2".into(), "e.g. epochs: 1, batch_size: 32");
+        bad(
+            "epochs",
+            "epochs and grad_accum must be at least 1, batch_size at least 2".into(),
+            "e.g. epochs: 1, batch_size: 32",
+        );
     }
     if !(p.lr > 0.0 && p.lr < 1.0) {
         bad("lr", format!("lr {} is out of range", p.lr), "2.0e-5 is usual for BERT");
@@ -157,14 +161,22 @@ fn check(cx: &CheckCtx) -> Vec<Diagnostic> {
     if p.weight <= 0.0 || p.scale <= 0.0 {
         bad("weight", "weight and scale must be positive".into(), "weight: 0.5 and scale: 20 follow the paper");
     }
-    if parse_device(&p.device).is_err() {
+    if parse_device(&p.device).is_none() {
         bad("device", format!("unknown device {:?}", p.device), "auto, cpu, cuda or cuda:N");
     }
     if !cx.models.contains_key(&p.augment) {
-        bad("augment", format!("uses `models.{}`, which is not defined", p.augment), "add `augment: { init: all-MiniLM-L6-v2 }` under `models:`");
+        bad(
+            "augment",
+            format!("uses `models.{}`, which is not defined", p.augment),
+            "add `augment: { init: all-MiniLM-L6-v2 }` under `models:`",
+        );
     }
     if (p.retriever == Retriever::Mafin || p.hard_negatives > 0) && !cx.models.contains_key(&p.black_box) {
-        bad("black_box", format!("uses `models.{}`, which is not defined", p.black_box), "add `black_box: { provider: local, model: all-MiniLM-L6-v2 }`");
+        bad(
+            "black_box",
+            format!("uses `models.{}`, which is not defined", p.black_box),
+            "add `black_box: { provider: local, model: all-MiniLM-L6-v2 }`",
+        );
     }
     diags
 }
@@ -175,12 +187,12 @@ pub enum DeviceChoice {
     Cuda(usize),
 }
 
-pub fn parse_device(s: &str) -> std::result::Result<DeviceChoice, ()> {
+pub fn parse_device(s: &str) -> Option<DeviceChoice> {
     match s {
-        "auto" => Ok(DeviceChoice::Auto),
-        "cpu" => Ok(DeviceChoice::Cpu),
-        "cuda" => Ok(DeviceChoice::Cuda(0)),
-        _ => s.strip_prefix("cuda:").and_then(|n| n.parse().ok()).map(DeviceChoice::Cuda).ok_or(()),
+        "auto" => Some(DeviceChoice::Auto),
+        "cpu" => Some(DeviceChoice::Cpu),
+        "cuda" => Some(DeviceChoice::Cuda(0)),
+        _ => s.strip_prefix("cuda:").and_then(|n| n.parse().ok()).map(DeviceChoice::Cuda),
     }
 }
 
@@ -194,9 +206,9 @@ fn device(choice: &str) -> Result<candle_core::Device> {
         })
     };
     match parse_device(choice) {
-        Ok(DeviceChoice::Cpu) => Ok(candle_core::Device::Cpu),
-        Ok(DeviceChoice::Cuda(n)) => cuda(n),
-        Ok(DeviceChoice::Auto) if candle_core::utils::cuda_is_available() => cuda(0),
+        Some(DeviceChoice::Cpu) => Ok(candle_core::Device::Cpu),
+        Some(DeviceChoice::Cuda(n)) => cuda(n),
+        Some(DeviceChoice::Auto) if candle_core::utils::cuda_is_available() => cuda(0),
         _ => Ok(candle_core::Device::Cpu),
     }
 }
@@ -302,7 +314,11 @@ fn mine_negatives(examples: &mut [Example], bb: &HashMap<String, Vec<f32>>, marg
         .iter()
         .zip(&top)
         .map(|(e, cands)| {
-            let pos: f32 = train::normalized(&bb[&e.query]).iter().zip(train::normalized(&bb[&e.positive])).map(|(a, b)| a * b).sum();
+            let pos: f32 = train::normalized(&bb[&e.query])
+                .iter()
+                .zip(train::normalized(&bb[&e.positive]))
+                .map(|(a, b)| a * b)
+                .sum();
             let own = &positives[e.query.as_str()];
             cands
                 .iter()
@@ -335,7 +351,11 @@ impl Stage for Train {
         .await
         .map_err(|e| Error::Other(e.to_string()))?;
         let bb = match self.needs_black_box() {
-            true => self.wf.models.get(&self.params.black_box).map(|m| format!("{:?}|{:?}|{:?}", m.provider, m.model, m.base_url)),
+            true => self
+                .wf
+                .models
+                .get(&self.params.black_box)
+                .map(|m| format!("{:?}|{:?}|{:?}", m.provider, m.model, m.base_url)),
             false => None,
         };
         Ok(format!("{digest}|{bb:?}|{:?}", self.max_seq_length))
@@ -371,7 +391,11 @@ impl Stage for Train {
             texts.extend(val_set.corpus.iter().cloned());
             texts.sort();
             texts.dedup();
-            ctx.progress.log(&format!("black box {}: {} texts (cached ones are read, not recomputed)", bb.identity, texts.len()));
+            ctx.progress.log(&format!(
+                "black box {}: {} texts (cached ones are read, not recomputed)",
+                bb.identity,
+                texts.len()
+            ));
             let vectors = bb.embed(&self.wf, &ctx.store, ctx.run_id, &self.name, &texts, &|_| {}).await?;
             bb_vectors = Some(texts.into_iter().zip(vectors).collect::<HashMap<_, _>>());
         }
@@ -398,8 +422,10 @@ impl Stage for Train {
             patience: p.patience,
             checkpoint_every: p.checkpoint_every,
         };
-        let mut fp_items: Vec<(&str, &str, &str, Option<&str>)> =
-            train_set.iter().map(|e| (e.query.as_str(), e.positive.as_str(), e.doc.as_str(), e.negative.as_deref())).collect();
+        let mut fp_items: Vec<(&str, &str, &str, Option<&str>)> = train_set
+            .iter()
+            .map(|e| (e.query.as_str(), e.positive.as_str(), e.doc.as_str(), e.negative.as_deref()))
+            .collect();
         fp_items.sort();
         let fingerprint = sha256_hex(
             serde_json::to_string(&json!({
@@ -465,7 +491,8 @@ impl Stage for Train {
                     }
                 }
             };
-            let out = train::train(&cfg, &aug, &train_set, &val_set, &vectors_for_training, &dir2, &fp2, &mut on);
+            let data = train::TrainData { train: &train_set, val: &val_set, bb: &vectors_for_training };
+            let out = train::train(&cfg, &aug, &data, &dir2, &fp2, &mut on);
             (out, pairs_seen, train_set.len())
         })
         .await

@@ -25,7 +25,8 @@ pub fn is_validation(doc: &str, seed: u64, fraction: f64) -> bool {
 
 /// Splits by document. With at least two documents and a non-zero fraction, at least one is held out.
 pub fn split(examples: Vec<Example>, seed: u64, fraction: f64) -> (Vec<Example>, Vec<Example>) {
-    let (mut train, mut val): (Vec<_>, Vec<_>) = examples.into_iter().partition(|e| !is_validation(&e.doc, seed, fraction));
+    let (mut train, mut val): (Vec<_>, Vec<_>) =
+        examples.into_iter().partition(|e| !is_validation(&e.doc, seed, fraction));
     if val.is_empty() && fraction > 0.0 {
         let docs: HashSet<&str> = train.iter().map(|e| e.doc.as_str()).collect();
         if docs.len() >= 2 {
@@ -126,7 +127,8 @@ mod tests {
 
     #[test]
     fn split_holds_out_whole_documents() {
-        let data: Vec<Example> = (0..200).map(|i| ex(&format!("q{i}"), &format!("p{i}"), &format!("d{}", i % 20))).collect();
+        let data: Vec<Example> =
+            (0..200).map(|i| ex(&format!("q{i}"), &format!("p{i}"), &format!("d{}", i % 20))).collect();
         let (train, val) = split(data, 3, 0.2);
         assert!(!val.is_empty() && !train.is_empty());
         let val_docs: HashSet<&str> = val.iter().map(|e| e.doc.as_str()).collect();

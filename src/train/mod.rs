@@ -92,19 +92,26 @@ pub struct TrainOutcome {
     pub resumed: bool,
 }
 
+/// What training learns from and is validated on.
+#[derive(Clone, Copy)]
+pub struct TrainData<'a> {
+    pub train: &'a [Example],
+    pub val: &'a RetrievalSet,
+    pub bb: &'a BlackBoxVectors,
+}
+
 /// Trains `aug` on `train`, validating on `val`, writing `dir/best` (the best validation score so
 /// far) and `dir/last` (resumable: weights, optimiser moments and position). A `dir/last` left by an
 /// earlier attempt with the same fingerprint is continued rather than restarted.
 pub fn train(
     cfg: &TrainConfig,
     aug: &Augment,
-    train: &[Example],
-    val: &RetrievalSet,
-    bb: &BlackBoxVectors,
+    data: &TrainData,
     dir: &Path,
     fingerprint: &str,
     on: &mut dyn FnMut(Event) -> Result<()>,
 ) -> Result<TrainOutcome> {
+    let TrainData { train, val, bb } = *data;
     let tensor_err = |e: candle_core::Error| Error::Other(format!("training: {e}"));
     if cfg.retriever == Retriever::Mafin && bb.is_none() {
         return Err(Error::Other("mafin training needs black-box vectors".into()));
@@ -144,7 +151,8 @@ pub fn train(
         resumed = true;
     }
 
-    let per_epoch: Vec<usize> = (0..cfg.epochs).map(|e| data::batches(train, cfg.batch_size, cfg.seed, e).len()).collect();
+    let per_epoch: Vec<usize> =
+        (0..cfg.epochs).map(|e| data::batches(train, cfg.batch_size, cfg.seed, e).len()).collect();
     let accum = cfg.grad_accum.max(1);
     let total_steps: u64 = per_epoch.iter().map(|&b| b.div_ceil(accum) as u64).sum();
     let warmup = (total_steps as f64 * cfg.warmup).ceil() as u64;
@@ -162,25 +170,26 @@ pub fn train(
         st.adam_t = opt.t;
         aug.save(&last_dir, &refs, Some(&serde_json::to_value(&st).expect("state json")))
     };
-    let validate = |state: &mut TrainState, epoch_done: usize, on: &mut dyn FnMut(Event) -> Result<()>| -> Result<bool> {
-        if val.queries.is_empty() {
-            return Ok(false);
-        }
-        let m = validation_metrics(cfg, aug, val, bb)?;
-        on(Event::Validation { step: state.step, epoch: epoch_done, metrics: &m })?;
-        let score = (m.get("recall@10").copied().unwrap_or(0.0), m.get("ndcg@10").copied().unwrap_or(0.0));
-        let better = state.best.is_none_or(|b| score > b);
-        if better {
-            state.best = Some(score);
-            state.best_epoch = Some(epoch_done);
-            state.best_metrics = m;
-            state.bad_epochs = 0;
-            aug.save(&best_dir, &HashMap::new(), None)?;
-        } else {
-            state.bad_epochs += 1;
-        }
-        Ok(better)
-    };
+    let validate =
+        |state: &mut TrainState, epoch_done: usize, on: &mut dyn FnMut(Event) -> Result<()>| -> Result<bool> {
+            if val.queries.is_empty() {
+                return Ok(false);
+            }
+            let m = validation_metrics(cfg, aug, val, bb)?;
+            on(Event::Validation { step: state.step, epoch: epoch_done, metrics: &m })?;
+            let score = (m.get("recall@10").copied().unwrap_or(0.0), m.get("ndcg@10").copied().unwrap_or(0.0));
+            let better = state.best.is_none_or(|b| score > b);
+            if better {
+                state.best = Some(score);
+                state.best_epoch = Some(epoch_done);
+                state.best_metrics = m;
+                state.bad_epochs = 0;
+                aug.save(&best_dir, &HashMap::new(), None)?;
+            } else {
+                state.bad_epochs += 1;
+            }
+            Ok(better)
+        };
 
     if !state.validated_start {
         // The starting model is the first candidate: training must beat it to replace it.
@@ -206,9 +215,16 @@ pub fn train(
                 state.step += 1;
                 state.next_batch = bi + 1;
                 let pairs = batches[bi + 1 - pending..=bi].iter().map(Vec::len).sum();
-                on(Event::Step { step: state.step, epoch: state.epoch + 1, loss: loss_sum / pending as f64, lr, pairs })?;
+                on(Event::Step {
+                    step: state.step,
+                    epoch: state.epoch + 1,
+                    loss: loss_sum / pending as f64,
+                    lr,
+                    pairs,
+                })?;
                 (pending, loss_sum) = (0, 0.0);
-                if cfg.checkpoint_every > 0 && state.step % cfg.checkpoint_every == 0 && bi + 1 < batches.len() {
+                if cfg.checkpoint_every > 0 && state.step.is_multiple_of(cfg.checkpoint_every) && bi + 1 < batches.len()
+                {
                     save_last(&state, &opt)?;
                 }
             }
@@ -218,7 +234,10 @@ pub fn train(
         let epoch = state.epoch;
         let improved = validate(&mut state, epoch, on)?;
         if !improved && !val.queries.is_empty() && state.bad_epochs >= cfg.patience.max(1) && state.epoch < cfg.epochs {
-            on(Event::Log(format!("early stop after epoch {}: no better validation for {} epochs", state.epoch, state.bad_epochs)))?;
+            on(Event::Log(format!(
+                "early stop after epoch {}: no better validation for {} epochs",
+                state.epoch, state.bad_epochs
+            )))?;
             state.stopped_early = true;
             state.done = true;
         }
@@ -318,38 +337,14 @@ fn validation_metrics(
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-    use crate::models::bert::Folder;
-
-    /// A folder with a tiny BERT config and a word-level tokenizer over `words`.
-    pub fn tiny_folder(dir: &Path, words: &[&str]) -> Folder {
-        use tokenizers::models::wordlevel::WordLevel;
-        use tokenizers::pre_tokenizers::whitespace::Whitespace;
-        let mut vocab: HashMap<String, u32> = HashMap::new();
-        for (i, w) in ["[PAD]", "[UNK]"].iter().chain(words).enumerate() {
-            vocab.insert(w.to_string(), i as u32);
-        }
-        let n = vocab.len();
-        let model = WordLevel::builder().vocab(vocab.into_iter().collect()).unk_token("[UNK]".into()).build().unwrap();
-        let mut tok = tokenizers::Tokenizer::new(model);
-        tok.with_pre_tokenizer(Some(Whitespace {}));
-        tok.save(dir.join("tokenizer.json"), false).unwrap();
-        let config = serde_json::json!({
-            "vocab_size": n, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
-            "intermediate_size": 32, "hidden_act": "gelu", "hidden_dropout_prob": 0.1,
-            "max_position_embeddings": 32, "type_vocab_size": 2, "initializer_range": 0.02,
-            "layer_norm_eps": 1e-12, "pad_token_id": 0, "classifier_dropout": null, "model_type": "bert"
-        });
-        std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
-        Folder::read(dir, Some(16)).unwrap()
-    }
 
     #[test]
     fn one_step_changes_the_weights() {
         let t = tempfile::tempdir().unwrap();
         let words = ["alpha", "beta", "gamma", "delta", "one", "two", "three", "four"];
-        let aug = Augment::new(tiny_folder(t.path(), &words), None, &candle_core::Device::Cpu).unwrap();
+        let aug = Augment::new(model::tiny_folder(t.path(), &words).unwrap(), None, &candle_core::Device::Cpu).unwrap();
         let before: Vec<f32> = aug.named_vars()[0].1.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
         let mut opt = AdamW::new(
             aug.named_vars(),
@@ -365,5 +360,30 @@ pub(crate) mod tests {
         opt.step(&grads, 1e-2).unwrap();
         let after: Vec<f32> = aug.named_vars()[0].1.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
         assert_ne!(before, after);
+    }
+
+    #[test]
+    fn a_saved_checkpoint_reproduces_the_embeddings_exactly() {
+        let t = tempfile::tempdir().unwrap();
+        let words = ["alpha", "beta", "gamma", "delta"];
+        let aug = Augment::new(model::tiny_folder(t.path(), &words).unwrap(), None, &candle_core::Device::Cpu).unwrap();
+        let texts: Vec<String> = vec!["alpha beta".into(), "gamma".into(), "delta alpha gamma".into()];
+        let before = aug.encoder().unwrap().embed(&texts, 2).unwrap();
+        aug.save(&t.path().join("ckpt"), &HashMap::new(), None).unwrap();
+        let reloaded =
+            crate::models::bert::SentenceEncoder::load(&t.path().join("ckpt"), None, &candle_core::Device::Cpu)
+                .unwrap()
+                .embed(&texts, 2)
+                .unwrap();
+        assert_eq!(before, reloaded);
+        // The graph used in training agrees with the inference path.
+        let graph: Vec<Vec<f32>> =
+            aug.encode(&["alpha beta", "gamma", "delta alpha gamma"]).unwrap().to_vec2().unwrap();
+        for (g, r) in graph.iter().zip(&reloaded) {
+            let n = r.iter().map(|x| x * x).sum::<f32>().sqrt();
+            for (a, b) in g.iter().zip(r) {
+                assert!((a - b / n).abs() < 1e-5);
+            }
+        }
     }
 }

@@ -48,16 +48,21 @@ impl Augment {
                 .or_else(|| tensors.get(&format!("bert.{name}")))
                 .ok_or_else(|| weights_error(path, format!("tensor `{name}` is missing")))?;
             if t.dims() != var.dims() {
-                return Err(weights_error(path, format!("`{name}` is {:?}, config.json says {:?}", t.dims(), var.dims())));
+                return Err(weights_error(
+                    path,
+                    format!("`{name}` is {:?}, config.json says {:?}", t.dims(), var.dims()),
+                ));
             }
-            var.set(&t.to_dtype(DType::F32).map_err(|e| weights_error(path, e))?).map_err(|e| weights_error(path, e))?;
+            var.set(&t.to_dtype(DType::F32).map_err(|e| weights_error(path, e))?)
+                .map_err(|e| weights_error(path, e))?;
         }
         Ok(())
     }
 
     /// Parameters by name, sorted so every run visits them in the same order.
     pub fn named_vars(&self) -> Vec<(String, candle_core::Var)> {
-        let mut v: Vec<_> = self.varmap.data().lock().expect("varmap lock").iter().map(|(n, v)| (n.clone(), v.clone())).collect();
+        let mut v: Vec<_> =
+            self.varmap.data().lock().expect("varmap lock").iter().map(|(n, v)| (n.clone(), v.clone())).collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
     }
@@ -78,7 +83,9 @@ impl Augment {
         let maskf = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
         let pooled = match self.folder.pooling {
             Pooling::Cls => hidden.get_on_dim(1, 0)?,
-            Pooling::Mean => hidden.broadcast_mul(&maskf)?.sum(1)?.broadcast_div(&maskf.sum(1)?.clamp(1e-9, f64::MAX)?)?,
+            Pooling::Mean => {
+                hidden.broadcast_mul(&maskf)?.sum(1)?.broadcast_div(&maskf.sum(1)?.clamp(1e-9, f64::MAX)?)?
+            }
             Pooling::Max => hidden.broadcast_add(&((maskf.ones_like()? - &maskf)? * -1e9)?)?.max(1)?,
         };
         // Training always compares cosines, whether or not the folder normalises its output.
@@ -88,7 +95,8 @@ impl Augment {
     /// An inference encoder over the current weights (the fast packed path on the CPU).
     pub fn encoder(&self) -> Result<SentenceEncoder> {
         let vb = VarBuilder::from_varmap(&self.varmap, DType::F32, &self.device);
-        SentenceEncoder::with_weights(self.folder.clone(), &vb).map_err(|e| Error::Other(format!("augment encoder: {e}")))
+        SentenceEncoder::with_weights(self.folder.clone(), &vb)
+            .map_err(|e| Error::Other(format!("augment encoder: {e}")))
     }
 
     /// Writes a sentence-transformers folder: the parent folder's configuration files, this model's
@@ -134,7 +142,7 @@ pub fn existing_checkpoint(dest: &Path) -> Option<std::path::PathBuf> {
 
 /// Copies what a sentence-transformers folder needs besides weights: top-level JSON and text files
 /// and the numbered module folders (1_Pooling, 2_Normalize). Writes a mean-pooling module list when
-/// the parent is a bare transformers folder.
+/// the parent is a bare transformers folder (mean pooling, as flow reads such a folder).
 fn copy_config(from: &Path, to: &Path) -> Result<()> {
     let entries = std::fs::read_dir(from).map_err(Error::io(from))?;
     for e in entries.flatten() {
@@ -157,12 +165,10 @@ fn copy_config(from: &Path, to: &Path) -> Result<()> {
     if !to.join("modules.json").exists() {
         let modules = serde_json::json!([
             {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}
         ]);
         std::fs::write(to.join("modules.json"), modules.to_string()).map_err(Error::io(to))?;
         std::fs::create_dir_all(to.join("1_Pooling")).map_err(Error::io(to))?;
-        std::fs::create_dir_all(to.join("2_Normalize")).map_err(Error::io(to))?;
         let dim = serde_json::from_str::<serde_json::Value>(
             &std::fs::read_to_string(to.join("config.json")).unwrap_or_default(),
         )
@@ -173,4 +179,30 @@ fn copy_config(from: &Path, to: &Path) -> Result<()> {
         std::fs::write(to.join("1_Pooling/config.json"), pooling.to_string()).map_err(Error::io(to))?;
     }
     Ok(())
+}
+
+/// Writes a tiny BERT configuration (2 layers, width 16) and a word-level tokenizer over `words` into
+/// `dir`: a model folder for tests and demos that trains in seconds from random weights.
+pub fn tiny_folder(dir: &Path, words: &[&str]) -> Result<Folder> {
+    use tokenizers::models::wordlevel::WordLevel;
+    use tokenizers::pre_tokenizers::whitespace::Whitespace;
+    let vocab: HashMap<String, u32> =
+        ["[PAD]", "[UNK]"].iter().chain(words).enumerate().map(|(i, w)| (w.to_string(), i as u32)).collect();
+    let n = vocab.len();
+    let model = WordLevel::builder()
+        .vocab(vocab.into_iter().collect())
+        .unk_token("[UNK]".into())
+        .build()
+        .map_err(|e| Error::Other(e.to_string()))?;
+    let mut tok = tokenizers::Tokenizer::new(model);
+    tok.with_pre_tokenizer(Some(Whitespace {}));
+    tok.save(dir.join("tokenizer.json"), false).map_err(|e| Error::Other(e.to_string()))?;
+    let config = serde_json::json!({
+        "vocab_size": n, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "intermediate_size": 32, "hidden_act": "gelu", "hidden_dropout_prob": 0.1,
+        "max_position_embeddings": 32, "type_vocab_size": 2, "initializer_range": 0.02,
+        "layer_norm_eps": 1e-12, "pad_token_id": 0, "classifier_dropout": null, "model_type": "bert"
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).map_err(Error::io(dir))?;
+    Folder::read(dir, Some(16))
 }

@@ -122,8 +122,9 @@ mod tests {
         let cfg = AdamWConfig { lr: 0.1, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 };
         let mut opt = AdamW::new(vec![("l.weight".into(), w.clone()), ("l.bias".into(), b.clone())], cfg);
         // loss = sum(w^2) + 3b: grads 2w and 3
-        let loss = (w.as_tensor().sqr().unwrap().sum_all().unwrap() + (b.as_tensor() * 3.0).unwrap().sum_all().unwrap())
-            .unwrap();
+        let loss = (w.as_tensor().sqr().unwrap().sum_all().unwrap()
+            + (b.as_tensor() * 3.0).unwrap().sum_all().unwrap())
+        .unwrap();
         let mut grads = Grads::new();
         opt.collect(&loss.backward().unwrap(), &mut grads).unwrap();
         opt.step(&grads, 0.1).unwrap();

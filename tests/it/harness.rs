@@ -85,6 +85,21 @@ impl Db {
 
     /// Like `scalar`, for polling a store that a running process may still be creating.
     pub fn try_scalar(&self, sql: &str) -> Result<i64, sqlx::Error> {
+        self.one::<i64>(sql)
+    }
+
+    pub fn real(&self, sql: &str) -> f64 {
+        self.one::<f64>(sql).unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    pub fn text(&self, sql: &str) -> String {
+        self.one::<String>(sql).unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    fn one<T>(&self, sql: &str) -> Result<T, sqlx::Error>
+    where
+        T: for<'r> sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite> + Send + Unpin + 'static,
+    {
         let path = self.path.clone();
         let sql = sql.to_string();
         tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async move {
@@ -94,7 +109,7 @@ impl Db {
                 .busy_timeout(std::time::Duration::from_secs(10))
                 .connect()
                 .await?;
-            sqlx::query_scalar::<_, i64>(&sql).fetch_one(&mut conn).await
+            sqlx::query_scalar::<_, T>(&sql).fetch_one(&mut conn).await
         })
     }
 

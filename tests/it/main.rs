@@ -7,4 +7,5 @@ mod llm;
 mod local;
 #[path = "../support/openai_server.rs"]
 mod openai_server;
+mod train;
 mod validate;

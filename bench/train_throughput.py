@@ -1,0 +1,176 @@
+#!/usr/bin/env python3
+"""Training benchmark (issue 5): flow's train stage against sentence-transformers
+MultipleNegativesRankingLoss on PyTorch CPU, same machine, same run, same settings:
+SciFact train qrels, all-MiniLM-L6-v2, batch 32, max_seq_length 256, 1 epoch, lr 2e-5, warm-up 10%,
+no-duplicates batches. Then, on the 300 SciFact test queries over the 5,183 abstracts, Recall@10 and
+nDCG@10 of the frozen model, flow's augment_only and mafin models, and sentence-transformers' own
+fine-tuned model; and the max difference between flow's and sentence-transformers' vectors of a flow
+checkpoint loaded with SentenceTransformer(path).
+
+    cargo build --release --example embed && cargo build --release
+    python3 -m venv /tmp/stvenv && /tmp/stvenv/bin/pip install sentence-transformers datasets accelerate
+    /tmp/stvenv/bin/python bench/train_throughput.py [--skip-st] [--skip-flow]
+
+flow's runs are timed by the stage itself (pairs/s over the training loop) and by wall clock; peak RSS
+of flow comes from /usr/bin/time, of sentence-transformers from this process (VmHWM) before flow runs.
+"""
+import argparse
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCIFACT = os.path.join(ROOT, "..", "shared", "data", "scifact")
+MODEL = os.path.expanduser(os.environ.get("FLOW_MODELS", "~/.cache/flow/models")) + "/all-MiniLM-L6-v2"
+WF = os.path.join(ROOT, "bench", "scifact_train.yaml")
+DB = os.path.join(ROOT, "bench", "scifact.db")
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def load():
+    corpus = {d["_id"]: (d.get("title", "") + " " + d.get("text", "")).strip() for d in read_jsonl(f"{SCIFACT}/corpus.jsonl")}
+    queries = {q["_id"]: q["text"] for q in read_jsonl(f"{SCIFACT}/queries.jsonl")}
+
+    def qrels(split):
+        out = {}
+        with open(f"{SCIFACT}/qrels/{split}.tsv") as f:
+            next(f)
+            for line in f:
+                q, d, s = line.rstrip("\n").split("\t")
+                if int(s) > 0:
+                    out.setdefault(q, set()).add(d)
+        return out
+
+    return corpus, queries, qrels("train"), qrels("test")
+
+
+def peak_rss_mb():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+
+
+def metrics(q_emb, d_emb, doc_ids, test, query_ids):
+    """Recall@10 and nDCG@10 as sentence-transformers' InformationRetrievalEvaluator defines them."""
+    scores = q_emb @ d_emb.T
+    rec, ndcg = [], []
+    for i, qid in enumerate(query_ids):
+        rel = test[qid]
+        top = np.argsort(-scores[i])[:10]
+        hits = [doc_ids[j] in rel for j in top]
+        rec.append(sum(hits) / len(rel))
+        dcg = sum(1 / np.log2(r + 2) for r, h in enumerate(hits) if h)
+        idcg = sum(1 / np.log2(r + 2) for r in range(min(len(rel), 10)))
+        ndcg.append(dcg / idcg)
+    return {"recall@10": round(float(np.mean(rec)), 4), "ndcg@10": round(float(np.mean(ndcg)), 4)}
+
+
+def train_st(corpus, queries, train):
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers.losses import MultipleNegativesRankingLoss
+    from sentence_transformers.training_args import BatchSamplers
+
+    model = SentenceTransformer(MODEL, device="cpu")
+    model.max_seq_length = 256
+    pairs = [(queries[q], corpus[d]) for q, ds in train.items() for d in sorted(ds)]
+    ds = Dataset.from_dict({"anchor": [p[0] for p in pairs], "positive": [p[1] for p in pairs]})
+    out = "/tmp/flow-bench-st-model"
+    args = SentenceTransformerTrainingArguments(
+        output_dir=out, num_train_epochs=1, per_device_train_batch_size=32, learning_rate=2e-5,
+        warmup_ratio=0.1, weight_decay=0.01, max_grad_norm=1.0, batch_sampler=BatchSamplers.NO_DUPLICATES,
+        save_strategy="no", logging_steps=5, report_to=[], seed=42, use_cpu=True, dataloader_num_workers=0,
+    )
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=ds, loss=MultipleNegativesRankingLoss(model))
+    t = time.time()
+    trainer.train()
+    secs = time.time() - t
+    return model, {"pairs": len(pairs), "seconds": round(secs, 1), "pairs_per_s": round(len(pairs) / secs, 2),
+                   "peak_rss_mb": round(peak_rss_mb(), 0)}
+
+
+def run_flow(retriever):
+    env = dict(os.environ, RETRIEVER=retriever)
+    t = time.time()
+    r = subprocess.run(["/usr/bin/time", "-f", "%M", os.path.join(ROOT, "target/release/flow"), "run", WF, "--force", "train"],
+                       env=env, capture_output=True, text=True)
+    wall = time.time() - t
+    if r.returncode != 0:
+        sys.exit(f"flow failed:\n{r.stderr}")
+    rss_kb = int(r.stderr.strip().splitlines()[-1])
+    con = sqlite3.connect(DB)
+    summary, = con.execute("SELECT summary FROM stage_runs WHERE stage = 'train' ORDER BY id DESC LIMIT 1").fetchone()
+    s = json.loads(summary)
+    return s, {"pairs": s["train_pairs"], "wall_seconds": round(wall, 1), "pairs_per_s": round(s["pairs_per_s"], 2),
+               "peak_rss_mb": round(rss_kb / 1024, 0)}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--skip-st", action="store_true")
+    ap.add_argument("--skip-flow", action="store_true")
+    args = ap.parse_args()
+    corpus, queries, train, test = load()
+    result = {}
+    from sentence_transformers import SentenceTransformer
+
+    st_model = None
+    if not args.skip_st:
+        st_model, result["sentence_transformers"] = train_st(corpus, queries, train)
+        print(json.dumps(result, indent=2), file=sys.stderr)
+    flow_models = {}
+    if not args.skip_flow:
+        for retriever in ["augment_only", "mafin"]:
+            summary, result[f"flow_{retriever}"] = run_flow(retriever)
+            flow_models[retriever] = summary["path"]
+            print(json.dumps(result, indent=2), file=sys.stderr)
+
+    # Test-set retrieval: every abstract, the 300 test queries.
+    doc_ids = list(corpus)
+    docs = [corpus[d] for d in doc_ids]
+    qids = sorted(test)
+    qtexts = [queries[q] for q in qids]
+
+    def encode(model_path_or_model, texts):
+        m = model_path_or_model if not isinstance(model_path_or_model, str) else SentenceTransformer(model_path_or_model, device="cpu")
+        m.max_seq_length = 256
+        return m.encode(texts, batch_size=32, normalize_embeddings=True, convert_to_numpy=True)
+
+    frozen_q, frozen_d = encode(MODEL, qtexts), encode(MODEL, docs)
+    evals = {"frozen": metrics(frozen_q, frozen_d, doc_ids, test, qids)}
+    if st_model is not None:
+        evals["st_finetuned"] = metrics(encode(st_model, qtexts), encode(st_model, docs), doc_ids, test, qids)
+    for retriever, path in flow_models.items():
+        aq, ad = encode(path, qtexts), encode(path, docs)
+        evals[f"flow_{retriever}"] = metrics(aq, ad, doc_ids, test, qids)
+        if retriever == "mafin":
+            w = 0.5
+            cat = lambda b, a: np.concatenate([b, w * a], axis=1) / np.sqrt(1 + w * w)
+            evals["flow_mafin"] = metrics(cat(frozen_q, aq), cat(frozen_d, ad), doc_ids, test, qids)
+            evals["flow_mafin_augment_alone"] = metrics(aq, ad, doc_ids, test, qids)
+            # The checkpoint through SentenceTransformer(path) against flow's own encoder.
+            sample = docs[:64]
+            st_vecs = SentenceTransformer(path, device="cpu").encode(sample, batch_size=32, convert_to_numpy=True)
+            tmp_in, tmp_out = "/tmp/flow-bench-texts.json", "/tmp/flow-bench-vecs.f32"
+            with open(tmp_in, "w") as f:
+                json.dump(sample, f)
+            subprocess.run([os.path.join(ROOT, "target/release/examples/embed"), tmp_in, tmp_out, "--model", path],
+                           check=True, capture_output=True)
+            flow_vecs = np.fromfile(tmp_out, dtype="<f4").reshape(len(sample), -1)
+            result["checkpoint_max_abs_diff_vs_sentence_transformers"] = float(np.abs(flow_vecs - st_vecs).max())
+    result["test_retrieval"] = evals
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
