@@ -95,11 +95,15 @@ def train_st(corpus, queries, train):
     t = time.time()
     trainer.train()
     secs = time.time() - t
+    model.save(out)
     return model, {"pairs": len(pairs), "seconds": round(secs, 1), "pairs_per_s": round(len(pairs) / secs, 2),
                    "peak_rss_mb": round(peak_rss_mb(), 0)}
 
 
 def run_flow(retriever):
+    import shutil
+    # A finished training with the same data and settings would be reused, not redone.
+    shutil.rmtree(os.path.join(ROOT, "bench", "scifact.models", "train"), ignore_errors=True)
     env = dict(os.environ, RETRIEVER=retriever)
     t = time.time()
     r = subprocess.run(["/usr/bin/time", "-f", "%M", os.path.join(ROOT, "target/release/flow"), "run", WF, "--force", "train"],
@@ -111,7 +115,13 @@ def run_flow(retriever):
     con = sqlite3.connect(DB)
     summary, = con.execute("SELECT summary FROM stage_runs WHERE stage = 'train' ORDER BY id DESC LIMIT 1").fetchone()
     s = json.loads(summary)
+    # The next run clears the models folder: keep this checkpoint for the evaluation.
+    keep = f"/tmp/flow-bench-{retriever}"
+    shutil.rmtree(keep, ignore_errors=True)
+    shutil.copytree(s["path"], keep)
+    s["path"] = keep
     return s, {"pairs": s["train_pairs"], "wall_seconds": round(wall, 1), "pairs_per_s": round(s["pairs_per_s"], 2),
+               "stage_seconds": round(s["wall_seconds"], 1), "validation_recall@10": s["validation"].get("recall@10"),
                "peak_rss_mb": round(rss_kb / 1024, 0)}
 
 
@@ -119,16 +129,25 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip-st", action="store_true")
     ap.add_argument("--skip-flow", action="store_true")
+    ap.add_argument("--eval-only", action="store_true",
+                    help="no training: evaluate the checkpoints an earlier run left in /tmp/flow-bench-*")
     args = ap.parse_args()
     corpus, queries, train, test = load()
     result = {}
     from sentence_transformers import SentenceTransformer
 
     st_model = None
+    if args.eval_only:
+        args.skip_st = args.skip_flow = True
+        if os.path.exists("/tmp/flow-bench-st-model/modules.json"):
+            st_model = SentenceTransformer("/tmp/flow-bench-st-model", device="cpu")
     if not args.skip_st:
         st_model, result["sentence_transformers"] = train_st(corpus, queries, train)
         print(json.dumps(result, indent=2), file=sys.stderr)
     flow_models = {}
+    if args.eval_only:
+        flow_models = {r: f"/tmp/flow-bench-{r}" for r in ["augment_only", "mafin"]
+                       if os.path.exists(f"/tmp/flow-bench-{r}/model.safetensors")}
     if not args.skip_flow:
         for retriever in ["augment_only", "mafin"]:
             summary, result[f"flow_{retriever}"] = run_flow(retriever)

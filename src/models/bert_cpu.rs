@@ -7,34 +7,35 @@ use candle_transformers::models::bert::{Config, HiddenAct};
 use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
 
-struct Layer {
+pub(crate) struct Layer {
     /// Query, key and value projections stacked: [3H, H].
-    qkv_w: Vec<f32>,
-    qkv_b: Vec<f32>,
-    out_w: Vec<f32>,
-    out_b: Vec<f32>,
-    ln1: (Vec<f32>, Vec<f32>),
-    inter_w: Vec<f32>,
-    inter_b: Vec<f32>,
-    down_w: Vec<f32>,
-    down_b: Vec<f32>,
-    ln2: (Vec<f32>, Vec<f32>),
+    pub(crate) qkv_w: Vec<f32>,
+    pub(crate) qkv_b: Vec<f32>,
+    pub(crate) out_w: Vec<f32>,
+    pub(crate) out_b: Vec<f32>,
+    pub(crate) ln1: (Vec<f32>, Vec<f32>),
+    pub(crate) inter_w: Vec<f32>,
+    pub(crate) inter_b: Vec<f32>,
+    pub(crate) down_w: Vec<f32>,
+    pub(crate) down_b: Vec<f32>,
+    pub(crate) ln2: (Vec<f32>, Vec<f32>),
 }
 
 /// The weights of a BERT encoder as plain row-major matrices (PyTorch's [out, in] layout).
 pub struct CpuBert {
-    word: Vec<f32>,
-    pos: Vec<f32>,
-    type0: Vec<f32>,
-    emb_ln: (Vec<f32>, Vec<f32>),
-    layers: Vec<Layer>,
-    hidden: usize,
-    heads: usize,
-    inter: usize,
-    max_pos: usize,
-    vocab: usize,
-    eps: f32,
-    act: HiddenAct,
+    pub(crate) word: Vec<f32>,
+    pub(crate) pos: Vec<f32>,
+    pub(crate) type0: Vec<f32>,
+    pub(crate) emb_ln: (Vec<f32>, Vec<f32>),
+    pub(crate) layers: Vec<Layer>,
+    pub(crate) hidden: usize,
+    pub(crate) heads: usize,
+    pub(crate) inter: usize,
+    pub(crate) max_pos: usize,
+    pub(crate) vocab: usize,
+    pub(crate) type_vocab: usize,
+    pub(crate) eps: f32,
+    pub(crate) act: HiddenAct,
 }
 
 /// Activations of one batch; kept between batches so large buffers are not mapped and faulted in again.
@@ -98,6 +99,7 @@ impl CpuBert {
             inter: i,
             max_pos: c.max_position_embeddings,
             vocab: c.vocab_size,
+            type_vocab: c.type_vocab_size,
             eps: c.layer_norm_eps as f32,
             act: c.hidden_act,
         })
@@ -107,27 +109,9 @@ impl CpuBert {
         self.hidden
     }
 
-    /// Last hidden states of the sequences in `ids`, packed one after another (`lens` says where
-    /// each ends): a [sum(lens), hidden] row-major matrix in `scratch`'s output.
-    pub fn forward<'s>(&self, ids: &[u32], lens: &[usize], s: &'s mut Scratch) -> candle_core::Result<&'s [f32]> {
-        let (h, t) = (self.hidden, ids.len());
-        if lens.iter().sum::<usize>() != t {
-            candle_core::bail!("sequence lengths do not add up to the token count")
-        }
-        if let Some(&n) = lens.iter().find(|&&n| n > self.max_pos) {
-            candle_core::bail!("a sequence of {n} tokens is longer than the model's {} positions", self.max_pos)
-        }
-        if let Some(&id) = ids.iter().find(|&&id| id as usize >= self.vocab) {
-            candle_core::bail!("token id {id} is outside the vocabulary of {}", self.vocab)
-        }
-        for (buf, width) in
-            [(&mut s.x, h), (&mut s.qkv, 3 * h), (&mut s.ctx, h), (&mut s.tmp, h), (&mut s.inter, self.inter)]
-        {
-            if buf.len() < t * width {
-                buf.resize(t * width, 0.0);
-            }
-        }
-        let x = &mut s.x[..t * h];
+    /// Word + position + token-type embeddings of packed sequences, before LayerNorm.
+    pub(crate) fn embed(&self, ids: &[u32], lens: &[usize], x: &mut [f32]) {
+        let h = self.hidden;
         let mut row = 0;
         for &n in lens {
             for p in 0..n {
@@ -140,32 +124,62 @@ impl CpuBert {
                 row += 1;
             }
         }
-        layer_norm_rows(x, None, &self.emb_ln, self.eps);
+    }
+
+    /// Checks packed input against the model before a forward pass.
+    pub(crate) fn check_input(&self, ids: &[u32], lens: &[usize]) -> candle_core::Result<()> {
+        if lens.iter().sum::<usize>() != ids.len() {
+            candle_core::bail!("sequence lengths do not add up to the token count")
+        }
+        if let Some(&n) = lens.iter().find(|&&n| n > self.max_pos) {
+            candle_core::bail!("a sequence of {n} tokens is longer than the model's {} positions", self.max_pos)
+        }
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= self.vocab) {
+            candle_core::bail!("token id {id} is outside the vocabulary of {}", self.vocab)
+        }
+        Ok(())
+    }
+
+    /// Last hidden states of the sequences in `ids`, packed one after another (`lens` says where
+    /// each ends): a [sum(lens), hidden] row-major matrix in `scratch`'s output.
+    pub fn forward<'s>(&self, ids: &[u32], lens: &[usize], s: &'s mut Scratch) -> candle_core::Result<&'s [f32]> {
+        let (h, t) = (self.hidden, ids.len());
+        self.check_input(ids, lens)?;
+        for (buf, width) in
+            [(&mut s.x, h), (&mut s.qkv, 3 * h), (&mut s.ctx, h), (&mut s.tmp, h), (&mut s.inter, self.inter)]
+        {
+            if buf.len() < t * width {
+                buf.resize(t * width, 0.0);
+            }
+        }
+        let x = &mut s.x[..t * h];
+        self.embed(ids, lens, x);
+        layer_norm_rows(x, None, &self.emb_ln, self.eps, None);
 
         let scale = 1.0 / ((h / self.heads) as f32).sqrt();
         for l in &self.layers {
             let qkv = &mut s.qkv[..t * 3 * h];
             linear(x, h, &l.qkv_w, &l.qkv_b, qkv);
             let ctx = &mut s.ctx[..t * h];
-            attention(qkv, lens, h, self.heads, scale, ctx);
+            attention(qkv, lens, h, self.heads, scale, ctx, None);
             let tmp = &mut s.tmp[..t * h];
             linear(ctx, h, &l.out_w, &l.out_b, tmp);
-            layer_norm_rows(x, Some(tmp), &l.ln1, self.eps);
+            layer_norm_rows(x, Some(tmp), &l.ln1, self.eps, None);
             let inter = &mut s.inter[..t * self.inter];
             linear(x, h, &l.inter_w, &l.inter_b, inter);
             activate(inter, self.act);
             linear(inter, self.inter, &l.down_w, &l.down_b, tmp);
-            layer_norm_rows(x, Some(tmp), &l.ln2, self.eps);
+            layer_norm_rows(x, Some(tmp), &l.ln2, self.eps, None);
         }
         Ok(&s.x[..t * h])
     }
 }
 
 /// Rows handed to one task in the element-wise passes: big enough to amortise scheduling.
-const ROWS_PER_TASK: usize = 64;
+pub(crate) const ROWS_PER_TASK: usize = 64;
 
 /// y = x W^T + b for x [t, k] and W [n, k]; y is [t, n].
-fn linear(x: &[f32], k: usize, w: &[f32], b: &[f32], y: &mut [f32]) {
+pub(crate) fn linear(x: &[f32], k: usize, w: &[f32], b: &[f32], y: &mut [f32]) {
     let n = b.len();
     let t = x.len() / k;
     y.par_chunks_mut(n * ROWS_PER_TASK).for_each(|rows| {
@@ -202,20 +216,40 @@ fn linear(x: &[f32], k: usize, w: &[f32], b: &[f32], y: &mut [f32]) {
 
 /// A raw pointer that tasks writing disjoint parts of one buffer may share.
 #[derive(Clone, Copy)]
-struct SharedMut(*mut f32);
+pub(crate) struct SharedMut(pub(crate) *mut f32);
 // SAFETY: every task writes a disjoint (rows x columns) block; see `attention`.
 unsafe impl Send for SharedMut {}
 unsafe impl Sync for SharedMut {}
 
 impl SharedMut {
     // A method, so closures capture the whole Sync wrapper rather than its raw-pointer field.
-    fn at(self, offset: usize) -> *mut f32 {
+    pub(crate) fn at(self, offset: usize) -> *mut f32 {
         self.0.wrapping_add(offset)
     }
 }
 
+/// Where each (sequence, head)'s attention probabilities start in a buffer that keeps them all.
+pub(crate) fn prob_offsets(lens: &[usize], heads: usize) -> (Vec<usize>, usize) {
+    let mut offs = Vec::with_capacity(lens.len());
+    let mut at = 0;
+    for &n in lens {
+        offs.push(at);
+        at += n * n * heads;
+    }
+    (offs, at)
+}
+
 /// Multi-head self-attention of each packed sequence over its own tokens only (so no mask is needed).
-fn attention(qkv: &[f32], lens: &[usize], h: usize, heads: usize, scale: f32, ctx: &mut [f32]) {
+/// With `keep`, the probabilities are written there (laid out by `prob_offsets`) for a backward pass.
+pub(crate) fn attention(
+    qkv: &[f32],
+    lens: &[usize],
+    h: usize,
+    heads: usize,
+    scale: f32,
+    ctx: &mut [f32],
+    keep: Option<&mut [f32]>,
+) {
     let dh = h / heads;
     let mut starts = Vec::with_capacity(lens.len());
     let mut at = 0;
@@ -224,13 +258,25 @@ fn attention(qkv: &[f32], lens: &[usize], h: usize, heads: usize, scale: f32, ct
         at += n;
     }
     let out = SharedMut(ctx.as_mut_ptr());
+    let (poffs, total) = prob_offsets(lens, heads);
+    let kept = keep.map(|k| {
+        assert!(k.len() >= total, "probability buffer too small");
+        SharedMut(k.as_mut_ptr())
+    });
     let tasks: Vec<(usize, usize)> = (0..lens.len()).flat_map(|s| (0..heads).map(move |hd| (s, hd))).collect();
-    tasks.par_iter().for_each_init(Vec::new, |scores: &mut Vec<f32>, &(s, hd)| {
+    tasks.par_iter().for_each_init(Vec::new, |local: &mut Vec<f32>, &(s, hd)| {
         let (r0, n) = (starts[s], lens[s]);
         if n == 0 {
             return;
         }
-        scores.resize(n * n, 0.0);
+        let scores: &mut [f32] = match kept {
+            // SAFETY: each (sequence, head) owns the n*n block at its offset.
+            Some(p) => unsafe { std::slice::from_raw_parts_mut(p.at(poffs[s] + hd * n * n), n * n) },
+            None => {
+                local.resize(n * n, 0.0);
+                &mut local[..]
+            }
+        };
         let q = qkv[r0 * 3 * h + hd * dh..].as_ptr();
         let k = qkv[r0 * 3 * h + h + hd * dh..].as_ptr();
         let v = qkv[r0 * 3 * h + 2 * h + hd * dh..].as_ptr();
@@ -288,7 +334,7 @@ fn attention(qkv: &[f32], lens: &[usize], h: usize, heads: usize, scale: f32, ct
     });
 }
 
-fn activate(x: &mut [f32], act: HiddenAct) {
+pub(crate) fn activate(x: &mut [f32], act: HiddenAct) {
     x.par_chunks_mut(4096).for_each(|c| match act {
         HiddenAct::Gelu => c.iter_mut().for_each(|v| *v = gelu_erf(*v)),
         HiddenAct::GeluApproximate => c.iter_mut().for_each(|v| *v = gelu_tanh(*v)),
@@ -296,10 +342,18 @@ fn activate(x: &mut [f32], act: HiddenAct) {
     });
 }
 
-/// x = LayerNorm(x + add) row by row, in place.
-fn layer_norm_rows(x: &mut [f32], add: Option<&[f32]>, (g, b): &(Vec<f32>, Vec<f32>), eps: f32) {
+/// x = LayerNorm(x + add) row by row, in place. With `keep`, the normalised rows (before the affine
+/// part) and each row's 1/std are written there for a backward pass.
+pub(crate) fn layer_norm_rows(
+    x: &mut [f32],
+    add: Option<&[f32]>,
+    (g, b): &(Vec<f32>, Vec<f32>),
+    eps: f32,
+    keep: Option<(&mut [f32], &mut [f32])>,
+) {
     let h = g.len();
-    let work = |(xs, adds): (&mut [f32], Option<&[f32]>)| {
+    let kept = keep.map(|(xhat, rstd)| (SharedMut(xhat.as_mut_ptr()), SharedMut(rstd.as_mut_ptr())));
+    let work = |(chunk, xs, adds): (usize, &mut [f32], Option<&[f32]>)| {
         for (i, r) in xs.chunks_exact_mut(h).enumerate() {
             if let Some(a) = adds {
                 for (v, a) in r.iter_mut().zip(&a[i * h..(i + 1) * h]) {
@@ -317,6 +371,17 @@ fn layer_norm_rows(x: &mut [f32], add: Option<&[f32]>, (g, b): &(Vec<f32>, Vec<f
             }
             let tail: f32 = chunks.remainder().iter().map(|v| (v - mean) * (v - mean)).sum();
             let inv = 1.0 / ((var.iter().sum::<f32>() + tail) / h as f32 + eps).sqrt();
+            if let Some((xhat, rstd)) = kept {
+                let row = chunk * ROWS_PER_TASK + i;
+                // SAFETY: row `row` of xhat and rstd belongs to this task alone.
+                unsafe {
+                    *rstd.at(row) = inv;
+                    let dst = std::slice::from_raw_parts_mut(xhat.at(row * h), h);
+                    for (d, v) in dst.iter_mut().zip(r.iter()) {
+                        *d = (v - mean) * inv;
+                    }
+                }
+            }
             for ((v, g), b) in r.iter_mut().zip(g).zip(b) {
                 *v = (*v - mean) * inv * g + b;
             }
@@ -326,13 +391,14 @@ fn layer_norm_rows(x: &mut [f32], add: Option<&[f32]>, (g, b): &(Vec<f32>, Vec<f
         Some(a) => x
             .par_chunks_mut(h * ROWS_PER_TASK)
             .zip(a.par_chunks(h * ROWS_PER_TASK))
-            .for_each(|(xs, a)| work((xs, Some(a)))),
-        None => x.par_chunks_mut(h * ROWS_PER_TASK).for_each(|xs| work((xs, None))),
+            .enumerate()
+            .for_each(|(c, (xs, a))| work((c, xs, Some(a)))),
+        None => x.par_chunks_mut(h * ROWS_PER_TASK).enumerate().for_each(|(c, xs)| work((c, xs, None))),
     }
 }
 
 /// A sum in eight lanes, which the compiler turns into vector adds.
-fn sum(v: &[f32]) -> f32 {
+pub(crate) fn sum(v: &[f32]) -> f32 {
     let mut acc = [0.0f32; 8];
     let mut chunks = v.chunks_exact(8);
     for c in &mut chunks {
@@ -388,12 +454,12 @@ pub fn erf(x: f32) -> f32 {
 }
 
 #[inline(always)]
-fn gelu_erf(x: f32) -> f32 {
+pub(crate) fn gelu_erf(x: f32) -> f32 {
     0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
 #[inline(always)]
-fn gelu_tanh(x: f32) -> f32 {
+pub(crate) fn gelu_tanh(x: f32) -> f32 {
     // tanh(u) = 1 - 2 / (e^{2u} + 1)
     let u = 0.797_884_6 * (x + 0.044_715 * x * x * x);
     0.5 * x * (2.0 - 2.0 / (exp(2.0 * u) + 1.0))
@@ -428,7 +494,7 @@ mod tests {
         // mean 2.5, variance 1.25 over [1, 2, 3, 4]
         let mut x = vec![0.0, 1.0, 2.0, 3.0];
         let add = vec![1.0; 4];
-        layer_norm_rows(&mut x, Some(&add), &(vec![2.0; 4], vec![0.5; 4]), 0.0);
+        layer_norm_rows(&mut x, Some(&add), &(vec![2.0; 4], vec![0.5; 4]), 0.0, None);
         for (v, raw) in x.iter().zip([1f32, 2.0, 3.0, 4.0]) {
             assert!((v - ((raw - 2.5) / 1.25f32.sqrt() * 2.0 + 0.5)).abs() < 1e-6);
         }

@@ -528,7 +528,8 @@ impl Stage for Train {
                 "model_id": id, "path": best, "train_pairs": n_train, "validation_queries": n_val,
                 "steps": outcome.state.step, "best_epoch": outcome.state.best_epoch,
                 "validation": outcome.state.best_metrics, "resumed": outcome.resumed,
-                "pairs_per_s": if secs > 0.0 { pairs_seen as f64 / secs } else { 0.0 },
+                "pairs_per_s": if outcome.step_seconds > 0.0 { outcome.step_pairs as f64 / outcome.step_seconds } else { 0.0 },
+                "wall_seconds": secs, "pairs_trained": pairs_seen,
             }),
             failure: None,
         })

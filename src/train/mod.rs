@@ -3,6 +3,7 @@
 
 pub mod bert;
 pub mod data;
+pub mod fast;
 pub mod loss;
 pub mod model;
 pub mod optim;
@@ -87,6 +88,10 @@ pub struct TrainState {
 #[derive(Debug, Clone)]
 pub struct TrainOutcome {
     pub state: TrainState,
+    /// Time in forward, backward and optimiser steps (not validation or checkpoints), and the pairs
+    /// those steps covered: the training throughput.
+    pub step_seconds: f64,
+    pub step_pairs: usize,
     pub best_dir: PathBuf,
     pub total_steps: u64,
     pub resumed: bool,
@@ -123,6 +128,7 @@ pub fn train(
         AdamWConfig { lr: cfg.lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: cfg.weight_decay },
     );
     let mut state = TrainState { fingerprint: fingerprint.to_string(), ..Default::default() };
+    let (mut step_seconds, mut step_pairs) = (0.0f64, 0usize);
     let mut resumed = false;
     if let Some(last) = model::existing_checkpoint(&last_dir)
         && let Ok(text) = std::fs::read_to_string(last.join("trainer_state.json"))
@@ -154,6 +160,8 @@ pub fn train(
     let per_epoch: Vec<usize> =
         (0..cfg.epochs).map(|e| data::batches(train, cfg.batch_size, cfg.seed, e).len()).collect();
     let accum = cfg.grad_accum.max(1);
+    // The hand-written backward pass covers the CPU with mean or CLS pooling; the rest goes through autograd.
+    let fast = aug.device.is_cpu() && aug.folder.pooling != crate::models::bert::Pooling::Max;
     let total_steps: u64 = per_epoch.iter().map(|&b| b.div_ceil(accum) as u64).sum();
     let warmup = (total_steps as f64 * cfg.warmup).ceil() as u64;
 
@@ -202,16 +210,31 @@ pub fn train(
         let mut pending = 0usize;
         let mut loss_sum = 0.0;
         for (bi, batch) in batches.iter().enumerate().skip(state.next_batch) {
-            let loss = batch_loss(cfg, aug, train, batch, bb).map_err(tensor_err)?;
-            let scaled = (&loss / accum as f64).map_err(tensor_err)?;
-            opt.collect(&scaled.backward().map_err(tensor_err)?, &mut grads).map_err(tensor_err)?;
-            loss_sum += loss.to_scalar::<f32>().map_err(tensor_err)? as f64;
+            let started = std::time::Instant::now();
+            let (queries, passages) = batch_texts(train, batch);
+            let texts = (&queries[..], &passages[..]);
+            let (loss, g) =
+                if fast { fast_step(cfg, aug, texts, bb, accum) } else { graph_step(cfg, aug, &opt, texts, bb, accum) }
+                    .map_err(tensor_err)?;
+            for (name, g) in g {
+                let sum = match grads.remove(&name) {
+                    Some(a) => (a + g).map_err(tensor_err)?,
+                    None => g,
+                };
+                grads.insert(name, sum);
+            }
+            loss_sum += loss;
             pending += 1;
+            step_pairs += batch.len();
+            if pending < accum && bi + 1 < batches.len() {
+                step_seconds += started.elapsed().as_secs_f64();
+            }
             if pending == accum || bi + 1 == batches.len() {
                 optim::clip_grad_norm(&mut grads, cfg.max_grad_norm).map_err(tensor_err)?;
                 let lr = optim::lr_at(state.step, total_steps, warmup, cfg.lr);
                 opt.step(&grads, lr).map_err(tensor_err)?;
                 grads.clear();
+                step_seconds += started.elapsed().as_secs_f64();
                 state.step += 1;
                 state.next_batch = bi + 1;
                 let pairs = batches[bi + 1 - pending..=bi].iter().map(Vec::len).sum();
@@ -248,22 +271,26 @@ pub fn train(
         // Nothing to choose by: the last weights are the result.
         aug.save(&best_dir, &HashMap::new(), None)?;
     }
-    Ok(TrainOutcome { state, best_dir, total_steps, resumed })
+    Ok(TrainOutcome { state, step_seconds, step_pairs, best_dir, total_steps, resumed })
 }
 
-/// The loss of one batch: each query against every passage in the batch (positives, then any hard negatives).
-fn batch_loss(
-    cfg: &TrainConfig,
-    aug: &Augment,
-    train: &[Example],
-    batch: &[usize],
-    bb: &BlackBoxVectors,
-) -> candle_core::Result<Tensor> {
+/// The texts of one batch: its queries, then its passages (positives, then any hard negatives).
+fn batch_texts<'a>(train: &'a [Example], batch: &[usize]) -> (Vec<&'a str>, Vec<&'a str>) {
     let queries: Vec<&str> = batch.iter().map(|&i| train[i].query.as_str()).collect();
     let mut passages: Vec<&str> = batch.iter().map(|&i| train[i].positive.as_str()).collect();
     passages.extend(batch.iter().filter_map(|&i| train[i].negative.as_deref()));
-    let q = aug.encode(&queries)?;
-    let p = aug.encode(&passages)?;
+    (queries, passages)
+}
+
+/// The loss from the augment's normalised query and passage embeddings (and, for Mafin, the black box's).
+fn loss_from(
+    cfg: &TrainConfig,
+    q: &Tensor,
+    p: &Tensor,
+    queries: &[&str],
+    passages: &[&str],
+    bb: &BlackBoxVectors,
+) -> candle_core::Result<Tensor> {
     let s_aug = q.matmul(&p.t()?)?;
     let s_bb = match (cfg.retriever, bb) {
         (Retriever::Mafin, Some(bb)) => {
@@ -274,13 +301,89 @@ fn batch_loss(
                     let v = bb.get(*t).ok_or_else(|| candle_core::Error::msg("a text has no black-box vector"))?;
                     flat.extend(normalized(v));
                 }
-                Tensor::from_vec(flat, (texts.len(), dim), &aug.device)
+                Tensor::from_vec(flat, (texts.len(), dim), q.device())
             };
-            Some(rows(&queries)?.matmul(&rows(&passages)?.t()?)?)
+            Some(rows(queries)?.matmul(&rows(passages)?.t()?)?)
         }
         _ => None,
     };
     loss::ranking_loss(&loss::combined(&s_aug, s_bb.as_ref(), cfg.weight)?, cfg.scale)
+}
+
+/// One batch through candle's autograd (any device): the loss and the parameters' gradients / accum.
+fn graph_step(
+    cfg: &TrainConfig,
+    aug: &Augment,
+    opt: &AdamW,
+    texts: (&[&str], &[&str]),
+    bb: &BlackBoxVectors,
+    accum: usize,
+) -> candle_core::Result<(f64, Grads)> {
+    let (queries, passages) = texts;
+    let loss = loss_from(cfg, &aug.encode(queries)?, &aug.encode(passages)?, queries, passages, bb)?;
+    let mut grads = Grads::new();
+    opt.collect(&(&loss / accum as f64)?.backward()?, &mut grads)?;
+    Ok((loss.to_scalar::<f32>()? as f64, grads))
+}
+
+/// One batch on the CPU through the packed encoder and its hand-written backward pass: all texts in
+/// one forward pass with no padding; autograd only for the small loss on the pooled embeddings.
+fn fast_step(
+    cfg: &TrainConfig,
+    aug: &Augment,
+    texts: (&[&str], &[&str]),
+    bb: &BlackBoxVectors,
+    accum: usize,
+) -> candle_core::Result<(f64, Grads)> {
+    let (queries, passages) = texts;
+    let vb = candle_nn::VarBuilder::from_varmap(&aug.varmap, candle_core::DType::F32, &aug.device);
+    let cpu = crate::models::bert_cpu::CpuBert::load(&vb, &aug.folder.config)?;
+    let all: Vec<&str> = queries.iter().chain(passages).copied().collect();
+    let enc = aug.folder.tokenizer.encode_batch(all.clone(), true).map_err(candle_core::Error::msg)?;
+    let lens: Vec<usize> = enc.iter().map(|e| e.get_ids().len()).collect();
+    let ids: Vec<u32> = enc.iter().flat_map(|e| e.get_ids().iter().copied()).collect();
+    let (hidden, tape) = fast::forward(&cpu, &ids, &lens)?;
+    let h = cpu.hidden;
+    let cls = aug.folder.pooling == crate::models::bert::Pooling::Cls;
+    let mut pooled = vec![0.0f32; all.len() * h];
+    let mut start = 0;
+    for (s, &n) in lens.iter().enumerate() {
+        let out = &mut pooled[s * h..(s + 1) * h];
+        let rows = if cls { start..start + n.min(1) } else { start..start + n };
+        let count = rows.len().max(1) as f32;
+        for r in rows {
+            out.iter_mut().zip(&hidden[r * h..(r + 1) * h]).for_each(|(o, x)| *o += x / count);
+        }
+        start += n;
+    }
+    let leaf = candle_core::Var::from_vec(pooled, (all.len(), h), &aug.device)?;
+    let emb = loss::normalize(leaf.as_tensor())?;
+    let (q, p) = (emb.narrow(0, 0, queries.len())?, emb.narrow(0, queries.len(), passages.len())?);
+    let loss = loss_from(cfg, &q, &p, queries, passages, bb)?;
+    let dpool: Vec<f32> = (&loss / accum as f64)?
+        .backward()?
+        .get(leaf.as_tensor())
+        .ok_or_else(|| candle_core::Error::msg("no gradient reached the pooled embeddings"))?
+        .flatten_all()?
+        .to_vec1()?;
+    let mut dhidden = vec![0.0f32; hidden.len()];
+    let mut start = 0;
+    for (s, &n) in lens.iter().enumerate() {
+        let rows = if cls { start..start + n.min(1) } else { start..start + n };
+        let count = rows.len().max(1) as f32;
+        for r in rows {
+            dhidden[r * h..(r + 1) * h].iter_mut().zip(&dpool[s * h..(s + 1) * h]).for_each(|(d, g)| *d = g / count);
+        }
+        start += n;
+    }
+    let mut flat = fast::backward(&cpu, &tape, dhidden);
+    let mut grads = Grads::new();
+    for (name, var) in aug.named_vars() {
+        if let Some(g) = flat.remove(&name) {
+            grads.insert(name, Tensor::from_vec(g, var.shape(), &aug.device)?);
+        }
+    }
+    Ok((loss.to_scalar::<f32>()? as f64, grads))
 }
 
 pub fn normalized(v: &[f32]) -> Vec<f32> {
@@ -383,6 +486,70 @@ mod tests {
             let n = r.iter().map(|x| x * x).sum::<f32>().sqrt();
             for (a, b) in g.iter().zip(r) {
                 assert!((a - b / n).abs() < 1e-5);
+            }
+        }
+    }
+
+    /// The CPU step (packed encoder, hand-written backward) and the autograd step agree on a Mafin
+    /// batch with a hard negative: same loss, same gradient for every parameter.
+    #[test]
+    fn fast_and_graph_steps_agree() {
+        let t = tempfile::tempdir().unwrap();
+        let words = ["alpha", "beta", "gamma", "delta", "one", "two", "three", "four"];
+        let aug = Augment::new(model::tiny_folder(t.path(), &words).unwrap(), None, &candle_core::Device::Cpu).unwrap();
+        let train = vec![
+            Example {
+                query: "alpha beta".into(),
+                positive: "one two three".into(),
+                doc: "a".into(),
+                negative: Some("four".into()),
+            },
+            Example {
+                query: "gamma".into(),
+                positive: "three four alpha delta".into(),
+                doc: "b".into(),
+                negative: None,
+            },
+            Example { query: "delta delta one".into(), positive: "two".into(), doc: "c".into(), negative: None },
+        ];
+        let mut bb = HashMap::new();
+        let mut rng = fastrand::Rng::with_seed(5);
+        for e in &train {
+            for text in [Some(&e.query), Some(&e.positive), e.negative.as_ref()].into_iter().flatten() {
+                bb.insert(text.clone(), (0..8).map(|_| rng.f32() - 0.5).collect::<Vec<f32>>());
+            }
+        }
+        let bb = Some(bb);
+        let cfg = TrainConfig {
+            retriever: Retriever::Mafin,
+            epochs: 1,
+            batch_size: 3,
+            lr: 1e-3,
+            warmup: 0.0,
+            weight_decay: 0.0,
+            max_grad_norm: 0.0,
+            grad_accum: 2,
+            scale: 20.0,
+            weight: 0.5,
+            seed: 1,
+            patience: 1,
+            checkpoint_every: 0,
+        };
+        let opt = AdamW::new(
+            aug.named_vars(),
+            AdamWConfig { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 },
+        );
+        let (q, p) = batch_texts(&train, &[0, 1, 2]);
+        let (l1, g1) = fast_step(&cfg, &aug, (&q, &p), &bb, 2).unwrap();
+        let (l2, g2) = graph_step(&cfg, &aug, &opt, (&q, &p), &bb, 2).unwrap();
+        assert!((l1 - l2).abs() < 1e-4, "loss {l1} vs {l2}");
+        assert_eq!(g1.len(), g2.len());
+        for (name, a) in &g1 {
+            let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+            let b: Vec<f32> = g2[name].flatten_all().unwrap().to_vec1().unwrap();
+            let scale = b.iter().fold(1e-4f32, |m, x| m.max(x.abs()));
+            for (x, y) in a.iter().zip(&b) {
+                assert!((x - y).abs() <= 2e-3 * scale, "{name}: {x} vs {y} (scale {scale})");
             }
         }
     }

@@ -1,0 +1,439 @@
+//! Training on the CPU without a tensor graph: the packed encoder's forward pass keeps what its
+//! backward pass needs, and the backward pass is written out by hand (fused kernels, no padding).
+
+use std::collections::HashMap;
+
+use candle_transformers::models::bert::HiddenAct;
+use gemm::{Parallelism, gemm};
+use rayon::prelude::*;
+
+use crate::models::bert_cpu::{
+    self as k, CpuBert, ROWS_PER_TASK, SharedMut, activate, attention, layer_norm_rows, linear, prob_offsets,
+};
+
+/// What one layer's backward pass reads.
+struct LayerTape {
+    x_in: Vec<f32>,
+    qkv: Vec<f32>,
+    probs: Vec<f32>,
+    ctx: Vec<f32>,
+    xhat1: Vec<f32>,
+    rstd1: Vec<f32>,
+    x_mid: Vec<f32>,
+    pre: Vec<f32>,
+    act: Vec<f32>,
+    xhat2: Vec<f32>,
+    rstd2: Vec<f32>,
+}
+
+pub struct Tape {
+    ids: Vec<u32>,
+    lens: Vec<usize>,
+    xhat0: Vec<f32>,
+    rstd0: Vec<f32>,
+    layers: Vec<LayerTape>,
+}
+
+/// Gradients by Hugging Face parameter name, as flat row-major buffers.
+pub type FlatGrads = HashMap<String, Vec<f32>>;
+
+/// Forward pass over packed sequences keeping activations; returns the last hidden states [T, H].
+pub fn forward(m: &CpuBert, ids: &[u32], lens: &[usize]) -> candle_core::Result<(Vec<f32>, Tape)> {
+    m.check_input(ids, lens)?;
+    let (h, t, i) = (m.hidden, ids.len(), m.inter);
+    let mut x = vec![0.0f32; t * h];
+    m.embed(ids, lens, &mut x);
+    let (mut xhat0, mut rstd0) = (vec![0.0; t * h], vec![0.0; t]);
+    layer_norm_rows(&mut x, None, &m.emb_ln, m.eps, Some((&mut xhat0, &mut rstd0)));
+    let scale = 1.0 / ((h / m.heads) as f32).sqrt();
+    let (_, n_probs) = prob_offsets(lens, m.heads);
+    let mut layers = Vec::with_capacity(m.layers.len());
+    for l in &m.layers {
+        let x_in = x.clone();
+        let mut qkv = vec![0.0; t * 3 * h];
+        linear(&x, h, &l.qkv_w, &l.qkv_b, &mut qkv);
+        let (mut ctx, mut probs) = (vec![0.0; t * h], vec![0.0; n_probs]);
+        attention(&qkv, lens, h, m.heads, scale, &mut ctx, Some(&mut probs));
+        let mut tmp = vec![0.0; t * h];
+        linear(&ctx, h, &l.out_w, &l.out_b, &mut tmp);
+        let (mut xhat1, mut rstd1) = (vec![0.0; t * h], vec![0.0; t]);
+        layer_norm_rows(&mut x, Some(&tmp), &l.ln1, m.eps, Some((&mut xhat1, &mut rstd1)));
+        let x_mid = x.clone();
+        let mut pre = vec![0.0; t * i];
+        linear(&x, h, &l.inter_w, &l.inter_b, &mut pre);
+        let mut act = pre.clone();
+        activate(&mut act, m.act);
+        linear(&act, i, &l.down_w, &l.down_b, &mut tmp);
+        let (mut xhat2, mut rstd2) = (vec![0.0; t * h], vec![0.0; t]);
+        layer_norm_rows(&mut x, Some(&tmp), &l.ln2, m.eps, Some((&mut xhat2, &mut rstd2)));
+        layers.push(LayerTape { x_in, qkv, probs, ctx, xhat1, rstd1, x_mid, pre, act, xhat2, rstd2 });
+    }
+    Ok((x, Tape { ids: ids.to_vec(), lens: lens.to_vec(), xhat0, rstd0, layers }))
+}
+
+/// dX [t, k] = dY [t, n] W [n, k]; dW [n, k] = dY^T X; db [n] = column sums of dY.
+fn linear_backward(dy: &[f32], x: &[f32], w: &[f32], n: usize, k: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let t = dy.len() / n;
+    let (mut dx, mut dw) = (vec![0.0f32; t * k], vec![0.0f32; n * k]);
+    let threads = Parallelism::Rayon(rayon::current_num_threads());
+    // SAFETY: the strides describe dY [t, n], W [n, k], X [t, k], dX [t, k] and dW [n, k] row-major,
+    // read (W^T, dY^T) through transposed strides; every buffer has exactly that length.
+    unsafe {
+        gemm(
+            t,
+            k,
+            n,
+            dx.as_mut_ptr(),
+            1,
+            k as isize,
+            false,
+            dy.as_ptr(),
+            1,
+            n as isize,
+            w.as_ptr(),
+            1,
+            k as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            threads,
+        );
+        gemm(
+            n,
+            k,
+            t,
+            dw.as_mut_ptr(),
+            1,
+            k as isize,
+            false,
+            dy.as_ptr(),
+            n as isize,
+            1,
+            x.as_ptr(),
+            1,
+            k as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            threads,
+        );
+    }
+    (dx, dw, column_sums(dy, n))
+}
+
+/// Column sums, added in a fixed order (partial sums per fixed block, then block by block) so the
+/// result does not depend on how the thread pool split the work: training stays bit-reproducible.
+fn column_sums(m: &[f32], n: usize) -> Vec<f32> {
+    let partials: Vec<Vec<f32>> = m
+        .par_chunks(n * ROWS_PER_TASK)
+        .map(|rows| {
+            let mut acc = vec![0.0f32; n];
+            for r in rows.chunks_exact(n) {
+                acc.iter_mut().zip(r).for_each(|(a, v)| *a += v);
+            }
+            acc
+        })
+        .collect();
+    let mut out = vec![0.0f32; n];
+    for p in partials {
+        out.iter_mut().zip(&p).for_each(|(a, b)| *a += b);
+    }
+    out
+}
+
+/// Backward of y = xhat * g + b with xhat = (r - mean) * rstd: returns dr, dg, db.
+fn layer_norm_backward(dy: &[f32], xhat: &[f32], rstd: &[f32], g: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let h = g.len();
+    let mut dr = vec![0.0f32; dy.len()];
+    dr.par_chunks_mut(h * ROWS_PER_TASK).enumerate().for_each(|(c, out)| {
+        for (i, o) in out.chunks_exact_mut(h).enumerate() {
+            let row = c * ROWS_PER_TASK + i;
+            let (dyr, xr) = (&dy[row * h..(row + 1) * h], &xhat[row * h..(row + 1) * h]);
+            let (mut s1, mut s2) = (0.0f32, 0.0f32);
+            for j in 0..h {
+                let d = dyr[j] * g[j];
+                s1 += d;
+                s2 += d * xr[j];
+            }
+            let (m1, m2) = (s1 / h as f32, s2 / h as f32);
+            for j in 0..h {
+                o[j] = rstd[row] * (dyr[j] * g[j] - m1 - xr[j] * m2);
+            }
+        }
+    });
+    let prod: Vec<f32> = dy.par_iter().zip(xhat.par_iter()).map(|(a, b)| a * b).collect();
+    (dr, column_sums(&prod, h), column_sums(dy, h))
+}
+
+fn gelu_grad(x: f32, act: HiddenAct) -> f32 {
+    match act {
+        HiddenAct::Gelu => {
+            let cdf = 0.5 * (1.0 + k::erf(x * std::f32::consts::FRAC_1_SQRT_2));
+            cdf + x * k::exp(-0.5 * x * x) * 0.398_942_3
+        }
+        HiddenAct::GeluApproximate => {
+            let u = 0.797_884_6 * (x + 0.044_715 * x * x * x);
+            let th = 1.0 - 2.0 / (k::exp(2.0 * u) + 1.0);
+            0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * 0.797_884_6 * (1.0 + 3.0 * 0.044_715 * x * x)
+        }
+        HiddenAct::Relu => (x > 0.0) as u8 as f32,
+    }
+}
+
+fn add_into(a: &mut [f32], b: &[f32]) {
+    a.par_chunks_mut(4096).zip(b.par_chunks(4096)).for_each(|(x, y)| x.iter_mut().zip(y).for_each(|(p, q)| *p += q));
+}
+
+/// Gradients of every parameter given the gradient of the last hidden states.
+pub fn backward(m: &CpuBert, tape: &Tape, mut dy: Vec<f32>) -> FlatGrads {
+    let (h, heads, i) = (m.hidden, m.heads, m.inter);
+    let dh = h / heads;
+    let scale = 1.0 / (dh as f32).sqrt();
+    let mut grads = FlatGrads::new();
+    let lens = &tape.lens;
+    let mut starts = Vec::with_capacity(lens.len());
+    let mut at = 0;
+    for &n in lens {
+        starts.push(at);
+        at += n;
+    }
+    let t = at;
+    let (poffs, _) = prob_offsets(lens, heads);
+    for (li, (l, tp)) in m.layers.iter().zip(&tape.layers).enumerate().rev() {
+        let name = |p: &str| format!("encoder.layer.{li}.{p}");
+        // x_out = LN2(x_mid + down(act(pre)))
+        let (dr2, dg2, db2) = layer_norm_backward(&dy, &tp.xhat2, &tp.rstd2, &l.ln2.0);
+        grads.insert(name("output.LayerNorm.weight"), dg2);
+        grads.insert(name("output.LayerNorm.bias"), db2);
+        let (mut dact, dwd, dbd) = linear_backward(&dr2, &tp.act, &l.down_w, h, i);
+        grads.insert(name("output.dense.weight"), dwd);
+        grads.insert(name("output.dense.bias"), dbd);
+        let act = m.act;
+        dact.par_chunks_mut(4096).zip(tp.pre.par_chunks(4096)).for_each(|(d, x)| {
+            d.iter_mut().zip(x).for_each(|(d, x)| *d *= gelu_grad(*x, act));
+        });
+        let (mut dx_mid, dwi, dbi) = linear_backward(&dact, &tp.x_mid, &l.inter_w, i, h);
+        grads.insert(name("intermediate.dense.weight"), dwi);
+        grads.insert(name("intermediate.dense.bias"), dbi);
+        add_into(&mut dx_mid, &dr2);
+        // x_mid = LN1(x_in + o(ctx))
+        let (dr1, dg1, db1) = layer_norm_backward(&dx_mid, &tp.xhat1, &tp.rstd1, &l.ln1.0);
+        grads.insert(name("attention.output.LayerNorm.weight"), dg1);
+        grads.insert(name("attention.output.LayerNorm.bias"), db1);
+        let (dctx, dwo, dbo) = linear_backward(&dr1, &tp.ctx, &l.out_w, h, h);
+        grads.insert(name("attention.output.dense.weight"), dwo);
+        grads.insert(name("attention.output.dense.bias"), dbo);
+
+        let mut dqkv = vec![0.0f32; t * 3 * h];
+        let out = SharedMut(dqkv.as_mut_ptr());
+        let tasks: Vec<(usize, usize)> = (0..lens.len()).flat_map(|s| (0..heads).map(move |hd| (s, hd))).collect();
+        tasks.par_iter().for_each_init(Vec::new, |dp: &mut Vec<f32>, &(s, hd)| {
+            let (r0, n) = (starts[s], lens[s]);
+            if n == 0 {
+                return;
+            }
+            dp.resize(n * n, 0.0);
+            let p = &tp.probs[poffs[s] + hd * n * n..poffs[s] + (hd + 1) * n * n];
+            let base = r0 * 3 * h + hd * dh;
+            let (q, kk, v) = (tp.qkv[base..].as_ptr(), tp.qkv[base + h..].as_ptr(), tp.qkv[base + 2 * h..].as_ptr());
+            let dc = dctx[r0 * h + hd * dh..].as_ptr();
+            let (row3, row) = (3 * h as isize, h as isize);
+            let ni = n as isize;
+            // SAFETY: reads n x dh blocks of qkv/dctx through their row strides and this task's
+            // n x n probabilities; writes only this (sequence, head)'s q, k, v columns of dqkv.
+            unsafe {
+                // dP = dctx V^T
+                gemm(
+                    n,
+                    n,
+                    dh,
+                    dp.as_mut_ptr(),
+                    1,
+                    ni,
+                    false,
+                    dc,
+                    1,
+                    row,
+                    v,
+                    row3,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
+                );
+                // dV = P^T dctx
+                gemm(
+                    n,
+                    dh,
+                    n,
+                    out.at(base + 2 * h),
+                    1,
+                    row3,
+                    false,
+                    p.as_ptr(),
+                    ni,
+                    1,
+                    dc,
+                    1,
+                    row,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
+                );
+                // dS = P * (dP - rowsum(dP * P))
+                for (dr, pr) in dp.chunks_exact_mut(n).zip(p.chunks_exact(n)) {
+                    let dot: f32 = dr.iter().zip(pr).map(|(a, b)| a * b).sum();
+                    dr.iter_mut().zip(pr).for_each(|(d, p)| *d = p * (*d - dot));
+                }
+                // dQ = scale dS K; dK = scale dS^T Q
+                gemm(
+                    n,
+                    dh,
+                    n,
+                    out.at(base),
+                    1,
+                    row3,
+                    false,
+                    dp.as_ptr(),
+                    1,
+                    ni,
+                    kk,
+                    1,
+                    row3,
+                    0.0,
+                    scale,
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
+                );
+                gemm(
+                    n,
+                    dh,
+                    n,
+                    out.at(base + h),
+                    1,
+                    row3,
+                    false,
+                    dp.as_ptr(),
+                    ni,
+                    1,
+                    q,
+                    1,
+                    row3,
+                    0.0,
+                    scale,
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
+                );
+            }
+        });
+        let (mut dx_in, dwqkv, dbqkv) = linear_backward(&dqkv, &tp.x_in, &l.qkv_w, 3 * h, h);
+        for (j, part) in ["query", "key", "value"].iter().enumerate() {
+            grads.insert(name(&format!("attention.self.{part}.weight")), dwqkv[j * h * h..(j + 1) * h * h].to_vec());
+            grads.insert(name(&format!("attention.self.{part}.bias")), dbqkv[j * h..(j + 1) * h].to_vec());
+        }
+        add_into(&mut dx_in, &dr1);
+        dy = dx_in;
+    }
+    let (demb, dg0, db0) = layer_norm_backward(&dy, &tape.xhat0, &tape.rstd0, &m.emb_ln.0);
+    grads.insert("embeddings.LayerNorm.weight".into(), dg0);
+    grads.insert("embeddings.LayerNorm.bias".into(), db0);
+    let (mut dword, mut dpos) = (vec![0.0f32; m.vocab * h], vec![0.0f32; m.max_pos * h]);
+    let mut row = 0;
+    for &n in lens {
+        for p in 0..n {
+            let id = tape.ids[row] as usize;
+            let g = &demb[row * h..(row + 1) * h];
+            dword[id * h..(id + 1) * h].iter_mut().zip(g).for_each(|(a, b)| *a += b);
+            dpos[p * h..(p + 1) * h].iter_mut().zip(g).for_each(|(a, b)| *a += b);
+            row += 1;
+        }
+    }
+    let type_rows = m.type_vocab;
+    let mut dtype = vec![0.0f32; type_rows * h];
+    dtype[..h].copy_from_slice(&column_sums(&demb, h));
+    grads.insert("embeddings.word_embeddings.weight".into(), dword);
+    grads.insert("embeddings.position_embeddings.weight".into(), dpos);
+    grads.insert("embeddings.token_type_embeddings.weight".into(), dtype);
+    grads
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::bert::TrainBert;
+    use candle_core::{DType, Device, Tensor};
+    use candle_nn::{VarBuilder, VarMap};
+    use candle_transformers::models::bert::Config;
+
+    /// Every parameter's gradient from the hand-written backward pass against candle's autograd
+    /// through the training graph, for a loss that weighs each hidden state differently.
+    #[test]
+    fn gradients_match_autograd() {
+        for act in [HiddenAct::Gelu, HiddenAct::GeluApproximate] {
+            let config = Config {
+                vocab_size: 30,
+                hidden_size: 16,
+                num_hidden_layers: 2,
+                num_attention_heads: 4,
+                intermediate_size: 24,
+                hidden_act: act,
+                max_position_embeddings: 12,
+                ..Config::default()
+            };
+            let varmap = VarMap::new();
+            let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+            let graph = TrainBert::load(vb.clone(), &config).unwrap();
+            for (_, var) in varmap.data().lock().unwrap().iter() {
+                let t = var.as_tensor();
+                var.set(&(t + Tensor::randn(0f32, 0.2, t.shape(), &Device::Cpu).unwrap()).unwrap()).unwrap();
+            }
+            let cpu = CpuBert::load(&vb, &config).unwrap();
+            let lens = [5usize, 9, 3];
+            let max = 9;
+            let mut rng = fastrand::Rng::with_seed(3);
+            let seqs: Vec<Vec<u32>> = lens.iter().map(|&n| (0..n).map(|_| rng.u32(0..30)).collect()).collect();
+            // A fixed random weight per (token, dimension): loss = sum(w * hidden).
+            let weights: Vec<Vec<f32>> =
+                seqs.iter().map(|s| (0..s.len() * 16).map(|_| rng.f32() - 0.5).collect()).collect();
+
+            let (mut ids, mut mask, mut wpad) = (Vec::new(), Vec::new(), Vec::new());
+            for (s, w) in seqs.iter().zip(&weights) {
+                ids.extend(s.iter().copied().chain(std::iter::repeat_n(0, max - s.len())));
+                mask.extend(std::iter::repeat_n(1u32, s.len()).chain(std::iter::repeat_n(0, max - s.len())));
+                wpad.extend(w.iter().copied().chain(std::iter::repeat_n(0.0, (max - s.len()) * 16)));
+            }
+            let ids_t = Tensor::from_vec(ids, (3, max), &Device::Cpu).unwrap();
+            let mask_t = Tensor::from_vec(mask, (3, max), &Device::Cpu).unwrap();
+            let w_t = Tensor::from_vec(wpad, (3, max, 16), &Device::Cpu).unwrap();
+            let loss = (graph.forward(&ids_t, &mask_t).unwrap() * w_t).unwrap().sum_all().unwrap();
+            let want = loss.backward().unwrap();
+
+            let (_, tape) = forward(&cpu, &seqs.concat(), &lens).unwrap();
+            let got = backward(&cpu, &tape, weights.concat());
+            let vars = varmap.data().lock().unwrap();
+            assert_eq!(got.len(), vars.len(), "a parameter has no gradient");
+            for (name, var) in vars.iter() {
+                let w: Vec<f32> = want.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                let g = &got[name];
+                let scale = w.iter().fold(1e-3f32, |a, b| a.max(b.abs()));
+                for (j, (a, b)) in g.iter().zip(&w).enumerate() {
+                    assert!((a - b).abs() <= 2e-3 * scale, "{act:?} {name}[{j}]: {a} vs {b} (scale {scale})");
+                }
+            }
+        }
+    }
+}
