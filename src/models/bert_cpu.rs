@@ -214,6 +214,49 @@ pub(crate) fn linear(x: &[f32], k: usize, w: &[f32], b: &[f32], y: &mut [f32]) {
     }
 }
 
+/// dst = beta * lhs x rhs for an [m, k] lhs and a [k, n] rhs, each read through (column, row) strides
+/// in elements; dst is row-major with row stride `dst_rs`. `par` spreads one product over every core.
+///
+/// # Safety
+/// Every pointer must address the elements its strides reach, and dst must not alias lhs or rhs.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn matmul(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_rs: usize,
+    lhs: (*const f32, usize, usize),
+    rhs: (*const f32, usize, usize),
+    beta: f32,
+    par: bool,
+) {
+    let p = if par { Parallelism::Rayon(rayon::current_num_threads()) } else { Parallelism::None };
+    let i = |x: usize| x as isize;
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            i(dst_rs),
+            false,
+            lhs.0,
+            i(lhs.1),
+            i(lhs.2),
+            rhs.0,
+            i(rhs.1),
+            i(rhs.2),
+            0.0,
+            beta,
+            false,
+            false,
+            false,
+            p,
+        )
+    }
+}
+
 /// A raw pointer that tasks writing disjoint parts of one buffer may share.
 #[derive(Clone, Copy)]
 pub(crate) struct SharedMut(pub(crate) *mut f32);
@@ -280,56 +323,15 @@ pub(crate) fn attention(
         let q = qkv[r0 * 3 * h + hd * dh..].as_ptr();
         let k = qkv[r0 * 3 * h + h + hd * dh..].as_ptr();
         let v = qkv[r0 * 3 * h + 2 * h + hd * dh..].as_ptr();
-        let row = 3 * h as isize;
         // SAFETY: q, k and v address n rows of dh columns with row stride 3h inside qkv; scores is
         // n x n; the ctx block (rows r0..r0+n, columns hd*dh..+dh) belongs to this task alone.
         unsafe {
-            gemm(
-                n,
-                n,
-                dh,
-                scores.as_mut_ptr(),
-                1,
-                n as isize,
-                false,
-                q,
-                1,
-                row,
-                k,
-                row,
-                1,
-                0.0,
-                scale,
-                false,
-                false,
-                false,
-                Parallelism::None,
-            );
+            matmul((n, n, dh), scores.as_mut_ptr(), n, (q, 1, 3 * h), (k, 3 * h, 1), scale, false);
             for r in scores.chunks_exact_mut(n) {
                 softmax(r);
             }
             let dst = out.at(r0 * h + hd * dh);
-            gemm(
-                n,
-                dh,
-                n,
-                dst,
-                1,
-                h as isize,
-                false,
-                scores.as_ptr(),
-                1,
-                n as isize,
-                v,
-                1,
-                row,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                Parallelism::None,
-            );
+            matmul((n, dh, n), dst, h, (scores.as_ptr(), 1, n), (v, 1, 3 * h), 1.0, false);
         }
     });
 }

@@ -4,11 +4,10 @@
 use std::collections::HashMap;
 
 use candle_transformers::models::bert::HiddenAct;
-use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
 
 use crate::models::bert_cpu::{
-    self as k, CpuBert, ROWS_PER_TASK, SharedMut, activate, attention, layer_norm_rows, linear, prob_offsets,
+    self as k, CpuBert, ROWS_PER_TASK, SharedMut, activate, attention, layer_norm_rows, linear, matmul, prob_offsets,
 };
 
 /// What one layer's backward pass reads.
@@ -75,52 +74,11 @@ pub fn forward(m: &CpuBert, ids: &[u32], lens: &[usize]) -> candle_core::Result<
 fn linear_backward(dy: &[f32], x: &[f32], w: &[f32], n: usize, k: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let t = dy.len() / n;
     let (mut dx, mut dw) = (vec![0.0f32; t * k], vec![0.0f32; n * k]);
-    let threads = Parallelism::Rayon(rayon::current_num_threads());
-    // SAFETY: the strides describe dY [t, n], W [n, k], X [t, k], dX [t, k] and dW [n, k] row-major,
-    // read (W^T, dY^T) through transposed strides; every buffer has exactly that length.
+    // SAFETY: dY [t, n], W [n, k] and X [t, k] are row-major (dY^T read through swapped strides);
+    // dX [t, k] and dW [n, k] are fresh buffers of exactly those sizes.
     unsafe {
-        gemm(
-            t,
-            k,
-            n,
-            dx.as_mut_ptr(),
-            1,
-            k as isize,
-            false,
-            dy.as_ptr(),
-            1,
-            n as isize,
-            w.as_ptr(),
-            1,
-            k as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            threads,
-        );
-        gemm(
-            n,
-            k,
-            t,
-            dw.as_mut_ptr(),
-            1,
-            k as isize,
-            false,
-            dy.as_ptr(),
-            n as isize,
-            1,
-            x.as_ptr(),
-            1,
-            k as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            threads,
-        );
+        matmul((t, k, n), dx.as_mut_ptr(), k, (dy.as_ptr(), 1, n), (w.as_ptr(), 1, k), 1.0, true);
+        matmul((n, k, t), dw.as_mut_ptr(), k, (dy.as_ptr(), n, 1), (x.as_ptr(), 1, k), 1.0, true);
     }
     (dx, dw, column_sums(dy, n))
 }
@@ -241,103 +199,22 @@ pub fn backward(m: &CpuBert, tape: &Tape, mut dy: Vec<f32>) -> FlatGrads {
             let base = r0 * 3 * h + hd * dh;
             let (q, kk, v) = (tp.qkv[base..].as_ptr(), tp.qkv[base + h..].as_ptr(), tp.qkv[base + 2 * h..].as_ptr());
             let dc = dctx[r0 * h + hd * dh..].as_ptr();
-            let (row3, row) = (3 * h as isize, h as isize);
-            let ni = n as isize;
+            let h3 = 3 * h;
             // SAFETY: reads n x dh blocks of qkv/dctx through their row strides and this task's
             // n x n probabilities; writes only this (sequence, head)'s q, k, v columns of dqkv.
             unsafe {
                 // dP = dctx V^T
-                gemm(
-                    n,
-                    n,
-                    dh,
-                    dp.as_mut_ptr(),
-                    1,
-                    ni,
-                    false,
-                    dc,
-                    1,
-                    row,
-                    v,
-                    row3,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    Parallelism::None,
-                );
+                matmul((n, n, dh), dp.as_mut_ptr(), n, (dc, 1, h), (v, h3, 1), 1.0, false);
                 // dV = P^T dctx
-                gemm(
-                    n,
-                    dh,
-                    n,
-                    out.at(base + 2 * h),
-                    1,
-                    row3,
-                    false,
-                    p.as_ptr(),
-                    ni,
-                    1,
-                    dc,
-                    1,
-                    row,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    Parallelism::None,
-                );
+                matmul((n, dh, n), out.at(base + 2 * h), h3, (p.as_ptr(), n, 1), (dc, 1, h), 1.0, false);
                 // dS = P * (dP - rowsum(dP * P))
                 for (dr, pr) in dp.chunks_exact_mut(n).zip(p.chunks_exact(n)) {
                     let dot: f32 = dr.iter().zip(pr).map(|(a, b)| a * b).sum();
                     dr.iter_mut().zip(pr).for_each(|(d, p)| *d = p * (*d - dot));
                 }
                 // dQ = scale dS K; dK = scale dS^T Q
-                gemm(
-                    n,
-                    dh,
-                    n,
-                    out.at(base),
-                    1,
-                    row3,
-                    false,
-                    dp.as_ptr(),
-                    1,
-                    ni,
-                    kk,
-                    1,
-                    row3,
-                    0.0,
-                    scale,
-                    false,
-                    false,
-                    false,
-                    Parallelism::None,
-                );
-                gemm(
-                    n,
-                    dh,
-                    n,
-                    out.at(base + h),
-                    1,
-                    row3,
-                    false,
-                    dp.as_ptr(),
-                    ni,
-                    1,
-                    q,
-                    1,
-                    row3,
-                    0.0,
-                    scale,
-                    false,
-                    false,
-                    false,
-                    Parallelism::None,
-                );
+                matmul((n, dh, n), out.at(base), h3, (dp.as_ptr(), 1, n), (kk, 1, h3), scale, false);
+                matmul((n, dh, n), out.at(base + h), h3, (dp.as_ptr(), n, 1), (q, 1, h3), scale, false);
             }
         });
         let (mut dx_in, dwqkv, dbqkv) = linear_backward(&dqkv, &tp.x_in, &l.qkv_w, 3 * h, h);
