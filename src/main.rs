@@ -42,7 +42,7 @@ fn keep_freed_memory() {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-        // One arena per core at most: worker threads would otherwise each keep their own freed memory.
+        // A few arenas: with freed memory kept, every extra thread arena would hold its own copy.
         libc::mallopt(libc::M_ARENA_MAX, 4);
     }
 }

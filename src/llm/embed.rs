@@ -1,7 +1,6 @@
 //! The black-box embedder of a workflow (`models.black_box`): a local sentence-transformers folder or an
 //! OpenAI-compatible API, with every vector cached in the `embeddings` table so none is made twice.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::{EmbeddingProvider, LlmClient};
@@ -49,16 +48,8 @@ impl BlackBox {
         }
     }
 
-    /// The folder of a local black box (an augment model can start from it).
-    pub fn local_dir(&self) -> Option<PathBuf> {
-        match &self.backend {
-            Backend::Local(e) => Some(e.dir.clone()),
-            Backend::Api(_) => None,
-        }
-    }
-
     /// Vectors for `texts` in order: from the store where there, else computed (or requested) in
-    /// batches, each batch stored as soon as it is made. `done(n)` reports progress.
+    /// batches, each batch stored as soon as it is made.
     pub async fn embed(
         &self,
         wf: &Workflow,
@@ -66,14 +57,12 @@ impl BlackBox {
         run_id: i64,
         stage: &str,
         texts: &[String],
-        done: &(dyn Fn(u64) + Sync),
     ) -> Result<Vec<Vec<f32>>> {
         let hashes: Vec<String> = texts.iter().map(|t| sha256_hex(t.as_bytes())).collect();
         let mut unique: Vec<String> = hashes.clone();
         unique.sort();
         unique.dedup();
         let mut have = embeddings::lookup(store, &self.identity, &unique).await?;
-        done(have.len() as u64);
         let mut missing: Vec<(String, String)> = Vec::new();
         let mut queued = std::collections::HashSet::new();
         for (t, h) in texts.iter().zip(&hashes) {
@@ -113,7 +102,6 @@ impl BlackBox {
             }
             let rows: Vec<(String, Vec<f32>)> = part.iter().map(|(h, _)| h.clone()).zip(vectors).collect();
             embeddings::insert(store, &self.identity, &rows).await?;
-            done(rows.len() as u64);
             have.extend(rows);
         }
         Ok(hashes.iter().map(|h| have[h].clone()).collect())

@@ -252,36 +252,37 @@ impl SentenceEncoder {
     }
 
     fn forward_device(&self, model: &BertModel, seqs: &[&[u32]]) -> candle_core::Result<Vec<Vec<f32>>> {
-        let (b, len) = (seqs.len(), seqs.iter().map(|s| s.len()).max().unwrap_or(1).max(1));
-        let (mut ids, mut mask) = (Vec::with_capacity(b * len), Vec::with_capacity(b * len));
-        for e in seqs {
-            ids.extend(e.iter().copied());
-            ids.extend(std::iter::repeat_n(0u32, len - e.len()));
-            mask.extend(std::iter::repeat_n(1u32, e.len()));
-            mask.extend(std::iter::repeat_n(0u32, len - e.len()));
-        }
-        let ids = Tensor::from_vec(ids, (b, len), &self.device)?;
-        let mask = Tensor::from_vec(mask, (b, len), &self.device)?;
-        let types = ids.zeros_like()?;
-        let hidden = model.forward(&ids, &types, Some(&mask))?;
-        let maskf = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
-        let pooled = match self.pooling {
-            Pooling::Cls => hidden.get_on_dim(1, 0)?,
-            Pooling::Mean => {
-                let sum = hidden.broadcast_mul(&maskf)?.sum(1)?;
-                sum.broadcast_div(&maskf.sum(1)?.clamp(1e-9, f64::MAX)?)?
-            }
-            Pooling::Max => {
-                let neg = ((maskf.ones_like()? - &maskf)? * -1e9)?;
-                hidden.broadcast_add(&neg)?.max(1)?
-            }
-        };
-        let pooled = if self.normalize {
-            let norm = pooled.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
-            pooled.broadcast_div(&norm)?
-        } else {
-            pooled
-        };
+        let (ids, mask) = padded_batch(seqs, &self.device)?;
+        let hidden = model.forward(&ids, &ids.zeros_like()?, Some(&mask))?;
+        let pooled = pool(&hidden, &mask, self.pooling)?;
+        let pooled = if self.normalize { normalize_rows(&pooled)? } else { pooled };
         pooled.to_vec2::<f32>()
     }
+}
+
+/// Token ids and attention mask [B, L] of `seqs` padded to the longest.
+pub fn padded_batch(seqs: &[&[u32]], device: &Device) -> candle_core::Result<(Tensor, Tensor)> {
+    let (b, len) = (seqs.len(), seqs.iter().map(|s| s.len()).max().unwrap_or(1).max(1));
+    let (mut ids, mut mask) = (Vec::with_capacity(b * len), Vec::with_capacity(b * len));
+    for e in seqs {
+        ids.extend(e.iter().copied().chain(std::iter::repeat_n(0u32, len - e.len())));
+        mask.extend(std::iter::repeat_n(1u32, e.len()).chain(std::iter::repeat_n(0u32, len - e.len())));
+    }
+    Ok((Tensor::from_vec(ids, (b, len), device)?, Tensor::from_vec(mask, (b, len), device)?))
+}
+
+/// One vector per sequence from hidden states [B, L, H], counting only the tokens `mask` marks.
+pub fn pool(hidden: &Tensor, mask: &Tensor, pooling: Pooling) -> candle_core::Result<Tensor> {
+    let maskf = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
+    match pooling {
+        Pooling::Cls => hidden.get_on_dim(1, 0),
+        Pooling::Mean => hidden.broadcast_mul(&maskf)?.sum(1)?.broadcast_div(&maskf.sum(1)?.clamp(1e-9, f64::MAX)?),
+        Pooling::Max => hidden.broadcast_add(&((maskf.ones_like()? - &maskf)? * -1e9)?)?.max(1),
+    }
+}
+
+/// L2-normalised rows.
+pub fn normalize_rows(x: &Tensor) -> candle_core::Result<Tensor> {
+    let norm = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
+    x.broadcast_div(&norm)
 }

@@ -467,11 +467,41 @@ pub(crate) fn gelu_tanh(x: f32) -> f32 {
     0.5 * x * (2.0 - 2.0 / (exp(2.0 * u) + 1.0))
 }
 
+/// Small random BERTs for tests of the encoder and of training.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use candle_core::{DType, Device, Tensor};
+    use candle_nn::{VarBuilder, VarMap};
+    use candle_transformers::models::bert::Config;
+
+    /// Every parameter of a BERT with `config`, with N(0, spread) noise added so that biases and
+    /// LayerNorm parameters are not zero and one, and a mistake in any of them shows.
+    pub fn random_bert(config: &Config, spread: f32) -> (VarMap, VarBuilder<'static>) {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        crate::train::bert::TrainBert::load(vb.clone(), config).unwrap();
+        for var in varmap.all_vars() {
+            let t = var.as_tensor();
+            var.set(&(t + Tensor::randn(0f32, spread, t.shape(), &Device::Cpu).unwrap()).unwrap()).unwrap();
+        }
+        (varmap, vb)
+    }
+
+    /// Token ids and attention mask of `seqs` padded to `max` tokens.
+    pub fn padded(seqs: &[Vec<u32>], max: usize) -> (Tensor, Tensor) {
+        let (mut ids, mut mask) = (Vec::new(), Vec::new());
+        for s in seqs {
+            ids.extend(s.iter().copied().chain(std::iter::repeat_n(0, max - s.len())));
+            mask.extend(std::iter::repeat_n(1u32, s.len()).chain(std::iter::repeat_n(0, max - s.len())));
+        }
+        let shape = (seqs.len(), max);
+        (Tensor::from_vec(ids, shape, &Device::Cpu).unwrap(), Tensor::from_vec(mask, shape, &Device::Cpu).unwrap())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{DType, Device};
-    use candle_nn::VarMap;
     use candle_transformers::models::bert::BertModel;
 
     #[test]
@@ -517,29 +547,15 @@ mod tests {
                 max_position_embeddings: 16,
                 ..Config::default()
             };
-            let varmap = VarMap::new();
-            let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+            let (_varmap, vb) = super::test_support::random_bert(&config, 0.3);
             let reference = BertModel::load(vb.clone(), &config).unwrap();
-            // Non-zero biases and LayerNorm parameters, so a mistake in any of them shows.
-            for (name, var) in varmap.data().lock().unwrap().iter() {
-                if !name.ends_with("word_embeddings.weight") {
-                    let t = var.as_tensor();
-                    var.set(&(t + Tensor::randn(0f32, 0.3, t.shape(), &Device::Cpu).unwrap()).unwrap()).unwrap();
-                }
-            }
             let cpu = CpuBert::load(&vb, &config).unwrap();
 
             let lens = [7usize, 3, 12];
             let max = 12;
             let mut rng = fastrand::Rng::with_seed(7);
             let seqs: Vec<Vec<u32>> = lens.iter().map(|&n| (0..n).map(|_| rng.u32(1..50)).collect()).collect();
-            let (mut ids, mut mask) = (Vec::new(), Vec::new());
-            for s in &seqs {
-                ids.extend(s.iter().copied().chain(std::iter::repeat_n(0, max - s.len())));
-                mask.extend(std::iter::repeat_n(1u32, s.len()).chain(std::iter::repeat_n(0, max - s.len())));
-            }
-            let ids_t = Tensor::from_vec(ids, (3, max), &Device::Cpu).unwrap();
-            let mask_t = Tensor::from_vec(mask, (3, max), &Device::Cpu).unwrap();
+            let (ids_t, mask_t) = super::test_support::padded(&seqs, max);
             let want = reference.forward(&ids_t, &ids_t.zeros_like().unwrap(), Some(&mask_t)).unwrap();
             let want: Vec<Vec<Vec<f32>>> = want.to_vec3().unwrap();
             // The training graph reads the same parameters and must agree too.

@@ -219,8 +219,7 @@ impl Stage for Chunk {
             files
                 .into_iter()
                 .map(|(rel, path)| {
-                    let hash =
-                        std::fs::read(&path).map(|b| sha256_hex(&b)).unwrap_or_else(|e| format!("unreadable: {e}"));
+                    let hash = crate::store::sha256_file(&path);
                     (rel, path, hash)
                 })
                 .collect::<Vec<_>>()

@@ -12,7 +12,7 @@ use serde_json::json;
 use super::{Kind, Outcome, Stage, StageCtx};
 use crate::error::{Error, Result};
 use crate::llm::embed::BlackBox;
-use crate::store::{models as models_table, pairs, sha256_hex};
+use crate::store::{models as models_table, pairs, sha256_file, sha256_hex};
 use crate::train::data::{self, Example};
 use crate::train::{self, Event, Retriever, TrainConfig, model::Augment};
 use crate::workflow::{CheckCtx, Diagnostic, StageSpec, Workflow, check_typed};
@@ -244,6 +244,7 @@ fn build(spec: &StageSpec, wf: &Workflow) -> Result<Box<dyn Stage>> {
         init_dir,
         beir,
         use_pairs,
+        init_hash: std::sync::OnceLock::new(),
     }))
 }
 
@@ -255,10 +256,7 @@ struct Train {
     max_seq_length: Option<usize>,
     beir: Option<PathBuf>,
     use_pairs: bool,
-}
-
-fn hash_file(path: &std::path::Path) -> String {
-    std::fs::read(path).map(|b| sha256_hex(&b)).unwrap_or_else(|e| format!("unreadable: {e}"))
+    init_hash: std::sync::OnceLock<String>,
 }
 
 impl Train {
@@ -339,17 +337,20 @@ impl Stage for Train {
         let init = self.init_dir.join("model.safetensors");
         let beir = self.beir.clone();
         let split = self.params.split.clone();
-        let digest = tokio::task::spawn_blocking(move || {
-            let mut parts = vec![hash_file(&init)];
+        let parts = tokio::task::spawn_blocking(move || {
+            let mut parts = vec![sha256_file(&init)];
             if let Some(b) = beir {
                 for f in ["corpus.jsonl", "queries.jsonl", &format!("qrels/{split}.tsv")] {
-                    parts.push(hash_file(&b.join(f)));
+                    parts.push(sha256_file(&b.join(f)));
                 }
             }
-            sha256_hex(parts.join("|").as_bytes())
+            parts
         })
         .await
         .map_err(|e| Error::Other(e.to_string()))?;
+        // The training data fingerprint needs the weights' hash again: keep it rather than re-read 90 MB.
+        let _ = self.init_hash.set(parts[0].clone());
+        let digest = sha256_hex(parts.join("|").as_bytes());
         let bb = match self.needs_black_box() {
             true => self
                 .wf
@@ -396,7 +397,7 @@ impl Stage for Train {
                 bb.identity,
                 texts.len()
             ));
-            let vectors = bb.embed(&self.wf, &ctx.store, ctx.run_id, &self.name, &texts, &|_| {}).await?;
+            let vectors = bb.embed(&self.wf, &ctx.store, ctx.run_id, &self.name, &texts).await?;
             bb_vectors = Some(texts.into_iter().zip(vectors).collect::<HashMap<_, _>>());
         }
         if p.hard_negatives > 0
@@ -429,7 +430,7 @@ impl Stage for Train {
         fp_items.sort();
         let fingerprint = sha256_hex(
             serde_json::to_string(&json!({
-                "pairs": fp_items, "val": val_set.queries, "cfg": cfg, "init": hash_file(&self.init_dir.join("model.safetensors")),
+                "pairs": fp_items, "val": val_set.queries, "cfg": cfg, "init": self.init_hash.get().cloned().unwrap_or_else(|| sha256_file(&self.init_dir.join("model.safetensors"))),
                 "bb": bb_model.as_ref().map(|b| b.identity.clone()), "max_seq": self.max_seq_length,
             }))
             .expect("json")

@@ -68,6 +68,12 @@ pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
+/// The sha256 of a file's contents, or "unreadable: why" (so a fingerprint still changes when a
+/// file becomes unreadable, and the stage that reads it reports the error).
+pub fn sha256_file(path: &Path) -> String {
+    std::fs::read(path).map(|b| sha256_hex(&b)).unwrap_or_else(|e| format!("unreadable: {e}"))
+}
+
 /// Hex sha256, the content hash used throughout the store.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::{Digest, Sha256};

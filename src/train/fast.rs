@@ -251,9 +251,9 @@ pub fn backward(m: &CpuBert, tape: &Tape, mut dy: Vec<f32>) -> FlatGrads {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::bert_cpu::test_support::{padded, random_bert};
     use crate::train::bert::TrainBert;
-    use candle_core::{DType, Device, Tensor};
-    use candle_nn::{VarBuilder, VarMap};
+    use candle_core::{Device, Tensor};
     use candle_transformers::models::bert::Config;
 
     /// Every parameter's gradient from the hand-written backward pass against candle's autograd
@@ -271,13 +271,8 @@ mod tests {
                 max_position_embeddings: 12,
                 ..Config::default()
             };
-            let varmap = VarMap::new();
-            let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+            let (varmap, vb) = random_bert(&config, 0.2);
             let graph = TrainBert::load(vb.clone(), &config).unwrap();
-            for (_, var) in varmap.data().lock().unwrap().iter() {
-                let t = var.as_tensor();
-                var.set(&(t + Tensor::randn(0f32, 0.2, t.shape(), &Device::Cpu).unwrap()).unwrap()).unwrap();
-            }
             let cpu = CpuBert::load(&vb, &config).unwrap();
             let lens = [5usize, 9, 3];
             let max = 9;
@@ -287,14 +282,11 @@ mod tests {
             let weights: Vec<Vec<f32>> =
                 seqs.iter().map(|s| (0..s.len() * 16).map(|_| rng.f32() - 0.5).collect()).collect();
 
-            let (mut ids, mut mask, mut wpad) = (Vec::new(), Vec::new(), Vec::new());
+            let (ids_t, mask_t) = padded(&seqs, max);
+            let mut wpad = Vec::new();
             for (s, w) in seqs.iter().zip(&weights) {
-                ids.extend(s.iter().copied().chain(std::iter::repeat_n(0, max - s.len())));
-                mask.extend(std::iter::repeat_n(1u32, s.len()).chain(std::iter::repeat_n(0, max - s.len())));
                 wpad.extend(w.iter().copied().chain(std::iter::repeat_n(0.0, (max - s.len()) * 16)));
             }
-            let ids_t = Tensor::from_vec(ids, (3, max), &Device::Cpu).unwrap();
-            let mask_t = Tensor::from_vec(mask, (3, max), &Device::Cpu).unwrap();
             let w_t = Tensor::from_vec(wpad, (3, max, 16), &Device::Cpu).unwrap();
             let loss = (graph.forward(&ids_t, &mask_t).unwrap() * w_t).unwrap().sum_all().unwrap();
             let want = loss.backward().unwrap();

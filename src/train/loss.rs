@@ -1,7 +1,7 @@
 //! The ranking loss: softmax cross-entropy over scaled cosine similarities, each query's own
 //! passage the target and every other passage in the batch (and any mined hard negatives) a negative.
 
-use candle_core::{D, Result, Tensor};
+use candle_core::{Result, Tensor};
 
 /// Mean cross-entropy of `scale * scores`, where `scores` is [B, P] (P >= B) and column i holds
 /// query i's positive.
@@ -11,11 +11,7 @@ pub fn ranking_loss(scores: &Tensor, scale: f64) -> Result<Tensor> {
     candle_nn::loss::cross_entropy(&(scores * scale)?, &targets)
 }
 
-/// L2-normalised rows.
-pub fn normalize(x: &Tensor) -> Result<Tensor> {
-    let norm = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
-    x.broadcast_div(&norm)
-}
+pub use crate::models::bert::normalize_rows as normalize;
 
 /// Cosine similarities of the Mafin embedding concat(n(bb), w * n(aug)), from the parts' own cosine
 /// matrices: (S_bb + w^2 S_aug) / (1 + w^2). With no black box it is plain S_aug.

@@ -173,10 +173,9 @@ pub fn train(
         for (n, v) in &opt.v {
             extra.insert(format!("v.{n}"), v.clone());
         }
-        let refs: HashMap<&str, Tensor> = extra.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
         let mut st = state.clone();
         st.adam_t = opt.t;
-        aug.save(&last_dir, &refs, Some(&serde_json::to_value(&st).expect("state json")))
+        aug.save(&last_dir, &extra, Some(&serde_json::to_value(&st).expect("state json")))
     };
     let validate =
         |state: &mut TrainState, epoch_done: usize, on: &mut dyn FnMut(Event) -> Result<()>| -> Result<bool> {
@@ -217,39 +216,29 @@ pub fn train(
                 if fast { fast_step(cfg, aug, texts, bb, accum) } else { graph_step(cfg, aug, &opt, texts, bb, accum) }
                     .map_err(tensor_err)?;
             for (name, g) in g {
-                let sum = match grads.remove(&name) {
-                    Some(a) => (a + g).map_err(tensor_err)?,
-                    None => g,
-                };
-                grads.insert(name, sum);
+                optim::accumulate(&mut grads, name, g).map_err(tensor_err)?;
             }
             loss_sum += loss;
             pending += 1;
             step_pairs += batch.len();
-            if pending < accum && bi + 1 < batches.len() {
-                step_seconds += started.elapsed().as_secs_f64();
-            }
-            if pending == accum || bi + 1 == batches.len() {
+            let stepping = pending == accum || bi + 1 == batches.len();
+            let lr = optim::lr_at(state.step, total_steps, warmup, cfg.lr);
+            if stepping {
                 optim::clip_grad_norm(&mut grads, cfg.max_grad_norm).map_err(tensor_err)?;
-                let lr = optim::lr_at(state.step, total_steps, warmup, cfg.lr);
                 opt.step(&grads, lr).map_err(tensor_err)?;
                 grads.clear();
-                step_seconds += started.elapsed().as_secs_f64();
-                state.step += 1;
-                state.next_batch = bi + 1;
-                let pairs = batches[bi + 1 - pending..=bi].iter().map(Vec::len).sum();
-                on(Event::Step {
-                    step: state.step,
-                    epoch: state.epoch + 1,
-                    loss: loss_sum / pending as f64,
-                    lr,
-                    pairs,
-                })?;
-                (pending, loss_sum) = (0, 0.0);
-                if cfg.checkpoint_every > 0 && state.step.is_multiple_of(cfg.checkpoint_every) && bi + 1 < batches.len()
-                {
-                    save_last(&state, &opt)?;
-                }
+            }
+            step_seconds += started.elapsed().as_secs_f64();
+            if !stepping {
+                continue;
+            }
+            state.step += 1;
+            state.next_batch = bi + 1;
+            let pairs = batches[bi + 1 - pending..=bi].iter().map(Vec::len).sum();
+            on(Event::Step { step: state.step, epoch: state.epoch + 1, loss: loss_sum / pending as f64, lr, pairs })?;
+            (pending, loss_sum) = (0, 0.0);
+            if cfg.checkpoint_every > 0 && state.step.is_multiple_of(cfg.checkpoint_every) && bi + 1 < batches.len() {
+                save_last(&state, &opt)?;
             }
         }
         state.epoch += 1;
@@ -344,17 +333,20 @@ fn fast_step(
     let ids: Vec<u32> = enc.iter().flat_map(|e| e.get_ids().iter().copied()).collect();
     let (hidden, tape) = fast::forward(&cpu, &ids, &lens)?;
     let h = cpu.hidden;
+    // The rows each sequence's embedding averages: all its tokens (mean pooling) or the first (CLS).
     let cls = aug.folder.pooling == crate::models::bert::Pooling::Cls;
-    let mut pooled = vec![0.0f32; all.len() * h];
+    let mut pooled_rows = Vec::with_capacity(lens.len());
     let mut start = 0;
-    for (s, &n) in lens.iter().enumerate() {
-        let out = &mut pooled[s * h..(s + 1) * h];
-        let rows = if cls { start..start + n.min(1) } else { start..start + n };
-        let count = rows.len().max(1) as f32;
-        for r in rows {
+    for &n in &lens {
+        pooled_rows.push(if cls { start..start + n.min(1) } else { start..start + n });
+        start += n;
+    }
+    let mut pooled = vec![0.0f32; all.len() * h];
+    for (s, rows) in pooled_rows.iter().enumerate() {
+        let (out, count) = (&mut pooled[s * h..(s + 1) * h], rows.len().max(1) as f32);
+        for r in rows.clone() {
             out.iter_mut().zip(&hidden[r * h..(r + 1) * h]).for_each(|(o, x)| *o += x / count);
         }
-        start += n;
     }
     let leaf = candle_core::Var::from_vec(pooled, (all.len(), h), &aug.device)?;
     let emb = loss::normalize(leaf.as_tensor())?;
@@ -367,14 +359,11 @@ fn fast_step(
         .flatten_all()?
         .to_vec1()?;
     let mut dhidden = vec![0.0f32; hidden.len()];
-    let mut start = 0;
-    for (s, &n) in lens.iter().enumerate() {
-        let rows = if cls { start..start + n.min(1) } else { start..start + n };
-        let count = rows.len().max(1) as f32;
-        for r in rows {
-            dhidden[r * h..(r + 1) * h].iter_mut().zip(&dpool[s * h..(s + 1) * h]).for_each(|(d, g)| *d = g / count);
+    for (s, rows) in pooled_rows.iter().enumerate() {
+        let (g, count) = (&dpool[s * h..(s + 1) * h], rows.len().max(1) as f32);
+        for r in rows.clone() {
+            dhidden[r * h..(r + 1) * h].iter_mut().zip(g).for_each(|(d, g)| *d = g / count);
         }
-        start += n;
     }
     let mut flat = fast::backward(&cpu, &tape, dhidden);
     let mut grads = Grads::new();

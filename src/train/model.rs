@@ -9,7 +9,7 @@ use candle_nn::{VarBuilder, VarMap};
 
 use super::loss::normalize;
 use crate::error::{Error, Result};
-use crate::models::bert::{Folder, Pooling, SentenceEncoder};
+use crate::models::bert::{Folder, SentenceEncoder, padded_batch, pool};
 
 pub struct Augment {
     pub varmap: VarMap,
@@ -70,24 +70,10 @@ impl Augment {
     /// Pooled (and, as the folder says, normalised) embeddings as a graph that gradients flow through.
     pub fn encode(&self, texts: &[&str]) -> candle_core::Result<Tensor> {
         let enc = self.folder.tokenizer.encode_batch(texts.to_vec(), true).map_err(candle_core::Error::msg)?;
-        let len = enc.iter().map(|e| e.get_ids().len()).max().unwrap_or(1).max(1);
-        let (mut ids, mut mask) = (Vec::with_capacity(texts.len() * len), Vec::with_capacity(texts.len() * len));
-        for e in &enc {
-            let n = e.get_ids().len();
-            ids.extend(e.get_ids().iter().copied().chain(std::iter::repeat_n(0, len - n)));
-            mask.extend(std::iter::repeat_n(1u32, n).chain(std::iter::repeat_n(0, len - n)));
-        }
-        let ids = Tensor::from_vec(ids, (texts.len(), len), &self.device)?;
-        let mask = Tensor::from_vec(mask, (texts.len(), len), &self.device)?;
+        let seqs: Vec<&[u32]> = enc.iter().map(|e| e.get_ids()).collect();
+        let (ids, mask) = padded_batch(&seqs, &self.device)?;
         let hidden = self.model.forward(&ids, &mask)?;
-        let maskf = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
-        let pooled = match self.folder.pooling {
-            Pooling::Cls => hidden.get_on_dim(1, 0)?,
-            Pooling::Mean => {
-                hidden.broadcast_mul(&maskf)?.sum(1)?.broadcast_div(&maskf.sum(1)?.clamp(1e-9, f64::MAX)?)?
-            }
-            Pooling::Max => hidden.broadcast_add(&((maskf.ones_like()? - &maskf)? * -1e9)?)?.max(1)?,
-        };
+        let pooled = pool(&hidden, &mask, self.folder.pooling)?;
         // Training always compares cosines, whether or not the folder normalises its output.
         normalize(&pooled)
     }
@@ -102,7 +88,7 @@ impl Augment {
     /// Writes a sentence-transformers folder: the parent folder's configuration files, this model's
     /// weights, and sentence_bert_config.json with the max_seq_length trained at. Written beside `dest`
     /// and renamed into place, so a kill never leaves half a checkpoint.
-    pub fn save(&self, dest: &Path, extra: &HashMap<&str, Tensor>, state: Option<&serde_json::Value>) -> Result<()> {
+    pub fn save(&self, dest: &Path, extra: &HashMap<String, Tensor>, state: Option<&serde_json::Value>) -> Result<()> {
         let tmp = dest.with_extension("tmp");
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).map_err(Error::io(&tmp))?;

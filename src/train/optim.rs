@@ -46,11 +46,7 @@ impl AdamW {
     pub fn collect(&self, store: &GradStore, acc: &mut Grads) -> Result<()> {
         for (name, var, _) in &self.params {
             if let Some(g) = store.get(var.as_tensor()) {
-                let sum = match acc.remove(name) {
-                    Some(a) => (a + g)?,
-                    None => g.clone(),
-                };
-                acc.insert(name.clone(), sum);
+                accumulate(acc, name.clone(), g.clone())?;
             }
         }
         Ok(())
@@ -82,6 +78,16 @@ impl AdamW {
         }
         Ok(())
     }
+}
+
+/// Adds one gradient to the sum kept for its parameter (accumulation over batches).
+pub fn accumulate(acc: &mut Grads, name: String, g: Tensor) -> Result<()> {
+    let sum = match acc.remove(&name) {
+        Some(a) => (a + g)?,
+        None => g,
+    };
+    acc.insert(name, sum);
+    Ok(())
 }
 
 /// Scales the gradients so their global L2 norm is at most `max_norm`; returns the norm before.
