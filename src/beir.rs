@@ -18,6 +18,8 @@ pub struct Beir {
     pub doc_texts: Vec<String>,
     pub query_ids: Vec<String>,
     pub query_texts: Vec<String>,
+    /// A query's reference answer, where queries.jsonl gives one (`answer`, or `metadata.answer`).
+    pub query_answers: Vec<Option<String>>,
     /// (query index, document index, graded relevance > 0), in qrels order.
     pub qrels: Vec<(usize, usize, i64)>,
 }
@@ -30,6 +32,22 @@ struct Line {
     title: Option<String>,
     #[serde(default)]
     text: Option<String>,
+    #[serde(default)]
+    answer: Option<serde_json::Value>,
+    #[serde(default)]
+    metadata: Option<serde_json::Value>,
+}
+
+/// An answer given as a string, or as a list of acceptable strings (joined with " | ").
+fn answer_text(v: &serde_json::Value) -> Option<String> {
+    match v {
+        serde_json::Value::String(s) if !s.trim().is_empty() => Some(s.trim().to_string()),
+        serde_json::Value::Array(a) => {
+            let parts: Vec<String> = a.iter().filter_map(answer_text).collect();
+            (!parts.is_empty()).then(|| parts.join(" | "))
+        }
+        _ => None,
+    }
 }
 
 fn id_string(v: &serde_json::Value) -> Option<String> {
@@ -54,12 +72,12 @@ fn bad_line(path: &Path, line: usize, what: impl std::fmt::Display, hint: &str) 
     Error::bad_input(format!("{}:{line}: {what}", path.display()), hint)
 }
 
-/// Ids and texts of a jsonl file, and each id's position.
-type Texts = (Vec<String>, Vec<String>, HashMap<String, usize>);
+/// Ids, texts and answers of a jsonl file, and each id's position.
+type Texts = (Vec<String>, Vec<String>, Vec<Option<String>>, HashMap<String, usize>);
 
 /// Reads `{"_id", "title"?, "text"}` lines; returns ids and texts (title + " " + text).
 fn read_jsonl(path: &Path, with_title: bool) -> Result<Texts> {
-    let (mut ids, mut texts, mut index) = (Vec::new(), Vec::new(), HashMap::new());
+    let (mut ids, mut texts, mut answers, mut index) = (Vec::new(), Vec::new(), Vec::new(), HashMap::new());
     for (n, line) in open(path)?.lines().enumerate() {
         let line = line.map_err(Error::io(path))?;
         if line.trim().is_empty() {
@@ -68,6 +86,11 @@ fn read_jsonl(path: &Path, with_title: bool) -> Result<Texts> {
         let hint = r#"each line is a JSON object like {"_id": "d1", "title": "...", "text": "..."}"#;
         let parsed: Line = serde_json::from_str(&line).map_err(|e| bad_line(path, n + 1, e, hint))?;
         let id = id_string(&parsed.id).ok_or_else(|| bad_line(path, n + 1, "`_id` is not a string", hint))?;
+        let answer = parsed
+            .answer
+            .as_ref()
+            .or_else(|| parsed.metadata.as_ref().and_then(|m| m.get("answer")))
+            .and_then(answer_text);
         let text = parsed.text.unwrap_or_default();
         let text = match parsed.title.filter(|t| with_title && !t.is_empty()) {
             Some(title) => format!("{title} {text}").trim().to_string(),
@@ -78,14 +101,15 @@ fn read_jsonl(path: &Path, with_title: bool) -> Result<Texts> {
         }
         ids.push(id);
         texts.push(text);
+        answers.push(answer);
     }
-    Ok((ids, texts, index))
+    Ok((ids, texts, answers, index))
 }
 
 /// Loads a BEIR folder with the qrels of `split` (train, dev, test).
 pub fn load(dir: &Path, split: &str) -> Result<Beir> {
-    let (doc_ids, doc_texts, docs) = read_jsonl(&dir.join("corpus.jsonl"), true)?;
-    let (query_ids, query_texts, queries) = read_jsonl(&dir.join("queries.jsonl"), false)?;
+    let (doc_ids, doc_texts, _, docs) = read_jsonl(&dir.join("corpus.jsonl"), true)?;
+    let (query_ids, query_texts, query_answers, queries) = read_jsonl(&dir.join("queries.jsonl"), false)?;
     let path = dir.join("qrels").join(format!("{split}.tsv"));
     let mut qrels = Vec::new();
     let hint = "qrels lines are `query-id<TAB>corpus-id<TAB>score` after a header line";
@@ -121,7 +145,7 @@ pub fn load(dir: &Path, split: &str) -> Result<Beir> {
             "check the split name: `split: train` reads qrels/train.tsv",
         ));
     }
-    Ok(Beir { dir: dir.to_path_buf(), doc_ids, doc_texts, query_ids, query_texts, qrels })
+    Ok(Beir { dir: dir.to_path_buf(), doc_ids, doc_texts, query_ids, query_texts, query_answers, qrels })
 }
 
 #[cfg(test)]

@@ -34,6 +34,10 @@ pub enum Command {
     Runs(RunsArgs),
     /// Show stored (query, passage) pairs with their verdicts.
     Pairs(PairsArgs),
+    /// Show RAG answers of eval_rag stages with their grades.
+    Answers(AnswersArgs),
+    /// Write a run's HTML report: metrics, curves, counts, tokens and cost, sample pairs.
+    Report(ReportArgs),
     /// Provision and list models.
     #[command(subcommand)]
     Models(ModelsCommand),
@@ -114,6 +118,36 @@ pub struct PairsArgs {
     pub limit: i64,
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct AnswersArgs {
+    #[command(flatten)]
+    pub target: Target,
+    /// Only answers made during this run.
+    #[arg(long)]
+    pub run: Option<i64>,
+    /// Only answers from this retriever's passages.
+    #[arg(long)]
+    pub retriever: Option<String>,
+    /// Only answers with this grade.
+    #[arg(long, value_parser = ["correct", "incorrect", "failed"])]
+    pub grade: Option<String>,
+    #[arg(long, default_value_t = 20)]
+    pub limit: i64,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ReportArgs {
+    /// Run id (default: the latest run).
+    pub run: Option<i64>,
+    #[command(flatten)]
+    pub target: Target,
+    /// Where to write the HTML (default: <store>.report-run<N>.html beside the store).
+    #[arg(short, long)]
+    pub output: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]

@@ -10,6 +10,7 @@ pub mod eval;
 pub mod llm;
 pub mod models;
 pub mod prompt;
+pub mod report;
 pub mod schedule;
 pub mod stages;
 pub mod store;

@@ -1,9 +1,10 @@
-//! `flow status`, `flow runs` and `flow pairs`: read the store and show it.
+//! `flow status`, `flow runs`, `flow pairs`, `flow answers` and `flow report`: read the store and
+//! show it.
 
-use flow::store::{Store, pairs, runs};
+use flow::store::{Store, pairs, rag_answers, runs};
 
 use super::{fmt_duration, fmt_time, table};
-use crate::cli::{PairsArgs, RunsArgs, StatusArgs, Target};
+use crate::cli::{AnswersArgs, PairsArgs, ReportArgs, RunsArgs, StatusArgs, Target};
 
 async fn open(t: &Target) -> anyhow::Result<Store> {
     let wf = flow::workflow::load(&t.workflow)?;
@@ -123,6 +124,12 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<u8> {
             println!("  skipped {}: {}", skip["path"].as_str().unwrap_or("?"), skip["reason"].as_str().unwrap_or("?"));
         }
     }
+    let report = flow::report::default_path(&store.path, run.id);
+    if report.exists() {
+        println!("\nreport: {}", report.display());
+    } else {
+        println!("\nreport: {} (not written yet: `flow report -w {}`)", report.display(), a.target.workflow.display());
+    }
     Ok(0)
 }
 
@@ -178,5 +185,44 @@ pub async fn pairs(a: PairsArgs) -> anyhow::Result<u8> {
             println!("   judge: {r}");
         }
     }
+    Ok(0)
+}
+
+pub async fn answers(a: AnswersArgs) -> anyhow::Result<u8> {
+    let store = open(&a.target).await?;
+    let rows = rag_answers::list(&store, a.run, a.retriever.as_deref(), a.grade.as_deref(), a.limit).await?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(0);
+    }
+    if rows.is_empty() {
+        println!("no answers yet (they come from eval_rag stages)");
+    }
+    for r in &rows {
+        let hit = if r.hit { "relevant passage retrieved" } else { "no relevant passage retrieved" };
+        println!("[{}] {} / run {} / {}: {}", r.grade, r.retriever, r.run_id, r.question_id, r.question);
+        println!("   answer: {}", r.answer.as_deref().unwrap_or("(none)").replace('\n', " "));
+        println!("   passages {} ({hit})", r.passages);
+        if let Some(why) = &r.reason {
+            println!("   grade: {}", why.replace('\n', " "));
+        }
+    }
+    Ok(0)
+}
+
+pub async fn report(a: ReportArgs) -> anyhow::Result<u8> {
+    let store = open(&a.target).await?;
+    let run = match a.run {
+        Some(id) => id,
+        None => runs::latest(&store).await?.map(|r| r.id).ok_or_else(|| {
+            flow::Error::bad_input("this store has no runs yet", "run the workflow first: `flow run WORKFLOW`")
+        })?,
+    };
+    let html = flow::report::build(&store, run).await?;
+    let path = a.output.unwrap_or_else(|| flow::report::default_path(&store.path, run));
+    let tmp = path.with_extension("html.partial");
+    std::fs::write(&tmp, html).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+    println!("{}", path.display());
     Ok(0)
 }

@@ -15,6 +15,8 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         Command::Status(a) => inspect::status(a).await,
         Command::Runs(a) => inspect::runs(a).await,
         Command::Pairs(a) => inspect::pairs(a).await,
+        Command::Answers(a) => inspect::answers(a).await,
+        Command::Report(a) => inspect::report(a).await,
         Command::Models(c) => models::models(c, cli.quiet).await,
     }
 }
@@ -31,31 +33,7 @@ pub fn render_error(e: &anyhow::Error) -> String {
     }
 }
 
-/// A plain text table with left-aligned columns.
-pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
-    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for r in rows {
-        for (i, c) in r.iter().enumerate() {
-            widths[i] = widths[i].max(c.chars().count());
-        }
-    }
-    let line = |cells: Vec<&str>| {
-        cells
-            .iter()
-            .enumerate()
-            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
-            .collect::<Vec<_>>()
-            .join("  ")
-            .trim_end()
-            .to_string()
-    };
-    let mut out = line(header.to_vec());
-    for r in rows {
-        out.push('\n');
-        out.push_str(&line(r.iter().map(String::as_str).collect()));
-    }
-    out
-}
+pub use flow::text::table;
 
 pub fn fmt_time(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms)

@@ -40,11 +40,17 @@ pub struct RunReport {
     pub status: String,
     pub stages: Vec<StageRunRow>,
     pub notes: Vec<String>,
+    /// A stage failed on bad input (a malformed eval set, a missing model): exit code 2, not 1.
+    pub input_error: bool,
 }
 
 impl RunReport {
     pub fn exit_code(&self) -> u8 {
-        if self.status == "succeeded" { 0 } else { 1 }
+        match (self.status.as_str(), self.input_error) {
+            ("succeeded", _) => 0,
+            (_, true) => 2,
+            _ => 1,
+        }
     }
 }
 
@@ -179,7 +185,8 @@ async fn execute(
         }
     }
 
-    let mut tasks: JoinSet<(String, Result<String, String>)> = JoinSet::new();
+    let mut tasks: JoinSet<(String, Result<String, bool>)> = JoinSet::new();
+    let mut input_error = false;
     let interrupted = loop {
         for name in &wf.order {
             if !matches!(state[name], State::Waiting) {
@@ -237,7 +244,10 @@ async fn execute(
                 let (name, res) = joined.expect("tasks not empty").map_err(|e| Error::Other(format!("stage task: {e}")))?;
                 match res {
                     Ok(fp) => state.insert(name, State::Good(fp)),
-                    Err(_) => state.insert(name, State::Bad),
+                    Err(bad_input) => {
+                        input_error |= bad_input;
+                        state.insert(name, State::Bad)
+                    }
                 };
             }
             _ = tokio::signal::ctrl_c() => break true,
@@ -258,7 +268,7 @@ async fn execute(
     runs::finish(&store, run_id, status).await?;
     let mut stages = runs::stages_of(&store, run_id).await?;
     stages.sort_by_key(|s| wf.order.iter().position(|n| *n == s.stage));
-    Ok(RunReport { run_id, status: status.to_string(), stages, notes })
+    Ok(RunReport { run_id, status: status.to_string(), stages, notes, input_error })
 }
 
 fn needed_by_only(name: &str, only: &[String], needs: &BTreeMap<String, Vec<String>>) -> bool {
@@ -278,8 +288,9 @@ struct Job {
 }
 
 impl Job {
-    /// Ok(fingerprint) when the stage succeeded or was up to date; Err(message) when it failed.
-    async fn run(self) -> Result<String, String> {
+    /// Ok(fingerprint) when the stage succeeded or was up to date; Err(whether the input was bad)
+    /// when it failed.
+    async fn run(self) -> Result<String, bool> {
         let mut recorded = false;
         match self.attempt(&mut recorded).await {
             Ok(fp) => Ok(fp),
@@ -294,7 +305,7 @@ impl Job {
                             runs::finish_stage(&self.store, id, "failed", Counts::default(), None, Some(&msg)).await;
                     }
                 }
-                Err(e.to_string())
+                Err(e.exit_code() == 2)
             }
         }
     }
@@ -303,9 +314,15 @@ impl Job {
         let spec = &self.wf.stages[&self.name];
         let fp = fingerprint(spec.kind.name, &spec.params, &self.stage.inputs().await?, &self.upstream);
         *recorded = true;
-        if !self.force
-            && let Some(prev) = runs::find_succeeded(&self.store, &self.name, &fp).await?
-        {
+        let mut previous = match self.force {
+            true => None,
+            false => runs::find_succeeded(&self.store, &self.name, &fp).await?,
+        };
+        if previous.is_some() && !self.stage.outputs_intact(&self.store).await? {
+            self.progress.log(&format!("[{}] its stored output is gone from disk: running it again", self.name));
+            previous = None;
+        }
+        if let Some(prev) = previous {
             let id = runs::set_stage(&self.store, self.run_id, &self.name, spec.kind.name, &fp, "up_to_date").await?;
             runs::finish_stage(
                 &self.store,

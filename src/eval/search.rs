@@ -1,35 +1,66 @@
-//! Exact top-k search by dot product: the corpus is scored in blocks (candle matmuls) and only a
+//! Exact top-k search by dot product: the corpus arrives in blocks (candle matmuls) and only a
 //! per-query top-k is kept, so memory stays bounded however large the corpus is.
 
 use candle_core::{Device, Tensor};
+use rayon::prelude::*;
 
-/// Documents scored per block: 4,096 x 384 floats is 6 MB.
-const BLOCK: usize = 4096;
+/// Documents scored per block: 4,096 x 384 floats is 6 MB, and the score block for 1,000 queries 16 MB.
+pub const BLOCK: usize = 4096;
 
-/// For each query row, the `k` best (document index, score), best first. Rows are `dim` wide.
-pub fn top_k(queries: &[f32], docs: &[f32], dim: usize, k: usize) -> candle_core::Result<Vec<Vec<(usize, f32)>>> {
-    let nq = queries.len() / dim;
-    let nd = docs.len() / dim;
-    let mut best: Vec<Vec<(usize, f32)>> = vec![Vec::with_capacity(k + 1); nq];
-    if nq == 0 || nd == 0 || k == 0 {
-        return Ok(best);
+/// The running top-k of a set of queries over a corpus fed block by block.
+pub struct TopK {
+    queries: Tensor,
+    dim: usize,
+    k: usize,
+    seen: usize,
+    best: Vec<Vec<(usize, f32)>>,
+}
+
+impl TopK {
+    /// `queries` are rows `dim` wide.
+    pub fn new(queries: &[f32], dim: usize, k: usize) -> candle_core::Result<TopK> {
+        let nq = queries.len().checked_div(dim).unwrap_or(0);
+        let queries = Tensor::from_slice(queries, (nq, dim), &Device::Cpu)?;
+        Ok(TopK { queries, dim, k, seen: 0, best: vec![Vec::with_capacity(k + 1); nq] })
     }
-    let q = Tensor::from_slice(queries, (nq, dim), &Device::Cpu)?;
-    for start in (0..nd).step_by(BLOCK) {
-        let n = BLOCK.min(nd - start);
-        let block = Tensor::from_slice(&docs[start * dim..(start + n) * dim], (n, dim), &Device::Cpu)?;
-        let scores: Vec<Vec<f32>> = q.matmul(&block.t()?)?.to_vec2()?;
-        for (row, kept) in scores.iter().zip(best.iter_mut()) {
+
+    /// Scores the next documents (rows `dim` wide, numbered after those pushed before).
+    pub fn push(&mut self, docs: &[f32]) -> candle_core::Result<()> {
+        let n = docs.len() / self.dim.max(1);
+        if n == 0 || self.best.is_empty() || self.k == 0 {
+            self.seen += n;
+            return Ok(());
+        }
+        let block = Tensor::from_slice(docs, (n, self.dim), &Device::Cpu)?;
+        let scores = self.queries.matmul(&block.t()?)?.flatten_all()?.to_vec1::<f32>()?;
+        let (start, k) = (self.seen, self.k);
+        self.best.par_iter_mut().zip(scores.par_chunks(n)).for_each(|(kept, row)| {
             for (j, &s) in row.iter().enumerate() {
+                // Strictly better only: among equal scores the earlier document stays ahead.
                 if kept.len() < k || s > kept[kept.len() - 1].1 {
                     let at = kept.partition_point(|&(_, v)| v >= s);
                     kept.insert(at, (start + j, s));
                     kept.truncate(k);
                 }
             }
-        }
+        });
+        self.seen += n;
+        Ok(())
     }
-    Ok(best)
+
+    /// For each query, the `k` best (document index, score), best first.
+    pub fn finish(self) -> Vec<Vec<(usize, f32)>> {
+        self.best
+    }
+}
+
+/// For each query row, the `k` best (document index, score) over `docs`, best first.
+pub fn top_k(queries: &[f32], docs: &[f32], dim: usize, k: usize) -> candle_core::Result<Vec<Vec<(usize, f32)>>> {
+    let mut top = TopK::new(queries, dim, k)?;
+    for block in docs.chunks(BLOCK * dim.max(1)) {
+        top.push(block)?;
+    }
+    Ok(top.finish())
 }
 
 #[cfg(test)]
@@ -44,5 +75,25 @@ mod tests {
         let got = super::top_k(&[1.0, 0.0, -1.0, 0.0], &docs, dim, 3).unwrap();
         assert_eq!(got[0].iter().map(|x| x.0).collect::<Vec<_>>(), [9999, 9998, 9997]);
         assert_eq!(got[1].iter().map(|x| x.0).collect::<Vec<_>>(), [0, 1, 2]);
+    }
+
+    #[test]
+    fn blocks_of_any_size_give_the_brute_force_ranking() {
+        let mut rng = fastrand::Rng::with_seed(3);
+        let dim = 8;
+        let docs: Vec<f32> = (0..dim * 777).map(|_| rng.f32() - 0.5).collect();
+        let queries: Vec<f32> = (0..dim * 5).map(|_| rng.f32() - 0.5).collect();
+        let mut top = super::TopK::new(&queries, dim, 20).unwrap();
+        for part in docs.chunks(dim * 100) {
+            top.push(part).unwrap();
+        }
+        let got = top.finish();
+        for (qi, q) in queries.chunks(dim).enumerate() {
+            let mut all: Vec<(usize, f32)> =
+                docs.chunks(dim).map(|d| d.iter().zip(q).map(|(a, b)| a * b).sum()).enumerate().collect();
+            all.sort_by(|a, b| b.1.total_cmp(&a.1));
+            let want: Vec<usize> = all[..20].iter().map(|x| x.0).collect();
+            assert_eq!(got[qi].iter().map(|x| x.0).collect::<Vec<_>>(), want);
+        }
     }
 }

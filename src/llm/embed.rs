@@ -34,10 +34,7 @@ impl BlackBox {
                     Error::bad_input(format!("`models.{key}` names no `model`"), "add `model: all-MiniLM-L6-v2`")
                 })?;
                 let dir = crate::models::resolve(&name, &wf.dir, "model.safetensors")?;
-                let enc = SentenceEncoder::load(&dir, spec.max_seq_length, &candle_core::Device::Cpu)?;
-                let weights = std::fs::read(dir.join("model.safetensors")).map_err(Error::io(&dir))?;
-                let identity = format!("local|{name}|{}|{}", enc.max_seq_length, &sha256_hex(&weights)[..16]);
-                Ok(BlackBox { backend: Backend::Local(Arc::new(enc)), identity, key: key.into() })
+                BlackBox::local(&dir, &name, spec.max_seq_length)
             }
             Provider::Openai => {
                 let provider = super::embedding_provider(wf, key)?;
@@ -46,6 +43,14 @@ impl BlackBox {
                 Ok(BlackBox { backend: Backend::Api(provider), identity, key: key.into() })
             }
         }
+    }
+
+    /// A local sentence-transformers folder (a black box, or a trained augment model being evaluated).
+    pub fn local(dir: &std::path::Path, name: &str, max_seq_length: Option<usize>) -> Result<BlackBox> {
+        let enc = SentenceEncoder::load(dir, max_seq_length, &candle_core::Device::Cpu)?;
+        let weights = std::fs::read(dir.join("model.safetensors")).map_err(Error::io(dir))?;
+        let identity = format!("local|{name}|{}|{}", enc.max_seq_length, &sha256_hex(&weights)[..16]);
+        Ok(BlackBox { backend: Backend::Local(Arc::new(enc)), identity, key: name.into() })
     }
 
     /// Vectors for `texts` in order: from the store where there, else computed (or requested) in

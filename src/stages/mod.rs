@@ -2,6 +2,8 @@
 //! The engine only ever goes through this table; it never names a kind.
 
 pub mod chunk;
+pub mod eval_rag;
+pub mod eval_recall;
 pub mod generate;
 pub mod judge;
 pub mod train;
@@ -31,7 +33,7 @@ impl std::fmt::Debug for Kind {
     }
 }
 
-pub const KINDS: &[Kind] = &[chunk::KIND, generate::KIND, judge::KIND, train::KIND];
+pub const KINDS: &[Kind] = &[chunk::KIND, generate::KIND, judge::KIND, train::KIND, eval_recall::KIND, eval_rag::KIND];
 
 pub fn kind(name: &str) -> Option<&'static Kind> {
     KINDS.iter().find(|k| k.name == name)
@@ -61,6 +63,12 @@ pub trait Stage: Send + Sync {
     /// A digest of everything besides the YAML parameters that decides the output: files read,
     /// prompt text, corpus contents. Part of the stage fingerprint.
     async fn inputs(&self) -> Result<String>;
+
+    /// Whether what an up-to-date run of this stage left outside the store (model folders) is still
+    /// there; if not, the stage runs again instead of counting as up to date.
+    async fn outputs_intact(&self, _store: &Store) -> Result<bool> {
+        Ok(true)
+    }
 
     /// Does the work, storing each item as it finishes and skipping items already stored.
     async fn run(&self, ctx: &StageCtx) -> Result<Outcome>;

@@ -362,6 +362,13 @@ impl Stage for Train {
         Ok(format!("{digest}|{bb:?}|{:?}", self.max_seq_length))
     }
 
+    async fn outputs_intact(&self, store: &crate::store::Store) -> Result<bool> {
+        let stages = [self.name.clone()];
+        Ok(models_table::latest(store, &stages, self.params.retriever.name())
+            .await?
+            .is_some_and(|m| std::path::Path::new(&m.path).join("model.safetensors").exists()))
+    }
+
     async fn run(&self, ctx: &StageCtx) -> Result<Outcome> {
         let p = &self.params;
         let all = self.examples(ctx).await?;

@@ -164,3 +164,13 @@ pub async fn skipped(store: &Store, stage: &str) -> Result<Vec<SkippedDoc>> {
         .fetch_all(&store.pool)
         .await?)
 }
+
+/// Every live chunk of every active document as (id, text), oldest first: the synthetic eval corpus.
+pub async fn live_chunks(store: &Store) -> Result<Vec<(i64, String)>> {
+    Ok(sqlx::query_as(
+        "SELECT c.id, c.text FROM chunks c JOIN documents d ON d.id = c.document_id
+         WHERE d.status = 'active' AND c.retired_at IS NULL ORDER BY c.id",
+    )
+    .fetch_all(&store.pool)
+    .await?)
+}

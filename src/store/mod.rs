@@ -3,11 +3,13 @@
 
 pub mod documents;
 pub mod embeddings;
+pub mod eval_results;
 pub mod judgments;
 pub mod llm_calls;
 pub mod models;
 pub mod pairs;
 pub mod queries;
+pub mod rag_answers;
 pub mod runs;
 
 use std::path::{Path, PathBuf};

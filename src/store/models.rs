@@ -61,3 +61,59 @@ pub async fn add_curve_point(
     .await?;
     Ok(())
 }
+
+#[derive(Debug, Clone, sqlx::FromRow, serde::Serialize)]
+pub struct ModelRow {
+    pub id: i64,
+    pub stage: String,
+    pub run_id: Option<i64>,
+    pub path: String,
+    pub parent: String,
+    pub retriever: String,
+    pub black_box: Option<String>,
+    pub weight: f64,
+    pub data_fingerprint: String,
+    pub metrics: String,
+    pub status: String,
+    pub status_reason: Option<String>,
+    pub created_at: i64,
+}
+
+const MODEL_COLUMNS: &str = "id, stage, run_id, path, parent, retriever, black_box, weight, data_fingerprint, metrics, \
+                             status, status_reason, created_at";
+
+/// The newest model trained for `retriever` by one of `stages` (any stage when empty).
+pub async fn latest(store: &Store, stages: &[String], retriever: &str) -> Result<Option<ModelRow>> {
+    let stages = serde_json::to_string(stages).expect("strings serialise");
+    Ok(sqlx::query_as(&format!(
+        "SELECT {MODEL_COLUMNS} FROM models WHERE retriever = ?1
+           AND (json_array_length(?2) = 0 OR stage IN (SELECT value FROM json_each(?2)))
+         ORDER BY id DESC LIMIT 1"
+    ))
+    .bind(retriever)
+    .bind(stages)
+    .fetch_optional(&store.pool)
+    .await?)
+}
+
+/// The curve of `kind` ("loss" or "validation") from the newest run, at or before `run_id`, in
+/// which `stage` stored one: (step, epoch, value, extra JSON), by step.
+pub async fn curve(
+    store: &Store,
+    stage: &str,
+    run_id: i64,
+    kind: &str,
+) -> Result<Vec<(i64, i64, f64, Option<String>)>> {
+    Ok(sqlx::query_as(
+        "SELECT c.step, c.epoch, c.value, c.extra FROM train_curves c
+         WHERE c.kind = ?3 AND c.stage_run_id = (
+            SELECT MAX(s.id) FROM stage_runs s JOIN train_curves t ON t.stage_run_id = s.id
+            WHERE s.stage = ?1 AND s.run_id <= ?2 AND t.kind = ?3)
+         ORDER BY c.step",
+    )
+    .bind(stage)
+    .bind(run_id)
+    .bind(kind)
+    .fetch_all(&store.pool)
+    .await?)
+}

@@ -41,3 +41,20 @@ pub async fn accepted(store: &Store) -> Result<Vec<(String, String, String)>> {
         .fetch_all(&store.pool)
         .await?)
 }
+
+#[derive(Debug, Clone, FromRow)]
+pub struct EvalPair {
+    pub query_id: i64,
+    pub query: String,
+    pub passage: String,
+    pub chunk_id: i64,
+    pub document: String,
+    pub verdict: String,
+}
+
+/// Every live pair with its chunk and verdict, oldest first: what the synthetic eval set is drawn from.
+pub async fn all(store: &Store) -> Result<Vec<EvalPair>> {
+    Ok(sqlx::query_as("SELECT query_id, query, passage, chunk_id, document, verdict FROM pairs ORDER BY query_id")
+        .fetch_all(&store.pool)
+        .await?)
+}

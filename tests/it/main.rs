@@ -2,6 +2,7 @@
 
 mod chunk;
 mod engine;
+mod eval;
 mod harness;
 mod llm;
 mod local;

@@ -14,7 +14,7 @@ fn word(i: usize) -> String {
 
 /// A toy retrieval task: each passage is a few words; its query repeats two of them in another order.
 /// The random initial weights are made once and copied, so two sandboxes start from the same model.
-fn toy_set(sb: &Sandbox) -> usize {
+pub fn toy_set(sb: &Sandbox) -> usize {
     toy_set_from(sb, None)
 }
 

@@ -222,8 +222,20 @@ async fn chat(State(s): State<Arc<Shared>>, _headers: HeaderMap, body: Bytes) ->
     .into_response()
 }
 
-/// Deterministic answers: questions for the generate schema, a score for the judge schema.
+/// Deterministic answers: questions for the generate schema, a score for the judge schema; for RAG,
+/// the first passage as the answer, graded correct when the reference contains it.
 fn answer(schema: &str, prompt: &str, h: u64, prose: bool) -> String {
+    if schema == "rag_answer" {
+        let first = prompt.lines().find_map(|l| l.strip_prefix("[1] ")).unwrap_or("I don't know");
+        return json!({ "answer": first }).to_string();
+    }
+    if schema == "rag_grade" {
+        // The prompt quotes the reference, then the answer, each between lines of three quotes.
+        let blocks: Vec<&str> = prompt.split("\"\"\"").collect();
+        let (reference, answer) = (blocks.get(1).unwrap_or(&"").trim(), blocks.get(3).unwrap_or(&"").trim());
+        let correct = !answer.is_empty() && reference.contains(answer);
+        return json!({ "correct": correct, "reason": "test grader: reference contains the answer" }).to_string();
+    }
     let is_judge = schema == "judgment" || prompt.contains("Score the query");
     if is_judge {
         let score = 1 + h % 5;

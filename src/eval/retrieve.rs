@@ -1,0 +1,244 @@
+//! The retrievers an eval stage compares (bm25, black_box, augment_only, mafin): each ranks an eval
+//! set's corpus for its queries, embedding the corpus block by block through the vector cache.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::search::{BLOCK, TopK};
+use super::set::EvalSet;
+use crate::engine::progress::StageProgress;
+use crate::error::{Error, Result};
+use crate::llm::embed::BlackBox;
+use crate::store::Store;
+use crate::store::models::{self as models_table, ModelRow};
+use crate::train::{self, Retriever};
+use crate::workflow::Workflow;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    Bm25,
+    BlackBox,
+    AugmentOnly,
+    Mafin,
+}
+
+pub const ALL: [Kind; 4] = [Kind::Bm25, Kind::BlackBox, Kind::AugmentOnly, Kind::Mafin];
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Bm25 => "bm25",
+            Kind::BlackBox => "black_box",
+            Kind::AugmentOnly => "augment_only",
+            Kind::Mafin => "mafin",
+        }
+    }
+
+    /// The training retriever whose model this one needs, if any.
+    pub fn trained(self) -> Option<Retriever> {
+        match self {
+            Kind::AugmentOnly => Some(Retriever::AugmentOnly),
+            Kind::Mafin => Some(Retriever::Mafin),
+            _ => None,
+        }
+    }
+}
+
+/// What the retrievers of one eval stage share: the workflow, the store and where to account for
+/// embedding calls.
+pub struct Ctx<'a> {
+    pub wf: &'a Workflow,
+    pub store: &'a Store,
+    pub run_id: i64,
+    pub stage: &'a str,
+    pub progress: &'a StageProgress,
+    /// `models:` key of the black box.
+    pub black_box: &'a str,
+    /// Count passages searched as the stage's items (eval_recall) or not (eval_rag counts answers).
+    pub count_items: bool,
+}
+
+/// The model each trained retriever uses: the newest one trained for it by `stages`.
+pub async fn model_for(store: &Store, kind: Kind, stages: &[String]) -> Result<Option<ModelRow>> {
+    match kind.trained() {
+        Some(r) => models_table::latest(store, stages, r.name()).await,
+        None => Ok(None),
+    }
+}
+
+/// Each query's `k` best (document index, score) under `kind`.
+pub async fn rank(
+    cx: &Ctx<'_>,
+    set: &EvalSet,
+    kind: Kind,
+    model: Option<&ModelRow>,
+    k: usize,
+) -> Result<Vec<Vec<(usize, f32)>>> {
+    if kind == Kind::Bm25 {
+        let (docs, queries) = (set.docs.clone(), set.queries.clone());
+        cx.progress.message("bm25: indexing");
+        let hits = tokio::task::spawn_blocking(move || {
+            let mut index = super::bm25::Bm25::default();
+            for d in &docs {
+                index.add(d);
+            }
+            index.search(&queries, k)
+        })
+        .await
+        .map_err(|e| Error::Other(format!("bm25: {e}")))?;
+        if cx.count_items {
+            cx.progress.done(set.docs.len() as u64);
+        }
+        return Ok(hits);
+    }
+    let black_box = match kind {
+        Kind::BlackBox | Kind::Mafin => Some(BlackBox::load(cx.wf, cx.black_box)?),
+        _ => None,
+    };
+    let augment = match model {
+        Some(m) if kind.trained().is_some() => {
+            Some(BlackBox::local(Path::new(&m.path), &format!("model {} at {}", m.id, m.path), None)?)
+        }
+        _ => None,
+    };
+    if kind == Kind::Mafin
+        && let (Some(m), Some(bb)) = (model, &black_box)
+        && m.black_box.as_deref().is_some_and(|trained| trained != bb.identity)
+    {
+        return Err(Error::bad_input(
+            format!(
+                "model {} was trained beside the black box {}, but `models.{}` is now {}",
+                m.id,
+                m.black_box.as_deref().unwrap_or("?"),
+                cx.black_box,
+                bb.identity
+            ),
+            "point `black_box:` at the black box it was trained with, or retrain",
+        ));
+    }
+    let weight = model.map_or(0.5, |m| m.weight);
+    let rows = async |texts: &[String]| -> Result<Vec<f32>> {
+        let bb = match &black_box {
+            Some(b) => Some(b.embed(cx.wf, cx.store, cx.run_id, cx.stage, texts).await?),
+            None => None,
+        };
+        let aug = match &augment {
+            Some(a) => Some(a.embed(cx.wf, cx.store, cx.run_id, cx.stage, texts).await?),
+            None => None,
+        };
+        Ok(match (kind, bb, aug) {
+            (Kind::Mafin, Some(bb), Some(aug)) => train::retriever_rows(Retriever::Mafin, &aug, Some(&bb), weight),
+            (_, _, Some(aug)) => train::retriever_rows(Retriever::AugmentOnly, &aug, None, weight),
+            (_, Some(bb), None) => bb.iter().flat_map(|v| train::normalized(v)).collect(),
+            _ => return Err(Error::Other(format!("retriever {} has no model", kind.name()))),
+        })
+    };
+    cx.progress.message(&format!("{}: queries", kind.name()));
+    let q = rows(&set.queries).await?;
+    let dim = q.len() / set.queries.len().max(1);
+    let mut top = TopK::new(&q, dim, k).map_err(search_error)?;
+    for (i, block) in set.docs.chunks(BLOCK).enumerate() {
+        cx.progress.message(&format!("{}: corpus block {}", kind.name(), i + 1));
+        let d = rows(block).await?;
+        if d.len() != block.len() * dim {
+            return Err(Error::Other(format!("{}: passage vectors are not {dim} wide like the queries'", kind.name())));
+        }
+        top = tokio::task::spawn_blocking(move || top.push(&d).map(|_| top))
+            .await
+            .map_err(|e| Error::Other(e.to_string()))?
+            .map_err(search_error)?;
+        if cx.count_items {
+            cx.progress.done(block.len() as u64);
+        }
+    }
+    Ok(top.finish())
+}
+
+fn search_error(e: candle_core::Error) -> Error {
+    Error::Other(format!("search: {e}"))
+}
+
+/// What the train stages an eval stage needs (directly or further up) tell it: their names, the
+/// retrievers they train, and the first one's validation split (seed, val_fraction).
+pub struct Upstream {
+    pub train_stages: Vec<String>,
+    pub trained: Vec<Kind>,
+    pub split: Option<(u64, f64)>,
+}
+
+pub fn upstream(spec: &crate::workflow::StageSpec, wf: &Workflow) -> Upstream {
+    let mut up = Upstream { train_stages: Vec::new(), trained: Vec::new(), split: None };
+    let mut todo = spec.needs.clone();
+    let mut seen = std::collections::HashSet::new();
+    while let Some(name) = todo.pop() {
+        let Some(s) = wf.stages.get(&name).filter(|_| seen.insert(name.clone())) else { continue };
+        todo.extend(s.needs.iter().cloned());
+        if s.kind.name != "train" {
+            continue;
+        }
+        let retriever = match s.params.get("retriever").and_then(|v| v.as_str()) {
+            Some("augment_only") => Kind::AugmentOnly,
+            _ => Kind::Mafin,
+        };
+        up.trained.push(retriever);
+        up.train_stages.push(name);
+        let seed = s.params.get("seed").and_then(|v| v.as_u64()).unwrap_or(42);
+        let fraction = s.params.get("val_fraction").and_then(|v| v.as_f64()).unwrap_or(0.1);
+        up.split.get_or_insert((seed, fraction));
+    }
+    up.train_stages.sort();
+    up.trained.sort();
+    up.trained.dedup();
+    up
+}
+
+/// The retrievers an eval stage runs: those listed, else bm25, black_box and what upstream trains.
+pub fn chosen(listed: &Option<Vec<Kind>>, up: &Upstream) -> Vec<Kind> {
+    match listed {
+        Some(l) => l.clone(),
+        None => ALL.into_iter().filter(|k| k.trained().is_none() || up.trained.contains(k)).collect(),
+    }
+}
+
+/// The model of each trained retriever in `kinds`; a listed one with no model is an input error.
+pub async fn models_for(store: &Store, kinds: &[Kind], up: &Upstream, stage: &str) -> Result<Vec<Option<ModelRow>>> {
+    let mut out = Vec::new();
+    for &k in kinds {
+        let m = model_for(store, k, &up.train_stages).await?;
+        if k.trained().is_some() && m.is_none() {
+            return Err(Error::bad_input(
+                format!("stage `{stage}`: no trained model for retriever `{}`", k.name()),
+                format!(
+                    "add a train stage with `retriever: {}` to this stage's `needs:`, or drop `{}` from `retrievers:`",
+                    k.name(),
+                    k.name()
+                ),
+            ));
+        }
+        if let Some(m) = &m
+            && !Path::new(&m.path).join("model.safetensors").exists()
+        {
+            return Err(Error::bad_input(
+                format!("stage `{stage}`: model {} ({}) is missing from {}", m.id, k.name(), m.path),
+                "rerun its train stage with `flow run WORKFLOW --force STAGE`, or drop the retriever",
+            ));
+        }
+        out.push(m);
+    }
+    Ok(out)
+}
+
+/// The part of an eval stage's fingerprint its set and retrievers decide: the set's files, the
+/// retrievers and the black box's settings.
+pub async fn inputs(source: &super::set::Source, kinds: &[Kind], wf: &Workflow, black_box: &str) -> Result<String> {
+    let src = source.clone();
+    let digest =
+        tokio::task::spawn_blocking(move || src.files_digest()).await.map_err(|e| Error::Other(e.to_string()))?;
+    let bb = wf
+        .models
+        .get(black_box)
+        .map(|m| format!("{:?}|{:?}|{:?}|{:?}", m.provider, m.model, m.base_url, m.max_seq_length));
+    Ok(format!("{digest}|{source:?}|{kinds:?}|{bb:?}"))
+}

@@ -1,0 +1,277 @@
+//! `flow report`: one self-contained HTML file for a run, read from the store: stage counts, tokens
+//! and cost, retrieval metrics and Recall@k curves, RAG accuracy, training curves, sample pairs.
+
+pub mod svg;
+
+use std::fmt::Write;
+use std::path::{Path, PathBuf};
+
+use svg::escape;
+
+use crate::error::{Error, Result};
+use crate::eval::metrics::wilson;
+use crate::store::{Store, eval_results, models, pairs, rag_answers, runs};
+
+/// Where the report of `run_id` goes by default: beside the store.
+pub fn default_path(store: &Path, run_id: i64) -> PathBuf {
+    let stem = store.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "flow".into());
+    store.with_file_name(format!("{stem}.report-run{run_id}.html"))
+}
+
+const STYLE: &str = "body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1000px;color:#222}\
+h1{font-size:22px}h2{font-size:18px;margin-top:2em;border-bottom:1px solid #ddd}h3{font-size:15px}\
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ddd;padding:3px 8px;text-align:right}\
+td:first-child,th:first-child{text-align:left}td.text{text-align:left;max-width:520px}\
+.up{color:#2a7d2a}.down{color:#b22}.muted{color:#777}svg text{font:11px sans-serif;fill:#333}\
+svg .title{font-weight:bold;font-size:12px}svg .grid{stroke:#eee}svg .axis{stroke:#999}\
+svg .frame{fill:none;stroke:#999}svg .whisker{stroke:#111;stroke-width:2}";
+
+fn fmt_ms(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms).map(|t| t.format("%F %T UTC").to_string()).unwrap_or_default()
+}
+
+fn duration(a: Option<i64>, b: Option<i64>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) => format!("{:.1} s", (b - a) as f64 / 1000.0),
+        _ => "-".into(),
+    }
+}
+
+fn html_table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut s = String::from("<table><tr>");
+    for h in header {
+        let _ = write!(s, "<th>{}</th>", escape(h));
+    }
+    s.push_str("</tr>");
+    for r in rows {
+        s.push_str("<tr>");
+        for c in r {
+            // Cells are escaped by their makers: some carry markup (changes, long text).
+            let _ = write!(s, "<td>{c}</td>");
+        }
+        s.push_str("</tr>");
+    }
+    s.push_str("</table>");
+    s
+}
+
+/// The HTML report of one run.
+pub async fn build(store: &Store, run_id: i64) -> Result<String> {
+    let run = runs::get(store, run_id).await?.ok_or_else(|| {
+        Error::bad_input(format!("run {run_id} is not in this store"), "list runs with `flow runs -w WORKFLOW`")
+    })?;
+    let stages = runs::stages_of(store, run_id).await?;
+    let mut b = String::new();
+    let _ = write!(
+        b,
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>flow report: {w} run {id}</title>\
+         <style>{STYLE}</style></head><body><h1>{w}: run {id}</h1>\
+         <p>{status}, started {start}, took {took}. Written by flow {v} from {store}.</p>",
+        w = escape(&run.workflow),
+        id = run.id,
+        status = escape(&run.status),
+        start = fmt_ms(run.started_at),
+        took = duration(Some(run.started_at), run.finished_at),
+        v = env!("CARGO_PKG_VERSION"),
+        store = escape(&store.path.display().to_string()),
+    );
+
+    b.push_str("<h2>Stages</h2>");
+    let rows: Vec<Vec<String>> = stages
+        .iter()
+        .map(|s| {
+            vec![
+                escape(&s.stage),
+                escape(&s.kind),
+                escape(&s.status),
+                s.items_total.to_string(),
+                s.items_done.to_string(),
+                s.items_cached.to_string(),
+                s.items_failed.to_string(),
+                format!("{} ({} cached)", s.llm_calls, s.llm_cached),
+                s.prompt_tokens.to_string(),
+                s.completion_tokens.to_string(),
+                s.cost.map(|c| format!("${c:.4}")).unwrap_or_else(|| "-".into()),
+                duration(s.started_at, s.finished_at),
+            ]
+        })
+        .collect();
+    b.push_str(&html_table(
+        &[
+            "stage",
+            "kind",
+            "status",
+            "items",
+            "done",
+            "stored before",
+            "failed",
+            "LLM calls",
+            "prompt tokens",
+            "completion tokens",
+            "cost",
+            "time",
+        ],
+        &rows,
+    ));
+    for s in stages.iter().filter(|s| s.error.is_some()) {
+        let _ = write!(
+            b,
+            "<p class=\"down\">{} failed: {}</p>",
+            escape(&s.stage),
+            escape(s.error.as_deref().unwrap_or(""))
+        );
+    }
+
+    for s in stages.iter().filter(|s| s.kind == "eval_recall") {
+        retrieval_section(&mut b, store, &s.stage, run_id).await?;
+    }
+    for s in stages.iter().filter(|s| s.kind == "eval_rag") {
+        rag_section(&mut b, store, &s.stage, run_id).await?;
+    }
+    for s in stages.iter().filter(|s| s.kind == "train") {
+        train_section(&mut b, store, &s.stage, run_id).await?;
+    }
+
+    b.push_str("<h2>Sample pairs</h2>");
+    for verdict in ["accepted", "rejected"] {
+        let sample = pairs::list(store, None, Some(verdict), 10).await?;
+        let _ = write!(b, "<h3>{verdict} ({} shown)</h3>", sample.len());
+        if sample.is_empty() {
+            b.push_str("<p class=\"muted\">none</p>");
+            continue;
+        }
+        let rows: Vec<Vec<String>> = sample
+            .iter()
+            .map(|p| {
+                let passage: String = p.passage.chars().take(300).collect();
+                vec![
+                    format!("<span class=\"text\">{}</span>", escape(&p.query)),
+                    format!("{}{}", escape(&passage), if p.passage.chars().count() > 300 { "…" } else { "" }),
+                    escape(&p.document),
+                    p.score.map(|s| s.to_string()).unwrap_or_default(),
+                    escape(p.reason.as_deref().unwrap_or("")),
+                ]
+            })
+            .collect();
+        b.push_str(
+            &html_table(&["query", "passage", "document", "score", "judge's reason"], &rows)
+                .replace("<td>", "<td class=\"text\">"),
+        );
+    }
+    b.push_str("</body></html>\n");
+    Ok(b)
+}
+
+async fn retrieval_section(b: &mut String, store: &Store, stage: &str, run_id: i64) -> Result<()> {
+    let results = eval_results::latest(store, stage, run_id).await?;
+    let _ = write!(b, "<h2>Retrieval: {}</h2>", escape(stage));
+    let Some(first) = results.first() else {
+        b.push_str("<p class=\"muted\">no results stored yet</p>");
+        return Ok(());
+    };
+    let _ = write!(
+        b,
+        "<p>Eval set <code>{}</code>: {} queries over {} passages{}.</p>",
+        escape(&first.eval_set),
+        first.queries,
+        first.corpus,
+        if first.run_id == run_id {
+            String::new()
+        } else {
+            format!(" (measured in run {}, up to date since)", first.run_id)
+        }
+    );
+    let cols = crate::stages::eval_recall::COLUMNS;
+    let mut header = vec!["retriever", "model"];
+    header.extend(cols.iter().map(|c| c.1));
+    let mut rows = Vec::new();
+    let mut curves = Vec::new();
+    for r in &results {
+        let m = r.metrics();
+        let prev =
+            eval_results::previous(store, stage, &r.eval_set, &r.retriever, r.run_id).await?.map(|p| p.metrics());
+        let mut row = vec![escape(&r.retriever), r.model_id.map(|i| i.to_string()).unwrap_or_else(|| "-".into())];
+        for (key, _) in cols {
+            let v = m.get(*key).copied().unwrap_or(0.0);
+            row.push(match prev.as_ref().and_then(|p| p.get(*key)) {
+                Some(p) => {
+                    let class = if v > *p {
+                        "up"
+                    } else if v < *p {
+                        "down"
+                    } else {
+                        "muted"
+                    };
+                    format!("{v:.4} <span class=\"{class}\">({:+.4})</span>", v - p)
+                }
+                None => format!("{v:.4}"),
+            });
+        }
+        rows.push(row);
+        let ks = crate::stages::eval_recall::KS;
+        let pts: Vec<(f64, f64)> =
+            ks.iter().enumerate().filter_map(|(i, k)| m.get(&format!("recall@{k}")).map(|v| (i as f64, *v))).collect();
+        curves.push((r.retriever.clone(), pts));
+    }
+    b.push_str(&html_table(&header, &rows));
+    b.push_str("<p class=\"muted\">In brackets: the change against the previous run on the same eval set.</p>");
+    let ticks: Vec<(f64, String)> =
+        crate::stages::eval_recall::KS.iter().enumerate().map(|(i, k)| (i as f64, k.to_string())).collect();
+    b.push_str(&svg::line_chart("Recall@k", "k", "recall", &curves, Some(&ticks), Some((0.0, 1.0))));
+    Ok(())
+}
+
+async fn rag_section(b: &mut String, store: &Store, stage: &str, run_id: i64) -> Result<()> {
+    let _ = write!(b, "<h2>RAG answers: {}</h2>", escape(stage));
+    let Some(sr) = rag_answers::latest_stage_run(store, stage, run_id).await? else {
+        b.push_str("<p class=\"muted\">no answers stored yet</p>");
+        return Ok(());
+    };
+    let tallies = rag_answers::tally(store, sr).await?;
+    let mut rows = Vec::new();
+    let mut bars = Vec::new();
+    for t in &tallies {
+        let n = (t.correct + t.incorrect) as u64;
+        let acc = if n > 0 { t.correct as f64 / n as f64 } else { 0.0 };
+        let (lo, hi) = wilson(t.correct as u64, n);
+        rows.push(vec![
+            escape(&t.retriever),
+            n.to_string(),
+            t.correct.to_string(),
+            format!("{acc:.3}"),
+            format!("[{lo:.3}, {hi:.3}]"),
+            t.failed.to_string(),
+        ]);
+        bars.push((t.retriever.clone(), acc, lo, hi));
+    }
+    b.push_str(&html_table(&["retriever", "graded", "correct", "accuracy", "95% Wilson interval", "failed"], &rows));
+    b.push_str(&svg::interval_bars("Answer accuracy (95% Wilson interval)", &bars));
+    Ok(())
+}
+
+async fn train_section(b: &mut String, store: &Store, stage: &str, run_id: i64) -> Result<()> {
+    let _ = write!(b, "<h2>Training: {}</h2>", escape(stage));
+    let loss = models::curve(store, stage, run_id, "loss").await?;
+    let val = models::curve(store, stage, run_id, "validation").await?;
+    if loss.is_empty() && val.is_empty() {
+        b.push_str("<p class=\"muted\">no training curves stored yet</p>");
+        return Ok(());
+    }
+    let pts: Vec<(f64, f64)> = loss.iter().map(|(step, _, v, _)| (*step as f64, *v)).collect();
+    b.push_str(&svg::line_chart("Training loss", "step", "loss", &[("loss".into(), pts)], None, None));
+    let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+    for key in ["recall@10", "ndcg@10", "mrr@10"] {
+        let pts: Vec<(f64, f64)> = val
+            .iter()
+            .filter_map(|(_, epoch, _, extra)| {
+                let m: serde_json::Value = serde_json::from_str(extra.as_deref()?).ok()?;
+                Some((*epoch as f64, m.get(key)?.as_f64()?))
+            })
+            .collect();
+        if !pts.is_empty() {
+            series.push((key.to_string(), pts));
+        }
+    }
+    b.push_str(&svg::line_chart("Validation after each epoch (0 = before training)", "epoch", "", &series, None, None));
+    Ok(())
+}

@@ -1,0 +1,483 @@
+//! The `eval_rag` stage: for each eval question, retrieve with each retriever, answer from those
+//! passages only, and have an LLM judge grade the answer; accuracy with a 95% Wilson interval.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::eval_recall::check_set;
+use super::generate::{check_common, failure_verdict};
+use super::{Kind, Outcome, Stage, StageCtx};
+use crate::error::Result;
+use crate::eval::metrics::wilson;
+use crate::eval::retrieve::{self, Kind as Retriever, Upstream};
+use crate::eval::set::{SetParams, Source};
+use crate::llm::{self, ChatProvider, GenParams};
+use crate::prompt::Template;
+use crate::store::rag_answers::{self, NewAnswer};
+use crate::store::runs;
+use crate::text::first_json;
+use crate::workflow::{CheckCtx, Diagnostic, StageSpec, Workflow, check_typed};
+
+pub const KIND: Kind = Kind {
+    name: "eval_rag",
+    about: "answer eval questions from each retriever's passages and grade the answers with an LLM judge",
+    check,
+    build,
+};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Params {
+    #[serde(default)]
+    pub eval_set: SetParams,
+    #[serde(default)]
+    pub retrievers: Option<Vec<Retriever>>,
+    #[serde(default = "default_black_box")]
+    pub black_box: String,
+    /// `models:` key of the answering LLM, and of the grader (default: the same).
+    #[serde(default = "default_model")]
+    pub model: String,
+    #[serde(default)]
+    pub grader: Option<String>,
+    pub answer_prompt: String,
+    pub grade_prompt: String,
+    #[serde(default = "default_top_k")]
+    pub top_k: usize,
+    /// Questions answered per retriever (the first N of the eval set).
+    #[serde(default = "default_max_questions")]
+    pub max_questions: usize,
+    #[serde(default)]
+    pub domain: Option<String>,
+    #[serde(default)]
+    pub temperature: f32,
+    #[serde(default = "default_max_tokens")]
+    pub max_tokens: u32,
+    #[serde(default = "default_grade_tokens")]
+    pub grade_max_tokens: u32,
+    #[serde(default)]
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub repeat_penalty: Option<f32>,
+    #[serde(default = "default_max_failures")]
+    pub max_failures: f64,
+}
+
+fn default_black_box() -> String {
+    "black_box".into()
+}
+fn default_model() -> String {
+    "llm".into()
+}
+fn default_top_k() -> usize {
+    3
+}
+fn default_max_questions() -> usize {
+    100
+}
+fn default_max_tokens() -> u32 {
+    256
+}
+fn default_grade_tokens() -> u32 {
+    128
+}
+fn default_max_failures() -> f64 {
+    0.1
+}
+
+fn check(cx: &CheckCtx) -> Vec<Diagnostic> {
+    let mut diags = Vec::new();
+    let Some(p) = check_typed::<Params>(cx.node, cx.params.clone(), &mut diags) else { return diags };
+    check_set(cx, &p.eval_set, p.retrievers.as_deref(), &p.black_box, &mut diags);
+    check_common(cx, &p.model, p.max_failures, &mut diags);
+    if let Some(g) = &p.grader {
+        check_common(cx, g, p.max_failures, &mut diags);
+    }
+    if p.top_k == 0 || p.max_questions == 0 {
+        let span = cx.node.get("top_k").map(|n| n.span()).unwrap_or(cx.node.span());
+        diags.push(
+            Diagnostic::new(span, format!("stage `{}`: top_k and max_questions must be at least 1", cx.stage))
+                .hint("top_k: 3 passages per answer is usual"),
+        );
+    }
+    diags
+}
+
+fn build(spec: &StageSpec, wf: &Workflow) -> Result<Box<dyn Stage>> {
+    let params: Params = spec.params()?;
+    let up = retrieve::upstream(spec, wf);
+    let source = Source::new(&params.eval_set, &wf.dir, up.split)?;
+    let retrievers = retrieve::chosen(&params.retrievers, &up);
+    let answer = Template::load(&wf.dir.join(&params.answer_prompt))?;
+    let grade = Template::load(&wf.dir.join(&params.grade_prompt))?;
+    let answerer = llm::chat_provider(wf, &params.model)?;
+    let grader_key = params.grader.clone().unwrap_or_else(|| params.model.clone());
+    let grader = if grader_key == params.model { answerer.clone() } else { llm::chat_provider(wf, &grader_key)? };
+    Ok(Box::new(EvalRag {
+        name: spec.name.clone(),
+        wf: Arc::new(wf.clone()),
+        params,
+        up,
+        source,
+        retrievers,
+        answer: Arc::new(answer),
+        grade: Arc::new(grade),
+        answerer,
+        grader,
+        grader_key,
+    }))
+}
+
+struct EvalRag {
+    name: String,
+    wf: Arc<Workflow>,
+    params: Params,
+    up: Upstream,
+    source: Source,
+    retrievers: Vec<Retriever>,
+    answer: Arc<Template>,
+    grade: Arc<Template>,
+    answerer: Arc<dyn ChatProvider>,
+    grader: Arc<dyn ChatProvider>,
+    grader_key: String,
+}
+
+const ANSWER_SCHEMA: &str =
+    r#"{"type":"object","properties":{"answer":{"type":"string"}},"required":["answer"],"additionalProperties":false}"#;
+const GRADE_SCHEMA: &str = r#"{"type":"object","properties":{"correct":{"type":"boolean"},"reason":{"type":"string"}},"required":["correct","reason"],"additionalProperties":false}"#;
+
+/// The answer in a reply: the JSON `answer` field if there is one, else the whole text.
+pub fn parse_answer(text: &str) -> Option<String> {
+    let a = match first_json(text) {
+        Some(v) => v.get("answer").and_then(Value::as_str).map(str::to_string),
+        None => None,
+    }
+    .unwrap_or_else(|| text.to_string());
+    let a = a.trim();
+    (!a.is_empty()).then(|| a.to_string())
+}
+
+/// The grade in a reply: JSON `correct` (true/false or "yes"/"no"), else a verdict word in prose.
+pub fn parse_grade(text: &str) -> Option<(bool, String)> {
+    if let Some(v) = first_json(text) {
+        let correct = match v.get("correct") {
+            Some(Value::Bool(b)) => Some(*b),
+            Some(Value::String(s)) => yes_no(s),
+            _ => None,
+        };
+        if let Some(c) = correct {
+            return Some((c, v.get("reason").and_then(Value::as_str).unwrap_or_default().to_string()));
+        }
+    }
+    yes_no(text).map(|c| (c, text.trim().chars().take(300).collect()))
+}
+
+/// "I don't know" (and its variants): the answer the prompt asks for when the passages lack one.
+pub fn abstains(answer: &str) -> bool {
+    let a: String = answer.to_lowercase().chars().filter(|c| c.is_alphanumeric() || *c == ' ').collect();
+    let a = a.trim();
+    ["i dont know", "i do not know", "unknown"].iter().any(|p| a == *p || (a.starts_with(p) && a.len() < p.len() + 40))
+}
+
+fn yes_no(s: &str) -> Option<bool> {
+    let l = s.to_lowercase();
+    let words: Vec<&str> = l.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).collect();
+    let has = |w: &str| words.contains(&w);
+    if has("incorrect")
+        || has("wrong")
+        || (has("not") && has("correct"))
+        || words.first() == Some(&"no")
+        || has("false")
+    {
+        Some(false)
+    } else if has("correct") || words.first() == Some(&"yes") || has("true") {
+        Some(true)
+    } else {
+        None
+    }
+}
+
+/// One question to answer with one retriever's passages.
+struct Item {
+    retriever: Retriever,
+    model_id: Option<i64>,
+    q: usize,
+    passages: Vec<usize>,
+    hit: bool,
+}
+
+#[async_trait]
+impl Stage for EvalRag {
+    async fn inputs(&self) -> Result<String> {
+        let common = retrieve::inputs(&self.source, &self.retrievers, &self.wf, &self.params.black_box).await?;
+        let (a, g) = (self.answerer.identity(), self.grader.identity());
+        Ok(format!(
+            "{common}|{}|{}|{}|{}|{}|{}",
+            self.answer.hash, self.grade.hash, a.base_url, a.model, g.base_url, g.model
+        ))
+    }
+
+    async fn run(&self, ctx: &StageCtx) -> Result<Outcome> {
+        let p = &self.params;
+        let max = p.eval_set.max_queries.map_or(p.max_questions, |m| m.min(p.max_questions));
+        let set = self.source.load(&ctx.store, Some(max)).await?;
+        let models = retrieve::models_for(&ctx.store, &self.retrievers, &self.up, &self.name).await?;
+        let done: HashSet<(String, String)> =
+            rag_answers::done(&ctx.store, ctx.stage_run_id).await?.into_iter().collect();
+        ctx.progress.log(&format!(
+            "eval set {}: {} questions, {} retrievers, top {} passages each",
+            set.key,
+            set.queries.len(),
+            self.retrievers.len(),
+            p.top_k
+        ));
+        let cx = retrieve::Ctx {
+            wf: &self.wf,
+            store: &ctx.store,
+            run_id: ctx.run_id,
+            stage: &self.name,
+            progress: &ctx.progress,
+            black_box: &p.black_box,
+            count_items: false,
+        };
+        let mut items = Vec::new();
+        let mut already = 0u64;
+        for (&kind, model) in self.retrievers.iter().zip(&models) {
+            let hits = retrieve::rank(&cx, &set, kind, model.as_ref(), p.top_k).await?;
+            for (q, h) in hits.into_iter().enumerate() {
+                if done.contains(&(kind.name().to_string(), set.query_ids[q].clone())) {
+                    already += 1;
+                    continue;
+                }
+                let passages: Vec<usize> = h.iter().map(|x| x.0).collect();
+                let hit = passages.iter().any(|d| set.relevant[q].contains(d));
+                items.push(Item { retriever: kind, model_id: model.as_ref().map(|m| m.id), q, passages, hit });
+            }
+        }
+        let total = items.len() as u64 + already;
+        ctx.progress.set_total(total);
+        ctx.progress.cached(already);
+
+        let answer_client =
+            Arc::new(llm::client(&self.wf, &p.model, self.answerer.identity(), &ctx.store, ctx.run_id, &self.name)?);
+        let grade_client = if self.grader_key == p.model {
+            answer_client.clone()
+        } else {
+            Arc::new(llm::client(
+                &self.wf,
+                &self.grader_key,
+                self.grader.identity(),
+                &ctx.store,
+                ctx.run_id,
+                &self.name,
+            )?)
+        };
+        let params_for = |max_tokens| GenParams {
+            temperature: Some(p.temperature),
+            top_p: None,
+            max_tokens: Some(max_tokens),
+            seed: p.seed,
+            repeat_penalty: p.repeat_penalty,
+        };
+        let (answer_params, grade_params) = (params_for(p.max_tokens), params_for(p.grade_max_tokens));
+        let answer_schema: Value = serde_json::from_str(ANSWER_SCHEMA).expect("static schema");
+        let grade_schema: Value = serde_json::from_str(GRADE_SCHEMA).expect("static schema");
+        let domain = p.domain.clone().unwrap_or_default();
+
+        // Answers first, then grades: a run killed in between finds its answers in the request cache.
+        let requests = items
+            .iter()
+            .enumerate()
+            .map(|(i, it)| {
+                let passages: Vec<&str> = it.passages.iter().map(|&d| set.docs[d].as_str()).collect();
+                (i as i64, json!({ "question": set.queries[it.q], "passages": passages, "domain": domain }))
+            })
+            .collect();
+        let how = super::Prompted {
+            template: &self.answer,
+            system: None,
+            params: &answer_params,
+            schema: ("rag_answer", &answer_schema),
+        };
+        let mut answers: Vec<Option<std::result::Result<(String, i64), String>>> = vec![None; items.len()];
+        let mut rx = super::start_chats(requests, &how, answer_client.clone(), self.answerer.clone(), 64)?;
+        while let Some((i, r)) = rx.recv().await {
+            answers[i as usize] = Some(match r? {
+                Ok(done) => match parse_answer(&done.answer.text) {
+                    Some(a) => Ok((a, done.call_id)),
+                    None => Err("the answer was empty".to_string()),
+                },
+                Err(f) => Err(f.message),
+            });
+            ctx.progress.message(&format!("answered {}", answers.iter().flatten().count()));
+        }
+        let grade_requests = items
+            .iter()
+            .enumerate()
+            .filter_map(|(i, it)| match &answers[i] {
+                Some(Ok((a, _))) if !abstains(a) => Some((
+                    i as i64,
+                    json!({
+                        "question": set.queries[it.q], "answer": a, "reference": set.references[it.q],
+                        "reference_is_answer": set.reference_is_answer(it.q), "domain": domain,
+                    }),
+                )),
+                _ => None,
+            })
+            .collect();
+        let how = super::Prompted {
+            template: &self.grade,
+            system: None,
+            params: &grade_params,
+            schema: ("rag_grade", &grade_schema),
+        };
+        let mut graded = vec![false; items.len()];
+        let mut rx = super::start_chats(grade_requests, &how, grade_client.clone(), self.grader.clone(), 64)?;
+        let (mut failed, mut first_error) = (0u64, None::<String>);
+        let mut write = async |i: usize, grade: &str, reason: String, grade_call: Option<i64>| -> Result<()> {
+            let it = &items[i];
+            let (answer, answer_call) = match &answers[i] {
+                Some(Ok((a, c))) => (Some(a.as_str()), Some(*c)),
+                _ => (None, None),
+            };
+            let ids: Vec<&str> = it.passages.iter().map(|&d| set.doc_ids[d].as_str()).collect();
+            rag_answers::insert(
+                &ctx.store,
+                &NewAnswer {
+                    run_id: ctx.run_id,
+                    stage_run_id: ctx.stage_run_id,
+                    stage: &self.name,
+                    eval_set: &set.key,
+                    retriever: it.retriever.name(),
+                    model_id: it.model_id,
+                    question_id: &set.query_ids[it.q],
+                    question: &set.queries[it.q],
+                    passages: &serde_json::to_string(&ids).expect("json"),
+                    hit: it.hit,
+                    answer,
+                    answer_call,
+                    grade,
+                    reason: Some(&reason),
+                    grade_call,
+                },
+            )
+            .await?;
+            if grade == "failed" {
+                failed += 1;
+                first_error.get_or_insert(reason);
+                ctx.progress.failed(1);
+            } else {
+                ctx.progress.done(1);
+            }
+            Ok(())
+        };
+        while let Some((i, r)) = rx.recv().await {
+            let i = i as usize;
+            graded[i] = true;
+            match r? {
+                Ok(done) => match parse_grade(&done.answer.text) {
+                    Some((c, reason)) => {
+                        write(i, if c { "correct" } else { "incorrect" }, reason, Some(done.call_id)).await?
+                    }
+                    None => {
+                        let why = format!(
+                            "no correct/incorrect verdict in the grader's answer: {}",
+                            done.answer.text.chars().take(200).collect::<String>()
+                        );
+                        write(i, "failed", why, Some(done.call_id)).await?
+                    }
+                },
+                Err(f) => write(i, "failed", format!("grading failed: {}", f.message), None).await?,
+            }
+        }
+        for i in 0..items.len() {
+            if graded[i] {
+                continue;
+            }
+            match &answers[i] {
+                // An abstention is wrong by the rubric: no grader call is spent on it.
+                Some(Ok((a, _))) if abstains(a) => {
+                    write(i, "incorrect", "the model did not answer (\"I don't know\")".into(), None).await?
+                }
+                Some(Err(e)) => write(i, "failed", format!("answering failed: {e}"), None).await?,
+                _ => write(i, "failed", "no answer".into(), None).await?,
+            }
+        }
+        let mut usage = answer_client.usage();
+        if !Arc::ptr_eq(&answer_client, &grade_client) {
+            let g = grade_client.usage();
+            usage.calls += g.calls;
+            usage.cached += g.cached;
+            usage.failures += g.failures;
+            usage.prompt_tokens += g.prompt_tokens;
+            usage.completion_tokens += g.completion_tokens;
+            usage.cost = match (usage.cost, g.cost) {
+                (None, None) => None,
+                (a, b) => Some(a.unwrap_or(0.0) + b.unwrap_or(0.0)),
+            };
+        }
+        runs::set_llm_usage(&ctx.store, ctx.stage_run_id, &usage).await?;
+
+        let tallies = rag_answers::tally(&ctx.store, ctx.stage_run_id).await?;
+        let mut rows = Vec::new();
+        let mut summary = serde_json::Map::new();
+        for t in &tallies {
+            let graded = (t.correct + t.incorrect) as u64;
+            let acc = if graded > 0 { t.correct as f64 / graded as f64 } else { 0.0 };
+            let (lo, hi) = wilson(t.correct as u64, graded);
+            let asked = t.correct + t.incorrect + t.failed;
+            rows.push(vec![
+                t.retriever.clone(),
+                graded.to_string(),
+                t.correct.to_string(),
+                format!("{acc:.3}"),
+                format!("[{lo:.3}, {hi:.3}]"),
+                t.failed.to_string(),
+                format!("{:.3}", t.hits as f64 / asked.max(1) as f64),
+            ]);
+            summary.insert(
+                t.retriever.clone(),
+                json!({ "graded": graded, "correct": t.correct, "failed": t.failed, "accuracy": acc,
+                        "wilson95": [lo, hi], "hit_rate": t.hits as f64 / asked.max(1) as f64 }),
+            );
+        }
+        ctx.progress.log(&format!(
+            "answer accuracy (95% Wilson interval; hit = a relevant passage was retrieved):\n{}",
+            crate::text::table(&["retriever", "graded", "correct", "accuracy", "95% CI", "failed", "hit@k"], &rows)
+        ));
+        ctx.progress.log(&format!(
+            "{} calls, {} from cache; read the answers with `flow answers -w {}`",
+            usage.calls,
+            usage.cached,
+            self.wf.path.display()
+        ));
+        Ok(Outcome {
+            summary: json!({ "eval_set": set.key, "questions": set.queries.len(), "top_k": p.top_k, "retrievers": summary }),
+            failure: failure_verdict(failed, total, p.max_failures, first_error, &ctx.progress),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grades_from_json_and_prose() {
+        assert_eq!(parse_grade("{\"correct\": true, \"reason\": \"ok\"}"), Some((true, "ok".into())));
+        assert_eq!(parse_grade("{\"correct\": \"no\", \"reason\": \"x\"}").map(|g| g.0), Some(false));
+        assert_eq!(parse_grade("The answer is incorrect.").map(|g| g.0), Some(false));
+        assert_eq!(parse_grade("This is not correct").map(|g| g.0), Some(false));
+        assert_eq!(parse_grade("Yes, it matches.").map(|g| g.0), Some(true));
+        assert_eq!(parse_grade("Correct.").map(|g| g.0), Some(true));
+        assert_eq!(parse_grade("hmm"), None);
+        assert_eq!(parse_answer("{\"answer\": \" 42 \"}").as_deref(), Some("42"));
+        assert_eq!(parse_answer("Revenue rose 4%.").as_deref(), Some("Revenue rose 4%."));
+        assert_eq!(parse_answer("  "), None);
+        assert!(abstains("I don't know.") && abstains("I do not know from these passages"));
+        assert!(!abstains("Revenue was $4.2bn; I don't know the margin."));
+    }
+}

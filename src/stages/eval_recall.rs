@@ -1,0 +1,211 @@
+//! The `eval_recall` stage: exact top-k search with each retriever over an eval set; Recall@k, nDCG,
+//! MRR and MAP stored per run and printed against the previous run on the same set.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::{Kind, Outcome, Stage, StageCtx};
+use crate::error::Result;
+use crate::eval::metrics;
+use crate::eval::retrieve::{self, Kind as Retriever, Upstream};
+use crate::eval::set::{SetParams, Source};
+use crate::store::eval_results::{self, NewResult};
+use crate::workflow::{CheckCtx, Diagnostic, StageSpec, Workflow, check_typed};
+
+pub const KIND: Kind = Kind {
+    name: "eval_recall",
+    about: "Recall@k, nDCG@10, MRR@10 and MAP@100 of bm25, the black box, augment_only and mafin on an eval set",
+    check,
+    build,
+};
+
+/// The cut-offs stored for every retriever (the report draws Recall@k over them).
+pub const KS: &[usize] = &[1, 3, 5, 10, 20, 50, 100];
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Params {
+    #[serde(default)]
+    pub eval_set: SetParams,
+    /// Default: bm25, black_box and the retrievers the upstream train stages train.
+    #[serde(default)]
+    pub retrievers: Option<Vec<Retriever>>,
+    #[serde(default = "default_black_box")]
+    pub black_box: String,
+}
+
+fn default_black_box() -> String {
+    "black_box".into()
+}
+
+fn check(cx: &CheckCtx) -> Vec<Diagnostic> {
+    let mut diags = Vec::new();
+    let Some(p) = check_typed::<Params>(cx.node, cx.params.clone(), &mut diags) else { return diags };
+    check_set(cx, &p.eval_set, p.retrievers.as_deref(), &p.black_box, &mut diags);
+    diags
+}
+
+/// Checks shared by the eval stages: the set's verdicts, the retriever list, the black box.
+pub fn check_set(
+    cx: &CheckCtx,
+    set: &SetParams,
+    retrievers: Option<&[Retriever]>,
+    black_box: &str,
+    diags: &mut Vec<Diagnostic>,
+) {
+    let at = |key: &str| cx.node.get(key).map(|n| n.span()).unwrap_or(cx.node.span());
+    if let Some(v) = set.verdicts.iter().find(|v| !crate::eval::set::VERDICTS.contains(&v.as_str())) {
+        diags.push(
+            Diagnostic::new(
+                at("eval_set"),
+                format!("stage `{}`: unknown verdict {v:?} in eval_set.verdicts", cx.stage),
+            )
+            .hint("verdicts are accepted, rejected, failed and unjudged"),
+        );
+    }
+    if retrievers.is_some_and(|r| r.is_empty()) {
+        diags.push(
+            Diagnostic::new(at("retrievers"), format!("stage `{}`: `retrievers:` is empty", cx.stage))
+                .hint("list some of bm25, black_box, augment_only, mafin, or leave it out for all"),
+        );
+    }
+    let needs_bb = retrievers.is_none_or(|r| r.iter().any(|k| matches!(k, Retriever::BlackBox | Retriever::Mafin)));
+    if needs_bb && !cx.models.contains_key(black_box) {
+        diags.push(
+            Diagnostic::new(
+                at("black_box"),
+                format!("stage `{}` uses `models.{black_box}`, which is not defined", cx.stage),
+            )
+            .hint("add `black_box: { provider: local, model: all-MiniLM-L6-v2 }` under `models:`, or list only `bm25`"),
+        );
+    }
+}
+
+fn build(spec: &StageSpec, wf: &Workflow) -> Result<Box<dyn Stage>> {
+    let params: Params = spec.params()?;
+    let up = retrieve::upstream(spec, wf);
+    let source = Source::new(&params.eval_set, &wf.dir, up.split)?;
+    let retrievers = retrieve::chosen(&params.retrievers, &up);
+    Ok(Box::new(EvalRecall { name: spec.name.clone(), wf: Arc::new(wf.clone()), params, up, source, retrievers }))
+}
+
+struct EvalRecall {
+    name: String,
+    wf: Arc<Workflow>,
+    params: Params,
+    up: Upstream,
+    source: Source,
+    retrievers: Vec<Retriever>,
+}
+
+/// The metric columns people read, in order.
+pub const COLUMNS: &[(&str, &str)] = &[
+    ("recall@1", "R@1"),
+    ("recall@5", "R@5"),
+    ("recall@10", "R@10"),
+    ("recall@100", "R@100"),
+    ("ndcg@10", "nDCG@10"),
+    ("mrr@10", "MRR@10"),
+    ("map@100", "MAP@100"),
+];
+
+/// A retriever's metrics and, where there is one, the previous run's.
+pub type Compared = (String, BTreeMap<String, f64>, Option<BTreeMap<String, f64>>);
+
+/// One row per retriever: each metric, with its change against the previous run where there is one.
+pub fn metric_table(rows: &[Compared]) -> String {
+    let mut header = vec!["retriever"];
+    header.extend(COLUMNS.iter().map(|c| c.1));
+    let body: Vec<Vec<String>> = rows
+        .iter()
+        .map(|(name, m, prev)| {
+            let mut r = vec![name.clone()];
+            for (key, _) in COLUMNS {
+                let v = m.get(*key).copied().unwrap_or(0.0);
+                r.push(match prev.as_ref().and_then(|p| p.get(*key)) {
+                    Some(p) => format!("{v:.4} ({:+.4})", v - p),
+                    None => format!("{v:.4}"),
+                });
+            }
+            r
+        })
+        .collect();
+    crate::text::table(&header, &body)
+}
+
+#[async_trait]
+impl Stage for EvalRecall {
+    async fn inputs(&self) -> Result<String> {
+        retrieve::inputs(&self.source, &self.retrievers, &self.wf, &self.params.black_box).await
+    }
+
+    async fn run(&self, ctx: &StageCtx) -> Result<Outcome> {
+        let set = self.source.load(&ctx.store, self.params.eval_set.max_queries).await?;
+        let models = retrieve::models_for(&ctx.store, &self.retrievers, &self.up, &self.name).await?;
+        ctx.progress.log(&format!(
+            "eval set {}: {} queries over {} passages",
+            set.key,
+            set.queries.len(),
+            set.docs.len()
+        ));
+        ctx.progress.set_total((set.docs.len() * self.retrievers.len()) as u64);
+        let cx = retrieve::Ctx {
+            wf: &self.wf,
+            store: &ctx.store,
+            run_id: ctx.run_id,
+            stage: &self.name,
+            progress: &ctx.progress,
+            black_box: &self.params.black_box,
+            count_items: true,
+        };
+        let ks_max = *KS.last().expect("ks");
+        let mut rows = Vec::new();
+        let mut summary = serde_json::Map::new();
+        for (&kind, model) in self.retrievers.iter().zip(&models) {
+            let hits = retrieve::rank(&cx, &set, kind, model.as_ref(), ks_max).await?;
+            let per_query: Vec<_> = hits
+                .iter()
+                .zip(&set.relevant)
+                .map(|(h, rel)| metrics::query_metrics(&h.iter().map(|x| x.0).collect::<Vec<_>>(), rel, KS))
+                .collect();
+            let m = metrics::mean(&per_query);
+            let model_id = model.as_ref().map(|m| m.id);
+            eval_results::upsert(
+                &ctx.store,
+                &NewResult {
+                    run_id: ctx.run_id,
+                    stage_run_id: ctx.stage_run_id,
+                    stage: &self.name,
+                    eval_set: &set.key,
+                    retriever: kind.name(),
+                    model_id,
+                    queries: set.queries.len(),
+                    corpus: set.docs.len(),
+                    metrics: &serde_json::to_string(&m).expect("json"),
+                },
+            )
+            .await?;
+            let prev = eval_results::previous(&ctx.store, &self.name, &set.key, kind.name(), ctx.run_id).await?;
+            summary.insert(kind.name().into(), json!({ "model_id": model_id, "metrics": m }));
+            rows.push((kind.name().to_string(), m, prev.map(|p| p.metrics())));
+        }
+        let table = metric_table(&rows);
+        let compared = rows.iter().any(|r| r.2.is_some());
+        ctx.progress.log(&format!(
+            "{}\n{table}",
+            if compared { "metrics (change against the previous run on this eval set):" } else { "metrics:" }
+        ));
+        let relevant: usize = set.relevant.iter().map(HashSet::len).sum();
+        Ok(Outcome {
+            summary: json!({
+                "eval_set": set.key, "queries": set.queries.len(), "corpus": set.docs.len(),
+                "relevant": relevant, "retrievers": summary,
+            }),
+            failure: None,
+        })
+    }
+}

@@ -1,0 +1,150 @@
+//! The eval stages on the toy BEIR set: a baseline without training, a trained model scored, and RAG
+//! answers graded through a loopback server, never paid for twice; then the report.
+
+use crate::harness::Sandbox;
+use crate::openai_server::{self, Config};
+use crate::train::toy_set;
+
+/// Test queries q12..q47: their passages have no duplicate elsewhere in the toy corpus.
+fn test_split(sb: &Sandbox) {
+    let mut qrels = String::from("query-id\tcorpus-id\tscore\n");
+    for i in 12..48 {
+        qrels.push_str(&format!("q{i}\td{i}\t1\n"));
+    }
+    sb.write("toy/qrels/test.tsv", qrels);
+}
+
+const MODELS: &str = "models:\n  black_box: { provider: local, model: tiny }\n  augment: { init: tiny }\n";
+
+#[test]
+fn a_baseline_runs_without_training_and_shows_the_change_against_the_last_run() {
+    let sb = Sandbox::new();
+    toy_set(&sb);
+    test_split(&sb);
+    let wf = format!(
+        "name: t\nstore: t.db\n{MODELS}stages:\n  eval:\n    kind: eval_recall\n    eval_set: {{ beir: toy, split: test }}\n    retrievers: [bm25, black_box]\n"
+    );
+    sb.write("wf.yaml", &wf);
+    let r = sb.flow(&["run", "wf.yaml"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert!(r.all().contains("R@10") && r.all().contains("nDCG@10"), "{}", r.all());
+    let db = sb.db("t.db");
+    assert_eq!(db.scalar("SELECT COUNT(*) FROM eval_results"), 2);
+    assert_eq!(db.scalar("SELECT MIN(queries) FROM eval_results"), 36);
+    assert_eq!(db.scalar("SELECT MIN(corpus) FROM eval_results"), 60);
+    // 60 passages: every one is in each top 100, so Recall@100 is 1 (bm25 returns every passage
+    // sharing a word with the query, and each relevant passage holds both query words).
+    let r100 = "json_extract(metrics, '$.\"recall@100\"')";
+    assert_eq!(db.real(&format!("SELECT MIN({r100}) FROM eval_results")), 1.0);
+    assert!(!r.all().contains("(+0.0000)"), "nothing to compare with yet");
+
+    let again = sb.flow(&["run", "wf.yaml", "--force", "eval"]);
+    assert_eq!(again.code, 0, "{}", again.all());
+    assert!(
+        again.all().contains("change against the previous run") && again.all().contains("(+0.0000)"),
+        "{}",
+        again.all()
+    );
+
+    // A qrel naming an unknown document is an input error with its file and line.
+    sb.write("toy/qrels/test.tsv", "query-id\tcorpus-id\tscore\nq12\td12\t1\nq13\tnope\t1\n");
+    let bad = sb.flow(&["run", "wf.yaml"]);
+    assert_eq!(bad.code, 2, "{}", bad.all());
+    assert!(bad.all().contains("test.tsv:3") && bad.all().contains("nope"), "{}", bad.all());
+
+    // Asking for a trained retriever with nothing trained says what to do.
+    test_split(&sb);
+    sb.write("wf.yaml", wf.replace("[bm25, black_box]", "[bm25, mafin]"));
+    let none = sb.flow(&["run", "wf.yaml"]);
+    assert_eq!(none.code, 2, "{}", none.all());
+    assert!(none.all().contains("no trained model for retriever `mafin`"), "{}", none.all());
+}
+
+#[test]
+fn eval_after_training_scores_the_trained_model() {
+    let sb = Sandbox::new();
+    toy_set(&sb);
+    test_split(&sb);
+    sb.write(
+        "wf.yaml",
+        format!(
+            "name: t\nstore: t.db\n{MODELS}stages:\n  train:\n    kind: train\n    beir: toy\n    retriever: augment_only\n    epochs: 6\n    batch_size: 8\n    lr: 1.0e-3\n    val_fraction: 0.25\n  eval:\n    kind: eval_recall\n    needs: [train]\n    eval_set: {{ beir: toy, split: test }}\n"
+        ),
+    );
+    let r = sb.flow(&["run", "wf.yaml"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let db = sb.db("t.db");
+    // By default: bm25, the black box and what the upstream train stage trains.
+    assert_eq!(
+        db.text("SELECT group_concat(retriever, ',') FROM (SELECT retriever FROM eval_results ORDER BY id)"),
+        "bm25,black_box,augment_only"
+    );
+    assert_eq!(
+        db.scalar("SELECT model_id FROM eval_results WHERE retriever = 'augment_only'"),
+        db.scalar("SELECT id FROM models")
+    );
+    // The black box is the untrained starting point; the trained augment must rank better.
+    let ndcg = |r: &str| {
+        db.real(&format!("SELECT json_extract(metrics, '$.\"ndcg@10\"') FROM eval_results WHERE retriever = '{r}'"))
+    };
+    assert!(ndcg("augment_only") > ndcg("black_box") + 0.05, "{} vs {}", ndcg("augment_only"), ndcg("black_box"));
+}
+
+#[test]
+fn rag_answers_are_graded_stored_reported_and_never_paid_twice() {
+    let server = openai_server::start(Config::default());
+    let sb = Sandbox::new();
+    toy_set(&sb);
+    test_split(&sb);
+    sb.write("prompts/rag_answer.j2", include_str!("../../prompts/rag_answer.j2"));
+    sb.write("prompts/rag_grade.j2", include_str!("../../prompts/rag_grade.j2"));
+    let wf = format!(
+        "name: t\nstore: t.db\n{MODELS}  llm: {{ provider: openai, model: test-model, base_url: \"{}\" }}\nstages:\n  recall:\n    kind: eval_recall\n    eval_set: {{ beir: toy, split: test }}\n    retrievers: [bm25, black_box]\n  rag:\n    kind: eval_rag\n    eval_set: {{ beir: toy, split: test }}\n    retrievers: [bm25, black_box]\n    answer_prompt: prompts/rag_answer.j2\n    grade_prompt: prompts/rag_grade.j2\n    top_k: 3\n",
+        server.base_url()
+    );
+    sb.write("wf.yaml", &wf);
+    let r = sb.flow(&["run", "wf.yaml"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert!(r.all().contains("95% CI"), "{}", r.all());
+    let db = sb.db("t.db");
+    assert_eq!(db.scalar("SELECT COUNT(*) FROM rag_answers"), 72);
+    assert_eq!(db.scalar("SELECT COUNT(*) FROM rag_answers WHERE grade = 'failed'"), 0);
+    // The test server answers with the first passage and grades it correct when the reference (the
+    // relevant passage) contains it: each retriever's accuracy is its Recall@1.
+    for retriever in ["bm25", "black_box"] {
+        let correct = db
+            .scalar(&format!("SELECT COUNT(*) FROM rag_answers WHERE retriever = '{retriever}' AND grade = 'correct'"));
+        let top1 = db.scalar(&format!(
+            "SELECT COUNT(*) FROM rag_answers WHERE retriever = '{retriever}'
+               AND json_extract(passages, '$[0]') = 'd' || substr(question_id, 2)"
+        ));
+        assert_eq!(correct, top1, "{retriever}");
+        let r1 = db.real(&format!(
+            "SELECT json_extract(metrics, '$.\"recall@1\"') FROM eval_results WHERE retriever = '{retriever}'"
+        ));
+        assert!((correct as f64 / 36.0 - r1).abs() < 1e-9, "{retriever}: {correct}/36 vs recall@1 {r1}");
+    }
+    // One answer and one grade per question and retriever; two retrievers that return the same
+    // passages in the same order make the same request, which is sent once.
+    let calls = server.log.entries().len();
+    assert!((100..=144).contains(&calls), "{calls} calls");
+
+    // Forced again: every answer and grade comes from the request cache.
+    let again = sb.flow(&["run", "wf.yaml", "--force", "rag"]);
+    assert_eq!(again.code, 0, "{}", again.all());
+    assert_eq!(server.log.entries().len(), calls, "a rerun paid again");
+    assert_eq!(db.scalar("SELECT COUNT(*) FROM rag_answers"), 144);
+
+    let answers = sb.flow(&["answers", "-w", "wf.yaml", "--grade", "correct", "--limit", "3"]);
+    assert_eq!(answers.code, 0, "{}", answers.all());
+    assert_eq!(answers.stdout.matches("[correct]").count(), 3, "{}", answers.stdout);
+
+    let report = sb.flow(&["report", "-w", "wf.yaml"]);
+    assert_eq!(report.code, 0, "{}", report.all());
+    let html = std::fs::read_to_string(report.stdout.trim()).unwrap();
+    for want in ["<svg", "Recall@k", "Answer accuracy", "95% Wilson interval", "black_box", "LLM calls"] {
+        assert!(html.contains(want), "report lacks {want}");
+    }
+    let status = sb.flow(&["status", "-w", "wf.yaml"]);
+    assert!(status.stdout.contains(report.stdout.trim()), "{}", status.stdout);
+}
