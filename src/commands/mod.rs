@@ -3,6 +3,7 @@
 mod inspect;
 mod models;
 mod run;
+mod schedule;
 mod validate;
 
 use crate::cli::{Cli, Command};
@@ -18,6 +19,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         Command::Answers(a) => inspect::answers(a).await,
         Command::Report(a) => inspect::report(a).await,
         Command::Models(c) => models::models(c, cli.quiet).await,
+        Command::Schedule(a) => schedule::schedule(a, cli.quiet).await,
     }
 }
 

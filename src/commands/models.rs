@@ -1,6 +1,8 @@
-//! `flow models pull|list`: provision the default models offline and show what is installed.
+//! `flow models pull|list|promote`: provision the default models offline, show what is installed
+//! or a workflow's trained models, and promote one by hand.
 
 use flow::models;
+use flow::store::{Store, models as trained};
 
 use crate::cli::ModelsCommand;
 
@@ -18,7 +20,32 @@ pub async fn models(c: ModelsCommand, quiet: bool) -> anyhow::Result<u8> {
             }
             Ok(0)
         }
-        ModelsCommand::List { json } => {
+        ModelsCommand::List { workflow: Some(wf), json } => list_trained(&wf, json).await,
+        ModelsCommand::Promote { id, target } => {
+            let wf = flow::workflow::load(&target.workflow)?;
+            let store = Store::open_existing(&wf.store).await?;
+            let Some(m) = trained::get(&store, id).await? else {
+                return Err(flow::Error::bad_input(
+                    format!("model {id} is not in {}", wf.store.display()),
+                    "list them with `flow models list -w WORKFLOW`",
+                )
+                .into());
+            };
+            if !std::path::Path::new(&m.path).join("model.safetensors").exists() {
+                return Err(flow::Error::bad_input(
+                    format!("model {id}'s folder {} is gone", m.path),
+                    "promote a model whose folder is still there, or retrain",
+                )
+                .into());
+            }
+            let replaced = trained::promote(&store, id, "promoted by hand (`flow models promote`)", None).await?;
+            match replaced {
+                Some(old) => println!("model {id} promoted; model {old} retired"),
+                None => println!("model {id} promoted"),
+            }
+            Ok(0)
+        }
+        ModelsCommand::List { workflow: None, json } => {
             let root = models::models_dir();
             let mut rows = Vec::new();
             if let Ok(entries) = std::fs::read_dir(&root) {
@@ -59,4 +86,50 @@ pub async fn models(c: ModelsCommand, quiet: bool) -> anyhow::Result<u8> {
             Ok(0)
         }
     }
+}
+
+async fn list_trained(wf: &std::path::Path, json: bool) -> anyhow::Result<u8> {
+    let wf = flow::workflow::load(wf)?;
+    let store = Store::open_existing(&wf.store).await?;
+    let rows = trained::list(&store).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(0);
+    }
+    if rows.is_empty() {
+        println!("no trained models yet (a train stage makes them)");
+        return Ok(0);
+    }
+    let metric = |m: &trained::ModelRow| -> String {
+        let gate: serde_json::Value = m.gate.as_deref().and_then(|g| serde_json::from_str(g).ok()).unwrap_or_default();
+        match (gate["metric"].as_str(), gate["value"].as_f64()) {
+            (Some(name), Some(v)) => format!("{name} {v:.4}"),
+            _ => "-".into(),
+        }
+    };
+    let val = |m: &trained::ModelRow| -> String {
+        let v: serde_json::Value = serde_json::from_str(&m.metrics).unwrap_or_default();
+        v["validation"]["recall@10"].as_f64().map(|x| format!("{x:.4}")).unwrap_or_else(|| "-".into())
+    };
+    let table: Vec<Vec<String>> = rows
+        .iter()
+        .map(|m| {
+            vec![
+                m.id.to_string(),
+                m.stage.clone(),
+                m.retriever.clone(),
+                m.status.clone(),
+                m.parent_id.map(|p| format!("model {p}")).unwrap_or_else(|| "base".into()),
+                val(m),
+                metric(m),
+                super::fmt_time(m.created_at),
+                m.status_reason.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    println!(
+        "{}",
+        super::table(&["ID", "STAGE", "RETRIEVER", "STATUS", "FROM", "VAL R@10", "GATE", "CREATED", "WHY"], &table)
+    );
+    Ok(0)
 }

@@ -7,7 +7,7 @@ use crate::cli::{ResumeArgs, RunArgs};
 
 pub async fn run(a: RunArgs, quiet: bool) -> anyhow::Result<u8> {
     let wf = flow::workflow::load(&a.workflow)?;
-    let opts = RunOptions { force: a.force, only: a.only, from: a.from };
+    let opts = RunOptions { force: a.force, only: a.only, from: a.from, scheduled_for: None };
     let report = engine::run(wf, opts, Progress::new(quiet)).await?;
     Ok(print(&report, quiet))
 }

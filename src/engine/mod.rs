@@ -3,6 +3,7 @@
 
 pub mod lock;
 pub mod progress;
+pub mod shutdown;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -32,6 +33,9 @@ pub struct RunOptions {
     /// Run this stage and everything downstream of it, even if up to date.
     #[serde(default)]
     pub from: Option<String>,
+    /// The schedule firing (RFC 3339) that started this run, for runs started by `flow schedule`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduled_for: Option<String>,
 }
 
 #[derive(Debug)]
@@ -56,6 +60,8 @@ impl RunReport {
 
 /// Starts a new run of `wf`.
 pub async fn run(wf: Workflow, opts: RunOptions, progress: Progress) -> Result<RunReport> {
+    // SIGINT and SIGTERM interrupt the run cleanly from here on.
+    shutdown::listen();
     check_names(&wf, &opts)?;
     let lock = RunLock::acquire(&wf.store)?;
     let store = Store::open(&wf.store).await?;
@@ -68,6 +74,7 @@ pub async fn run(wf: Workflow, opts: RunOptions, progress: Progress) -> Result<R
 /// Continues `run_id` (default: the newest unfinished run): stages that finished are kept, the
 /// rest run again and do only the items that have no stored result.
 pub async fn resume(store_path: &std::path::Path, run_id: Option<i64>, progress: Progress) -> Result<RunReport> {
+    shutdown::listen();
     let lock = RunLock::acquire(store_path)?;
     let store = Store::open_existing(store_path).await?;
     let notes = take_over(&store, &lock).await?;
@@ -250,7 +257,7 @@ async fn execute(
                     }
                 };
             }
-            _ = tokio::signal::ctrl_c() => break true,
+            _ = shutdown::requested() => break true,
         }
     };
 

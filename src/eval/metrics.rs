@@ -3,6 +3,16 @@
 
 use std::collections::{BTreeMap, HashSet};
 
+/// The cut-offs eval_recall stores for every retriever (the report draws Recall@k over them).
+pub const KS: &[usize] = &[1, 3, 5, 10, 20, 50, 100];
+
+/// Whether `name` is a metric eval_recall stores (e.g. `recall@10`).
+pub fn is_known(name: &str) -> bool {
+    let Some((m, k)) = name.split_once('@') else { return false };
+    ["accuracy", "precision", "recall", "mrr", "ndcg", "map"].contains(&m)
+        && k.parse().is_ok_and(|k: usize| KS.contains(&k))
+}
+
 /// One query's metrics from its ranking (document indices, best first) and its relevant documents.
 pub fn query_metrics(ranking: &[usize], relevant: &HashSet<usize>, ks: &[usize]) -> BTreeMap<String, f64> {
     let mut m = BTreeMap::new();

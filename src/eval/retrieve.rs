@@ -242,3 +242,20 @@ pub async fn inputs(source: &super::set::Source, kinds: &[Kind], wf: &Workflow, 
         .map(|m| format!("{:?}|{:?}|{:?}|{:?}", m.provider, m.model, m.base_url, m.max_seq_length));
     Ok(format!("{digest}|{source:?}|{kinds:?}|{bb:?}"))
 }
+
+/// A retriever's mean metrics over the set, at every cut-off in `metrics::KS`.
+pub async fn metrics_of(
+    cx: &Ctx<'_>,
+    set: &EvalSet,
+    kind: Kind,
+    model: Option<&ModelRow>,
+) -> Result<std::collections::BTreeMap<String, f64>> {
+    let ks = super::metrics::KS;
+    let hits = rank(cx, set, kind, model, *ks.last().expect("cut-offs")).await?;
+    let per_query: Vec<_> = hits
+        .iter()
+        .zip(&set.relevant)
+        .map(|(h, rel)| super::metrics::query_metrics(&h.iter().map(|x| x.0).collect::<Vec<_>>(), rel, ks))
+        .collect();
+    Ok(super::metrics::mean(&per_query))
+}

@@ -208,7 +208,7 @@ async fn retrieval_section(b: &mut String, store: &Store, stage: &str, run_id: i
             });
         }
         rows.push(row);
-        let ks = crate::stages::eval_recall::KS;
+        let ks = crate::eval::metrics::KS;
         let pts: Vec<(f64, f64)> =
             ks.iter().enumerate().filter_map(|(i, k)| m.get(&format!("recall@{k}")).map(|v| (i as f64, *v))).collect();
         curves.push((r.retriever.clone(), pts));
@@ -216,7 +216,7 @@ async fn retrieval_section(b: &mut String, store: &Store, stage: &str, run_id: i
     b.push_str(&html_table(&header, &rows));
     b.push_str("<p class=\"muted\">In brackets: the change against the previous run on the same eval set.</p>");
     let ticks: Vec<(f64, String)> =
-        crate::stages::eval_recall::KS.iter().enumerate().map(|(i, k)| (i as f64, k.to_string())).collect();
+        crate::eval::metrics::KS.iter().enumerate().map(|(i, k)| (i as f64, k.to_string())).collect();
     b.push_str(&svg::line_chart("Recall@k", "k", "recall", &curves, Some(&ticks), Some((0.0, 1.0))));
     Ok(())
 }

@@ -23,9 +23,6 @@ pub const KIND: Kind = Kind {
     build,
 };
 
-/// The cut-offs stored for every retriever (the report draws Recall@k over them).
-pub const KS: &[usize] = &[1, 3, 5, 10, 20, 50, 100];
-
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Params {
@@ -36,16 +33,46 @@ pub struct Params {
     pub retrievers: Option<Vec<Retriever>>,
     #[serde(default = "default_black_box")]
     pub black_box: String,
+    /// Run the promotion gate on the newest trained model (see `gate_retriever`, `gate_metric`).
+    #[serde(default = "default_true")]
+    pub promote: bool,
+    /// Whose model the gate judges (default: mafin if evaluated, else augment_only).
+    #[serde(default)]
+    pub gate_retriever: Option<Retriever>,
+    /// The metric the new model must reach against the promoted one, on this eval set.
+    #[serde(default = "default_gate_metric")]
+    pub gate_metric: String,
 }
 
 fn default_black_box() -> String {
     "black_box".into()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_gate_metric() -> String {
+    "recall@10".into()
 }
 
 fn check(cx: &CheckCtx) -> Vec<Diagnostic> {
     let mut diags = Vec::new();
     let Some(p) = check_typed::<Params>(cx.node, cx.params.clone(), &mut diags) else { return diags };
     check_set(cx, &p.eval_set, p.retrievers.as_deref(), &p.black_box, &mut diags);
+    if !metrics::is_known(&p.gate_metric) {
+        let span = cx.node.get("gate_metric").map(|n| n.span()).unwrap_or(cx.node.span());
+        diags.push(
+            Diagnostic::new(span, format!("stage `{}`: unknown gate_metric {:?}", cx.stage, p.gate_metric)).hint(
+                "one of recall@k, ndcg@k, mrr@k, map@k, precision@k, accuracy@k with k in 1, 3, 5, 10, 20, 50, 100",
+            ),
+        );
+    }
+    if let Some(r) = p.gate_retriever.filter(|r| r.trained().is_none()) {
+        let span = cx.node.get("gate_retriever").map(|n| n.span()).unwrap_or(cx.node.span());
+        diags.push(
+            Diagnostic::new(span, format!("stage `{}`: gate_retriever {} has no trained model", cx.stage, r.name()))
+                .hint("mafin or augment_only"),
+        );
+    }
     diags
 }
 
@@ -162,17 +189,11 @@ impl Stage for EvalRecall {
             black_box: &self.params.black_box,
             count_items: true,
         };
-        let ks_max = *KS.last().expect("ks");
         let mut rows = Vec::new();
         let mut summary = serde_json::Map::new();
+        let mut scored = Vec::new();
         for (&kind, model) in self.retrievers.iter().zip(&models) {
-            let hits = retrieve::rank(&cx, &set, kind, model.as_ref(), ks_max).await?;
-            let per_query: Vec<_> = hits
-                .iter()
-                .zip(&set.relevant)
-                .map(|(h, rel)| metrics::query_metrics(&h.iter().map(|x| x.0).collect::<Vec<_>>(), rel, KS))
-                .collect();
-            let m = metrics::mean(&per_query);
+            let m = retrieve::metrics_of(&cx, &set, kind, model.as_ref()).await?;
             let model_id = model.as_ref().map(|m| m.id);
             eval_results::upsert(
                 &ctx.store,
@@ -191,6 +212,9 @@ impl Stage for EvalRecall {
             .await?;
             let prev = eval_results::previous(&ctx.store, &self.name, &set.key, kind.name(), ctx.run_id).await?;
             summary.insert(kind.name().into(), json!({ "model_id": model_id, "metrics": m }));
+            if let Some(model) = model {
+                scored.push((kind, model.clone(), m.get(&self.params.gate_metric).copied().unwrap_or(0.0)));
+            }
             rows.push((kind.name().to_string(), m, prev.map(|p| p.metrics())));
         }
         let table = metric_table(&rows);
@@ -199,11 +223,25 @@ impl Stage for EvalRecall {
             "{}\n{table}",
             if compared { "metrics (change against the previous run on this eval set):" } else { "metrics:" }
         ));
+        let gate_kind = self.params.gate_retriever.or_else(|| {
+            [Retriever::Mafin, Retriever::AugmentOnly].into_iter().find(|k| scored.iter().any(|s| s.0 == *k))
+        });
+        let mut gate = serde_json::Value::Null;
+        if self.params.promote
+            && let Some((kind, candidate, value)) = scored.iter().find(|s| Some(s.0) == gate_kind)
+        {
+            let g = crate::eval::gate::Gate {
+                metric: &self.params.gate_metric,
+                kind: *kind,
+                stages: &self.up.train_stages,
+            };
+            gate = g.decide(&cx, &set, candidate, *value).await?;
+        }
         let relevant: usize = set.relevant.iter().map(HashSet::len).sum();
         Ok(Outcome {
             summary: json!({
                 "eval_set": set.key, "queries": set.queries.len(), "corpus": set.docs.len(),
-                "relevant": relevant, "retrievers": summary,
+                "relevant": relevant, "retrievers": summary, "gate": gate,
             }),
             failure: None,
         })

@@ -78,6 +78,18 @@ pub struct Params {
     /// auto | cpu | cuda | cuda:N
     #[serde(default = "default_device")]
     pub device: String,
+    /// Start from the promoted model of this stage when there is one (a refresh continues training),
+    /// or always from `models.<augment>.init` (`base`: retrain from scratch).
+    #[serde(default)]
+    pub init_from: InitFrom,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InitFrom {
+    #[default]
+    Promoted,
+    Base,
 }
 
 fn default_retriever() -> Retriever {
@@ -430,6 +442,28 @@ impl Stage for Train {
             patience: p.patience,
             checkpoint_every: p.checkpoint_every,
         };
+        // A refresh continues from the promoted model (same architecture, saved by an earlier run).
+        let parent = match p.init_from {
+            InitFrom::Promoted => {
+                models_table::promoted(&ctx.store, std::slice::from_ref(&self.name), p.retriever.name())
+                    .await?
+                    .filter(|m| std::path::Path::new(&m.path).join("model.safetensors").exists())
+            }
+            InitFrom::Base => None,
+        };
+        let (init_weights, init_hash) = match &parent {
+            Some(m) => {
+                ctx.progress.log(&format!("continuing from the promoted model {} ({})", m.id, m.path));
+                let w = PathBuf::from(&m.path).join("model.safetensors");
+                let h = sha256_file(&w);
+                (w, h)
+            }
+            None => {
+                let w = self.init_dir.join("model.safetensors");
+                let h = self.init_hash.get().cloned().unwrap_or_else(|| sha256_file(&w));
+                (w, h)
+            }
+        };
         let mut fp_items: Vec<(&str, &str, &str, Option<&str>)> = train_set
             .iter()
             .map(|e| (e.query.as_str(), e.positive.as_str(), e.doc.as_str(), e.negative.as_deref()))
@@ -437,7 +471,7 @@ impl Stage for Train {
         fp_items.sort();
         let fingerprint = sha256_hex(
             serde_json::to_string(&json!({
-                "pairs": fp_items, "val": val_set.queries, "cfg": cfg, "init": self.init_hash.get().cloned().unwrap_or_else(|| sha256_file(&self.init_dir.join("model.safetensors"))),
+                "pairs": fp_items, "val": val_set.queries, "cfg": cfg, "init": init_hash,
                 "bb": bb_model.as_ref().map(|b| b.identity.clone()), "max_seq": self.max_seq_length,
             }))
             .expect("json")
@@ -449,7 +483,7 @@ impl Stage for Train {
 
         let device = device(&p.device)?;
         let folder = crate::models::bert::Folder::read(&self.init_dir, self.max_seq_length)?;
-        let aug = Augment::new(folder, Some(&self.init_dir.join("model.safetensors")), &device)?;
+        let aug = Augment::new(folder, Some(&init_weights), &device)?;
         let pairs_total = (train_set.len() * p.epochs) as u64;
         ctx.progress.set_total(pairs_total);
 
@@ -522,12 +556,13 @@ impl Stage for Train {
                 run_id: ctx.run_id,
                 stage_run_id: ctx.stage_run_id,
                 path: &best,
-                parent: &self.init_dir.to_string_lossy(),
+                parent: &init_weights.parent().unwrap_or(&self.init_dir).to_string_lossy(),
                 retriever: p.retriever.name(),
                 black_box: bb_model.as_ref().map(|b| b.identity.as_str()),
                 weight: p.weight,
                 data_fingerprint: &fingerprint,
                 metrics: &metrics.to_string(),
+                parent_id: parent.as_ref().map(|m| m.id),
             },
         )
         .await?;

@@ -15,13 +15,15 @@ pub struct NewModel<'a> {
     pub weight: f64,
     pub data_fingerprint: &'a str,
     pub metrics: &'a str,
+    /// The model this one continued from, if it started from a trained model.
+    pub parent_id: Option<i64>,
 }
 
 pub async fn insert(store: &Store, m: &NewModel<'_>) -> Result<i64> {
     Ok(sqlx::query_scalar(
         "INSERT INTO models (stage, run_id, stage_run_id, path, parent, retriever, black_box, weight,
-            data_fingerprint, metrics, created_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            data_fingerprint, metrics, parent_id, created_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
     )
     .bind(m.stage)
     .bind(m.run_id)
@@ -33,6 +35,7 @@ pub async fn insert(store: &Store, m: &NewModel<'_>) -> Result<i64> {
     .bind(m.weight)
     .bind(m.data_fingerprint)
     .bind(m.metrics)
+    .bind(m.parent_id)
     .bind(now_ms())
     .fetch_one(&store.pool)
     .await?)
@@ -77,10 +80,12 @@ pub struct ModelRow {
     pub status: String,
     pub status_reason: Option<String>,
     pub created_at: i64,
+    pub parent_id: Option<i64>,
+    pub gate: Option<String>,
 }
 
 const MODEL_COLUMNS: &str = "id, stage, run_id, path, parent, retriever, black_box, weight, data_fingerprint, metrics, \
-                             status, status_reason, created_at";
+                             status, status_reason, created_at, parent_id, gate";
 
 /// The newest model trained for `retriever` by one of `stages` (any stage when empty).
 pub async fn latest(store: &Store, stages: &[String], retriever: &str) -> Result<Option<ModelRow>> {
@@ -116,4 +121,69 @@ pub async fn curve(
     .bind(kind)
     .fetch_all(&store.pool)
     .await?)
+}
+
+/// The promoted model for `retriever` among `stages` (any stage when empty).
+pub async fn promoted(store: &Store, stages: &[String], retriever: &str) -> Result<Option<ModelRow>> {
+    let stages = serde_json::to_string(stages).expect("strings serialise");
+    Ok(sqlx::query_as(&format!(
+        "SELECT {MODEL_COLUMNS} FROM models WHERE retriever = ?1 AND status = 'promoted'
+           AND (json_array_length(?2) = 0 OR stage IN (SELECT value FROM json_each(?2)))
+         ORDER BY id DESC LIMIT 1"
+    ))
+    .bind(retriever)
+    .bind(stages)
+    .fetch_optional(&store.pool)
+    .await?)
+}
+
+pub async fn get(store: &Store, id: i64) -> Result<Option<ModelRow>> {
+    Ok(sqlx::query_as(&format!("SELECT {MODEL_COLUMNS} FROM models WHERE id = ?"))
+        .bind(id)
+        .fetch_optional(&store.pool)
+        .await?)
+}
+
+/// Every model, oldest first.
+pub async fn list(store: &Store) -> Result<Vec<ModelRow>> {
+    Ok(sqlx::query_as(&format!("SELECT {MODEL_COLUMNS} FROM models ORDER BY id")).fetch_all(&store.pool).await?)
+}
+
+/// Promotes model `id` and retires the model it replaces (the promoted one of the same stage and
+/// retriever), in one transaction.
+pub async fn promote(store: &Store, id: i64, reason: &str, gate: Option<&str>) -> Result<Option<i64>> {
+    let mut tx = store.pool.begin().await?;
+    let replaced: Option<i64> = sqlx::query_scalar(
+        "SELECT o.id FROM models o JOIN models m ON m.id = ?1
+         WHERE o.stage = m.stage AND o.retriever = m.retriever AND o.status = 'promoted' AND o.id != m.id",
+    )
+    .bind(id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if let Some(old) = replaced {
+        sqlx::query("UPDATE models SET status = 'retired', status_reason = ? WHERE id = ?")
+            .bind(format!("replaced by model {id}"))
+            .bind(old)
+            .execute(&mut *tx)
+            .await?;
+    }
+    sqlx::query("UPDATE models SET status = 'promoted', status_reason = ?, gate = COALESCE(?, gate) WHERE id = ?")
+        .bind(reason)
+        .bind(gate)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(replaced)
+}
+
+/// Leaves model `id` a candidate, with the reason it was not promoted.
+pub async fn keep_candidate(store: &Store, id: i64, reason: &str, gate: &str) -> Result<()> {
+    sqlx::query("UPDATE models SET status = 'candidate', status_reason = ?, gate = ? WHERE id = ?")
+        .bind(reason)
+        .bind(gate)
+        .bind(id)
+        .execute(&store.pool)
+        .await?;
+    Ok(())
 }

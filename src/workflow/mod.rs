@@ -26,6 +26,8 @@ pub struct Workflow {
     pub dir: PathBuf,
     pub store: PathBuf,
     pub schedule: Option<String>,
+    /// IANA time zone of `schedule` (UTC when absent).
+    pub timezone: Option<String>,
     pub models: BTreeMap<String, ModelSpec>,
     pub stages: BTreeMap<String, StageSpec>,
     /// Stage names, each after everything it needs.
@@ -92,6 +94,8 @@ struct TopLevel {
     #[serde(default)]
     schedule: Option<String>,
     #[serde(default)]
+    timezone: Option<String>,
+    #[serde(default)]
     models: BTreeMap<String, ModelSpec>,
     stages: BTreeMap<String, Value>,
 }
@@ -153,13 +157,22 @@ fn check(root: &Node, abs: &Path, diags: &mut Vec<Diagnostic>) -> Option<Workflo
     let top = top?;
 
     if let Some(expr) = &top.schedule
-        && let Err(e) = crate::schedule::parse_cron(expr)
+        && let Err(e) = crate::schedule::parse(expr, None)
     {
         let span = root.get("schedule").map(Node::span).unwrap_or_default();
         diags.push(
             Diagnostic::new(span, format!("`schedule`: {e}")).hint(
                 "five cron fields: minute hour day-of-month month day-of-week, e.g. \"0 2 * * *\" for 02:00 daily",
             ),
+        );
+    }
+    if let Some(tz) = &top.timezone
+        && tz.parse::<chrono_tz::Tz>().is_err()
+    {
+        let span = root.get("timezone").map(Node::span).unwrap_or_default();
+        diags.push(
+            Diagnostic::new(span, format!("`timezone`: unknown time zone {tz:?}"))
+                .hint("an IANA name such as Europe/Berlin, America/New_York or UTC"),
         );
     }
     for (name, spec) in &top.models {
@@ -235,6 +248,7 @@ fn check(root: &Node, abs: &Path, diags: &mut Vec<Diagnostic>) -> Option<Workflo
         store: dir.join(&top.store),
         dir,
         schedule: top.schedule,
+        timezone: top.timezone,
         models: top.models,
         stages,
         order,

@@ -18,7 +18,7 @@ fn corpus(sb: &Sandbox, n: usize) {
     sb.write("docs/records.jsonl", lines.join("\n"));
 }
 
-fn workflow(base_url: &str, model_extra: &str, generate_extra: &str) -> String {
+pub fn workflow(base_url: &str, model_extra: &str, generate_extra: &str) -> String {
     format!(
         "name: t
 store: t.db

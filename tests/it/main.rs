@@ -8,5 +8,6 @@ mod llm;
 mod local;
 #[path = "../support/openai_server.rs"]
 mod openai_server;
+mod schedule;
 mod train;
 mod validate;
