@@ -132,6 +132,28 @@ pub async fn build(store: &Store, run_id: i64) -> Result<String> {
         train_section(&mut b, store, &s.stage, run_id).await?;
     }
 
+    let trained = models::list(store).await?;
+    if !trained.is_empty() {
+        b.push_str("<h2>Trained models</h2>");
+        let rows: Vec<Vec<String>> = trained
+            .iter()
+            .rev()
+            .take(20)
+            .map(|m| {
+                vec![
+                    m.id.to_string(),
+                    escape(&m.stage),
+                    escape(&m.retriever),
+                    escape(&m.status),
+                    m.parent_id.map(|p| format!("model {p}")).unwrap_or_else(|| "base".into()),
+                    m.run_id.map(|r| r.to_string()).unwrap_or_default(),
+                    escape(m.status_reason.as_deref().unwrap_or("")),
+                ]
+            })
+            .collect();
+        b.push_str(&html_table(&["id", "stage", "retriever", "status", "from", "run", "why"], &rows));
+    }
+
     b.push_str("<h2>Sample pairs</h2>");
     for verdict in ["accepted", "rejected"] {
         let sample = pairs::list(store, None, Some(verdict), 10).await?;
