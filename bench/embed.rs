@@ -2,19 +2,16 @@
 //! reads a JSON list of strings, embeds them with the local all-MiniLM-L6-v2 and writes the vectors
 //! (little-endian f32) so the Python side can compare them with sentence-transformers.
 
+#[path = "common.rs"]
+mod common;
+
 use std::io::Write;
 use std::time::Instant;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (input, output) = (&args[0], &args[1]);
-    let flag = |name: &str, default: usize| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
+    let flag = |name: &str, default: usize| common::flag(&args, name, default);
     let (batch, max_seq) = (flag("--batch", 32), flag("--max-seq", 256));
     let texts: Vec<String> = serde_json::from_str(&std::fs::read_to_string(input).unwrap()).unwrap();
     let dir = match args.iter().position(|a| a == "--model").and_then(|i| args.get(i + 1)) {
@@ -33,15 +30,9 @@ fn main() {
             f.write_all(&x.to_le_bytes()).unwrap();
         }
     }
-    // Peak resident memory of this process, read here because a parent's RUSAGE_CHILDREN also counts
-    // whatever else it forked.
-    let peak_kb = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(str::to_string))
-        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()));
     println!(
         "{}",
         serde_json::json!({"texts": texts.len(), "seconds": secs, "texts_per_s": texts.len() as f64 / secs,
-            "peak_rss_mb": peak_kb.map(|k| k as f64 / 1024.0)})
+            "peak_rss_mb": common::peak_rss_mb()})
     );
 }

@@ -2,6 +2,9 @@
 //! streams N random unit vectors in blocks through flow's top-k search (as eval_recall does) and
 //! reports queries/s and peak RSS; `--check` also brute-forces the first queries to verify the result.
 
+#[path = "common.rs"]
+mod common;
+
 use std::time::Instant;
 
 fn unit_rows(rng: &mut fastrand::Rng, n: usize, dim: usize) -> Vec<f32> {
@@ -15,13 +18,7 @@ fn unit_rows(rng: &mut fastrand::Rng, n: usize, dim: usize) -> Vec<f32> {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let flag = |name: &str, default: usize| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
+    let flag = |name: &str, default: usize| common::flag(&args, name, default);
     let (n, nq, dim, k) = (flag("--docs", 5183), flag("--queries", 300), flag("--dim", 384), flag("--k", 100));
     let check = args.iter().any(|a| a == "--check");
     let mut rng = fastrand::Rng::with_seed(1);
@@ -52,13 +49,9 @@ fn main() {
             assert!(same >= k - 1, "query {qi}: only {same} of {k} agree with brute force");
         }
     }
-    let peak_kb = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(str::to_string))
-        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()));
     println!(
         "{}",
         serde_json::json!({"docs": n, "queries": nq, "dim": dim, "k": k, "search_seconds": search_s,
-            "queries_per_s": nq as f64 / search_s, "peak_rss_mb": peak_kb.map(|k| k as f64 / 1024.0), "checked": check})
+            "queries_per_s": nq as f64 / search_s, "peak_rss_mb": common::peak_rss_mb(), "checked": check})
     );
 }

@@ -89,14 +89,24 @@ const MODEL_COLUMNS: &str = "id, stage, run_id, path, parent, retriever, black_b
 
 /// The newest model trained for `retriever` by one of `stages` (any stage when empty).
 pub async fn latest(store: &Store, stages: &[String], retriever: &str) -> Result<Option<ModelRow>> {
+    newest(store, stages, retriever, None).await
+}
+
+/// The promoted model for `retriever` among `stages` (any stage when empty).
+pub async fn promoted(store: &Store, stages: &[String], retriever: &str) -> Result<Option<ModelRow>> {
+    newest(store, stages, retriever, Some("promoted")).await
+}
+
+async fn newest(store: &Store, stages: &[String], retriever: &str, status: Option<&str>) -> Result<Option<ModelRow>> {
     let stages = serde_json::to_string(stages).expect("strings serialise");
     Ok(sqlx::query_as(&format!(
-        "SELECT {MODEL_COLUMNS} FROM models WHERE retriever = ?1
+        "SELECT {MODEL_COLUMNS} FROM models WHERE retriever = ?1 AND (?3 IS NULL OR status = ?3)
            AND (json_array_length(?2) = 0 OR stage IN (SELECT value FROM json_each(?2)))
          ORDER BY id DESC LIMIT 1"
     ))
     .bind(retriever)
     .bind(stages)
+    .bind(status)
     .fetch_optional(&store.pool)
     .await?)
 }
@@ -120,20 +130,6 @@ pub async fn curve(
     .bind(run_id)
     .bind(kind)
     .fetch_all(&store.pool)
-    .await?)
-}
-
-/// The promoted model for `retriever` among `stages` (any stage when empty).
-pub async fn promoted(store: &Store, stages: &[String], retriever: &str) -> Result<Option<ModelRow>> {
-    let stages = serde_json::to_string(stages).expect("strings serialise");
-    Ok(sqlx::query_as(&format!(
-        "SELECT {MODEL_COLUMNS} FROM models WHERE retriever = ?1 AND status = 'promoted'
-           AND (json_array_length(?2) = 0 OR stage IN (SELECT value FROM json_each(?2)))
-         ORDER BY id DESC LIMIT 1"
-    ))
-    .bind(retriever)
-    .bind(stages)
-    .fetch_optional(&store.pool)
     .await?)
 }
 
