@@ -468,6 +468,26 @@ mod tests {
                 .embed(&texts, 2)
                 .unwrap();
         assert_eq!(before, reloaded);
+
+        // A parent's BERT pooler is not trained, but it is kept: transformers then loads the folder
+        // without initialising missing weights.
+        let mut parent =
+            candle_core::safetensors::load(t.path().join("ckpt/model.safetensors"), &candle_core::Device::Cpu).unwrap();
+        let pooler = Tensor::from_vec(vec![0.25f32, -1.5, 3.0, 0.5], (2, 2), &candle_core::Device::Cpu).unwrap();
+        parent.insert("bert.pooler.dense.weight".into(), pooler.clone());
+        std::fs::create_dir_all(t.path().join("parent")).unwrap();
+        candle_core::safetensors::save(&parent, t.path().join("parent/model.safetensors")).unwrap();
+        let child = Augment::new(
+            aug.folder.clone(),
+            Some(&t.path().join("parent/model.safetensors")),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        child.save(&t.path().join("child"), &HashMap::new(), None).unwrap();
+        let saved = candle_core::safetensors::load(t.path().join("child/model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+        let kept: Vec<f32> = saved["pooler.dense.weight"].flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(kept, [0.25, -1.5, 3.0, 0.5]);
         // The graph used in training agrees with the inference path.
         let graph: Vec<Vec<f32>> =
             aug.encode(&["alpha beta", "gamma", "delta alpha gamma"]).unwrap().to_vec2().unwrap();

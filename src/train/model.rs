@@ -16,6 +16,9 @@ pub struct Augment {
     model: super::bert::TrainBert,
     pub folder: Folder,
     pub device: Device,
+    /// Tensors of the parent's file that are not trained (BERT's pooler): saved unchanged, so the
+    /// checkpoint loads in transformers without "newly initialized" weights.
+    kept: std::sync::Mutex<HashMap<String, Tensor>>,
 }
 
 fn weights_error(path: &Path, e: impl std::fmt::Display) -> Error {
@@ -32,7 +35,7 @@ impl Augment {
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
         let model = super::bert::TrainBert::load(vb, &folder.config).map_err(|e| weights_error(&folder.dir, e))?;
-        let aug = Augment { varmap, model, folder, device: device.clone() };
+        let aug = Augment { varmap, model, folder, device: device.clone(), kept: Default::default() };
         if let Some(path) = weights {
             aug.load_weights(path)?;
         }
@@ -55,6 +58,14 @@ impl Augment {
             }
             var.set(&t.to_dtype(DType::F32).map_err(|e| weights_error(path, e))?)
                 .map_err(|e| weights_error(path, e))?;
+        }
+        let mut kept = self.kept.lock().expect("kept lock");
+        kept.clear();
+        for (name, t) in tensors {
+            let name = name.strip_prefix("bert.").unwrap_or(&name).to_string();
+            if name.starts_with("pooler.") {
+                kept.insert(name, t);
+            }
         }
         Ok(())
     }
@@ -94,7 +105,12 @@ impl Augment {
         std::fs::create_dir_all(&tmp).map_err(Error::io(&tmp))?;
         copy_config(&self.folder.dir, &tmp)?;
         let weights = tmp.join("model.safetensors");
-        self.varmap.save(&weights).map_err(|e| Error::Other(format!("{}: {e}", weights.display())))?;
+        let mut tensors: HashMap<String, Tensor> = self.kept.lock().expect("kept lock").clone();
+        for (name, var) in self.varmap.data().lock().expect("varmap lock").iter() {
+            tensors.insert(name.clone(), var.as_tensor().clone());
+        }
+        candle_core::safetensors::save(&tensors, &weights)
+            .map_err(|e| Error::Other(format!("{}: {e}", weights.display())))?;
         let sb = tmp.join("sentence_bert_config.json");
         let mut cfg: serde_json::Value = std::fs::read_to_string(&sb)
             .ok()

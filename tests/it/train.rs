@@ -181,3 +181,23 @@ fn mafin_embeds_each_text_with_the_black_box_once() {
     assert_eq!(db.scalar("SELECT COUNT(*) FROM embeddings"), texts);
     assert_eq!(db.scalar("SELECT MAX(created_at) FROM embeddings"), stamp, "the black box ran again");
 }
+
+#[test]
+fn training_stops_early_when_validation_stops_improving() {
+    let sb = Sandbox::new();
+    toy_set(&sb);
+    // A learning rate too small to move the rankings: epoch 1 is no better than epoch 0.
+    sb.write(
+        "wf.yaml",
+        workflow_epochs(5, "").replace("lr: 1.0e-3", "lr: 1.0e-12").replace("patience: 100", "patience: 1"),
+    );
+    let r = sb.flow(&["run", "wf.yaml"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert!(r.all().contains("early stop after epoch 1"), "{}", r.all());
+    let db = sb.db("t.db");
+    let m: serde_json::Value = serde_json::from_str(&db.text("SELECT metrics FROM models")).unwrap();
+    assert_eq!(m["stopped_early"], true, "{m}");
+    assert_eq!(m["best_epoch"], 0, "{m}");
+    assert_eq!(db.scalar("SELECT COUNT(*) FROM train_curves WHERE kind = 'validation'"), 2);
+    assert_eq!(db.scalar("SELECT MAX(epoch) FROM train_curves WHERE kind = 'loss'"), 1);
+}
