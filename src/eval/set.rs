@@ -73,7 +73,9 @@ impl Source {
     /// `train_split` is (seed, val_fraction) of the train stage this eval follows, if any.
     pub fn new(p: &SetParams, wf_dir: &Path, train_split: Option<(u64, f64)>) -> Result<Source> {
         if let Some(b) = &p.beir {
+            // Canonical, so the set's key (and the change column) does not depend on how it was named.
             let dir = wf_dir.join(b);
+            let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
             for f in ["corpus.jsonl".to_string(), "queries.jsonl".into(), format!("qrels/{}.tsv", p.split)] {
                 if !dir.join(&f).exists() {
                     return Err(Error::bad_input(

@@ -82,6 +82,18 @@ pub struct Params {
     /// or always from `models.<augment>.init` (`base`: retrain from scratch).
     #[serde(default)]
     pub init_from: InitFrom,
+    /// auto (bf16 matrix products on a GPU, f32 on the CPU) | f32 | bf16
+    #[serde(default)]
+    pub precision: Precision,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    #[default]
+    Auto,
+    F32,
+    Bf16,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -301,48 +313,6 @@ impl Train {
     }
 }
 
-/// For each example, the passage the black box ranks highest among the others' passages that is not
-/// one of its query's positives and scores at least `margin` below its own positive.
-fn mine_negatives(examples: &mut [Example], bb: &HashMap<String, Vec<f32>>, margin: f64) -> Result<usize> {
-    let mut passages: Vec<&str> = examples.iter().map(|e| e.positive.as_str()).collect();
-    passages.sort();
-    passages.dedup();
-    let passages: Vec<String> = passages.into_iter().map(str::to_string).collect();
-    let mut positives: HashMap<&str, Vec<&str>> = HashMap::new();
-    for e in examples.iter() {
-        positives.entry(e.query.as_str()).or_default().push(e.positive.as_str());
-    }
-    let rows = |texts: &[String]| -> Vec<f32> { texts.iter().flat_map(|t| train::normalized(&bb[t])).collect() };
-    let queries: Vec<String> = examples.iter().map(|e| e.query.clone()).collect();
-    let dim = bb.values().next().map_or(0, Vec::len);
-    let q = rows(&queries);
-    let d = rows(&passages);
-    let k = 30.min(passages.len());
-    let top = crate::eval::search::top_k(&q, &d, dim, k).map_err(|e| Error::Other(format!("mining: {e}")))?;
-    let mut found = 0;
-    let negatives: Vec<Option<String>> = examples
-        .iter()
-        .zip(&top)
-        .map(|(e, cands)| {
-            let pos: f32 = train::normalized(&bb[&e.query])
-                .iter()
-                .zip(train::normalized(&bb[&e.positive]))
-                .map(|(a, b)| a * b)
-                .sum();
-            let own = &positives[e.query.as_str()];
-            cands
-                .iter()
-                .find(|(j, s)| !own.contains(&passages[*j].as_str()) && (*s as f64) < pos as f64 - margin)
-                .map(|(j, _)| passages[*j].clone())
-        })
-        .collect();
-    for (e, n) in examples.iter_mut().zip(negatives) {
-        found += n.is_some() as usize;
-        e.negative = n;
-    }
-    Ok(found)
-}
-
 #[async_trait]
 impl Stage for Train {
     async fn inputs(&self) -> Result<String> {
@@ -422,11 +392,17 @@ impl Stage for Train {
         if p.hard_negatives > 0
             && let Some(bb) = &bb_vectors
         {
-            let found = mine_negatives(&mut train_set, bb, p.negative_margin)?;
+            let found = data::mine_negatives(&mut train_set, bb, p.negative_margin)?;
             ctx.progress.log(&format!("mined a hard negative for {found} of {} pairs", train_set.len()));
         }
         let vectors_for_training = if p.retriever == Retriever::Mafin { bb_vectors } else { None };
 
+        let device = device(&p.device)?;
+        let bf16 = match p.precision {
+            Precision::Bf16 => true,
+            Precision::F32 => false,
+            Precision::Auto => device.is_cuda(),
+        };
         let cfg = TrainConfig {
             retriever: p.retriever,
             epochs: p.epochs,
@@ -441,6 +417,7 @@ impl Stage for Train {
             seed: p.seed,
             patience: p.patience,
             checkpoint_every: p.checkpoint_every,
+            bf16,
         };
         // A refresh continues from the promoted model (same architecture, saved by an earlier run).
         let parent = match p.init_from {
@@ -481,9 +458,12 @@ impl Stage for Train {
         let stem = self.wf.store.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "flow".into());
         let dir = store_dir.join(format!("{stem}.models")).join(&self.name).join(&fingerprint[..12]);
 
-        let device = device(&p.device)?;
         let folder = crate::models::bert::Folder::read(&self.init_dir, self.max_seq_length)?;
-        let aug = Augment::new(folder, Some(&init_weights), &device)?;
+        let mut aug = Augment::new(folder, Some(&init_weights), &device)?;
+        if bf16 {
+            aug.model.compute = candle_core::DType::BF16;
+            ctx.progress.log("mixed precision: bf16 matrix products, f32 weights and optimiser");
+        }
         let pairs_total = (train_set.len() * p.epochs) as u64;
         ctx.progress.set_total(pairs_total);
 

@@ -48,6 +48,9 @@ struct Layer {
 }
 
 pub struct TrainBert {
+    /// The dtype of the matrix products (f32, or bf16 for mixed precision); weights, LayerNorm,
+    /// softmax and the residual stream stay f32, and gradients reach the f32 weights.
+    pub compute: DType,
     word: Embedding,
     pos: Embedding,
     type0: Tensor,
@@ -81,6 +84,7 @@ impl TrainBert {
             });
         }
         Ok(TrainBert {
+            compute: DType::F32,
             word: Embedding::new(emb(e.clone(), c.vocab_size, "word_embeddings.weight")?, h),
             pos: Embedding::new(emb(e.clone(), c.max_position_embeddings, "position_embeddings.weight")?, h),
             type0: types.narrow(0, 0, 1)?,
@@ -102,21 +106,37 @@ impl TrainBert {
         let bias = ((1.0 - mask.to_dtype(DType::F32)?)? * -1e9)?.reshape((b, 1, 1, l))?;
         let scale = 1.0 / (dh as f64).sqrt();
         let heads = |t: Tensor| t.reshape((b, l, self.heads, dh))?.transpose(1, 2)?.contiguous();
+        let dt = self.compute;
+        // A linear layer in the compute dtype (input and weights cast; the cast is recorded, so the
+        // f32 weights get the gradient).
+        let lin = |layer: &Linear, x: &Tensor| -> Result<Tensor> {
+            if dt == DType::F32 {
+                return layer.forward(x);
+            }
+            let w = layer.weight().to_dtype(dt)?;
+            let y = x.to_dtype(dt)?.broadcast_matmul(&w.t()?)?;
+            match layer.bias() {
+                Some(bias) => y.broadcast_add(&bias.to_dtype(dt)?),
+                None => Ok(y),
+            }
+        };
         for layer in &self.layers {
-            let q = heads(layer.q.forward(&x)?)?;
-            let k = heads(layer.k.forward(&x)?)?;
-            let v = heads(layer.v.forward(&x)?)?;
-            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&bias)?;
+            let q = heads(lin(&layer.q, &x)?)?;
+            let k = heads(lin(&layer.k, &x)?)?;
+            let v = heads(lin(&layer.v, &x)?)?;
+            let scores = (q.matmul(&k.t()?)?.to_dtype(DType::F32)? * scale)?.broadcast_add(&bias)?;
             let p = candle_nn::ops::softmax(&scores, D::Minus1)?;
-            let ctx = p.matmul(&v)?.transpose(1, 2)?.reshape((b, l, h))?;
-            x = layer.ln1.forward(&(x + layer.o.forward(&ctx)?)?)?;
-            let inter = layer.inter.forward(&x)?;
+            let ctx = p.to_dtype(dt)?.matmul(&v)?.transpose(1, 2)?.reshape((b, l, h))?;
+            let attn = lin(&layer.o, &ctx)?.to_dtype(DType::F32)?;
+            x = layer.ln1.forward(&(x + attn)?)?;
+            let inter = lin(&layer.inter, &x)?;
             let inter = match self.act {
                 HiddenAct::Gelu => inter.gelu_erf()?,
                 HiddenAct::GeluApproximate => inter.gelu()?,
                 HiddenAct::Relu => inter.relu()?,
             };
-            x = layer.ln2.forward(&(x + layer.down.forward(&inter)?)?)?;
+            let down = lin(&layer.down, &inter)?.to_dtype(DType::F32)?;
+            x = layer.ln2.forward(&(x + down)?)?;
         }
         Ok(x)
     }

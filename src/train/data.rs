@@ -1,8 +1,9 @@
-//! Training examples, the validation split held out by document, and batches with no repeated
-//! text (a repeated passage in a batch would be counted as its own negative).
+//! Training examples, the validation split held out by document, batches with no repeated text (a
+//! repeated passage in a batch would be counted as its own negative), and hard negatives mined with the black box.
 
 use std::collections::{HashMap, HashSet};
 
+use crate::error::{Error, Result};
 use crate::store::sha256_hex;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -95,6 +96,48 @@ pub fn retrieval_set(queries: &[Example], extra_corpus: &[Example]) -> Retrieval
         set.relevant[qi].insert(corpus_index[e.positive.as_str()]);
     }
     set
+}
+
+/// For each example, the passage the black box ranks highest among the others' passages that is not
+/// one of its query's positives and scores at least `margin` below its own positive.
+pub fn mine_negatives(examples: &mut [Example], bb: &HashMap<String, Vec<f32>>, margin: f64) -> Result<usize> {
+    let mut passages: Vec<&str> = examples.iter().map(|e| e.positive.as_str()).collect();
+    passages.sort();
+    passages.dedup();
+    let passages: Vec<String> = passages.into_iter().map(str::to_string).collect();
+    let mut positives: HashMap<&str, Vec<&str>> = HashMap::new();
+    for e in examples.iter() {
+        positives.entry(e.query.as_str()).or_default().push(e.positive.as_str());
+    }
+    let rows = |texts: &[String]| -> Vec<f32> { texts.iter().flat_map(|t| super::normalized(&bb[t])).collect() };
+    let queries: Vec<String> = examples.iter().map(|e| e.query.clone()).collect();
+    let dim = bb.values().next().map_or(0, Vec::len);
+    let q = rows(&queries);
+    let d = rows(&passages);
+    let k = 30.min(passages.len());
+    let top = crate::eval::search::top_k(&q, &d, dim, k).map_err(|e| Error::Other(format!("mining: {e}")))?;
+    let mut found = 0;
+    let negatives: Vec<Option<String>> = examples
+        .iter()
+        .zip(&top)
+        .map(|(e, cands)| {
+            let pos: f32 = super::normalized(&bb[&e.query])
+                .iter()
+                .zip(super::normalized(&bb[&e.positive]))
+                .map(|(a, b)| a * b)
+                .sum();
+            let own = &positives[e.query.as_str()];
+            cands
+                .iter()
+                .find(|(j, s)| !own.contains(&passages[*j].as_str()) && (*s as f64) < pos as f64 - margin)
+                .map(|(j, _)| passages[*j].clone())
+        })
+        .collect();
+    for (e, n) in examples.iter_mut().zip(negatives) {
+        found += n.is_some() as usize;
+        e.negative = n;
+    }
+    Ok(found)
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ pub mod fast;
 pub mod loss;
 pub mod model;
 pub mod optim;
+pub mod retriever;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -19,24 +20,7 @@ use crate::eval::{metrics, search};
 use data::{Example, RetrievalSet};
 use model::Augment;
 use optim::{AdamW, AdamWConfig, Grads};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Retriever {
-    /// concat(n(black box), w * n(augment)): the black box stays, the augment learns what it misses.
-    Mafin,
-    /// The augment alone: plain fine-tuning, for comparison.
-    AugmentOnly,
-}
-
-impl Retriever {
-    pub fn name(self) -> &'static str {
-        match self {
-            Retriever::Mafin => "mafin",
-            Retriever::AugmentOnly => "augment_only",
-        }
-    }
-}
+pub use retriever::{Retriever, normalized, retriever_rows};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrainConfig {
@@ -57,6 +41,10 @@ pub struct TrainConfig {
     pub patience: usize,
     /// Save a resumable checkpoint every this many optimiser steps (and at every epoch's end).
     pub checkpoint_every: u64,
+    /// Matrix products in bf16 (mixed precision, for GPUs); f32 otherwise. Left out of the
+    /// fingerprint when off, so f32 checkpoints keep their folders.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub bf16: bool,
 }
 
 /// Black-box vectors by exact text (for Mafin); None for augment_only.
@@ -161,7 +149,8 @@ pub fn train(
         (0..cfg.epochs).map(|e| data::batches(train, cfg.batch_size, cfg.seed, e).len()).collect();
     let accum = cfg.grad_accum.max(1);
     // The hand-written backward pass covers the CPU with mean or CLS pooling; the rest goes through autograd.
-    let fast = aug.device.is_cpu() && aug.folder.pooling != crate::models::bert::Pooling::Max;
+    // The hand-written CPU step is f32; bf16 (meant for GPUs) goes through autograd anywhere.
+    let fast = aug.device.is_cpu() && aug.folder.pooling != crate::models::bert::Pooling::Max && !cfg.bf16;
     let total_steps: u64 = per_epoch.iter().map(|&b| b.div_ceil(accum) as u64).sum();
     let warmup = (total_steps as f64 * cfg.warmup).ceil() as u64;
 
@@ -375,29 +364,6 @@ fn fast_step(
     Ok((loss.to_scalar::<f32>()? as f64, grads))
 }
 
-pub fn normalized(v: &[f32]) -> Vec<f32> {
-    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
-    v.iter().map(|x| x / n).collect()
-}
-
-/// Rows of the retriever's embedding: n(aug) for augment_only, concat(n(bb), w n(aug)) / sqrt(1 + w^2)
-/// for Mafin, so that dot products are the cosines of the concatenation.
-pub fn retriever_rows(retriever: Retriever, aug: &[Vec<f32>], bb: Option<&[Vec<f32>]>, w: f64) -> Vec<f32> {
-    let mut out = Vec::new();
-    let w = w as f32;
-    let norm = (1.0 + w * w).sqrt();
-    for (i, a) in aug.iter().enumerate() {
-        match (retriever, bb) {
-            (Retriever::Mafin, Some(bb)) => {
-                out.extend(normalized(&bb[i]).iter().map(|x| x / norm));
-                out.extend(normalized(a).iter().map(|x| w * x / norm));
-            }
-            _ => out.extend(normalized(a)),
-        }
-    }
-    out
-}
-
 /// Recall@k, nDCG@k, MRR@10 and MAP@100 of the retriever on the validation set, with the augment's
 /// current weights.
 fn validation_metrics(
@@ -431,6 +397,26 @@ fn validation_metrics(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Settings for one hand-checked step: no warm-up, decay or clipping.
+    fn step_cfg(retriever: Retriever, grad_accum: usize) -> TrainConfig {
+        TrainConfig {
+            retriever,
+            epochs: 1,
+            batch_size: 3,
+            lr: 1e-3,
+            warmup: 0.0,
+            weight_decay: 0.0,
+            max_grad_norm: 0.0,
+            grad_accum,
+            scale: 20.0,
+            weight: 0.5,
+            seed: 1,
+            patience: 1,
+            checkpoint_every: 0,
+            bf16: false,
+        }
+    }
 
     #[test]
     fn one_step_changes_the_weights() {
@@ -499,6 +485,39 @@ mod tests {
         }
     }
 
+    /// Mixed precision (bf16 products, f32 weights) follows the f32 step: nearly the same loss, and
+    /// gradients that point the same way for every parameter.
+    #[test]
+    fn a_bf16_step_follows_the_f32_step() {
+        let t = tempfile::tempdir().unwrap();
+        let words = ["alpha", "beta", "gamma", "delta", "one", "two", "three", "four"];
+        let mut aug =
+            Augment::new(model::tiny_folder(t.path(), &words).unwrap(), None, &candle_core::Device::Cpu).unwrap();
+        let cfg = step_cfg(Retriever::AugmentOnly, 1);
+        let opt = AdamW::new(
+            aug.named_vars(),
+            AdamWConfig { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 },
+        );
+        let q = ["alpha beta", "gamma", "delta delta one"];
+        let p = ["one two three", "three four alpha delta", "two"];
+        let (l32, g32) = graph_step(&cfg, &aug, &opt, (&q[..], &p[..]), &None, 1).unwrap();
+        aug.model.compute = candle_core::DType::BF16;
+        let (l16, g16) = graph_step(&cfg, &aug, &opt, (&q[..], &p[..]), &None, 1).unwrap();
+        assert!((l32 - l16).abs() < 0.02 * l32.abs().max(1.0), "loss {l32} vs {l16}");
+        // bf16 rounding shows in the loss: the products really ran in bf16.
+        assert_ne!(l32, l16);
+        for (name, a) in &g32 {
+            assert_eq!(g16[name].dtype(), candle_core::DType::F32, "{name}");
+            let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+            let b: Vec<f32> = g16[name].flatten_all().unwrap().to_vec1().unwrap();
+            let dot: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+            let (na, nb) = (a.iter().map(|x| x * x).sum::<f32>().sqrt(), b.iter().map(|x| x * x).sum::<f32>().sqrt());
+            if na > 1e-6 {
+                assert!(dot / (na * nb) > 0.95, "{name}: cosine {}", dot / (na * nb));
+            }
+        }
+    }
+
     /// The CPU step (packed encoder, hand-written backward) and the autograd step agree on a Mafin
     /// batch with a hard negative: same loss, same gradient for every parameter.
     #[test]
@@ -529,21 +548,7 @@ mod tests {
             }
         }
         let bb = Some(bb);
-        let cfg = TrainConfig {
-            retriever: Retriever::Mafin,
-            epochs: 1,
-            batch_size: 3,
-            lr: 1e-3,
-            warmup: 0.0,
-            weight_decay: 0.0,
-            max_grad_norm: 0.0,
-            grad_accum: 2,
-            scale: 20.0,
-            weight: 0.5,
-            seed: 1,
-            patience: 1,
-            checkpoint_every: 0,
-        };
+        let cfg = step_cfg(Retriever::Mafin, 2);
         let opt = AdamW::new(
             aug.named_vars(),
             AdamWConfig { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 },

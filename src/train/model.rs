@@ -13,7 +13,7 @@ use crate::models::bert::{Folder, SentenceEncoder, padded_batch, pool};
 
 pub struct Augment {
     pub varmap: VarMap,
-    model: super::bert::TrainBert,
+    pub model: super::bert::TrainBert,
     pub folder: Folder,
     pub device: Device,
     /// Tensors of the parent's file that are not trained (BERT's pooler): saved unchanged, so the

@@ -201,3 +201,17 @@ fn training_stops_early_when_validation_stops_improving() {
     assert_eq!(db.scalar("SELECT COUNT(*) FROM train_curves WHERE kind = 'validation'"), 2);
     assert_eq!(db.scalar("SELECT MAX(epoch) FROM train_curves WHERE kind = 'loss'"), 1);
 }
+
+#[test]
+fn bf16_mixed_precision_trains_through_the_stage() {
+    let sb = Sandbox::new();
+    toy_set(&sb);
+    sb.write("wf.yaml", workflow_epochs(3, "    precision: bf16\n"));
+    let r = sb.flow(&["run", "wf.yaml"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert!(r.all().contains("mixed precision: bf16"), "{}", r.all());
+    let db = sb.db("t.db");
+    let first: f64 = db.real("SELECT value FROM train_curves WHERE kind = 'loss' ORDER BY step LIMIT 1");
+    let last: f64 = db.real("SELECT value FROM train_curves WHERE kind = 'loss' ORDER BY step DESC LIMIT 1");
+    assert!(last < first, "loss did not fall in bf16: {first} -> {last}");
+}
