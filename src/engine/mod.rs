@@ -365,6 +365,7 @@ impl Job {
         };
         let result = self.stage.run(&ctx).await;
         ticker.abort();
+        let _ = ticker.await;
         let counts = ctx.progress.counts();
         match result {
             Ok(out) => {

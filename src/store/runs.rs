@@ -146,10 +146,12 @@ pub async fn set_stage(store: &Store, run_id: i64, stage: &str, kind: &str, fp: 
     Ok(id)
 }
 
+/// Live counts of a running stage. A finished stage is left alone: a late tick (its statement already
+/// on the connection when the ticker stopped) must not overwrite the final counts.
 pub async fn update_counts(store: &Store, id: i64, c: Counts) -> Result<()> {
     sqlx::query(
         "UPDATE stage_runs SET items_total = ?, items_done = ?, items_cached = ?, items_skipped = ?, items_failed = ?
-         WHERE id = ?",
+         WHERE id = ? AND status = 'running'",
     )
     .bind(c.total)
     .bind(c.done)
@@ -170,15 +172,22 @@ pub async fn finish_stage(
     summary: Option<&str>,
     error: Option<&str>,
 ) -> Result<()> {
-    update_counts(store, id, c).await?;
-    sqlx::query("UPDATE stage_runs SET status = ?, summary = ?, error = ?, finished_at = ? WHERE id = ?")
-        .bind(status)
-        .bind(summary)
-        .bind(error)
-        .bind(now_ms())
-        .bind(id)
-        .execute(&store.pool)
-        .await?;
+    sqlx::query(
+        "UPDATE stage_runs SET items_total = ?, items_done = ?, items_cached = ?, items_skipped = ?, items_failed = ?,
+            status = ?, summary = ?, error = ?, finished_at = ? WHERE id = ?",
+    )
+    .bind(c.total)
+    .bind(c.done)
+    .bind(c.cached)
+    .bind(c.skipped)
+    .bind(c.failed)
+    .bind(status)
+    .bind(summary)
+    .bind(error)
+    .bind(now_ms())
+    .bind(id)
+    .execute(&store.pool)
+    .await?;
     Ok(())
 }
 
