@@ -26,8 +26,45 @@ fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
-fn finish(child: std::process::Child) -> crate::harness::Ran {
-    child.wait_with_output().unwrap().into()
+/// A scheduler started with its log collected as it is written, so a test waits for what it says
+/// rather than for a fixed time.
+struct Scheduler {
+    child: std::process::Child,
+    log: std::sync::Arc<std::sync::Mutex<String>>,
+    reader: std::thread::JoinHandle<()>,
+}
+
+impl Scheduler {
+    fn start(sb: &Sandbox, args: &[&str]) -> Scheduler {
+        use std::io::Read;
+        let mut child = sb.cmd(&[&["schedule"], args].concat()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+        let mut err = child.stderr.take().unwrap();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let sink = log.clone();
+        let reader = std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = err.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        Scheduler { child, log, reader }
+    }
+
+    fn wait_for_log(&self, text: &str) {
+        wait_for(&format!("{text:?} in the log"), || self.log.lock().unwrap().contains(text));
+    }
+
+    /// SIGTERM, then the exit code and the whole log.
+    fn stop(mut self) -> (i32, String) {
+        sigterm(&self.child);
+        let status = self.child.wait().unwrap();
+        self.reader.join().unwrap();
+        let log = self.log.lock().unwrap().clone();
+        (status.code().unwrap_or(-1), log)
+    }
 }
 
 #[test]
@@ -55,15 +92,14 @@ fn the_scheduler_fires_on_time_and_stops_cleanly_on_sigterm() {
     let sb = Sandbox::new();
     sb.write("docs/a.txt", prose(1, 4));
     sb.write("wf.yaml", chunk_workflow("*/2 * * * * *"));
-    let child = sb.cmd(&["schedule", "wf.yaml", "--no-catch-up"]).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let sched = Scheduler::start(&sb, &["wf.yaml", "--no-catch-up"]);
     let db = sb.db("t.db");
     wait_for("two scheduled runs", || {
         db.try_scalar("SELECT COUNT(*) FROM runs WHERE status = 'succeeded'").unwrap_or(0) >= 2
     });
-    sigterm(&child);
-    let r = finish(child);
-    assert_eq!(r.code, 0, "{}", r.all());
-    assert!(r.stderr.contains("stopped (signal)"), "{}", r.stderr);
+    let (code, log) = sched.stop();
+    assert_eq!(code, 0, "{log}");
+    assert!(log.contains("stopped (signal)"), "{log}");
     assert_eq!(db.scalar("SELECT COUNT(*) FROM runs WHERE status = 'running'"), 0);
     // Each run records the firing it was started for, two seconds apart.
     let firings: Vec<String> = (1..=2)
@@ -83,33 +119,29 @@ fn a_firing_skips_or_waits_while_a_run_is_live() {
     let db = sb.db("t.db");
 
     let live = flow::engine::lock::RunLock::acquire(&sb.path("t.db")).unwrap();
-    let child = sb.cmd(&["schedule", "wf.yaml"]).stderr(std::process::Stdio::piped()).spawn().unwrap();
-    std::thread::sleep(Duration::from_secs(3));
-    sigterm(&child);
-    let r = finish(child);
-    assert_eq!(r.code, 0, "{}", r.all());
-    assert!(r.stderr.contains("was missed; running once now"), "{}", r.stderr);
-    assert!(r.stderr.contains("a run is live") && r.stderr.contains("skipping this firing"), "{}", r.stderr);
+    let sched = Scheduler::start(&sb, &["wf.yaml"]);
+    sched.wait_for_log("skipping this firing");
+    let (code, log) = sched.stop();
+    assert_eq!(code, 0, "{log}");
+    assert!(log.contains("was missed; running once now") && log.contains("a run is live"), "{log}");
     assert_eq!(db.try_scalar("SELECT COUNT(*) FROM runs").unwrap_or(0), 0);
 
-    let child =
-        sb.cmd(&["schedule", "wf.yaml", "--when-busy", "wait"]).stderr(std::process::Stdio::piped()).spawn().unwrap();
-    std::thread::sleep(Duration::from_secs(3));
+    let sched = Scheduler::start(&sb, &["wf.yaml", "--when-busy", "wait"]);
+    sched.wait_for_log("waiting for it to end");
     drop(live);
     wait_for("the waiting run", || {
         db.try_scalar("SELECT COUNT(*) FROM runs WHERE status = 'succeeded'").unwrap_or(0) == 1
     });
-    sigterm(&child);
-    let r = finish(child);
-    assert_eq!(r.code, 0, "{}", r.all());
-    assert!(r.stderr.contains("waiting for it to end"), "{}", r.stderr);
+    sched.wait_for_log("next at");
+    let (code, log) = sched.stop();
+    assert_eq!(code, 0, "{log}");
 
     // Started again: the catch-up firing has run, so nothing is missed.
-    let child = sb.cmd(&["schedule", "wf.yaml"]).stderr(std::process::Stdio::piped()).spawn().unwrap();
-    std::thread::sleep(Duration::from_secs(2));
-    sigterm(&child);
-    let r = finish(child);
-    assert!(!r.stderr.contains("was missed"), "{}", r.stderr);
+    let sched = Scheduler::start(&sb, &["wf.yaml"]);
+    sched.wait_for_log("next at");
+    let (code, log) = sched.stop();
+    assert_eq!(code, 0, "{log}");
+    assert!(!log.contains("was missed"), "{log}");
     assert_eq!(db.scalar("SELECT COUNT(*) FROM runs"), 1);
 }
 
