@@ -11,7 +11,9 @@ pub fn validate(a: ValidateArgs) -> anyhow::Result<u8> {
                 if a.json {
                     json.push(serde_json::json!({"file": file, "ok": true, "stages": wf.order}));
                 } else {
-                    println!("{}: ok ({} stages: {})", file.display(), wf.order.len(), wf.order.join(" -> "));
+                    let n = wf.order.len();
+                    let noun = if n == 1 { "stage" } else { "stages" };
+                    println!("{}: ok ({n} {noun}: {})", file.display(), wf.order.join(" -> "));
                 }
             }
             Err(e) => {
