@@ -51,9 +51,10 @@ pub async fn insert(store: &Store, a: &NewAnswer<'_>) -> Result<()> {
     Ok(())
 }
 
-/// (retriever, question id) of the answers a stage run already has: a resumed run skips them.
+/// (retriever, question id) of the answers a stage run already has graded: a resumed run skips them
+/// and tries the failed ones again.
 pub async fn done(store: &Store, stage_run_id: i64) -> Result<Vec<(String, String)>> {
-    Ok(sqlx::query_as("SELECT retriever, question_id FROM rag_answers WHERE stage_run_id = ?")
+    Ok(sqlx::query_as("SELECT retriever, question_id FROM rag_answers WHERE stage_run_id = ? AND grade != 'failed'")
         .bind(stage_run_id)
         .fetch_all(&store.pool)
         .await?)
