@@ -54,14 +54,26 @@ pub struct Ctx<'a> {
     pub run_id: i64,
     pub stage: &'a str,
     pub progress: &'a StageProgress,
-    /// `models:` key of the black box.
+    /// `models:` key of the black box, and the black box itself once a retriever has needed it
+    /// (loaded once per stage run: its weights are read and hashed on load).
     pub black_box: &'a str,
+    pub black_box_model: &'a std::sync::OnceLock<BlackBox>,
     /// Count passages searched as the stage's items (eval_recall) or not (eval_rag counts answers).
     pub count_items: bool,
 }
 
+impl Ctx<'_> {
+    fn black_box(&self) -> Result<&BlackBox> {
+        if let Some(b) = self.black_box_model.get() {
+            return Ok(b);
+        }
+        let loaded = BlackBox::load(self.wf, self.black_box)?;
+        Ok(self.black_box_model.get_or_init(|| loaded))
+    }
+}
+
 /// The model each trained retriever uses: the newest one trained for it by `stages`.
-pub async fn model_for(store: &Store, kind: Kind, stages: &[String]) -> Result<Option<ModelRow>> {
+async fn model_for(store: &Store, kind: Kind, stages: &[String]) -> Result<Option<ModelRow>> {
     match kind.trained() {
         Some(r) => models_table::latest(store, stages, r.name()).await,
         None => Ok(None),
@@ -77,24 +89,22 @@ pub async fn rank(
     k: usize,
 ) -> Result<Vec<Vec<(usize, f32)>>> {
     if kind == Kind::Bm25 {
-        let (docs, queries) = (set.docs.clone(), set.queries.clone());
         cx.progress.message("bm25: indexing");
-        let hits = tokio::task::spawn_blocking(move || {
+        // In place rather than on a blocking task: that would need its own copy of the corpus.
+        let hits = tokio::task::block_in_place(|| {
             let mut index = super::bm25::Bm25::default();
-            for d in &docs {
+            for d in &set.docs {
                 index.add(d);
             }
-            index.search(&queries, k)
-        })
-        .await
-        .map_err(|e| Error::Other(format!("bm25: {e}")))?;
+            index.search(&set.queries, k)
+        });
         if cx.count_items {
             cx.progress.done(set.docs.len() as u64);
         }
         return Ok(hits);
     }
     let black_box = match kind {
-        Kind::BlackBox | Kind::Mafin => Some(BlackBox::load(cx.wf, cx.black_box)?),
+        Kind::BlackBox | Kind::Mafin => Some(cx.black_box()?),
         _ => None,
     };
     let augment = match model {
@@ -168,25 +178,24 @@ pub struct Upstream {
     pub split: Option<(u64, f64)>,
 }
 
-pub fn upstream(spec: &crate::workflow::StageSpec, wf: &Workflow) -> Upstream {
+fn upstream(spec: &crate::workflow::StageSpec, wf: &Workflow) -> Upstream {
+    use crate::stages::train;
     let mut up = Upstream { train_stages: Vec::new(), trained: Vec::new(), split: None };
     let mut todo = spec.needs.clone();
     let mut seen = std::collections::HashSet::new();
     while let Some(name) = todo.pop() {
         let Some(s) = wf.stages.get(&name).filter(|_| seen.insert(name.clone())) else { continue };
         todo.extend(s.needs.iter().cloned());
-        if s.kind.name != "train" {
+        // Read with the train stage's own parameter type, so its defaults are the ones used here.
+        let Some(p) = (s.kind.name == train::KIND.name).then(|| s.params::<train::Params>().ok()).flatten() else {
             continue;
-        }
-        let retriever = match s.params.get("retriever").and_then(|v| v.as_str()) {
-            Some("augment_only") => Kind::AugmentOnly,
-            _ => Kind::Mafin,
         };
-        up.trained.push(retriever);
+        up.trained.push(match p.retriever {
+            Retriever::Mafin => Kind::Mafin,
+            Retriever::AugmentOnly => Kind::AugmentOnly,
+        });
         up.train_stages.push(name);
-        let seed = s.params.get("seed").and_then(|v| v.as_u64()).unwrap_or(42);
-        let fraction = s.params.get("val_fraction").and_then(|v| v.as_f64()).unwrap_or(0.1);
-        up.split.get_or_insert((seed, fraction));
+        up.split.get_or_insert((p.seed, p.val_fraction));
     }
     up.train_stages.sort();
     up.trained.sort();
@@ -194,53 +203,95 @@ pub fn upstream(spec: &crate::workflow::StageSpec, wf: &Workflow) -> Upstream {
     up
 }
 
-/// The retrievers an eval stage runs: those listed, else bm25, black_box and what upstream trains.
-pub fn chosen(listed: &Option<Vec<Kind>>, up: &Upstream) -> Vec<Kind> {
-    match listed {
-        Some(l) => l.clone(),
-        None => ALL.into_iter().filter(|k| k.trained().is_none() || up.trained.contains(k)).collect(),
-    }
+/// What an eval stage resolves when it is built: where its set comes from, the retrievers it
+/// compares, and the train stages upstream of it.
+pub struct Plan {
+    pub up: Upstream,
+    pub source: super::set::Source,
+    pub retrievers: Vec<Kind>,
+    pub black_box: String,
 }
 
-/// The model of each trained retriever in `kinds`; a listed one with no model is an input error.
-pub async fn models_for(store: &Store, kinds: &[Kind], up: &Upstream, stage: &str) -> Result<Vec<Option<ModelRow>>> {
-    let mut out = Vec::new();
-    for &k in kinds {
-        let m = model_for(store, k, &up.train_stages).await?;
-        if k.trained().is_some() && m.is_none() {
-            return Err(Error::bad_input(
-                format!("stage `{stage}`: no trained model for retriever `{}`", k.name()),
-                format!(
-                    "add a train stage with `retriever: {}` to this stage's `needs:`, or drop `{}` from `retrievers:`",
-                    k.name(),
-                    k.name()
-                ),
-            ));
-        }
-        if let Some(m) = &m
-            && !Path::new(&m.path).join("model.safetensors").exists()
-        {
-            return Err(Error::bad_input(
-                format!("stage `{stage}`: model {} ({}) is missing from {}", m.id, k.name(), m.path),
-                "rerun its train stage with `flow run WORKFLOW --force STAGE`, or drop the retriever",
-            ));
-        }
-        out.push(m);
+impl Plan {
+    /// `listed` retrievers, else bm25, black_box and what upstream trains.
+    pub fn new(
+        spec: &crate::workflow::StageSpec,
+        wf: &Workflow,
+        set: &super::set::SetParams,
+        listed: &Option<Vec<Kind>>,
+        black_box: &str,
+    ) -> Result<Plan> {
+        let up = upstream(spec, wf);
+        let source = super::set::Source::new(set, &wf.dir, up.split)?;
+        let retrievers = match listed {
+            Some(l) => l.clone(),
+            None => ALL.into_iter().filter(|k| k.trained().is_none() || up.trained.contains(k)).collect(),
+        };
+        Ok(Plan { up, source, retrievers, black_box: black_box.to_string() })
     }
-    Ok(out)
-}
 
-/// The part of an eval stage's fingerprint its set and retrievers decide: the set's files, the
-/// retrievers and the black box's settings.
-pub async fn inputs(source: &super::set::Source, kinds: &[Kind], wf: &Workflow, black_box: &str) -> Result<String> {
-    let src = source.clone();
-    let digest =
-        tokio::task::spawn_blocking(move || src.files_digest()).await.map_err(|e| Error::Other(e.to_string()))?;
-    let bb = wf
-        .models
-        .get(black_box)
-        .map(|m| format!("{:?}|{:?}|{:?}|{:?}", m.provider, m.model, m.base_url, m.max_seq_length));
-    Ok(format!("{digest}|{source:?}|{kinds:?}|{bb:?}"))
+    /// The part of the stage's fingerprint the plan decides: the set's files, the retrievers and the
+    /// black box's settings.
+    pub async fn inputs(&self, wf: &Workflow) -> Result<String> {
+        let src = self.source.clone();
+        let digest =
+            tokio::task::spawn_blocking(move || src.files_digest()).await.map_err(|e| Error::Other(e.to_string()))?;
+        let bb = wf
+            .models
+            .get(&self.black_box)
+            .map(|m| format!("{:?}|{:?}|{:?}|{:?}", m.provider, m.model, m.base_url, m.max_seq_length));
+        Ok(format!("{digest}|{:?}|{:?}|{bb:?}", self.source, self.retrievers))
+    }
+
+    /// The context the retrievers of one stage run share; `black_box` is filled on first use.
+    pub fn ctx<'a>(
+        &'a self,
+        wf: &'a Workflow,
+        sc: &'a crate::stages::StageCtx,
+        stage: &'a str,
+        black_box: &'a std::sync::OnceLock<BlackBox>,
+        count_items: bool,
+    ) -> Ctx<'a> {
+        Ctx {
+            wf,
+            store: &sc.store,
+            run_id: sc.run_id,
+            stage,
+            progress: &sc.progress,
+            black_box: &self.black_box,
+            black_box_model: black_box,
+            count_items,
+        }
+    }
+
+    /// The model of each retriever (None for bm25 and black_box); a trained retriever with no model,
+    /// or whose folder is gone, is an input error.
+    pub async fn models(&self, store: &Store, stage: &str) -> Result<Vec<Option<ModelRow>>> {
+        let mut out = Vec::new();
+        for &k in &self.retrievers {
+            let m = model_for(store, k, &self.up.train_stages).await?;
+            if k.trained().is_some() && m.is_none() {
+                return Err(Error::bad_input(
+                    format!("stage `{stage}`: no trained model for retriever `{}`", k.name()),
+                    format!(
+                        "add a train stage with `retriever: {}` to this stage's `needs:`, or drop `{}` from `retrievers:`",
+                        k.name(),
+                        k.name()
+                    ),
+                ));
+            }
+            if let Some(m) = &m
+                && !Path::new(&m.path).join("model.safetensors").exists()
+            {
+                return Err(Error::bad_input(
+                    format!("stage `{stage}`: model {} ({}) is missing from {}", m.id, k.name(), m.path),
+                    "rerun its train stage with `flow run WORKFLOW --force STAGE`, or drop the retriever",
+                ));
+            }
+            out.push(m);
+        }
+        Ok(out)
+    }
 }
 
 /// A retriever's mean metrics over the set, at every cut-off in `metrics::KS`.

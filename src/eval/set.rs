@@ -86,7 +86,10 @@ impl Source {
             }
             return Ok(Source::Beir { dir, split: p.split.clone() });
         }
-        let (seed, fraction) = train_split.unwrap_or((42, 0.1));
+        let (seed, fraction) = train_split.unwrap_or_else(|| {
+            let d = crate::stages::train::Params::default();
+            (d.seed, d.val_fraction)
+        });
         Ok(Source::Synthetic {
             verdicts: p.verdicts.clone(),
             seed: p.seed.unwrap_or(seed),
@@ -202,16 +205,15 @@ async fn synthetic(store: &Store, verdicts: &[String], seed: u64, fraction: f64)
         set.docs.push(text);
     }
     let mut digest = format!("{seed}|{fraction}|{verdicts:?}");
-    let mut seen = HashSet::new();
+    let mut position: HashMap<String, usize> = HashMap::new();
     for p in all.iter().filter(|p| held_out.contains(&p.document) && verdicts.contains(&p.verdict)) {
         let Some(&d) = index.get(&p.chunk_id) else { continue };
         // The same question asked of two chunks is one query with two relevant passages.
-        if !seen.insert(p.query.clone()) {
-            if let Some(q) = set.queries.iter().position(|q| *q == p.query) {
-                set.relevant[q].insert(d);
-            }
+        if let Some(&q) = position.get(&p.query) {
+            set.relevant[q].insert(d);
             continue;
         }
+        position.insert(p.query.clone(), set.queries.len());
         digest.push_str(&format!("|{}:{}", p.query_id, p.chunk_id));
         set.query_ids.push(format!("query:{}", p.query_id));
         set.queries.push(p.query.clone());

@@ -43,6 +43,25 @@ pub struct UsageSnapshot {
     pub cost: Option<f64>,
 }
 
+impl std::ops::Add for UsageSnapshot {
+    type Output = UsageSnapshot;
+
+    /// Two clients' usage as one stage's (the cost is known if either side's is).
+    fn add(self, o: UsageSnapshot) -> UsageSnapshot {
+        UsageSnapshot {
+            calls: self.calls + o.calls,
+            cached: self.cached + o.cached,
+            failures: self.failures + o.failures,
+            prompt_tokens: self.prompt_tokens + o.prompt_tokens,
+            completion_tokens: self.completion_tokens + o.completion_tokens,
+            cost: match (self.cost, o.cost) {
+                (None, None) => None,
+                (a, b) => Some(a.unwrap_or(0.0) + b.unwrap_or(0.0)),
+            },
+        }
+    }
+}
+
 /// A chat call that produced an answer (maybe from the cache).
 #[derive(Debug, Clone)]
 pub struct ChatDone {

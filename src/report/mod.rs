@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use svg::escape;
 
 use crate::error::{Error, Result};
-use crate::eval::metrics::wilson;
 use crate::store::{Store, eval_results, models, pairs, rag_answers, runs};
 
 /// Where the report of `run_id` goes by default: beside the store.
@@ -253,12 +252,10 @@ async fn rag_section(b: &mut String, store: &Store, stage: &str, run_id: i64) ->
     let mut rows = Vec::new();
     let mut bars = Vec::new();
     for t in &tallies {
-        let n = (t.correct + t.incorrect) as u64;
-        let acc = if n > 0 { t.correct as f64 / n as f64 } else { 0.0 };
-        let (lo, hi) = wilson(t.correct as u64, n);
+        let (acc, (lo, hi)) = (t.accuracy(), t.interval());
         rows.push(vec![
             escape(&t.retriever),
-            n.to_string(),
+            t.graded().to_string(),
             t.correct.to_string(),
             format!("{acc:.3}"),
             format!("[{lo:.3}, {hi:.3}]"),

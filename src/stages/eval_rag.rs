@@ -12,9 +12,8 @@ use super::eval_recall::check_set;
 use super::generate::{check_common, failure_verdict};
 use super::{Kind, Outcome, Stage, StageCtx};
 use crate::error::Result;
-use crate::eval::metrics::wilson;
-use crate::eval::retrieve::{self, Kind as Retriever, Upstream};
-use crate::eval::set::{SetParams, Source};
+use crate::eval::retrieve::{self, Kind as Retriever, Plan};
+use crate::eval::set::SetParams;
 use crate::llm::{self, ChatProvider, GenParams};
 use crate::prompt::Template;
 use crate::store::rag_answers::{self, NewAnswer};
@@ -108,9 +107,7 @@ fn check(cx: &CheckCtx) -> Vec<Diagnostic> {
 
 fn build(spec: &StageSpec, wf: &Workflow) -> Result<Box<dyn Stage>> {
     let params: Params = spec.params()?;
-    let up = retrieve::upstream(spec, wf);
-    let source = Source::new(&params.eval_set, &wf.dir, up.split)?;
-    let retrievers = retrieve::chosen(&params.retrievers, &up);
+    let plan = Plan::new(spec, wf, &params.eval_set, &params.retrievers, &params.black_box)?;
     let answer = Template::load(&wf.dir.join(&params.answer_prompt))?;
     let grade = Template::load(&wf.dir.join(&params.grade_prompt))?;
     let answerer = llm::chat_provider(wf, &params.model)?;
@@ -120,9 +117,7 @@ fn build(spec: &StageSpec, wf: &Workflow) -> Result<Box<dyn Stage>> {
         name: spec.name.clone(),
         wf: Arc::new(wf.clone()),
         params,
-        up,
-        source,
-        retrievers,
+        plan,
         answer: Arc::new(answer),
         grade: Arc::new(grade),
         answerer,
@@ -135,9 +130,7 @@ struct EvalRag {
     name: String,
     wf: Arc<Workflow>,
     params: Params,
-    up: Upstream,
-    source: Source,
-    retrievers: Vec<Retriever>,
+    plan: Plan,
     answer: Arc<Template>,
     grade: Arc<Template>,
     answerer: Arc<dyn ChatProvider>,
@@ -212,7 +205,7 @@ struct Item {
 #[async_trait]
 impl Stage for EvalRag {
     async fn inputs(&self) -> Result<String> {
-        let common = retrieve::inputs(&self.source, &self.retrievers, &self.wf, &self.params.black_box).await?;
+        let common = self.plan.inputs(&self.wf).await?;
         let (a, g) = (self.answerer.identity(), self.grader.identity());
         Ok(format!(
             "{common}|{}|{}|{}|{}|{}|{}",
@@ -223,29 +216,22 @@ impl Stage for EvalRag {
     async fn run(&self, ctx: &StageCtx) -> Result<Outcome> {
         let p = &self.params;
         let max = p.eval_set.max_queries.map_or(p.max_questions, |m| m.min(p.max_questions));
-        let set = self.source.load(&ctx.store, Some(max)).await?;
-        let models = retrieve::models_for(&ctx.store, &self.retrievers, &self.up, &self.name).await?;
+        let set = self.plan.source.load(&ctx.store, Some(max)).await?;
+        let models = self.plan.models(&ctx.store, &self.name).await?;
         let done: HashSet<(String, String)> =
             rag_answers::done(&ctx.store, ctx.stage_run_id).await?.into_iter().collect();
         ctx.progress.log(&format!(
             "eval set {}: {} questions, {} retrievers, top {} passages each",
             set.key,
             set.queries.len(),
-            self.retrievers.len(),
+            self.plan.retrievers.len(),
             p.top_k
         ));
-        let cx = retrieve::Ctx {
-            wf: &self.wf,
-            store: &ctx.store,
-            run_id: ctx.run_id,
-            stage: &self.name,
-            progress: &ctx.progress,
-            black_box: &p.black_box,
-            count_items: false,
-        };
+        let black_box = std::sync::OnceLock::new();
+        let cx = self.plan.ctx(&self.wf, ctx, &self.name, &black_box, false);
         let mut items = Vec::new();
         let mut already = 0u64;
-        for (&kind, model) in self.retrievers.iter().zip(&models) {
+        for (&kind, model) in self.plan.retrievers.iter().zip(&models) {
             let hits = retrieve::rank(&cx, &set, kind, model.as_ref(), p.top_k).await?;
             for (q, h) in hits.into_iter().enumerate() {
                 if done.contains(&(kind.name().to_string(), set.query_ids[q].clone())) {
@@ -406,29 +392,18 @@ impl Stage for EvalRag {
                 _ => write(i, "failed", "no answer".into(), None).await?,
             }
         }
-        let mut usage = answer_client.usage();
-        if !Arc::ptr_eq(&answer_client, &grade_client) {
-            let g = grade_client.usage();
-            usage.calls += g.calls;
-            usage.cached += g.cached;
-            usage.failures += g.failures;
-            usage.prompt_tokens += g.prompt_tokens;
-            usage.completion_tokens += g.completion_tokens;
-            usage.cost = match (usage.cost, g.cost) {
-                (None, None) => None,
-                (a, b) => Some(a.unwrap_or(0.0) + b.unwrap_or(0.0)),
-            };
-        }
+        let usage = match Arc::ptr_eq(&answer_client, &grade_client) {
+            true => answer_client.usage(),
+            false => answer_client.usage() + grade_client.usage(),
+        };
         runs::set_llm_usage(&ctx.store, ctx.stage_run_id, &usage).await?;
 
         let tallies = rag_answers::tally(&ctx.store, ctx.stage_run_id).await?;
         let mut rows = Vec::new();
         let mut summary = serde_json::Map::new();
         for t in &tallies {
-            let graded = (t.correct + t.incorrect) as u64;
-            let acc = if graded > 0 { t.correct as f64 / graded as f64 } else { 0.0 };
-            let (lo, hi) = wilson(t.correct as u64, graded);
-            let asked = t.correct + t.incorrect + t.failed;
+            let (graded, acc, (lo, hi)) = (t.graded(), t.accuracy(), t.interval());
+            let hit_rate = t.hits as f64 / (graded + t.failed as u64).max(1) as f64;
             rows.push(vec![
                 t.retriever.clone(),
                 graded.to_string(),
@@ -436,12 +411,12 @@ impl Stage for EvalRag {
                 format!("{acc:.3}"),
                 format!("[{lo:.3}, {hi:.3}]"),
                 t.failed.to_string(),
-                format!("{:.3}", t.hits as f64 / asked.max(1) as f64),
+                format!("{hit_rate:.3}"),
             ]);
             summary.insert(
                 t.retriever.clone(),
                 json!({ "graded": graded, "correct": t.correct, "failed": t.failed, "accuracy": acc,
-                        "wilson95": [lo, hi], "hit_rate": t.hits as f64 / asked.max(1) as f64 }),
+                        "wilson95": [lo, hi], "hit_rate": hit_rate }),
             );
         }
         ctx.progress.log(&format!(

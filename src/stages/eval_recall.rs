@@ -11,8 +11,8 @@ use serde_json::json;
 use super::{Kind, Outcome, Stage, StageCtx};
 use crate::error::Result;
 use crate::eval::metrics;
-use crate::eval::retrieve::{self, Kind as Retriever, Upstream};
-use crate::eval::set::{SetParams, Source};
+use crate::eval::retrieve::{self, Kind as Retriever, Plan};
+use crate::eval::set::SetParams;
 use crate::store::eval_results::{self, NewResult};
 use crate::workflow::{CheckCtx, Diagnostic, StageSpec, Workflow, check_typed};
 
@@ -114,19 +114,15 @@ pub fn check_set(
 
 fn build(spec: &StageSpec, wf: &Workflow) -> Result<Box<dyn Stage>> {
     let params: Params = spec.params()?;
-    let up = retrieve::upstream(spec, wf);
-    let source = Source::new(&params.eval_set, &wf.dir, up.split)?;
-    let retrievers = retrieve::chosen(&params.retrievers, &up);
-    Ok(Box::new(EvalRecall { name: spec.name.clone(), wf: Arc::new(wf.clone()), params, up, source, retrievers }))
+    let plan = Plan::new(spec, wf, &params.eval_set, &params.retrievers, &params.black_box)?;
+    Ok(Box::new(EvalRecall { name: spec.name.clone(), wf: Arc::new(wf.clone()), params, plan }))
 }
 
 struct EvalRecall {
     name: String,
     wf: Arc<Workflow>,
     params: Params,
-    up: Upstream,
-    source: Source,
-    retrievers: Vec<Retriever>,
+    plan: Plan,
 }
 
 /// The metric columns people read, in order.
@@ -167,32 +163,25 @@ pub fn metric_table(rows: &[Compared]) -> String {
 #[async_trait]
 impl Stage for EvalRecall {
     async fn inputs(&self) -> Result<String> {
-        retrieve::inputs(&self.source, &self.retrievers, &self.wf, &self.params.black_box).await
+        self.plan.inputs(&self.wf).await
     }
 
     async fn run(&self, ctx: &StageCtx) -> Result<Outcome> {
-        let set = self.source.load(&ctx.store, self.params.eval_set.max_queries).await?;
-        let models = retrieve::models_for(&ctx.store, &self.retrievers, &self.up, &self.name).await?;
+        let set = self.plan.source.load(&ctx.store, self.params.eval_set.max_queries).await?;
+        let models = self.plan.models(&ctx.store, &self.name).await?;
         ctx.progress.log(&format!(
             "eval set {}: {} queries over {} passages",
             set.key,
             set.queries.len(),
             set.docs.len()
         ));
-        ctx.progress.set_total((set.docs.len() * self.retrievers.len()) as u64);
-        let cx = retrieve::Ctx {
-            wf: &self.wf,
-            store: &ctx.store,
-            run_id: ctx.run_id,
-            stage: &self.name,
-            progress: &ctx.progress,
-            black_box: &self.params.black_box,
-            count_items: true,
-        };
+        ctx.progress.set_total((set.docs.len() * self.plan.retrievers.len()) as u64);
+        let black_box = std::sync::OnceLock::new();
+        let cx = self.plan.ctx(&self.wf, ctx, &self.name, &black_box, true);
         let mut rows = Vec::new();
         let mut summary = serde_json::Map::new();
         let mut scored = Vec::new();
-        for (&kind, model) in self.retrievers.iter().zip(&models) {
+        for (&kind, model) in self.plan.retrievers.iter().zip(&models) {
             let m = retrieve::metrics_of(&cx, &set, kind, model.as_ref()).await?;
             let model_id = model.as_ref().map(|m| m.id);
             eval_results::upsert(
@@ -233,7 +222,7 @@ impl Stage for EvalRecall {
             let g = crate::eval::gate::Gate {
                 metric: &self.params.gate_metric,
                 kind: *kind,
-                stages: &self.up.train_stages,
+                stages: &self.plan.up.train_stages,
             };
             gate = g.decide(&cx, &set, candidate, *value).await?;
         }

@@ -205,6 +205,12 @@ fn check(cx: &CheckCtx) -> Vec<Diagnostic> {
     diags
 }
 
+impl Default for Params {
+    fn default() -> Self {
+        serde_json::from_value(json!({})).expect("every train parameter has a default")
+    }
+}
+
 pub enum DeviceChoice {
     Auto,
     Cpu,

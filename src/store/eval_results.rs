@@ -80,14 +80,6 @@ pub async fn previous(
     .await?)
 }
 
-/// Results of one run, in stage and insertion order.
-pub async fn of_run(store: &Store, run_id: i64) -> Result<Vec<EvalRow>> {
-    Ok(sqlx::query_as(&format!("SELECT {COLUMNS} FROM eval_results WHERE run_id = ? ORDER BY stage, id"))
-        .bind(run_id)
-        .fetch_all(&store.pool)
-        .await?)
-}
-
 /// The latest result of a stage's retriever on an eval set at or before `run_id` (for the report
 /// and the promotion gate, when the eval stage was up to date in that run).
 pub async fn latest(store: &Store, stage: &str, run_id: i64) -> Result<Vec<EvalRow>> {

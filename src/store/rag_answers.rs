@@ -70,6 +70,22 @@ pub struct Tally {
     pub hits: i64,
 }
 
+impl Tally {
+    /// Answers with a grade (correct or incorrect); failed ones are not counted.
+    pub fn graded(&self) -> u64 {
+        (self.correct + self.incorrect) as u64
+    }
+
+    pub fn accuracy(&self) -> f64 {
+        if self.graded() == 0 { 0.0 } else { self.correct as f64 / self.graded() as f64 }
+    }
+
+    /// The 95% Wilson interval of the accuracy.
+    pub fn interval(&self) -> (f64, f64) {
+        crate::eval::metrics::wilson(self.correct as u64, self.graded())
+    }
+}
+
 /// Grade counts per retriever of a stage run.
 pub async fn tally(store: &Store, stage_run_id: i64) -> Result<Vec<Tally>> {
     Ok(sqlx::query_as(
