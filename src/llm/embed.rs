@@ -19,6 +19,8 @@ pub struct BlackBox {
     /// Names the vectors in the `embeddings` table: endpoint and model, or folder, length and weights hash.
     pub identity: String,
     key: String,
+    /// The API client, made on the first request: its usage is the stage's embedding usage.
+    client: std::sync::OnceLock<LlmClient>,
 }
 
 /// Texts per request to an API, and per batch written to the store.
@@ -40,7 +42,7 @@ impl BlackBox {
                 let provider = super::embedding_provider(wf, key)?;
                 let id = provider.identity();
                 let identity = format!("{}|{}|{}", id.provider, id.base_url, id.model);
-                Ok(BlackBox { backend: Backend::Api(provider), identity, key: key.into() })
+                Ok(BlackBox { backend: Backend::Api(provider), identity, key: key.into(), client: Default::default() })
             }
         }
     }
@@ -50,7 +52,12 @@ impl BlackBox {
         let enc = SentenceEncoder::load(dir, max_seq_length, &candle_core::Device::Cpu)?;
         let weights = std::fs::read(dir.join("model.safetensors")).map_err(Error::io(dir))?;
         let identity = format!("local|{name}|{}|{}", enc.max_seq_length, &sha256_hex(&weights)[..16]);
-        Ok(BlackBox { backend: Backend::Local(Arc::new(enc)), identity, key: name.into() })
+        Ok(BlackBox { backend: Backend::Local(Arc::new(enc)), identity, key: name.into(), client: Default::default() })
+    }
+
+    /// What this black box's API calls cost so far (None for a local model, or before any call).
+    pub fn usage(&self) -> Option<crate::llm::client::UsageSnapshot> {
+        self.client.get().map(LlmClient::usage)
     }
 
     /// Vectors for `texts` in order: from the store where there, else computed (or requested) in
@@ -75,10 +82,13 @@ impl BlackBox {
                 missing.push((h.clone(), t.clone()));
             }
         }
-        let client = match &self.backend {
-            Backend::Api(p) => Some(super::client(wf, &self.key, p.identity(), store, run_id, stage)?),
-            Backend::Local(_) => None,
-        };
+        if let Backend::Api(p) = &self.backend
+            && self.client.get().is_none()
+            && !missing.is_empty()
+        {
+            let _ = self.client.set(super::client(wf, &self.key, p.identity(), store, run_id, stage)?);
+        }
+        let client = self.client.get();
         for part in missing.chunks(BATCH) {
             let batch: Vec<String> = part.iter().map(|(_, t)| t.clone()).collect();
             let vectors = match &self.backend {
@@ -89,7 +99,7 @@ impl BlackBox {
                         .map_err(|e| Error::Other(format!("embedding task: {e}")))??
                 }
                 Backend::Api(p) => {
-                    let client: &LlmClient = client.as_ref().expect("api client");
+                    let client: &LlmClient = client.expect("api client");
                     client.embed(p.as_ref(), &batch).await?.map_err(|f| {
                         Error::Other(format!(
                             "black-box embeddings failed after {} attempts: {}",

@@ -392,10 +392,13 @@ impl Stage for EvalRag {
                 _ => write(i, "failed", "no answer".into(), None).await?,
             }
         }
-        let usage = match Arc::ptr_eq(&answer_client, &grade_client) {
+        let mut usage = match Arc::ptr_eq(&answer_client, &grade_client) {
             true => answer_client.usage(),
             false => answer_client.usage() + grade_client.usage(),
         };
+        if let Some(embeddings) = black_box.get().and_then(|b| b.usage()) {
+            usage = usage + embeddings;
+        }
         runs::set_llm_usage(&ctx.store, ctx.stage_run_id, &usage).await?;
 
         let tallies = rag_answers::tally(&ctx.store, ctx.stage_run_id).await?;

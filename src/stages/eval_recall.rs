@@ -226,6 +226,10 @@ impl Stage for EvalRecall {
             };
             gate = g.decide(&cx, &set, candidate, *value).await?;
         }
+        // The black box's API calls (the gate's included) are this stage's LLM usage.
+        if let Some(usage) = black_box.get().and_then(|b| b.usage()) {
+            crate::store::runs::set_llm_usage(&ctx.store, ctx.stage_run_id, &usage).await?;
+        }
         let relevant: usize = set.relevant.iter().map(HashSet::len).sum();
         Ok(Outcome {
             summary: json!({

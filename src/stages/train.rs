@@ -393,6 +393,9 @@ impl Stage for Train {
                 texts.len()
             ));
             let vectors = bb.embed(&self.wf, &ctx.store, ctx.run_id, &self.name, &texts).await?;
+            if let Some(usage) = bb.usage() {
+                crate::store::runs::set_llm_usage(&ctx.store, ctx.stage_run_id, &usage).await?;
+            }
             bb_vectors = Some(texts.into_iter().zip(vectors).collect::<HashMap<_, _>>());
         }
         if p.hard_negatives > 0

@@ -148,3 +148,31 @@ fn rag_answers_are_graded_stored_reported_and_never_paid_twice() {
     let status = sb.flow(&["status", "-w", "wf.yaml"]);
     assert!(status.stdout.contains(report.stdout.trim()), "{}", status.stdout);
 }
+
+#[test]
+fn an_api_black_box_is_paid_once_and_its_calls_are_accounted() {
+    let server = openai_server::start(Config::default());
+    let sb = Sandbox::new();
+    toy_set(&sb);
+    test_split(&sb);
+    sb.write(
+        "wf.yaml",
+        format!(
+            "name: t\nstore: t.db\nmodels:\n  black_box: {{ provider: openai, model: test-embed, base_url: \"{}\" }}\nstages:\n  eval:\n    kind: eval_recall\n    eval_set: {{ beir: toy, split: test }}\n    retrievers: [black_box]\n",
+            server.base_url()
+        ),
+    );
+    let r = sb.flow(&["run", "wf.yaml"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let requests = server.log.entries().len() as i64;
+    assert!(requests > 0);
+    let db = sb.db("t.db");
+    // Every embedding request shows in the stage's accounting, as generate's and judge's calls do.
+    assert_eq!(db.scalar("SELECT llm_calls FROM stage_runs WHERE stage = 'eval'"), requests);
+    assert!(db.scalar("SELECT prompt_tokens FROM stage_runs WHERE stage = 'eval'") > 0);
+
+    // Forced again: every vector comes from the store.
+    let again = sb.flow(&["run", "wf.yaml", "--force", "eval"]);
+    assert_eq!(again.code, 0, "{}", again.all());
+    assert_eq!(server.log.entries().len() as i64, requests, "the black box was paid twice");
+}
