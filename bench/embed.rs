@@ -18,7 +18,7 @@ fn main() {
         Some(d) => std::path::PathBuf::from(d),
         None => flow::models::models_dir().join("all-MiniLM-L6-v2"),
     };
-    let enc = flow::models::bert::SentenceEncoder::load(&dir, Some(max_seq), &candle_core::Device::Cpu).unwrap();
+    let enc = flow::bert::SentenceEncoder::load(&dir, Some(max_seq), &candle_core::Device::Cpu).unwrap();
     // Warm-up on one batch, as sentence-transformers' first call also pays its set-up.
     enc.embed(&texts[..batch.min(texts.len())], batch).unwrap();
     let t = Instant::now();

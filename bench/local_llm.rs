@@ -17,7 +17,7 @@ fn main() {
         }
     }
     let t = Instant::now();
-    let mut e = flow::llm::local::Engine::load(&path).expect("load the GGUF");
+    let mut e = flow::llm::local::Engine::load(&path, &candle_core::Device::Cpu).expect("load the GGUF");
     eprintln!("loaded {} in {:.2}s", path.display(), t.elapsed().as_secs_f64());
     let para = "Northwind Harbor's Cold Chain Logistics segment reported revenue of $742.8 million in fiscal 2025, up 5.9% from the prior year, as reefer container monitoring contracts expanded across European ports. ";
     let mut text = String::new();

@@ -23,13 +23,13 @@ fn main() {
     let check = args.iter().any(|a| a == "--check");
     let mut rng = fastrand::Rng::with_seed(1);
     let queries = unit_rows(&mut rng, nq, dim);
-    let mut top = flow::eval::search::TopK::new(&queries, dim, k).unwrap();
+    let mut top = flow::rank::search::TopK::new(&queries, dim, k).unwrap();
     let mut kept_docs = Vec::new();
     // The corpus is made block by block, as eval_recall embeds it; only search time is counted.
     let mut search_s = 0.0;
     let mut made = 0;
     while made < n {
-        let b = flow::eval::search::BLOCK.min(n - made);
+        let b = flow::rank::search::BLOCK.min(n - made);
         let block = unit_rows(&mut rng, b, dim);
         let t = Instant::now();
         top.push(&block).unwrap();

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use crate::workflow::Diagnostics;
+use crate::diag::Diagnostics;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -44,8 +44,29 @@ pub enum Error {
     #[error("stage '{stage}': {message}")]
     Stage { stage: String, message: String },
 
-    #[error("{0}")]
-    Other(String),
+    /// A tensor operation failed (out of memory, a device error); `what` names the step.
+    #[error(
+        "{what}: {source}\n  hint: if memory ran out, lower `batch_size` (or `max_seq_length`); on a GPU, try `device: cpu`"
+    )]
+    Tensor { what: String, source: candle_core::Error },
+
+    /// One of flow's own background tasks panicked or was cancelled.
+    #[error(
+        "{what} stopped unexpectedly: {message}\n  hint: finished work is stored; `flow resume` continues, and a repeat is a bug in flow worth reporting"
+    )]
+    Task { what: String, message: String },
+
+    /// A model server (an LLM or embedding API) failed or answered something unusable.
+    #[error("{what}\n  hint: {hint}")]
+    Service { what: String, hint: String },
+
+    /// Fetching a model from a package registry failed.
+    #[error("{what}\n  hint: {hint}")]
+    Fetch { what: String, hint: String },
+
+    /// Something flow itself got wrong, not the input.
+    #[error("internal error: {what}\n  hint: this is a bug in flow; please report it with the command that showed it")]
+    Internal { what: String },
 }
 
 impl Error {
@@ -59,6 +80,22 @@ impl Error {
 
     pub fn bad_input(what: impl Into<String>, hint: impl Into<String>) -> Self {
         Error::BadInput { what: what.into(), hint: hint.into() }
+    }
+
+    /// For `map_err` on a tensor step.
+    pub fn tensor(what: impl Into<String>) -> impl FnOnce(candle_core::Error) -> Error {
+        let what = what.into();
+        move |source| Error::Tensor { what, source }
+    }
+
+    /// For `map_err` on a joined task.
+    pub fn task(what: impl Into<String>) -> impl FnOnce(tokio::task::JoinError) -> Error {
+        let what = what.into();
+        move |e| Error::Task { what, message: e.to_string() }
+    }
+
+    pub fn internal(what: impl Into<String>) -> Self {
+        Error::Internal { what: what.into() }
     }
 
     pub fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {

@@ -1,4 +1,5 @@
-//! The `flow` command line: parse, call the library, print, exit code. Nothing else lives here.
+//! The `flow` command line: parse, call the library, print, exit code. Besides that, only the
+//! process-wide settings that must precede any thread (allocator thresholds, candle's dequantizing).
 
 mod cli;
 mod commands;

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use minijinja::{Environment, UndefinedBehavior};
 use serde::Serialize;
 
+use crate::digest::sha256_hex;
 use crate::error::{Error, Result};
-use crate::store::sha256_hex;
 
 pub struct Template {
     pub path: PathBuf,

@@ -7,7 +7,7 @@ use super::{fmt_duration, fmt_time, table};
 use crate::cli::{AnswersArgs, PairsArgs, ReportArgs, RunsArgs, StatusArgs, Target};
 
 async fn open(t: &Target) -> anyhow::Result<Store> {
-    let wf = flow::workflow::load(&t.workflow)?;
+    let wf = flow::stages::load_workflow(&t.workflow)?;
     Ok(Store::open_existing(&wf.store).await?)
 }
 

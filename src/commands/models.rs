@@ -22,7 +22,7 @@ pub async fn models(c: ModelsCommand, quiet: bool) -> anyhow::Result<u8> {
         }
         ModelsCommand::List { workflow: Some(wf), json } => list_trained(&wf, json).await,
         ModelsCommand::Promote { id, target } => {
-            let wf = flow::workflow::load(&target.workflow)?;
+            let wf = flow::stages::load_workflow(&target.workflow)?;
             let store = Store::open_existing(&wf.store).await?;
             let Some(m) = trained::get(&store, id).await? else {
                 return Err(flow::Error::bad_input(
@@ -89,7 +89,7 @@ pub async fn models(c: ModelsCommand, quiet: bool) -> anyhow::Result<u8> {
 }
 
 async fn list_trained(wf: &std::path::Path, json: bool) -> anyhow::Result<u8> {
-    let wf = flow::workflow::load(wf)?;
+    let wf = flow::stages::load_workflow(wf)?;
     let store = Store::open_existing(&wf.store).await?;
     let rows = trained::list(&store).await?;
     if json {

@@ -1,19 +1,20 @@
 //! `flow run` and `flow resume`: start or continue a run and print what each stage did.
 
-use flow::engine::{self, RunOptions, RunReport, progress::Progress};
+use flow::engine::{self, RunOptions, RunReport};
+use flow::progress::Progress;
 
 use super::{fmt_duration, table};
 use crate::cli::{ResumeArgs, RunArgs};
 
 pub async fn run(a: RunArgs, quiet: bool) -> anyhow::Result<u8> {
-    let wf = flow::workflow::load(&a.workflow)?;
+    let wf = flow::stages::load_workflow(&a.workflow)?;
     let opts = RunOptions { force: a.force, only: a.only, from: a.from, scheduled_for: None };
     let report = engine::run(wf, opts, Progress::new(quiet)).await?;
     Ok(print(&report, quiet))
 }
 
 pub async fn resume(a: ResumeArgs, quiet: bool) -> anyhow::Result<u8> {
-    let wf = flow::workflow::load(&a.target.workflow)?;
+    let wf = flow::stages::load_workflow(&a.target.workflow)?;
     let report = engine::resume(&wf.store, a.run, Progress::new(quiet)).await?;
     Ok(print(&report, quiet))
 }

@@ -6,7 +6,7 @@ pub fn validate(a: ValidateArgs) -> anyhow::Result<u8> {
     let mut code = 0;
     let mut json = Vec::new();
     for file in &a.files {
-        match flow::workflow::load(file) {
+        match flow::stages::load_workflow(file) {
             Ok(wf) => {
                 if a.json {
                     json.push(serde_json::json!({"file": file, "ok": true, "stages": wf.order}));

@@ -2,7 +2,6 @@
 //! independent stages, failure isolation, resume of a failed or killed run, and the run lock.
 
 pub mod lock;
-pub mod progress;
 pub mod shutdown;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -13,13 +12,14 @@ use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
 
 use crate::dag;
+use crate::digest::sha256_hex;
 use crate::error::{Error, Result};
+use crate::progress::Progress;
 use crate::stages::{Stage, StageCtx};
+use crate::store::Store;
 use crate::store::runs::{self, Counts, StageRunRow};
-use crate::store::{Store, sha256_hex};
 use crate::workflow::Workflow;
 use lock::RunLock;
-use progress::Progress;
 
 /// The options of a run, stored with it so `flow resume` continues with the same ones.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -95,7 +95,7 @@ pub async fn resume(store_path: &std::path::Path, run_id: Option<i64>, progress:
             "start a new run with `flow run WORKFLOW`",
         ));
     }
-    let wf = crate::workflow::load(std::path::Path::new(&row.workflow_path))?;
+    let wf = crate::stages::load_workflow(std::path::Path::new(&row.workflow_path))?;
     let opts: RunOptions = serde_json::from_str(&row.args).unwrap_or_default();
     let mut finished = BTreeMap::new();
     for s in runs::stages_of(&store, row.id).await? {
@@ -154,113 +154,25 @@ async fn execute(
     for n in &notes {
         progress.log(n);
     }
-    let needs: BTreeMap<String, Vec<String>> = wf.stages.iter().map(|(n, s)| (n.clone(), s.needs.clone())).collect();
-    let mut forced: BTreeSet<String> = opts.force.iter().cloned().collect();
-    if let Some(from) = &opts.from {
-        forced.insert(from.clone());
-        forced.extend(dag::downstream(&needs, from));
-    }
-
-    let mut state: HashMap<String, State> = HashMap::new();
-    for name in &wf.order {
-        let s = if let Some(fp) = finished.get(name) {
-            State::Good(fp.clone())
-        } else if !opts.only.is_empty() && !opts.only.contains(name) {
-            // Outside --only: stands as its last good result, which must exist.
-            match runs::latest_good_fingerprint(&store, name).await? {
-                Some(fp) => State::Good(fp),
-                None if needed_by_only(name, &opts.only, &needs) => {
-                    return Err(Error::bad_input(
-                        format!("stage `{name}` has never succeeded, and the stages picked with --only need it"),
-                        format!("run it first: `flow run {} --only {name}`", wf.path.display()),
-                    ));
-                }
-                None => State::Good(String::new()),
-            }
-        } else {
-            State::Waiting
-        };
-        state.insert(name.clone(), s);
-    }
-
+    let state = initial_states(&wf, &store, &opts, &finished).await?;
     // Building resolves models and paths: a bad setting stops the run before anything starts.
     let mut built: HashMap<String, Arc<dyn Stage>> = HashMap::new();
-    for name in &wf.order {
-        if matches!(state[name], State::Waiting) {
-            let spec = &wf.stages[name];
-            built.insert(name.clone(), Arc::from((spec.kind.build)(spec, &wf)?));
-        }
+    for name in wf.order.iter().filter(|n| matches!(state[*n], State::Waiting)) {
+        built.insert(name.clone(), Arc::from(crate::stages::build(&wf.stages[name], &wf)?));
     }
-
-    let mut tasks: JoinSet<(String, Result<String, bool>)> = JoinSet::new();
-    let mut input_error = false;
+    let forced = forced_stages(&wf, &opts);
+    let mut dag =
+        Runner { wf, store, run_id, progress, forced, state, built, tasks: JoinSet::new(), input_error: false };
     let interrupted = loop {
-        for name in &wf.order {
-            if !matches!(state[name], State::Waiting) {
-                continue;
-            }
-            let spec = &wf.stages[name];
-            if spec.needs.iter().any(|n| matches!(state[n], State::Bad)) {
-                let fp = String::new();
-                let id = runs::set_stage(&store, run_id, name, spec.kind.name, &fp, "blocked").await?;
-                let failed: Vec<&str> =
-                    spec.needs.iter().filter(|n| matches!(state[*n], State::Bad)).map(String::as_str).collect();
-                runs::finish_stage(
-                    &store,
-                    id,
-                    "blocked",
-                    Counts::default(),
-                    None,
-                    Some(&format!("not started: {} failed", failed.join(", "))),
-                )
-                .await?;
-                progress.log(&format!("[{name}] not started: it needs {}, which did not succeed", failed.join(", ")));
-                state.insert(name.clone(), State::Bad);
-                continue;
-            }
-            let upstream: Option<Vec<(String, String)>> = spec
-                .needs
-                .iter()
-                .map(|n| match &state[n] {
-                    State::Good(fp) => Some((n.clone(), fp.clone())),
-                    _ => None,
-                })
-                .collect();
-            let Some(upstream) = upstream else { continue };
-            state.insert(name.clone(), State::Running);
-            let job = Job {
-                stage: built[name].clone(),
-                wf: wf.clone(),
-                store: store.clone(),
-                run_id,
-                name: name.clone(),
-                upstream,
-                force: forced.contains(name),
-                progress: progress.clone(),
-            };
-            tasks.spawn(async move {
-                let name = job.name.clone();
-                (name, job.run().await)
-            });
-        }
-        if tasks.is_empty() {
+        dag.start_ready().await?;
+        if dag.tasks.is_empty() {
             break false;
         }
-        tokio::select! {
-            joined = tasks.join_next() => {
-                let (name, res) = joined.expect("tasks not empty").map_err(|e| Error::Other(format!("stage task: {e}")))?;
-                match res {
-                    Ok(fp) => state.insert(name, State::Good(fp)),
-                    Err(bad_input) => {
-                        input_error |= bad_input;
-                        state.insert(name, State::Bad)
-                    }
-                };
-            }
-            _ = shutdown::requested() => break true,
+        if dag.wait().await? {
+            break true;
         }
     };
-
+    let Runner { wf, store, state, mut tasks, input_error, .. } = dag;
     let status = if interrupted {
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
@@ -276,6 +188,135 @@ async fn execute(
     let mut stages = runs::stages_of(&store, run_id).await?;
     stages.sort_by_key(|s| wf.order.iter().position(|n| *n == s.stage));
     Ok(RunReport { run_id, status: status.to_string(), stages, notes, input_error })
+}
+
+/// `--force`d stages, and with `--from` that stage and everything downstream of it.
+fn forced_stages(wf: &Workflow, opts: &RunOptions) -> BTreeSet<String> {
+    let needs: BTreeMap<String, Vec<String>> = wf.stages.iter().map(|(n, s)| (n.clone(), s.needs.clone())).collect();
+    let mut forced: BTreeSet<String> = opts.force.iter().cloned().collect();
+    if let Some(from) = &opts.from {
+        forced.insert(from.clone());
+        forced.extend(dag::downstream(&needs, from));
+    }
+    forced
+}
+
+/// Where each stage starts: finished by the attempt being resumed, standing as its last good
+/// result (outside `--only`), or waiting to run.
+async fn initial_states(
+    wf: &Workflow,
+    store: &Store,
+    opts: &RunOptions,
+    finished: &BTreeMap<String, String>,
+) -> Result<HashMap<String, State>> {
+    let needs: BTreeMap<String, Vec<String>> = wf.stages.iter().map(|(n, s)| (n.clone(), s.needs.clone())).collect();
+    let mut state = HashMap::new();
+    for name in &wf.order {
+        let s = if let Some(fp) = finished.get(name) {
+            State::Good(fp.clone())
+        } else if !opts.only.is_empty() && !opts.only.contains(name) {
+            // Outside --only: stands as its last good result, which must exist.
+            match runs::latest_good_fingerprint(store, name).await? {
+                Some(fp) => State::Good(fp),
+                None if needed_by_only(name, &opts.only, &needs) => {
+                    return Err(Error::bad_input(
+                        format!("stage `{name}` has never succeeded, and the stages picked with --only need it"),
+                        format!("run it first: `flow run {} --only {name}`", wf.path.display()),
+                    ));
+                }
+                None => State::Good(String::new()),
+            }
+        } else {
+            State::Waiting
+        };
+        state.insert(name.clone(), s);
+    }
+    Ok(state)
+}
+
+/// The DAG as it runs: each stage's state and the tasks of those running.
+struct Runner {
+    wf: Arc<Workflow>,
+    store: Store,
+    run_id: i64,
+    progress: Progress,
+    forced: BTreeSet<String>,
+    state: HashMap<String, State>,
+    built: HashMap<String, Arc<dyn Stage>>,
+    tasks: JoinSet<(String, Result<String, bool>)>,
+    input_error: bool,
+}
+
+impl Runner {
+    /// Starts every waiting stage whose needs all succeeded; blocks those with a need that failed.
+    async fn start_ready(&mut self) -> Result<()> {
+        let wf = self.wf.clone();
+        for name in &wf.order {
+            if !matches!(self.state[name], State::Waiting) {
+                continue;
+            }
+            let spec = &wf.stages[name];
+            let failed: Vec<&str> =
+                spec.needs.iter().filter(|n| matches!(self.state[*n], State::Bad)).map(String::as_str).collect();
+            if !failed.is_empty() {
+                self.block(name, &spec.kind, &failed).await?;
+                continue;
+            }
+            let upstream: Option<Vec<(String, String)>> = spec
+                .needs
+                .iter()
+                .map(|n| match &self.state[n] {
+                    State::Good(fp) => Some((n.clone(), fp.clone())),
+                    _ => None,
+                })
+                .collect();
+            let Some(upstream) = upstream else { continue };
+            self.state.insert(name.clone(), State::Running);
+            let job = Job {
+                stage: self.built[name].clone(),
+                wf: wf.clone(),
+                store: self.store.clone(),
+                run_id: self.run_id,
+                name: name.clone(),
+                upstream,
+                force: self.forced.contains(name),
+                progress: self.progress.clone(),
+            };
+            self.tasks.spawn(async move {
+                let name = job.name.clone();
+                (name, job.run().await)
+            });
+        }
+        Ok(())
+    }
+
+    /// Records a stage that cannot start because a stage it needs did not succeed.
+    async fn block(&mut self, name: &str, kind: &str, failed: &[&str]) -> Result<()> {
+        let id = runs::set_stage(&self.store, self.run_id, name, kind, "", "blocked").await?;
+        let why = format!("not started: {} failed", failed.join(", "));
+        runs::finish_stage(&self.store, id, "blocked", Counts::default(), None, Some(&why)).await?;
+        self.progress.log(&format!("[{name}] not started: it needs {}, which did not succeed", failed.join(", ")));
+        self.state.insert(name.to_string(), State::Bad);
+        Ok(())
+    }
+
+    /// Waits for the next stage to end (true: a signal asked the run to stop first).
+    async fn wait(&mut self) -> Result<bool> {
+        tokio::select! {
+            joined = self.tasks.join_next() => {
+                let (name, res) = joined.expect("tasks not empty").map_err(Error::task("a stage task"))?;
+                match res {
+                    Ok(fp) => self.state.insert(name, State::Good(fp)),
+                    Err(bad_input) => {
+                        self.input_error |= bad_input;
+                        self.state.insert(name, State::Bad)
+                    }
+                };
+                Ok(false)
+            }
+            _ = shutdown::requested() => Ok(true),
+        }
+    }
 }
 
 fn needed_by_only(name: &str, only: &[String], needs: &BTreeMap<String, Vec<String>>) -> bool {
@@ -305,7 +346,7 @@ impl Job {
                 self.progress.log(&format!("[{}] failed: {e}", self.name));
                 if !recorded {
                     // Failed before it started (reading its inputs): still on record, with the reason.
-                    let kind = self.wf.stages[&self.name].kind.name;
+                    let kind = &self.wf.stages[&self.name].kind;
                     if let Ok(id) = runs::set_stage(&self.store, self.run_id, &self.name, kind, "", "failed").await {
                         let msg = e.to_string();
                         let _ =
@@ -319,7 +360,7 @@ impl Job {
 
     async fn attempt(&self, recorded: &mut bool) -> Result<String> {
         let spec = &self.wf.stages[&self.name];
-        let fp = fingerprint(spec.kind.name, &spec.params, &self.stage.inputs().await?, &self.upstream);
+        let fp = fingerprint(&spec.kind, &spec.params, &self.stage.inputs().await?, &self.upstream);
         *recorded = true;
         let mut previous = match self.force {
             true => None,
@@ -330,7 +371,7 @@ impl Job {
             previous = None;
         }
         if let Some(prev) = previous {
-            let id = runs::set_stage(&self.store, self.run_id, &self.name, spec.kind.name, &fp, "up_to_date").await?;
+            let id = runs::set_stage(&self.store, self.run_id, &self.name, &spec.kind, &fp, "up_to_date").await?;
             runs::finish_stage(
                 &self.store,
                 id,
@@ -343,7 +384,7 @@ impl Job {
             self.progress.log(&format!("[{}] up to date (same inputs as run {prev})", self.name));
             return Ok(fp);
         }
-        let id = runs::set_stage(&self.store, self.run_id, &self.name, spec.kind.name, &fp, "running").await?;
+        let id = runs::set_stage(&self.store, self.run_id, &self.name, &spec.kind, &fp, "running").await?;
         let ctx = StageCtx {
             run_id: self.run_id,
             stage_run_id: id,

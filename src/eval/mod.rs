@@ -1,9 +1,7 @@
-//! Retrieval evaluation: eval sets, the retrievers compared, ranking metrics with
-//! sentence-transformers' definitions, BM25, and exact top-k search over a corpus streamed in blocks.
+//! Retrieval evaluation: eval sets, the retrievers compared, BM25, and the promotion gate.
+//! The ranking math they score with lives in `rank`.
 
 pub mod bm25;
 pub mod gate;
-pub mod metrics;
 pub mod retrieve;
-pub mod search;
 pub mod set;

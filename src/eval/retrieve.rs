@@ -5,11 +5,11 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::search::{BLOCK, TopK};
 use super::set::EvalSet;
-use crate::engine::progress::StageProgress;
 use crate::error::{Error, Result};
 use crate::llm::embed::BlackBox;
+use crate::progress::StageProgress;
+use crate::rank::search::{BLOCK, TopK};
 use crate::store::Store;
 use crate::store::models::{self as models_table, ModelRow};
 use crate::train::{self, Retriever};
@@ -60,6 +60,8 @@ pub struct Ctx<'a> {
     pub black_box_model: &'a std::sync::OnceLock<BlackBox>,
     /// Count passages searched as the stage's items (eval_recall) or not (eval_rag counts answers).
     pub count_items: bool,
+    /// Where trained retrievers embed.
+    pub device: crate::workflow::Device,
 }
 
 impl Ctx<'_> {
@@ -109,7 +111,7 @@ pub async fn rank(
     };
     let augment = match model {
         Some(m) if kind.trained().is_some() => {
-            Some(BlackBox::local(Path::new(&m.path), &format!("model {} at {}", m.id, m.path), None)?)
+            Some(BlackBox::local(Path::new(&m.path), &format!("model {} at {}", m.id, m.path), None, cx.device)?)
         }
         _ => None,
     };
@@ -142,7 +144,7 @@ pub async fn rank(
             (Kind::Mafin, Some(bb), Some(aug)) => train::retriever_rows(Retriever::Mafin, &aug, Some(&bb), weight),
             (_, _, Some(aug)) => train::retriever_rows(Retriever::AugmentOnly, &aug, None, weight),
             (_, Some(bb), None) => bb.iter().flat_map(|v| train::normalized(v)).collect(),
-            _ => return Err(Error::Other(format!("retriever {} has no model", kind.name()))),
+            _ => return Err(Error::internal(format!("retriever {} was scored without its model", kind.name()))),
         })
     };
     cx.progress.message(&format!("{}: queries", kind.name()));
@@ -153,11 +155,14 @@ pub async fn rank(
         cx.progress.message(&format!("{}: corpus block {}", kind.name(), i + 1));
         let d = rows(block).await?;
         if d.len() != block.len() * dim {
-            return Err(Error::Other(format!("{}: passage vectors are not {dim} wide like the queries'", kind.name())));
+            return Err(Error::bad_input(
+                format!("{}: passage vectors are not {dim} wide like the queries'", kind.name()),
+                "the `embeddings` cache holds vectors of another width under this model's name; delete those rows (or the store) and run again",
+            ));
         }
         top = tokio::task::spawn_blocking(move || top.push(&d).map(|_| top))
             .await
-            .map_err(|e| Error::Other(e.to_string()))?
+            .map_err(Error::task("the search task"))?
             .map_err(search_error)?;
         if cx.count_items {
             cx.progress.done(block.len() as u64);
@@ -167,7 +172,7 @@ pub async fn rank(
 }
 
 fn search_error(e: candle_core::Error) -> Error {
-    Error::Other(format!("search: {e}"))
+    Error::Tensor { what: "search".into(), source: e }
 }
 
 /// What the train stages an eval stage needs (directly or further up) tell it: their names, the
@@ -176,18 +181,20 @@ pub struct Upstream {
     pub train_stages: Vec<String>,
     pub trained: Vec<Kind>,
     pub split: Option<(u64, f64)>,
+    /// Where the trained models embed: the (first) upstream train stage's device.
+    pub device: crate::workflow::Device,
 }
 
 fn upstream(spec: &crate::workflow::StageSpec, wf: &Workflow) -> Upstream {
-    use crate::stages::train;
-    let mut up = Upstream { train_stages: Vec::new(), trained: Vec::new(), split: None };
+    use crate::train::params::{KIND_NAME, Params};
+    let mut up = Upstream { train_stages: Vec::new(), trained: Vec::new(), split: None, device: Default::default() };
     let mut todo = spec.needs.clone();
     let mut seen = std::collections::HashSet::new();
     while let Some(name) = todo.pop() {
         let Some(s) = wf.stages.get(&name).filter(|_| seen.insert(name.clone())) else { continue };
         todo.extend(s.needs.iter().cloned());
         // Read with the train stage's own parameter type, so its defaults are the ones used here.
-        let Some(p) = (s.kind.name == train::KIND.name).then(|| s.params::<train::Params>().ok()).flatten() else {
+        let Some(p) = (s.kind == KIND_NAME).then(|| s.params::<Params>().ok()).flatten() else {
             continue;
         };
         up.trained.push(match p.retriever {
@@ -195,7 +202,10 @@ fn upstream(spec: &crate::workflow::StageSpec, wf: &Workflow) -> Upstream {
             Retriever::AugmentOnly => Kind::AugmentOnly,
         });
         up.train_stages.push(name);
-        up.split.get_or_insert((p.seed, p.val_fraction));
+        if up.split.is_none() {
+            up.split = Some((p.seed, p.val_fraction));
+            up.device = p.device.or_else(|| wf.models.get(&p.augment).map(|m| m.device)).unwrap_or_default();
+        }
     }
     up.train_stages.sort();
     up.trained.sort();
@@ -234,34 +244,14 @@ impl Plan {
     /// black box's settings.
     pub async fn inputs(&self, wf: &Workflow) -> Result<String> {
         let src = self.source.clone();
-        let digest =
-            tokio::task::spawn_blocking(move || src.files_digest()).await.map_err(|e| Error::Other(e.to_string()))?;
+        let digest = tokio::task::spawn_blocking(move || src.files_digest())
+            .await
+            .map_err(Error::task("hashing the eval set"))?;
         let bb = wf
             .models
             .get(&self.black_box)
             .map(|m| format!("{:?}|{:?}|{:?}|{:?}", m.provider, m.model, m.base_url, m.max_seq_length));
         Ok(format!("{digest}|{:?}|{:?}|{bb:?}", self.source, self.retrievers))
-    }
-
-    /// The context the retrievers of one stage run share; `black_box` is filled on first use.
-    pub fn ctx<'a>(
-        &'a self,
-        wf: &'a Workflow,
-        sc: &'a crate::stages::StageCtx,
-        stage: &'a str,
-        black_box: &'a std::sync::OnceLock<BlackBox>,
-        count_items: bool,
-    ) -> Ctx<'a> {
-        Ctx {
-            wf,
-            store: &sc.store,
-            run_id: sc.run_id,
-            stage,
-            progress: &sc.progress,
-            black_box: &self.black_box,
-            black_box_model: black_box,
-            count_items,
-        }
     }
 
     /// The model of each retriever (None for bm25 and black_box); a trained retriever with no model,
@@ -301,12 +291,12 @@ pub async fn metrics_of(
     kind: Kind,
     model: Option<&ModelRow>,
 ) -> Result<std::collections::BTreeMap<String, f64>> {
-    let ks = super::metrics::KS;
+    let ks = crate::rank::metrics::KS;
     let hits = rank(cx, set, kind, model, *ks.last().expect("cut-offs")).await?;
     let per_query: Vec<_> = hits
         .iter()
         .zip(&set.relevant)
-        .map(|(h, rel)| super::metrics::query_metrics(&h.iter().map(|x| x.0).collect::<Vec<_>>(), rel, ks))
+        .map(|(h, rel)| crate::rank::metrics::query_metrics(&h.iter().map(|x| x.0).collect::<Vec<_>>(), rel, ks))
         .collect();
-    Ok(super::metrics::mean(&per_query))
+    Ok(crate::rank::metrics::mean(&per_query))
 }

@@ -6,8 +6,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::digest::{sha256_file, sha256_hex};
 use crate::error::{Error, Result};
-use crate::store::{Store, documents, pairs, sha256_file, sha256_hex};
+use crate::store::{Store, documents, pairs};
 use crate::train::data::{self, Example};
 
 /// `eval_set:` of an eval stage. No `beir:` means the synthetic held-out pairs.
@@ -87,7 +88,7 @@ impl Source {
             return Ok(Source::Beir { dir, split: p.split.clone() });
         }
         let (seed, fraction) = train_split.unwrap_or_else(|| {
-            let d = crate::stages::train::Params::default();
+            let d = crate::train::params::Params::default();
             (d.seed, d.val_fraction)
         });
         Ok(Source::Synthetic {
@@ -119,7 +120,7 @@ impl Source {
                 let digest = self.files_digest();
                 let b = tokio::task::spawn_blocking(move || crate::beir::load(&d, &s))
                     .await
-                    .map_err(|e| Error::Other(e.to_string()))??;
+                    .map_err(Error::task("reading the BEIR set"))??;
                 let mut set = from_beir(b);
                 set.key = format!("beir|{}|{split}|{}", dir.display(), &digest[..12]);
                 set

@@ -5,23 +5,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::limiter::Limiter;
 use super::retry::RetryPolicy;
 use super::{AttemptError, ChatAnswer, ChatProvider, ChatRequest, EmbeddingProvider, Identity, estimate_tokens};
+use crate::digest::sha256_hex;
 use crate::error::Result;
+use crate::store::Store;
 use crate::store::llm_calls::{self, NewCall};
-use crate::store::{Store, sha256_hex};
-
-/// Dollars per million tokens, from the workflow's optional price table.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Price {
-    pub prompt_per_mtok: f64,
-    pub completion_per_mtok: f64,
-}
+use crate::store::runs::UsageSnapshot;
+use crate::workflow::Price;
 
 /// Counters of one client (one stage run).
 #[derive(Debug, Default)]
@@ -31,35 +25,6 @@ pub struct Usage {
     pub failures: AtomicU64,
     pub prompt_tokens: AtomicU64,
     pub completion_tokens: AtomicU64,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct UsageSnapshot {
-    pub calls: u64,
-    pub cached: u64,
-    pub failures: u64,
-    pub prompt_tokens: u64,
-    pub completion_tokens: u64,
-    pub cost: Option<f64>,
-}
-
-impl std::ops::Add for UsageSnapshot {
-    type Output = UsageSnapshot;
-
-    /// Two clients' usage as one stage's (the cost is known if either side's is).
-    fn add(self, o: UsageSnapshot) -> UsageSnapshot {
-        UsageSnapshot {
-            calls: self.calls + o.calls,
-            cached: self.cached + o.cached,
-            failures: self.failures + o.failures,
-            prompt_tokens: self.prompt_tokens + o.prompt_tokens,
-            completion_tokens: self.completion_tokens + o.completion_tokens,
-            cost: match (self.cost, o.cost) {
-                (None, None) => None,
-                (a, b) => Some(a.unwrap_or(0.0) + b.unwrap_or(0.0)),
-            },
-        }
-    }
 }
 
 /// A chat call that produced an answer (maybe from the cache).

@@ -1,12 +1,13 @@
-//! The black-box embedder of a workflow (`models.black_box`): a local sentence-transformers folder or an
-//! OpenAI-compatible API, with every vector cached in the `embeddings` table so none is made twice.
+//! An embedder whose every vector is cached in the `embeddings` table, so none is made twice: a
+//! workflow's black box (a local folder or an OpenAI-compatible API), or a trained model's folder.
 
 use std::sync::Arc;
 
 use super::{EmbeddingProvider, LlmClient};
+use crate::bert::encoder::SentenceEncoder;
+use crate::digest::sha256_hex;
 use crate::error::{Error, Result};
-use crate::models::bert::SentenceEncoder;
-use crate::store::{Store, embeddings, sha256_hex};
+use crate::store::{Store, embeddings};
 use crate::workflow::{Provider, Workflow};
 
 enum Backend {
@@ -36,7 +37,7 @@ impl BlackBox {
                     Error::bad_input(format!("`models.{key}` names no `model`"), "add `model: all-MiniLM-L6-v2`")
                 })?;
                 let dir = crate::models::resolve(&name, &wf.dir, "model.safetensors")?;
-                BlackBox::local(&dir, &name, spec.max_seq_length)
+                BlackBox::local(&dir, &name, spec.max_seq_length, spec.device)
             }
             Provider::Openai => {
                 let provider = super::embedding_provider(wf, key)?;
@@ -48,15 +49,20 @@ impl BlackBox {
     }
 
     /// A local sentence-transformers folder (a black box, or a trained augment model being evaluated).
-    pub fn local(dir: &std::path::Path, name: &str, max_seq_length: Option<usize>) -> Result<BlackBox> {
-        let enc = SentenceEncoder::load(dir, max_seq_length, &candle_core::Device::Cpu)?;
+    pub fn local(
+        dir: &std::path::Path,
+        name: &str,
+        max_seq_length: Option<usize>,
+        device: crate::workflow::Device,
+    ) -> Result<BlackBox> {
+        let enc = SentenceEncoder::load(dir, max_seq_length, &crate::models::device(device)?)?;
         let weights = std::fs::read(dir.join("model.safetensors")).map_err(Error::io(dir))?;
         let identity = format!("local|{name}|{}|{}", enc.max_seq_length, &sha256_hex(&weights)[..16]);
         Ok(BlackBox { backend: Backend::Local(Arc::new(enc)), identity, key: name.into(), client: Default::default() })
     }
 
     /// What this black box's API calls cost so far (None for a local model, or before any call).
-    pub fn usage(&self) -> Option<crate::llm::client::UsageSnapshot> {
+    pub fn usage(&self) -> Option<crate::store::runs::UsageSnapshot> {
         self.client.get().map(LlmClient::usage)
     }
 
@@ -96,24 +102,25 @@ impl BlackBox {
                     let enc = enc.clone();
                     tokio::task::spawn_blocking(move || enc.embed(&batch, 32))
                         .await
-                        .map_err(|e| Error::Other(format!("embedding task: {e}")))??
+                        .map_err(Error::task("the embedding task"))??
                 }
                 Backend::Api(p) => {
                     let client: &LlmClient = client.expect("api client");
                     client.embed(p.as_ref(), &batch).await?.map_err(|f| {
-                        Error::Other(format!(
-                            "black-box embeddings failed after {} attempts: {}",
-                            f.attempts, f.message
-                        ))
+                        Error::Service {
+                            what: format!("black-box embeddings failed after {} attempts: {}", f.attempts, f.message),
+                            hint: "check the embedding server and `models.<black box>`; `flow resume` retries, and stored vectors are kept".into(),
+                        }
                     })?
                 }
             };
             if vectors.len() != part.len() {
-                return Err(Error::Other(format!(
-                    "the black box returned {} vectors for {} texts",
-                    vectors.len(),
-                    part.len()
-                )));
+                return Err(Error::Service {
+                    what: format!("the black box returned {} vectors for {} texts", vectors.len(), part.len()),
+                    hint:
+                        "the embedding server's reply is malformed; check its version against the OpenAI embeddings API"
+                            .into(),
+                });
             }
             let rows: Vec<(String, Vec<f32>)> = part.iter().map(|(h, _)| h.clone()).zip(vectors).collect();
             embeddings::insert(store, &self.identity, &rows).await?;

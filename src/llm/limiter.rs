@@ -8,18 +8,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use serde::{Deserialize, Serialize};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Limits {
-    pub requests_per_minute: Option<u32>,
-    pub tokens_per_minute: Option<u32>,
-    /// Requests in flight at once (default 16).
-    pub max_in_flight: Option<u32>,
-}
+pub use crate::workflow::Limits;
 
 pub struct Limiter {
     requests: Option<DefaultDirectRateLimiter>,

@@ -13,7 +13,7 @@ use tokenizers::Tokenizer;
 
 use super::{AttemptError, ChatAnswer, ChatProvider, ChatRequest, Identity, Message};
 use crate::error::{Error, Result};
-use crate::models::gguf::{self, ChatTemplate};
+use crate::llm::gguf::{self, ChatTemplate};
 
 type Job = (Value, tokio::sync::oneshot::Sender<Result<ChatAnswer, AttemptError>>);
 
@@ -24,8 +24,8 @@ pub struct LocalChat {
 
 impl LocalChat {
     /// Loads the GGUF at `path` and starts its worker thread.
-    pub fn load(path: &Path, name: &str) -> Result<LocalChat> {
-        let engine = Engine::load(path)?;
+    pub fn load(path: &Path, name: &str, device: crate::workflow::Device) -> Result<LocalChat> {
+        let engine = Engine::load(path, &crate::models::device(device)?)?;
         let (tx, rx) = mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("flow-local-llm".into())
@@ -35,7 +35,7 @@ impl LocalChat {
                     let _ = reply.send(engine.answer(&body).map_err(|message| AttemptError::Fatal { message }));
                 }
             })
-            .map_err(|e| Error::Other(format!("cannot start the local LLM thread: {e}")))?;
+            .map_err(Error::io("the local LLM worker thread"))?;
         // The file's size and a hash of its metadata identify the weights in the request cache.
         let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
         Ok(LocalChat {
@@ -77,7 +77,7 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn load(path: &Path) -> Result<Engine> {
+    pub fn load(path: &Path, device: &Device) -> Result<Engine> {
         let (content, mut file) = gguf::read(path)?;
         let arch = content.metadata.get("general.architecture").and_then(|v| v.to_string().ok()).cloned();
         if arch.as_deref() != Some("llama") {
@@ -96,7 +96,7 @@ impl Engine {
         }
         let context =
             content.metadata.get("llama.context_length").and_then(|v| v.to_u32().ok()).unwrap_or(2048) as usize;
-        let device = Device::Cpu;
+        let device = device.clone();
         let model = ModelWeights::from_gguf(content, &mut file, &device).map_err(|e| {
             Error::bad_input(
                 format!("{}: cannot load the model weights: {e}", path.display()),

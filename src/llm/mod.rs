@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod embed;
+pub mod gguf;
 pub mod limiter;
 pub mod local;
 pub mod openai;
@@ -121,7 +122,7 @@ pub fn chat_provider(wf: &crate::workflow::Workflow, key: &str) -> crate::Result
         crate::workflow::Provider::Local => {
             let name = spec.model.clone().unwrap_or_default();
             let path = local_gguf(&name, &wf.dir)?;
-            Ok(std::sync::Arc::new(local::LocalChat::load(&path, &name)?))
+            Ok(std::sync::Arc::new(local::LocalChat::load(&path, &name, spec.device)?))
         }
     }
 }

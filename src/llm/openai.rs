@@ -62,7 +62,7 @@ impl OpenAi {
             .connect_timeout(Duration::from_secs(10))
             .pool_max_idle_per_host(256)
             .build()
-            .map_err(|e| Error::Other(format!("HTTP client: {e}")))?;
+            .map_err(|e| Error::internal(format!("cannot build the HTTP client: {e}")))?;
         let config = OpenAIConfig::new().with_api_base(&ep.base_url).with_api_key(key);
         let client = async_openai::Client::with_config(config)
             .with_http_client(http.clone())

@@ -1,27 +1,9 @@
 //! When to try again: exponential backoff with full jitter, a cap on attempts and a total deadline.
+//! The policy is what the workflow says (`workflow::RetryPolicy`); this is how it is applied.
 
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct RetryPolicy {
-    /// Attempts in all, the first included.
-    pub attempts: u32,
-    /// First backoff ceiling in milliseconds; doubles each attempt.
-    pub base_ms: u64,
-    /// Largest backoff ceiling in milliseconds.
-    pub max_ms: u64,
-    /// Give up on an item after this many seconds of trying.
-    pub deadline_s: f64,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        RetryPolicy { attempts: 6, base_ms: 500, max_ms: 30_000, deadline_s: 300.0 }
-    }
-}
+pub use crate::workflow::RetryPolicy;
 
 impl RetryPolicy {
     /// Full jitter (AWS architecture blog): uniform in [0, min(max, base * 2^attempt)], and never

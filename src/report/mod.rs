@@ -202,7 +202,7 @@ async fn retrieval_section(b: &mut String, store: &Store, stage: &str, run_id: i
             format!(" (measured in run {}, up to date since)", first.run_id)
         }
     );
-    let cols = crate::stages::eval_recall::COLUMNS;
+    let cols = crate::rank::metrics::COLUMNS;
     let mut header = vec!["retriever", "model"];
     header.extend(cols.iter().map(|c| c.1));
     let mut rows = Vec::new();
@@ -229,7 +229,7 @@ async fn retrieval_section(b: &mut String, store: &Store, stage: &str, run_id: i
             });
         }
         rows.push(row);
-        let ks = crate::eval::metrics::KS;
+        let ks = crate::rank::metrics::KS;
         let pts: Vec<(f64, f64)> =
             ks.iter().enumerate().filter_map(|(i, k)| m.get(&format!("recall@{k}")).map(|v| (i as f64, *v))).collect();
         curves.push((r.retriever.clone(), pts));
@@ -237,7 +237,7 @@ async fn retrieval_section(b: &mut String, store: &Store, stage: &str, run_id: i
     b.push_str(&html_table(&header, &rows));
     b.push_str("<p class=\"muted\">In brackets: the change against the previous run on the same eval set.</p>");
     let ticks: Vec<(f64, String)> =
-        crate::eval::metrics::KS.iter().enumerate().map(|(i, k)| (i as f64, k.to_string())).collect();
+        crate::rank::metrics::KS.iter().enumerate().map(|(i, k)| (i as f64, k.to_string())).collect();
     b.push_str(&svg::line_chart("Recall@k", "k", "recall", &curves, Some(&ticks), Some((0.0, 1.0))));
     Ok(())
 }

@@ -12,10 +12,10 @@ use tokenizers::Tokenizer;
 
 use super::{Kind, Outcome, Stage, StageCtx};
 use crate::corpus::{self, Document, Format, JsonlFields};
+use crate::digest::sha256_hex;
 use crate::error::{Error, Result};
 use crate::store::documents::{self, DocState, DocWrite, NewChunk};
-use crate::store::sha256_hex;
-use crate::workflow::{CheckCtx, Diagnostic, StageSpec, Workflow, check_typed};
+use crate::workflow::{CheckCtx, Checked, Diagnostic, StageSpec, Workflow, check_typed, checked};
 
 pub const KIND: Kind = Kind {
     name: "chunk",
@@ -60,10 +60,10 @@ fn default_overlap() -> usize {
     32
 }
 
-fn check(cx: &CheckCtx) -> Vec<Diagnostic> {
+fn check(cx: &CheckCtx) -> Checked {
     let mut diags = Vec::new();
     let Some(p) = check_typed::<Params>(cx.node, cx.params.clone(), &mut diags) else {
-        return diags;
+        return Err(diags);
     };
     let at = |key: &str| cx.node.get(key).map(|n| n.span()).unwrap_or(cx.node.span());
     if p.max_tokens < 8 {
@@ -89,7 +89,7 @@ fn check(cx: &CheckCtx) -> Vec<Diagnostic> {
                 .hint("set `tokenizer:` (a tokenizer.json or a model name), or `models.black_box.model`"),
         );
     }
-    diags
+    checked(&p, diags)
 }
 
 fn build(spec: &StageSpec, wf: &Workflow) -> Result<Box<dyn Stage>> {
@@ -131,7 +131,7 @@ pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
             "point `tokenizer:` at a Hugging Face tokenizer.json, or run `flow models pull`",
         )
     })?;
-    tok.with_truncation(None).map_err(|e| Error::Other(e.to_string()))?;
+    tok.with_truncation(None).map_err(|e| Error::internal(format!("turning off the tokenizer's truncation: {e}")))?;
     tok.with_padding(None);
     Ok(tok)
 }
@@ -219,13 +219,13 @@ impl Stage for Chunk {
             files
                 .into_iter()
                 .map(|(rel, path)| {
-                    let hash = crate::store::sha256_file(&path);
+                    let hash = crate::digest::sha256_file(&path);
                     (rel, path, hash)
                 })
                 .collect::<Vec<_>>()
         })
         .await
-        .map_err(|e| Error::Other(e.to_string()))?;
+        .map_err(Error::task("reading the corpus"))?;
         let digest: Vec<(&str, &str)> = hashed.iter().map(|(r, _, h)| (r.as_str(), h.as_str())).collect();
         let d = sha256_hex(serde_json::to_string(&digest).expect("serialise").as_bytes());
         *self.listing.lock().expect("listing lock") = Some(hashed);

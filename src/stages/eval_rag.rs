@@ -5,21 +5,20 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::eval_recall::check_set;
-use super::generate::{check_common, failure_verdict};
+use super::eval_recall::{check_set, retrieve_ctx};
+use super::llm::{Chat, Prompted, UsageWriter, check_model, failure_verdict, llm_params};
 use super::{Kind, Outcome, Stage, StageCtx};
 use crate::error::Result;
 use crate::eval::retrieve::{self, Kind as Retriever, Plan};
-use crate::eval::set::SetParams;
-use crate::llm::{self, ChatProvider, GenParams};
+use crate::eval::set::{EvalSet, SetParams};
+use crate::llm::{self, ChatProvider};
 use crate::prompt::Template;
 use crate::store::rag_answers::{self, NewAnswer};
-use crate::store::runs;
+use crate::store::runs::UsageSnapshot;
 use crate::text::first_json;
-use crate::workflow::{CheckCtx, Diagnostic, StageSpec, Workflow, check_typed};
+use crate::workflow::{CheckCtx, Checked, Diagnostic, StageSpec, Workflow, check_typed, checked};
 
 pub const KIND: Kind = Kind {
     name: "eval_rag",
@@ -28,48 +27,34 @@ pub const KIND: Kind = Kind {
     build,
 };
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Params {
-    #[serde(default)]
-    pub eval_set: SetParams,
-    #[serde(default)]
-    pub retrievers: Option<Vec<Retriever>>,
-    #[serde(default = "default_black_box")]
-    pub black_box: String,
-    /// `models:` key of the answering LLM, and of the grader (default: the same).
-    #[serde(default = "default_model")]
-    pub model: String,
-    #[serde(default)]
-    pub grader: Option<String>,
-    pub answer_prompt: String,
-    pub grade_prompt: String,
-    #[serde(default = "default_top_k")]
-    pub top_k: usize,
-    /// Questions answered per retriever (the first N of the eval set).
-    #[serde(default = "default_max_questions")]
-    pub max_questions: usize,
-    #[serde(default)]
-    pub domain: Option<String>,
-    #[serde(default)]
-    pub temperature: f32,
-    #[serde(default = "default_max_tokens")]
-    pub max_tokens: u32,
-    #[serde(default = "default_grade_tokens")]
-    pub grade_max_tokens: u32,
-    #[serde(default)]
-    pub seed: Option<u64>,
-    #[serde(default)]
-    pub repeat_penalty: Option<f32>,
-    #[serde(default = "default_max_failures")]
-    pub max_failures: f64,
+llm_params! {
+    defaults { temperature: 0.0, max_tokens: 256, max_failures: 0.1 }
+    pub struct Params {
+        #[serde(default)]
+        pub eval_set: SetParams,
+        #[serde(default)]
+        pub retrievers: Option<Vec<Retriever>>,
+        #[serde(default = "default_black_box")]
+        pub black_box: String,
+        /// `models:` key of the grader (default: the answering `model`).
+        #[serde(default)]
+        pub grader: Option<String>,
+        pub answer_prompt: String,
+        pub grade_prompt: String,
+        #[serde(default = "default_top_k")]
+        pub top_k: usize,
+        /// Questions answered per retriever (the first N of the eval set).
+        #[serde(default = "default_max_questions")]
+        pub max_questions: usize,
+        #[serde(default)]
+        pub domain: Option<String>,
+        #[serde(default = "default_grade_tokens")]
+        pub grade_max_tokens: u32,
+    }
 }
 
 fn default_black_box() -> String {
     "black_box".into()
-}
-fn default_model() -> String {
-    "llm".into()
 }
 fn default_top_k() -> usize {
     3
@@ -77,23 +62,18 @@ fn default_top_k() -> usize {
 fn default_max_questions() -> usize {
     100
 }
-fn default_max_tokens() -> u32 {
-    256
-}
 fn default_grade_tokens() -> u32 {
     128
 }
-fn default_max_failures() -> f64 {
-    0.1
-}
 
-fn check(cx: &CheckCtx) -> Vec<Diagnostic> {
+fn check(cx: &CheckCtx) -> Checked {
     let mut diags = Vec::new();
-    let Some(p) = check_typed::<Params>(cx.node, cx.params.clone(), &mut diags) else { return diags };
+    let Some(mut p) = check_typed::<Params>(cx.node, cx.params.clone(), &mut diags) else { return Err(diags) };
+    p.fill_defaults();
     check_set(cx, &p.eval_set, p.retrievers.as_deref(), &p.black_box, &mut diags);
-    check_common(cx, &p.model, p.max_failures, &mut diags);
+    p.llm().check(cx, &mut diags);
     if let Some(g) = &p.grader {
-        check_common(cx, g, p.max_failures, &mut diags);
+        check_model(cx, g, &mut diags);
     }
     if p.top_k == 0 || p.max_questions == 0 {
         let span = cx.node.get("top_k").map(|n| n.span()).unwrap_or(cx.node.span());
@@ -102,7 +82,7 @@ fn check(cx: &CheckCtx) -> Vec<Diagnostic> {
                 .hint("top_k: 3 passages per answer is usual"),
         );
     }
-    diags
+    checked(&p, diags)
 }
 
 fn build(spec: &StageSpec, wf: &Workflow) -> Result<Box<dyn Stage>> {
@@ -217,6 +197,58 @@ impl Stage for EvalRag {
         let p = &self.params;
         let max = p.eval_set.max_queries.map_or(p.max_questions, |m| m.min(p.max_questions));
         let set = self.plan.source.load(&ctx.store, Some(max)).await?;
+        let black_box = std::sync::OnceLock::new();
+        let (items, already) = self.items(ctx, &set, &black_box).await?;
+        let total = items.len() as u64 + already;
+        ctx.progress.set_total(total);
+        ctx.progress.cached(already);
+
+        let answerer = Chat::start(&self.wf, &p.model, self.answerer.clone(), ctx)?;
+        let grader = match self.grader_key == p.model {
+            true => None,
+            false => Some(Chat::start(&self.wf, &self.grader_key, self.grader.clone(), ctx)?),
+        };
+        // Answers first, then grades: a run killed in between finds its answers in the request cache.
+        let answers = self.answer(ctx, &answerer, &set, &items).await?;
+        let mut out = Writer {
+            ctx,
+            stage: &self.name,
+            set: &set,
+            items: &items,
+            answers: &answers,
+            failed: 0,
+            first_error: None,
+        };
+        self.grade(grader.as_ref().unwrap_or(&answerer), &mut out).await?;
+        let (failed, first_error) = (out.failed, out.first_error);
+
+        let mut usage = answerer.usage();
+        if let Some(g) = &grader {
+            usage = usage + g.usage();
+        }
+        if let Some(embeddings) = black_box.get().and_then(|b| b.usage()) {
+            usage = usage + embeddings;
+        }
+        let usage = UsageWriter::default().finish(ctx, usage).await?;
+        let summary = self.report(ctx, &usage).await?;
+        Ok(Outcome {
+            summary: json!({ "eval_set": set.key, "questions": set.queries.len(), "top_k": p.top_k, "retrievers": summary }),
+            failure: failure_verdict(failed, total, p.llm().max_failures, first_error, &ctx.progress),
+        })
+    }
+}
+
+/// One item's answer: the text and its call, or why there is none.
+type Answer = Option<std::result::Result<(String, i64), String>>;
+
+impl EvalRag {
+    /// Each retriever's top passages for each question not answered yet, and how many were.
+    async fn items(
+        &self,
+        ctx: &StageCtx,
+        set: &EvalSet,
+        black_box: &std::sync::OnceLock<crate::llm::embed::BlackBox>,
+    ) -> Result<(Vec<Item>, u64)> {
         let models = self.plan.models(&ctx.store, &self.name).await?;
         let done: HashSet<(String, String)> =
             rag_answers::done(&ctx.store, ctx.stage_run_id).await?.into_iter().collect();
@@ -225,14 +257,13 @@ impl Stage for EvalRag {
             set.key,
             set.queries.len(),
             self.plan.retrievers.len(),
-            p.top_k
+            self.params.top_k
         ));
-        let black_box = std::sync::OnceLock::new();
-        let cx = self.plan.ctx(&self.wf, ctx, &self.name, &black_box, false);
+        let cx = retrieve_ctx(&self.plan, ctx, black_box, false);
         let mut items = Vec::new();
         let mut already = 0u64;
         for (&kind, model) in self.plan.retrievers.iter().zip(&models) {
-            let hits = retrieve::rank(&cx, &set, kind, model.as_ref(), p.top_k).await?;
+            let hits = retrieve::rank(&cx, set, kind, model.as_ref(), self.params.top_k).await?;
             for (q, h) in hits.into_iter().enumerate() {
                 if done.contains(&(kind.name().to_string(), set.query_ids[q].clone())) {
                     already += 1;
@@ -243,37 +274,15 @@ impl Stage for EvalRag {
                 items.push(Item { retriever: kind, model_id: model.as_ref().map(|m| m.id), q, passages, hit });
             }
         }
-        let total = items.len() as u64 + already;
-        ctx.progress.set_total(total);
-        ctx.progress.cached(already);
+        Ok((items, already))
+    }
 
-        let answer_client =
-            Arc::new(llm::client(&self.wf, &p.model, self.answerer.identity(), &ctx.store, ctx.run_id, &self.name)?);
-        let grade_client = if self.grader_key == p.model {
-            answer_client.clone()
-        } else {
-            Arc::new(llm::client(
-                &self.wf,
-                &self.grader_key,
-                self.grader.identity(),
-                &ctx.store,
-                ctx.run_id,
-                &self.name,
-            )?)
-        };
-        let params_for = |max_tokens| GenParams {
-            temperature: Some(p.temperature),
-            top_p: None,
-            max_tokens: Some(max_tokens),
-            seed: p.seed,
-            repeat_penalty: p.repeat_penalty,
-        };
-        let (answer_params, grade_params) = (params_for(p.max_tokens), params_for(p.grade_max_tokens));
-        let answer_schema: Value = serde_json::from_str(ANSWER_SCHEMA).expect("static schema");
-        let grade_schema: Value = serde_json::from_str(GRADE_SCHEMA).expect("static schema");
-        let domain = p.domain.clone().unwrap_or_default();
-
-        // Answers first, then grades: a run killed in between finds its answers in the request cache.
+    /// Answers every item from its passages.
+    async fn answer(&self, ctx: &StageCtx, chat: &Chat, set: &EvalSet, items: &[Item]) -> Result<Vec<Answer>> {
+        let llm = self.params.llm();
+        let params = llm.gen_params(None);
+        let schema: Value = serde_json::from_str(ANSWER_SCHEMA).expect("static schema");
+        let domain = self.params.domain.clone().unwrap_or_default();
         let requests = items
             .iter()
             .enumerate()
@@ -282,14 +291,15 @@ impl Stage for EvalRag {
                 (i as i64, json!({ "question": set.queries[it.q], "passages": passages, "domain": domain }))
             })
             .collect();
-        let how = super::Prompted {
+        let how = Prompted {
             template: &self.answer,
-            system: None,
-            params: &answer_params,
-            schema: ("rag_answer", &answer_schema),
+            system: llm.system.as_deref(),
+            params: &params,
+            schema: ("rag_answer", &schema),
         };
-        let mut answers: Vec<Option<std::result::Result<(String, i64), String>>> = vec![None; items.len()];
-        let mut rx = super::start_chats(requests, &how, answer_client.clone(), self.answerer.clone(), 64)?;
+        let mut answers: Vec<Answer> = vec![None; items.len()];
+        let mut rx = chat.send(requests, &how, 64)?;
+        let mut usage = UsageWriter::default();
         while let Some((i, r)) = rx.recv().await {
             answers[i as usize] = Some(match r? {
                 Ok(done) => match parse_answer(&done.answer.text) {
@@ -299,8 +309,20 @@ impl Stage for EvalRag {
                 Err(f) => Err(f.message),
             });
             ctx.progress.message(&format!("answered {}", answers.iter().flatten().count()));
+            usage.tick(ctx, || chat.usage()).await?;
         }
-        let grade_requests = items
+        Ok(answers)
+    }
+
+    /// Grades every answer and writes each item as its grade arrives; abstentions and failed
+    /// answers are written without a grader call.
+    async fn grade(&self, chat: &Chat, out: &mut Writer<'_>) -> Result<()> {
+        let llm = self.params.llm();
+        let params = llm.gen_params(Some(self.params.grade_max_tokens));
+        let schema: Value = serde_json::from_str(GRADE_SCHEMA).expect("static schema");
+        let domain = self.params.domain.clone().unwrap_or_default();
+        let (set, items, answers) = (out.set, out.items, out.answers);
+        let requests = items
             .iter()
             .enumerate()
             .filter_map(|(i, it)| match &answers[i] {
@@ -314,93 +336,48 @@ impl Stage for EvalRag {
                 _ => None,
             })
             .collect();
-        let how = super::Prompted {
+        let how = Prompted {
             template: &self.grade,
-            system: None,
-            params: &grade_params,
-            schema: ("rag_grade", &grade_schema),
+            system: llm.system.as_deref(),
+            params: &params,
+            schema: ("rag_grade", &schema),
         };
         let mut graded = vec![false; items.len()];
-        let mut rx = super::start_chats(grade_requests, &how, grade_client.clone(), self.grader.clone(), 64)?;
-        let (mut failed, mut first_error) = (0u64, None::<String>);
-        let mut write = async |i: usize, grade: &str, reason: String, grade_call: Option<i64>| -> Result<()> {
-            let it = &items[i];
-            let (answer, answer_call) = match &answers[i] {
-                Some(Ok((a, c))) => (Some(a.as_str()), Some(*c)),
-                _ => (None, None),
-            };
-            let ids: Vec<&str> = it.passages.iter().map(|&d| set.doc_ids[d].as_str()).collect();
-            rag_answers::insert(
-                &ctx.store,
-                &NewAnswer {
-                    run_id: ctx.run_id,
-                    stage_run_id: ctx.stage_run_id,
-                    stage: &self.name,
-                    eval_set: &set.key,
-                    retriever: it.retriever.name(),
-                    model_id: it.model_id,
-                    question_id: &set.query_ids[it.q],
-                    question: &set.queries[it.q],
-                    passages: &serde_json::to_string(&ids).expect("json"),
-                    hit: it.hit,
-                    answer,
-                    answer_call,
-                    grade,
-                    reason: Some(&reason),
-                    grade_call,
-                },
-            )
-            .await?;
-            if grade == "failed" {
-                failed += 1;
-                first_error.get_or_insert(reason);
-                ctx.progress.failed(1);
-            } else {
-                ctx.progress.done(1);
-            }
-            Ok(())
-        };
+        let mut rx = chat.send(requests, &how, 64)?;
         while let Some((i, r)) = rx.recv().await {
             let i = i as usize;
             graded[i] = true;
             match r? {
                 Ok(done) => match parse_grade(&done.answer.text) {
                     Some((c, reason)) => {
-                        write(i, if c { "correct" } else { "incorrect" }, reason, Some(done.call_id)).await?
+                        out.write(i, if c { "correct" } else { "incorrect" }, reason, Some(done.call_id)).await?
                     }
                     None => {
                         let why = format!(
                             "no correct/incorrect verdict in the grader's answer: {}",
                             done.answer.text.chars().take(200).collect::<String>()
                         );
-                        write(i, "failed", why, Some(done.call_id)).await?
+                        out.write(i, "failed", why, Some(done.call_id)).await?
                     }
                 },
-                Err(f) => write(i, "failed", format!("grading failed: {}", f.message), None).await?,
+                Err(f) => out.write(i, "failed", format!("grading failed: {}", f.message), None).await?,
             }
         }
-        for i in 0..items.len() {
-            if graded[i] {
-                continue;
-            }
+        for i in (0..items.len()).filter(|&i| !graded[i]) {
             match &answers[i] {
                 // An abstention is wrong by the rubric: no grader call is spent on it.
                 Some(Ok((a, _))) if abstains(a) => {
-                    write(i, "incorrect", "the model did not answer (\"I don't know\")".into(), None).await?
+                    out.write(i, "incorrect", "the model did not answer (\"I don't know\")".into(), None).await?
                 }
-                Some(Err(e)) => write(i, "failed", format!("answering failed: {e}"), None).await?,
-                _ => write(i, "failed", "no answer".into(), None).await?,
+                Some(Err(e)) => out.write(i, "failed", format!("answering failed: {e}"), None).await?,
+                _ => out.write(i, "failed", "no answer".into(), None).await?,
             }
         }
-        let mut usage = match Arc::ptr_eq(&answer_client, &grade_client) {
-            true => answer_client.usage(),
-            false => answer_client.usage() + grade_client.usage(),
-        };
-        if let Some(embeddings) = black_box.get().and_then(|b| b.usage()) {
-            usage = usage + embeddings;
-        }
-        runs::set_llm_usage(&ctx.store, ctx.stage_run_id, &usage).await?;
+        Ok(())
+    }
 
+    /// Accuracy per retriever over this stage run's answers: logged as a table, returned for the summary.
+    async fn report(&self, ctx: &StageCtx, usage: &UsageSnapshot) -> Result<serde_json::Map<String, Value>> {
         let tallies = rag_answers::tally(&ctx.store, ctx.stage_run_id).await?;
         let mut rows = Vec::new();
         let mut summary = serde_json::Map::new();
@@ -432,10 +409,58 @@ impl Stage for EvalRag {
             usage.cached,
             self.wf.path.display()
         ));
-        Ok(Outcome {
-            summary: json!({ "eval_set": set.key, "questions": set.queries.len(), "top_k": p.top_k, "retrievers": summary }),
-            failure: failure_verdict(failed, total, p.max_failures, first_error, &ctx.progress),
-        })
+        Ok(summary)
+    }
+}
+
+/// Writes each graded item to `rag_answers` and counts the failures.
+struct Writer<'a> {
+    ctx: &'a StageCtx,
+    stage: &'a str,
+    set: &'a EvalSet,
+    items: &'a [Item],
+    answers: &'a [Answer],
+    failed: u64,
+    first_error: Option<String>,
+}
+
+impl Writer<'_> {
+    async fn write(&mut self, i: usize, grade: &str, reason: String, grade_call: Option<i64>) -> Result<()> {
+        let (it, set, ctx) = (&self.items[i], self.set, self.ctx);
+        let (answer, answer_call) = match &self.answers[i] {
+            Some(Ok((a, c))) => (Some(a.as_str()), Some(*c)),
+            _ => (None, None),
+        };
+        let ids: Vec<&str> = it.passages.iter().map(|&d| set.doc_ids[d].as_str()).collect();
+        rag_answers::insert(
+            &ctx.store,
+            &NewAnswer {
+                run_id: ctx.run_id,
+                stage_run_id: ctx.stage_run_id,
+                stage: self.stage,
+                eval_set: &set.key,
+                retriever: it.retriever.name(),
+                model_id: it.model_id,
+                question_id: &set.query_ids[it.q],
+                question: &set.queries[it.q],
+                passages: &serde_json::to_string(&ids).expect("json"),
+                hit: it.hit,
+                answer,
+                answer_call,
+                grade,
+                reason: Some(&reason),
+                grade_call,
+            },
+        )
+        .await?;
+        if grade == "failed" {
+            self.failed += 1;
+            self.first_error.get_or_insert(reason);
+            ctx.progress.failed(1);
+        } else {
+            ctx.progress.done(1);
+        }
+        Ok(())
     }
 }
 

@@ -10,11 +10,12 @@ use serde_json::json;
 
 use super::{Kind, Outcome, Stage, StageCtx};
 use crate::error::Result;
-use crate::eval::metrics;
 use crate::eval::retrieve::{self, Kind as Retriever, Plan};
 use crate::eval::set::SetParams;
+use crate::llm::embed::BlackBox;
+use crate::rank::metrics;
 use crate::store::eval_results::{self, NewResult};
-use crate::workflow::{CheckCtx, Diagnostic, StageSpec, Workflow, check_typed};
+use crate::workflow::{CheckCtx, Checked, Diagnostic, StageSpec, Workflow, check_typed, checked};
 
 pub const KIND: Kind = Kind {
     name: "eval_recall",
@@ -54,9 +55,9 @@ fn default_gate_metric() -> String {
     "recall@10".into()
 }
 
-fn check(cx: &CheckCtx) -> Vec<Diagnostic> {
+fn check(cx: &CheckCtx) -> Checked {
     let mut diags = Vec::new();
-    let Some(p) = check_typed::<Params>(cx.node, cx.params.clone(), &mut diags) else { return diags };
+    let Some(p) = check_typed::<Params>(cx.node, cx.params.clone(), &mut diags) else { return Err(diags) };
     check_set(cx, &p.eval_set, p.retrievers.as_deref(), &p.black_box, &mut diags);
     if !metrics::is_known(&p.gate_metric) {
         let span = cx.node.get("gate_metric").map(|n| n.span()).unwrap_or(cx.node.span());
@@ -73,7 +74,7 @@ fn check(cx: &CheckCtx) -> Vec<Diagnostic> {
                 .hint("mafin or augment_only"),
         );
     }
-    diags
+    checked(&p, diags)
 }
 
 /// Checks shared by the eval stages: the set's verdicts, the retriever list, the black box.
@@ -125,29 +126,18 @@ struct EvalRecall {
     plan: Plan,
 }
 
-/// The metric columns people read, in order.
-pub const COLUMNS: &[(&str, &str)] = &[
-    ("recall@1", "R@1"),
-    ("recall@5", "R@5"),
-    ("recall@10", "R@10"),
-    ("recall@100", "R@100"),
-    ("ndcg@10", "nDCG@10"),
-    ("mrr@10", "MRR@10"),
-    ("map@100", "MAP@100"),
-];
-
 /// A retriever's metrics and, where there is one, the previous run's.
 pub type Compared = (String, BTreeMap<String, f64>, Option<BTreeMap<String, f64>>);
 
 /// One row per retriever: each metric, with its change against the previous run where there is one.
 pub fn metric_table(rows: &[Compared]) -> String {
     let mut header = vec!["retriever"];
-    header.extend(COLUMNS.iter().map(|c| c.1));
+    header.extend(metrics::COLUMNS.iter().map(|c| c.1));
     let body: Vec<Vec<String>> = rows
         .iter()
         .map(|(name, m, prev)| {
             let mut r = vec![name.clone()];
-            for (key, _) in COLUMNS {
+            for (key, _) in metrics::COLUMNS {
                 let v = m.get(*key).copied().unwrap_or(0.0);
                 r.push(match prev.as_ref().and_then(|p| p.get(*key)) {
                     Some(p) => format!("{v:.4} ({:+.4})", v - p),
@@ -158,6 +148,26 @@ pub fn metric_table(rows: &[Compared]) -> String {
         })
         .collect();
     crate::text::table(&header, &body)
+}
+
+/// The context the retrievers of one eval stage run share; `black_box` is filled on first use.
+pub fn retrieve_ctx<'a>(
+    plan: &'a Plan,
+    sc: &'a StageCtx,
+    black_box: &'a std::sync::OnceLock<BlackBox>,
+    count_items: bool,
+) -> retrieve::Ctx<'a> {
+    retrieve::Ctx {
+        wf: &sc.workflow,
+        store: &sc.store,
+        run_id: sc.run_id,
+        stage: &sc.spec.name,
+        progress: &sc.progress,
+        black_box: &plan.black_box,
+        black_box_model: black_box,
+        count_items,
+        device: plan.up.device,
+    }
 }
 
 #[async_trait]
@@ -177,7 +187,7 @@ impl Stage for EvalRecall {
         ));
         ctx.progress.set_total((set.docs.len() * self.plan.retrievers.len()) as u64);
         let black_box = std::sync::OnceLock::new();
-        let cx = self.plan.ctx(&self.wf, ctx, &self.name, &black_box, true);
+        let cx = retrieve_ctx(&self.plan, ctx, &black_box, true);
         let mut rows = Vec::new();
         let mut summary = serde_json::Map::new();
         let mut scored = Vec::new();

@@ -3,21 +3,18 @@
 //! Rejected pairs stay in the store with the judge's reason.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::generate::{check_common, failure_verdict};
+use super::llm::{Chat, ChatResult, Prompted, UsageWriter, failure_verdict, llm_params};
 use super::{Kind, Outcome, Stage, StageCtx};
 use crate::error::Result;
-use crate::llm::{self, ChatProvider, GenParams};
+use crate::llm::{self, ChatDone, ChatProvider, LlmFailure};
 use crate::prompt::Template;
 use crate::store::judgments::{self, Judgment};
-use crate::store::runs;
 use crate::text::first_json;
-use crate::workflow::{CheckCtx, Diagnostic, StageSpec, Workflow, check_typed};
+use crate::workflow::{CheckCtx, Checked, Diagnostic, StageSpec, Workflow, check_typed, checked};
 
 pub const KIND: Kind = Kind {
     name: "judge",
@@ -26,54 +23,33 @@ pub const KIND: Kind = Kind {
     build,
 };
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Params {
-    pub prompt: String,
-    #[serde(default = "default_model")]
-    pub model: String,
-    #[serde(default = "default_min_score")]
-    pub min_score: i64,
-    #[serde(default)]
-    pub domain: Option<String>,
-    #[serde(default)]
-    pub system: Option<String>,
-    #[serde(default)]
-    pub temperature: f32,
-    #[serde(default)]
-    pub top_p: Option<f32>,
-    #[serde(default = "default_max_tokens")]
-    pub max_tokens: u32,
-    #[serde(default)]
-    pub seed: Option<u64>,
-    /// Local models only: penalty for repeating recent tokens (1.0 = none).
-    #[serde(default)]
-    pub repeat_penalty: Option<f32>,
-    #[serde(default)]
-    pub max_failures: f64,
+llm_params! {
+    defaults { temperature: 0.0, max_tokens: 200, max_failures: 0.0 }
+    pub struct Params {
+        pub prompt: String,
+        #[serde(default = "default_min_score")]
+        pub min_score: i64,
+        #[serde(default)]
+        pub domain: Option<String>,
+    }
 }
 
-fn default_model() -> String {
-    "llm".into()
-}
 fn default_min_score() -> i64 {
     4
 }
-fn default_max_tokens() -> u32 {
-    200
-}
 
-fn check(cx: &CheckCtx) -> Vec<Diagnostic> {
+fn check(cx: &CheckCtx) -> Checked {
     let mut diags = Vec::new();
-    let Some(p) = check_typed::<Params>(cx.node, cx.params.clone(), &mut diags) else { return diags };
+    let Some(mut p) = check_typed::<Params>(cx.node, cx.params.clone(), &mut diags) else { return Err(diags) };
+    p.fill_defaults();
     if !(1..=5).contains(&p.min_score) {
         let span = cx.node.get("min_score").map(|n| n.span()).unwrap_or(cx.node.span());
         diags.push(
             Diagnostic::new(span, format!("stage `{}`: min_score must be 1 to 5", cx.stage)).hint("4 keeps good pairs"),
         );
     }
-    check_common(cx, &p.model, p.max_failures, &mut diags);
-    diags
+    p.llm().check(cx, &mut diags);
+    checked(&p, diags)
 }
 
 fn build(spec: &StageSpec, wf: &Workflow) -> Result<Box<dyn Stage>> {
@@ -140,73 +116,13 @@ impl Stage for Judge {
         ctx.progress.set_total(total);
         ctx.progress.cached(decided as u64);
 
-        let client = Arc::new(llm::client(
-            &self.wf,
-            &self.params.model,
-            self.provider.identity(),
-            &ctx.store,
-            ctx.run_id,
-            &self.name,
-        )?);
-        let p = &self.params;
-        let gen_params = GenParams {
-            temperature: Some(p.temperature),
-            top_p: p.top_p,
-            max_tokens: Some(p.max_tokens),
-            seed: p.seed,
-            repeat_penalty: p.repeat_penalty,
-        };
-        let schema: Value = serde_json::from_str(JUDGMENT_SCHEMA).expect("static schema");
-        let items = todo
-            .into_iter()
-            .map(|q| {
-                let vars = json!({
-                    "query": q.query, "chunk": q.chunk, "title": q.title.unwrap_or_default(), "path": q.path,
-                    "domain": p.domain.clone().unwrap_or_default(), "min_score": p.min_score,
-                });
-                (q.query_id, vars)
-            })
-            .collect();
-        let how = super::Prompted {
-            template: &self.template,
-            system: p.system.as_deref(),
-            params: &gen_params,
-            schema: ("judgment", &schema),
-        };
-        let mut results = super::start_chats(items, &how, client.clone(), self.provider.clone(), 256)?;
-
+        let chat = Chat::start(&self.wf, &self.params.model, self.provider.clone(), ctx)?;
+        let mut results = self.ask(&chat, todo)?;
         let model = self.provider.identity().model.clone();
         let (mut failed, mut accepted, mut rejected, mut first_error) = (0u64, 0u64, 0u64, None::<String>);
-        let mut last_usage = Instant::now();
+        let mut usage = UsageWriter::default();
         while let Some((query_id, outcome)) = results.recv().await {
-            let outcome = outcome?;
-            let (verdict, score, reason, call_id) = match outcome {
-                // An answer cut off after its score still carries the verdict; only one cut off
-                // before it fails.
-                Ok(done) => match (parse_judgment(&done.answer.text), done.answer.finish_reason.as_deref()) {
-                    (None, Some("length")) => (
-                        "failed",
-                        None,
-                        format!("the answer was cut off at max_tokens = {}; raise max_tokens", p.max_tokens),
-                        Some(done.call_id),
-                    ),
-                    (parsed, _) => match parsed {
-                        Some((s, r)) => {
-                            (if s >= p.min_score { "accepted" } else { "rejected" }, Some(s), r, Some(done.call_id))
-                        }
-                        None => (
-                            "failed",
-                            None,
-                            format!(
-                                "no score from 1 to 5 in the judge's answer: {}",
-                                done.answer.text.chars().take(200).collect::<String>()
-                            ),
-                            Some(done.call_id),
-                        ),
-                    },
-                },
-                Err(f) => ("failed", None, f.message, None),
-            };
+            let (verdict, score, reason, call_id) = self.verdict(outcome?);
             judgments::write(
                 &ctx.store,
                 &self.name,
@@ -226,13 +142,9 @@ impl Stage for Judge {
             } else {
                 ctx.progress.done(1);
             }
-            if last_usage.elapsed() > Duration::from_secs(2) {
-                runs::set_llm_usage(&ctx.store, ctx.stage_run_id, &client.usage()).await?;
-                last_usage = Instant::now();
-            }
+            usage.tick(ctx, || chat.usage()).await?;
         }
-        let usage = client.usage();
-        runs::set_llm_usage(&ctx.store, ctx.stage_run_id, &usage).await?;
+        let usage = usage.finish(ctx, chat.usage()).await?;
         let verdicts: serde_json::Map<String, Value> =
             judgments::verdict_counts(&ctx.store, &self.name).await?.into_iter().map(|(k, v)| (k, v.into())).collect();
         ctx.progress.log(&format!(
@@ -240,7 +152,66 @@ impl Stage for Judge {
             usage.calls, usage.cached
         ));
         let summary = json!({ "accepted": accepted, "rejected": rejected, "failed": failed, "verdicts": verdicts });
-        Ok(Outcome { summary, failure: failure_verdict(failed, total, p.max_failures, first_error, &ctx.progress) })
+        let max_failures = self.params.llm().max_failures;
+        Ok(Outcome { summary, failure: failure_verdict(failed, total, max_failures, first_error, &ctx.progress) })
+    }
+}
+
+impl Judge {
+    /// Starts one request per question.
+    fn ask(&self, chat: &Chat, todo: Vec<judgments::JudgeInput>) -> Result<tokio::sync::mpsc::Receiver<ChatResult>> {
+        let p = &self.params;
+        let llm = p.llm();
+        let gen_params = llm.gen_params(None);
+        let schema: Value = serde_json::from_str(JUDGMENT_SCHEMA).expect("static schema");
+        let items = todo
+            .into_iter()
+            .map(|q| {
+                let vars = json!({
+                    "query": q.query, "chunk": q.chunk, "title": q.title.unwrap_or_default(), "path": q.path,
+                    "domain": p.domain.clone().unwrap_or_default(), "min_score": p.min_score,
+                });
+                (q.query_id, vars)
+            })
+            .collect();
+        let how = Prompted {
+            template: &self.template,
+            system: llm.system.as_deref(),
+            params: &gen_params,
+            schema: ("judgment", &schema),
+        };
+        chat.send(items, &how, 256)
+    }
+
+    /// Verdict, score, reason and call of one answer. An answer cut off after its score still
+    /// carries the verdict; only one cut off before it fails.
+    fn verdict(
+        &self,
+        outcome: std::result::Result<ChatDone, LlmFailure>,
+    ) -> (&'static str, Option<i64>, String, Option<i64>) {
+        let done = match outcome {
+            Ok(done) => done,
+            Err(f) => return ("failed", None, f.message, None),
+        };
+        let call = Some(done.call_id);
+        match (parse_judgment(&done.answer.text), done.answer.finish_reason.as_deref()) {
+            (Some((s, r)), _) => (if s >= self.params.min_score { "accepted" } else { "rejected" }, Some(s), r, call),
+            (None, Some("length")) => (
+                "failed",
+                None,
+                format!("the answer was cut off at max_tokens = {}; raise max_tokens", self.params.llm().max_tokens),
+                call,
+            ),
+            (None, _) => (
+                "failed",
+                None,
+                format!(
+                    "no score from 1 to 5 in the judge's answer: {}",
+                    done.answer.text.chars().take(200).collect::<String>()
+                ),
+                call,
+            ),
+        }
     }
 }
 

@@ -6,165 +6,28 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::{Kind, Outcome, Stage, StageCtx};
+use crate::digest::{sha256_file, sha256_hex};
 use crate::error::{Error, Result};
 use crate::llm::embed::BlackBox;
-use crate::store::{models as models_table, pairs, sha256_file, sha256_hex};
+use crate::store::{models as models_table, pairs};
 use crate::train::data::{self, Example};
+use crate::train::params::{InitFrom, Params, Precision};
 use crate::train::{self, Event, Retriever, TrainConfig, model::Augment};
-use crate::workflow::{CheckCtx, Diagnostic, StageSpec, Workflow, check_typed};
+use crate::workflow::{CheckCtx, Checked, Diagnostic, StageSpec, Workflow, check_typed, checked};
 
 pub const KIND: Kind = Kind {
-    name: "train",
+    name: crate::train::params::KIND_NAME,
     about: "train a Mafin augment model beside the black-box embedding on accepted pairs and/or a BEIR set",
     check,
     build,
 };
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Params {
-    #[serde(default = "default_retriever")]
-    pub retriever: Retriever,
-    /// `models:` keys of the black box and of the trainable augment (`init:` its starting folder).
-    #[serde(default = "default_black_box")]
-    pub black_box: String,
-    #[serde(default = "default_augment")]
-    pub augment: String,
-    /// A BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv) to learn from, relative to the workflow.
-    #[serde(default)]
-    pub beir: Option<String>,
-    #[serde(default = "default_split")]
-    pub split: String,
-    /// Learn from the accepted pairs in the store (default: when the stage needs another stage).
-    #[serde(default)]
-    pub pairs: Option<bool>,
-    #[serde(default = "default_epochs")]
-    pub epochs: usize,
-    #[serde(default = "default_batch")]
-    pub batch_size: usize,
-    #[serde(default = "default_lr")]
-    pub lr: f64,
-    #[serde(default = "default_warmup")]
-    pub warmup: f64,
-    #[serde(default = "default_weight_decay")]
-    pub weight_decay: f64,
-    #[serde(default = "default_clip")]
-    pub max_grad_norm: f64,
-    #[serde(default = "default_one")]
-    pub grad_accum: usize,
-    #[serde(default = "default_scale")]
-    pub scale: f64,
-    /// w in concat(n(bb), w * n(aug)).
-    #[serde(default = "default_weight")]
-    pub weight: f64,
-    /// Hard negatives per pair mined with the black box (0 = in-batch negatives only).
-    #[serde(default)]
-    pub hard_negatives: usize,
-    /// A mined negative must score at least this much below the positive (guards against false negatives).
-    #[serde(default = "default_margin")]
-    pub negative_margin: f64,
-    #[serde(default = "default_val")]
-    pub val_fraction: f64,
-    #[serde(default = "default_patience")]
-    pub patience: usize,
-    #[serde(default = "default_seed")]
-    pub seed: u64,
-    #[serde(default = "default_checkpoint_every")]
-    pub checkpoint_every: u64,
-    /// auto | cpu | cuda | cuda:N
-    #[serde(default = "default_device")]
-    pub device: String,
-    /// Start from the promoted model of this stage when there is one (a refresh continues training),
-    /// or always from `models.<augment>.init` (`base`: retrain from scratch).
-    #[serde(default)]
-    pub init_from: InitFrom,
-    /// auto (bf16 matrix products on a GPU, f32 on the CPU) | f32 | bf16
-    #[serde(default)]
-    pub precision: Precision,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Precision {
-    #[default]
-    Auto,
-    F32,
-    Bf16,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum InitFrom {
-    #[default]
-    Promoted,
-    Base,
-}
-
-fn default_retriever() -> Retriever {
-    Retriever::Mafin
-}
-fn default_black_box() -> String {
-    "black_box".into()
-}
-fn default_augment() -> String {
-    "augment".into()
-}
-fn default_split() -> String {
-    "train".into()
-}
-fn default_epochs() -> usize {
-    1
-}
-fn default_batch() -> usize {
-    32
-}
-fn default_lr() -> f64 {
-    2e-5
-}
-fn default_warmup() -> f64 {
-    0.1
-}
-fn default_weight_decay() -> f64 {
-    0.01
-}
-fn default_clip() -> f64 {
-    1.0
-}
-fn default_one() -> usize {
-    1
-}
-fn default_scale() -> f64 {
-    20.0
-}
-fn default_weight() -> f64 {
-    0.5
-}
-fn default_margin() -> f64 {
-    0.05
-}
-fn default_val() -> f64 {
-    0.1
-}
-fn default_patience() -> usize {
-    2
-}
-fn default_seed() -> u64 {
-    42
-}
-fn default_checkpoint_every() -> u64 {
-    50
-}
-fn default_device() -> String {
-    "auto".into()
-}
-
-fn check(cx: &CheckCtx) -> Vec<Diagnostic> {
+fn check(cx: &CheckCtx) -> Checked {
     let mut diags = Vec::new();
-    let Some(p) = check_typed::<Params>(cx.node, cx.params.clone(), &mut diags) else { return diags };
+    let Some(p) = check_typed::<Params>(cx.node, cx.params.clone(), &mut diags) else { return Err(diags) };
     let at = |key: &str| cx.node.get(key).map(|n| n.span()).unwrap_or(cx.node.span());
     let mut bad = |key: &str, what: String, hint: &str| {
         diags.push(Diagnostic::new(at(key), format!("stage `{}`: {what}", cx.stage)).hint(hint.to_string()))
@@ -185,9 +48,6 @@ fn check(cx: &CheckCtx) -> Vec<Diagnostic> {
     if p.weight <= 0.0 || p.scale <= 0.0 {
         bad("weight", "weight and scale must be positive".into(), "weight: 0.5 and scale: 20 follow the paper");
     }
-    if parse_device(&p.device).is_none() {
-        bad("device", format!("unknown device {:?}", p.device), "auto, cpu, cuda or cuda:N");
-    }
     if !cx.models.contains_key(&p.augment) {
         bad(
             "augment",
@@ -202,45 +62,7 @@ fn check(cx: &CheckCtx) -> Vec<Diagnostic> {
             "add `black_box: { provider: local, model: all-MiniLM-L6-v2 }`",
         );
     }
-    diags
-}
-
-impl Default for Params {
-    fn default() -> Self {
-        serde_json::from_value(json!({})).expect("every train parameter has a default")
-    }
-}
-
-pub enum DeviceChoice {
-    Auto,
-    Cpu,
-    Cuda(usize),
-}
-
-pub fn parse_device(s: &str) -> Option<DeviceChoice> {
-    match s {
-        "auto" => Some(DeviceChoice::Auto),
-        "cpu" => Some(DeviceChoice::Cpu),
-        "cuda" => Some(DeviceChoice::Cuda(0)),
-        _ => s.strip_prefix("cuda:").and_then(|n| n.parse().ok()).map(DeviceChoice::Cuda),
-    }
-}
-
-fn device(choice: &str) -> Result<candle_core::Device> {
-    let cuda = |n| {
-        candle_core::Device::new_cuda(n).map_err(|e| {
-            Error::bad_input(
-                format!("device cuda:{n} cannot be used: {e}"),
-                "build with `cargo build --release --features cuda` on a machine with an NVIDIA GPU, or set `device: cpu`",
-            )
-        })
-    };
-    match parse_device(choice) {
-        Some(DeviceChoice::Cpu) => Ok(candle_core::Device::Cpu),
-        Some(DeviceChoice::Cuda(n)) => cuda(n),
-        Some(DeviceChoice::Auto) if candle_core::utils::cuda_is_available() => cuda(0),
-        _ => Ok(candle_core::Device::Cpu),
-    }
+    checked(&p, diags)
 }
 
 fn build(spec: &StageSpec, wf: &Workflow) -> Result<Box<dyn Stage>> {
@@ -270,6 +92,7 @@ fn build(spec: &StageSpec, wf: &Workflow) -> Result<Box<dyn Stage>> {
         name: spec.name.clone(),
         wf: Arc::new(wf.clone()),
         max_seq_length: aug_spec.max_seq_length,
+        augment_device: aug_spec.device,
         params,
         init_dir,
         beir,
@@ -284,6 +107,8 @@ struct Train {
     params: Params,
     init_dir: PathBuf,
     max_seq_length: Option<usize>,
+    /// `models.<augment>.device`, where training runs unless the stage says `device:`.
+    augment_device: crate::workflow::Device,
     beir: Option<PathBuf>,
     use_pairs: bool,
     init_hash: std::sync::OnceLock<String>,
@@ -305,7 +130,7 @@ impl Train {
             let (dir, split) = (dir.clone(), self.params.split.clone());
             let set = tokio::task::spawn_blocking(move || crate::beir::load(&dir, &split))
                 .await
-                .map_err(|e| Error::Other(e.to_string()))??;
+                .map_err(Error::task("reading the BEIR set"))??;
             for &(q, d, _) in &set.qrels {
                 out.push(Example {
                     query: set.query_texts[q].clone(),
@@ -335,7 +160,7 @@ impl Stage for Train {
             parts
         })
         .await
-        .map_err(|e| Error::Other(e.to_string()))?;
+        .map_err(Error::task("hashing the training inputs"))?;
         // The training data fingerprint needs the weights' hash again: keep it rather than re-read 90 MB.
         let _ = self.init_hash.set(parts[0].clone());
         let digest = sha256_hex(parts.join("|").as_bytes());
@@ -359,45 +184,8 @@ impl Stage for Train {
 
     async fn run(&self, ctx: &StageCtx) -> Result<Outcome> {
         let p = &self.params;
-        let all = self.examples(ctx).await?;
-        if all.len() < 2 {
-            return Err(Error::bad_input(
-                format!("stage `{}`: {} training pairs; at least 2 are needed", self.name, all.len()),
-                "check that the judge accepted pairs (`flow pairs --verdict accepted`) or that `beir:` has qrels",
-            ));
-        }
-        let (mut train_set, val) = data::split(all, p.seed, p.val_fraction);
-        let val_set = data::retrieval_set(&val, &train_set);
-        ctx.progress.log(&format!(
-            "{} training pairs; validation: {} queries over {} passages (held out by document)",
-            train_set.len(),
-            val_set.queries.len(),
-            val_set.corpus.len()
-        ));
-
-        let bb_model = if self.needs_black_box() { Some(BlackBox::load(&self.wf, &p.black_box)?) } else { None };
-        let mut bb_vectors = None;
-        if let Some(bb) = &bb_model {
-            let mut texts: Vec<String> = Vec::new();
-            for e in &train_set {
-                texts.push(e.query.clone());
-                texts.push(e.positive.clone());
-            }
-            texts.extend(val_set.queries.iter().cloned());
-            texts.extend(val_set.corpus.iter().cloned());
-            texts.sort();
-            texts.dedup();
-            ctx.progress.log(&format!(
-                "black box {}: {} texts (cached ones are read, not recomputed)",
-                bb.identity,
-                texts.len()
-            ));
-            let vectors = bb.embed(&self.wf, &ctx.store, ctx.run_id, &self.name, &texts).await?;
-            if let Some(usage) = bb.usage() {
-                crate::store::runs::set_llm_usage(&ctx.store, ctx.stage_run_id, &usage).await?;
-            }
-            bb_vectors = Some(texts.into_iter().zip(vectors).collect::<HashMap<_, _>>());
-        }
+        let (mut train_set, val_set) = self.data(ctx).await?;
+        let (bb_model, bb_vectors) = self.black_box_vectors(ctx, &train_set, &val_set).await?;
         if p.hard_negatives > 0
             && let Some(bb) = &bb_vectors
         {
@@ -406,130 +194,26 @@ impl Stage for Train {
         }
         let vectors_for_training = if p.retriever == Retriever::Mafin { bb_vectors } else { None };
 
-        let device = device(&p.device)?;
-        let bf16 = match p.precision {
-            Precision::Bf16 => true,
-            Precision::F32 => false,
-            Precision::Auto => device.is_cuda(),
-        };
-        let cfg = TrainConfig {
-            retriever: p.retriever,
-            epochs: p.epochs,
-            batch_size: p.batch_size,
-            lr: p.lr,
-            warmup: p.warmup,
-            weight_decay: p.weight_decay,
-            max_grad_norm: p.max_grad_norm,
-            grad_accum: p.grad_accum,
-            scale: p.scale,
-            weight: p.weight,
-            seed: p.seed,
-            patience: p.patience,
-            checkpoint_every: p.checkpoint_every,
-            bf16,
-        };
-        // A refresh continues from the promoted model (same architecture, saved by an earlier run).
-        let parent = match p.init_from {
-            InitFrom::Promoted => {
-                models_table::promoted(&ctx.store, std::slice::from_ref(&self.name), p.retriever.name())
-                    .await?
-                    .filter(|m| std::path::Path::new(&m.path).join("model.safetensors").exists())
-            }
-            InitFrom::Base => None,
-        };
-        let (init_weights, init_hash) = match &parent {
-            Some(m) => {
-                ctx.progress.log(&format!("continuing from the promoted model {} ({})", m.id, m.path));
-                let w = PathBuf::from(&m.path).join("model.safetensors");
-                let h = sha256_file(&w);
-                (w, h)
-            }
-            None => {
-                let w = self.init_dir.join("model.safetensors");
-                let h = self.init_hash.get().cloned().unwrap_or_else(|| sha256_file(&w));
-                (w, h)
-            }
-        };
-        let mut fp_items: Vec<(&str, &str, &str, Option<&str>)> = train_set
-            .iter()
-            .map(|e| (e.query.as_str(), e.positive.as_str(), e.doc.as_str(), e.negative.as_deref()))
-            .collect();
-        fp_items.sort();
-        let fingerprint = sha256_hex(
-            serde_json::to_string(&json!({
-                "pairs": fp_items, "val": val_set.queries, "cfg": cfg, "init": init_hash,
-                "bb": bb_model.as_ref().map(|b| b.identity.clone()), "max_seq": self.max_seq_length,
-            }))
-            .expect("json")
-            .as_bytes(),
-        );
-        let store_dir = self.wf.store.parent().map(PathBuf::from).unwrap_or_default();
-        let stem = self.wf.store.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "flow".into());
-        let dir = store_dir.join(format!("{stem}.models")).join(&self.name).join(&fingerprint[..12]);
+        let choice = p.device.unwrap_or(self.augment_device);
+        let device = crate::models::device(choice)?;
+        ctx.progress.log(&format!("training on {} (device: {choice})", device_name(&device)));
+        let cfg = self.config(&device);
+        let start = self.start_from(ctx).await?;
+        let fingerprint = self.data_fingerprint(&train_set, &val_set, &cfg, &start.hash, bb_model.as_ref());
+        let dir = self.model_dir(&fingerprint);
 
-        let folder = crate::models::bert::Folder::read(&self.init_dir, self.max_seq_length)?;
-        let mut aug = Augment::new(folder, Some(&init_weights), &device)?;
-        if bf16 {
+        let folder = crate::bert::Folder::read(&self.init_dir, self.max_seq_length)?;
+        let mut aug = Augment::new(folder, Some(&start.weights), &device)?;
+        if cfg.bf16 {
             aug.model.compute = candle_core::DType::BF16;
             ctx.progress.log("mixed precision: bf16 matrix products, f32 weights and optimiser");
         }
         let pairs_total = (train_set.len() * p.epochs) as u64;
         ctx.progress.set_total(pairs_total);
-
-        let (store, progress, stage_run_id) = (ctx.store.clone(), ctx.progress.clone(), ctx.stage_run_id);
-        let handle = tokio::runtime::Handle::current();
-        let dir2 = dir.clone();
         let n_val = val_set.queries.len();
-        let fp2 = fingerprint.clone();
         let started = std::time::Instant::now();
-        let outcome = tokio::task::spawn_blocking(move || {
-            let mut pairs_seen = 0u64;
-            let mut on = |ev: Event| -> Result<()> {
-                match ev {
-                    Event::Step { step, epoch, loss, lr, pairs } => {
-                        pairs_seen += pairs as u64;
-                        progress.done(pairs as u64);
-                        progress.message(&format!("epoch {epoch} step {step} loss {loss:.4}"));
-                        handle.block_on(models_table::add_curve_point(
-                            &store,
-                            stage_run_id,
-                            "loss",
-                            step as i64,
-                            epoch as i64,
-                            loss,
-                            &json!({ "lr": lr }),
-                        ))
-                    }
-                    Event::Validation { step, epoch, metrics } => {
-                        progress.log(&format!(
-                            "validation after epoch {epoch}: recall@10 {:.4}, ndcg@10 {:.4}",
-                            metrics.get("recall@10").unwrap_or(&0.0),
-                            metrics.get("ndcg@10").unwrap_or(&0.0)
-                        ));
-                        handle.block_on(models_table::add_curve_point(
-                            &store,
-                            stage_run_id,
-                            "validation",
-                            step as i64,
-                            epoch as i64,
-                            metrics.get("recall@10").copied().unwrap_or(0.0),
-                            &json!(metrics),
-                        ))
-                    }
-                    Event::Log(line) => {
-                        progress.log(&line);
-                        Ok(())
-                    }
-                }
-            };
-            let data = train::TrainData { train: &train_set, val: &val_set, bb: &vectors_for_training };
-            let out = train::train(&cfg, &aug, &data, &dir2, &fp2, &mut on);
-            (out, pairs_seen, train_set.len())
-        })
-        .await
-        .map_err(|e| Error::Other(format!("training task: {e}")))?;
-        let (outcome, pairs_seen, n_train) = outcome;
-        let outcome = outcome?;
+        let job = Fit { cfg, aug, train_set, val_set, bb: vectors_for_training, dir, fingerprint: fingerprint.clone() };
+        let (outcome, pairs_seen, n_train) = job.run(ctx).await?;
         let secs = started.elapsed().as_secs_f64();
         ctx.progress.cached(pairs_total.saturating_sub(ctx.progress.counts().done.max(0) as u64));
 
@@ -545,13 +229,13 @@ impl Stage for Train {
                 run_id: ctx.run_id,
                 stage_run_id: ctx.stage_run_id,
                 path: &best,
-                parent: &init_weights.parent().unwrap_or(&self.init_dir).to_string_lossy(),
+                parent: &start.weights.parent().unwrap_or(&self.init_dir).to_string_lossy(),
                 retriever: p.retriever.name(),
                 black_box: bb_model.as_ref().map(|b| b.identity.as_str()),
                 weight: p.weight,
                 data_fingerprint: &fingerprint,
                 metrics: &metrics.to_string(),
-                parent_id: parent.as_ref().map(|m| m.id),
+                parent_id: start.parent.as_ref().map(|m| m.id),
             },
         )
         .await?;
@@ -561,9 +245,228 @@ impl Stage for Train {
                 "steps": outcome.state.step, "best_epoch": outcome.state.best_epoch,
                 "validation": outcome.state.best_metrics, "resumed": outcome.resumed,
                 "pairs_per_s": if outcome.step_seconds > 0.0 { outcome.step_pairs as f64 / outcome.step_seconds } else { 0.0 },
-                "wall_seconds": secs, "pairs_trained": pairs_seen,
+                "wall_seconds": secs, "pairs_trained": pairs_seen, "device": device_name(&device),
             }),
             failure: None,
         })
+    }
+}
+
+/// Where training started from: the promoted model of this stage (a refresh), or `init`.
+struct Start {
+    parent: Option<models_table::ModelRow>,
+    weights: PathBuf,
+    hash: String,
+}
+
+impl Train {
+    /// The pairs, split by document into training and validation.
+    async fn data(&self, ctx: &StageCtx) -> Result<(Vec<Example>, data::RetrievalSet)> {
+        let all = self.examples(ctx).await?;
+        if all.len() < 2 {
+            return Err(Error::bad_input(
+                format!("stage `{}`: {} training pairs; at least 2 are needed", self.name, all.len()),
+                "check that the judge accepted pairs (`flow pairs --verdict accepted`) or that `beir:` has qrels",
+            ));
+        }
+        let (train_set, val) = data::split(all, self.params.seed, self.params.val_fraction);
+        let val_set = data::retrieval_set(&val, &train_set);
+        ctx.progress.log(&format!(
+            "{} training pairs; validation: {} queries over {} passages (held out by document)",
+            train_set.len(),
+            val_set.queries.len(),
+            val_set.corpus.len()
+        ));
+        Ok((train_set, val_set))
+    }
+
+    /// The black box (when the retriever or mining needs it) and its vector of every text, computed
+    /// once and kept in the `embeddings` table.
+    async fn black_box_vectors(
+        &self,
+        ctx: &StageCtx,
+        train_set: &[Example],
+        val_set: &data::RetrievalSet,
+    ) -> Result<(Option<BlackBox>, Option<HashMap<String, Vec<f32>>>)> {
+        if !self.needs_black_box() {
+            return Ok((None, None));
+        }
+        let bb = BlackBox::load(&self.wf, &self.params.black_box)?;
+        let mut texts: Vec<String> = Vec::new();
+        for e in train_set {
+            texts.push(e.query.clone());
+            texts.push(e.positive.clone());
+        }
+        texts.extend(val_set.queries.iter().cloned());
+        texts.extend(val_set.corpus.iter().cloned());
+        texts.sort();
+        texts.dedup();
+        ctx.progress.log(&format!(
+            "black box {}: {} texts (cached ones are read, not recomputed)",
+            bb.identity,
+            texts.len()
+        ));
+        let vectors = bb.embed(&self.wf, &ctx.store, ctx.run_id, &self.name, &texts).await?;
+        if let Some(usage) = bb.usage() {
+            crate::store::runs::set_llm_usage(&ctx.store, ctx.stage_run_id, &usage).await?;
+        }
+        let by_text = texts.into_iter().zip(vectors).collect();
+        Ok((Some(bb), Some(by_text)))
+    }
+
+    fn config(&self, device: &candle_core::Device) -> TrainConfig {
+        let p = &self.params;
+        let bf16 = match p.precision {
+            Precision::Bf16 => true,
+            Precision::F32 => false,
+            Precision::Auto => device.is_cuda(),
+        };
+        TrainConfig {
+            retriever: p.retriever,
+            epochs: p.epochs,
+            batch_size: p.batch_size,
+            lr: p.lr,
+            warmup: p.warmup,
+            weight_decay: p.weight_decay,
+            max_grad_norm: p.max_grad_norm,
+            grad_accum: p.grad_accum,
+            scale: p.scale,
+            weight: p.weight,
+            seed: p.seed,
+            patience: p.patience,
+            checkpoint_every: p.checkpoint_every,
+            bf16,
+        }
+    }
+
+    /// A refresh continues from the promoted model (same architecture, saved by an earlier run).
+    async fn start_from(&self, ctx: &StageCtx) -> Result<Start> {
+        let parent = match self.params.init_from {
+            InitFrom::Promoted => {
+                models_table::promoted(&ctx.store, std::slice::from_ref(&self.name), self.params.retriever.name())
+                    .await?
+                    .filter(|m| std::path::Path::new(&m.path).join("model.safetensors").exists())
+            }
+            InitFrom::Base => None,
+        };
+        Ok(match parent {
+            Some(m) => {
+                ctx.progress.log(&format!("continuing from the promoted model {} ({})", m.id, m.path));
+                let weights = PathBuf::from(&m.path).join("model.safetensors");
+                let hash = sha256_file(&weights);
+                Start { parent: Some(m), weights, hash }
+            }
+            None => {
+                let weights = self.init_dir.join("model.safetensors");
+                let hash = self.init_hash.get().cloned().unwrap_or_else(|| sha256_file(&weights));
+                Start { parent: None, weights, hash }
+            }
+        })
+    }
+
+    /// What the trained model is a function of: the pairs, the validation set, the settings, the
+    /// starting weights and the black box. Names the model's folder and keys its checkpoints.
+    fn data_fingerprint(
+        &self,
+        train_set: &[Example],
+        val_set: &data::RetrievalSet,
+        cfg: &TrainConfig,
+        init_hash: &str,
+        bb: Option<&BlackBox>,
+    ) -> String {
+        let mut items: Vec<(&str, &str, &str, Option<&str>)> = train_set
+            .iter()
+            .map(|e| (e.query.as_str(), e.positive.as_str(), e.doc.as_str(), e.negative.as_deref()))
+            .collect();
+        items.sort();
+        let doc = json!({
+            "pairs": items, "val": val_set.queries, "cfg": cfg, "init": init_hash,
+            "bb": bb.map(|b| b.identity.clone()), "max_seq": self.max_seq_length,
+        });
+        sha256_hex(serde_json::to_string(&doc).expect("json").as_bytes())
+    }
+
+    /// `<store>.models/<stage>/<fingerprint>`, beside the store.
+    fn model_dir(&self, fingerprint: &str) -> PathBuf {
+        let store_dir = self.wf.store.parent().map(PathBuf::from).unwrap_or_default();
+        let stem = self.wf.store.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "flow".into());
+        store_dir.join(format!("{stem}.models")).join(&self.name).join(&fingerprint[..12])
+    }
+}
+
+fn device_name(d: &candle_core::Device) -> String {
+    match d.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
+/// One training run on a blocking thread, its events written to the store as they come.
+struct Fit {
+    cfg: TrainConfig,
+    aug: Augment,
+    train_set: Vec<Example>,
+    val_set: data::RetrievalSet,
+    bb: Option<HashMap<String, Vec<f32>>>,
+    dir: PathBuf,
+    fingerprint: String,
+}
+
+impl Fit {
+    async fn run(self, ctx: &StageCtx) -> Result<(train::TrainOutcome, u64, usize)> {
+        let (store, progress, stage_run_id) = (ctx.store.clone(), ctx.progress.clone(), ctx.stage_run_id);
+        let handle = tokio::runtime::Handle::current();
+        let (out, pairs_seen, n_train) = tokio::task::spawn_blocking(move || {
+            let mut pairs_seen = 0u64;
+            let mut on = |ev: Event| -> Result<()> {
+                match ev {
+                    Event::Step { step, epoch, loss, lr, pairs } => {
+                        pairs_seen += pairs as u64;
+                        progress.done(pairs as u64);
+                        progress.message(&format!("epoch {epoch} step {step} loss {loss:.4}"));
+                        let extra = json!({ "lr": lr });
+                        let point = models_table::add_curve_point(
+                            &store,
+                            stage_run_id,
+                            "loss",
+                            step as i64,
+                            epoch as i64,
+                            loss,
+                            &extra,
+                        );
+                        handle.block_on(point)
+                    }
+                    Event::Validation { step, epoch, metrics } => {
+                        let (r10, n10) = (
+                            metrics.get("recall@10").copied().unwrap_or(0.0),
+                            metrics.get("ndcg@10").copied().unwrap_or(0.0),
+                        );
+                        progress.log(&format!("validation after epoch {epoch}: recall@10 {r10:.4}, ndcg@10 {n10:.4}"));
+                        let extra = json!(metrics);
+                        let point = models_table::add_curve_point(
+                            &store,
+                            stage_run_id,
+                            "validation",
+                            step as i64,
+                            epoch as i64,
+                            r10,
+                            &extra,
+                        );
+                        handle.block_on(point)
+                    }
+                    Event::Log(line) => {
+                        progress.log(&line);
+                        Ok(())
+                    }
+                }
+            };
+            let data = train::TrainData { train: &self.train_set, val: &self.val_set, bb: &self.bb };
+            let out = train::train(&self.cfg, &self.aug, &data, &self.dir, &self.fingerprint, &mut on);
+            (out, pairs_seen, self.train_set.len())
+        })
+        .await
+        .map_err(Error::task("the training task"))?;
+        Ok((out?, pairs_seen, n_train))
     }
 }

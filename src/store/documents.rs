@@ -5,7 +5,8 @@ use std::collections::HashMap;
 
 use sqlx::FromRow;
 
-use super::{Store, now_ms, sha256_hex};
+use super::{Store, now_ms};
+use crate::digest::sha256_hex;
 use crate::error::Result;
 
 #[derive(Debug, Clone, FromRow)]

@@ -82,7 +82,7 @@ impl Tally {
 
     /// The 95% Wilson interval of the accuracy.
     pub fn interval(&self) -> (f64, f64) {
-        crate::eval::metrics::wilson(self.correct as u64, self.graded())
+        crate::rank::metrics::wilson(self.correct as u64, self.graded())
     }
 }
 

@@ -221,8 +221,38 @@ pub async fn stages_of(store: &Store, run_id: i64) -> Result<Vec<StageRunRow>> {
         .await?)
 }
 
+/// A stage run's LLM accounting: calls made, answers from the cache, failures, tokens, cost.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct UsageSnapshot {
+    pub calls: u64,
+    pub cached: u64,
+    pub failures: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cost: Option<f64>,
+}
+
+impl std::ops::Add for UsageSnapshot {
+    type Output = UsageSnapshot;
+
+    /// Two clients' usage as one stage's (the cost is known if either side's is).
+    fn add(self, o: UsageSnapshot) -> UsageSnapshot {
+        UsageSnapshot {
+            calls: self.calls + o.calls,
+            cached: self.cached + o.cached,
+            failures: self.failures + o.failures,
+            prompt_tokens: self.prompt_tokens + o.prompt_tokens,
+            completion_tokens: self.completion_tokens + o.completion_tokens,
+            cost: match (self.cost, o.cost) {
+                (None, None) => None,
+                (a, b) => Some(a.unwrap_or(0.0) + b.unwrap_or(0.0)),
+            },
+        }
+    }
+}
+
 /// LLM accounting of a stage run: calls made, answers from the cache, failures, tokens, cost.
-pub async fn set_llm_usage(store: &Store, id: i64, u: &crate::llm::client::UsageSnapshot) -> Result<()> {
+pub async fn set_llm_usage(store: &Store, id: i64, u: &UsageSnapshot) -> Result<()> {
     sqlx::query(
         "UPDATE stage_runs SET llm_calls = ?, llm_cached = ?, llm_failures = ?, prompt_tokens = ?,
             completion_tokens = ?, cost = ? WHERE id = ?",

@@ -3,8 +3,8 @@
 
 use std::collections::{HashMap, HashSet};
 
+use crate::digest::sha256_hex;
 use crate::error::{Error, Result};
-use crate::store::sha256_hex;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Example {
@@ -115,7 +115,7 @@ pub fn mine_negatives(examples: &mut [Example], bb: &HashMap<String, Vec<f32>>, 
     let q = rows(&queries);
     let d = rows(&passages);
     let k = 30.min(passages.len());
-    let top = crate::eval::search::top_k(&q, &d, dim, k).map_err(|e| Error::Other(format!("mining: {e}")))?;
+    let top = crate::rank::search::top_k(&q, &d, dim, k).map_err(Error::tensor("mining hard negatives"))?;
     let mut found = 0;
     let negatives: Vec<Option<String>> = examples
         .iter()

@@ -11,7 +11,7 @@ pub fn ranking_loss(scores: &Tensor, scale: f64) -> Result<Tensor> {
     candle_nn::loss::cross_entropy(&(scores * scale)?, &targets)
 }
 
-pub use crate::models::bert::normalize_rows as normalize;
+pub use crate::bert::encoder::normalize_rows as normalize;
 
 /// Cosine similarities of the Mafin embedding concat(n(bb), w * n(aug)), from the parts' own cosine
 /// matrices: (S_bb + w^2 S_aug) / (1 + w^2). With no black box it is plain S_aug.

@@ -1,13 +1,13 @@
 //! Mafin training (arXiv 2402.12177): a frozen black-box embedding plus a trainable BERT augment,
 //! trained with in-batch (and mined hard) negatives, validated every epoch, checkpointed to resume.
 
-pub mod bert;
 pub mod data;
-pub mod fast;
 pub mod loss;
 pub mod model;
 pub mod optim;
+pub mod params;
 pub mod retriever;
+mod step;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -16,11 +16,12 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::eval::{metrics, search};
+use crate::rank::{metrics, search};
 use data::{Example, RetrievalSet};
 use model::Augment;
 use optim::{AdamW, AdamWConfig, Grads};
 pub use retriever::{Retriever, normalized, retriever_rows};
+use step::{batch_texts, fast_step, graph_step};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrainConfig {
@@ -104,137 +105,198 @@ pub fn train(
     fingerprint: &str,
     on: &mut dyn FnMut(Event) -> Result<()>,
 ) -> Result<TrainOutcome> {
-    let TrainData { train, val, bb } = *data;
-    let tensor_err = |e: candle_core::Error| Error::Other(format!("training: {e}"));
-    if cfg.retriever == Retriever::Mafin && bb.is_none() {
-        return Err(Error::Other("mafin training needs black-box vectors".into()));
+    if cfg.retriever == Retriever::Mafin && data.bb.is_none() {
+        return Err(Error::internal("mafin training was started without black-box vectors"));
     }
-    let (best_dir, last_dir) = (dir.join("best"), dir.join("last"));
     std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
-    let mut opt = AdamW::new(
+    let opt = AdamW::new(
         aug.named_vars(),
         AdamWConfig { lr: cfg.lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: cfg.weight_decay },
     );
-    let mut state = TrainState { fingerprint: fingerprint.to_string(), ..Default::default() };
-    let (mut step_seconds, mut step_pairs) = (0.0f64, 0usize);
-    let mut resumed = false;
-    if let Some(last) = model::existing_checkpoint(&last_dir)
-        && let Ok(text) = std::fs::read_to_string(last.join("trainer_state.json"))
-        && let Ok(saved) = serde_json::from_str::<TrainState>(&text)
-        && saved.fingerprint == fingerprint
-    {
-        aug.load_weights(&last.join("model.safetensors"))?;
+    let per_epoch: Vec<usize> =
+        (0..cfg.epochs).map(|e| data::batches(data.train, cfg.batch_size, cfg.seed, e).len()).collect();
+    let accum = cfg.grad_accum.max(1);
+    let total_steps: u64 = per_epoch.iter().map(|&b| b.div_ceil(accum) as u64).sum();
+    let mut t = Trainer {
+        cfg,
+        aug,
+        data: *data,
+        best_dir: dir.join("best"),
+        last_dir: dir.join("last"),
+        opt,
+        state: TrainState { fingerprint: fingerprint.to_string(), ..Default::default() },
+        step_seconds: 0.0,
+        step_pairs: 0,
+        total_steps,
+        warmup: (total_steps as f64 * cfg.warmup).ceil() as u64,
+        // The hand-written backward pass covers the CPU in f32 with mean or CLS pooling; bf16
+        // (meant for GPUs) and max pooling go through autograd anywhere.
+        fast: aug.device.is_cpu() && aug.folder.pooling != crate::bert::Pooling::Max && !cfg.bf16,
+    };
+    let resumed = t.resume(on)?;
+    if !t.state.validated_start {
+        // The starting model is the first candidate: training must beat it to replace it.
+        t.validate(0, on)?;
+        t.state.validated_start = true;
+    }
+    while t.state.epoch < cfg.epochs && !t.state.done {
+        t.epoch(on)?;
+    }
+    if data.val.queries.is_empty() {
+        // Nothing to choose by: the last weights are the result.
+        aug.save(&t.best_dir, &HashMap::new(), None)?;
+    }
+    let Trainer { state, step_seconds, step_pairs, best_dir, total_steps, .. } = t;
+    Ok(TrainOutcome { state, step_seconds, step_pairs, best_dir, total_steps, resumed })
+}
+
+fn tensor_err(e: candle_core::Error) -> Error {
+    Error::Tensor { what: "training".into(), source: e }
+}
+
+/// One training run's moving parts: the model, its optimiser and where it stands.
+struct Trainer<'a> {
+    cfg: &'a TrainConfig,
+    aug: &'a Augment,
+    data: TrainData<'a>,
+    best_dir: PathBuf,
+    last_dir: PathBuf,
+    opt: AdamW,
+    state: TrainState,
+    step_seconds: f64,
+    step_pairs: usize,
+    total_steps: u64,
+    warmup: u64,
+    fast: bool,
+}
+
+impl Trainer<'_> {
+    /// Continues from `last/` when an earlier attempt with the same fingerprint left it.
+    fn resume(&mut self, on: &mut dyn FnMut(Event) -> Result<()>) -> Result<bool> {
+        let Some(last) = model::existing_checkpoint(&self.last_dir) else { return Ok(false) };
+        let Some(saved) = std::fs::read_to_string(last.join("trainer_state.json"))
+            .ok()
+            .and_then(|text| serde_json::from_str::<TrainState>(&text).ok())
+            .filter(|saved| saved.fingerprint == self.state.fingerprint)
+        else {
+            return Ok(false);
+        };
+        self.aug.load_weights(&last.join("model.safetensors"))?;
         let moments = last.join("optimizer.safetensors");
         if moments.exists() {
-            let t = candle_core::safetensors::load(&moments, &aug.device).map_err(tensor_err)?;
-            for name in opt.names().map(str::to_string).collect::<Vec<_>>() {
+            let t = candle_core::safetensors::load(&moments, &self.aug.device).map_err(tensor_err)?;
+            for name in self.opt.names().map(str::to_string).collect::<Vec<_>>() {
                 if let (Some(m), Some(v)) = (t.get(&format!("m.{name}")), t.get(&format!("v.{name}"))) {
-                    opt.m.insert(name.clone(), m.clone());
-                    opt.v.insert(name, v.clone());
+                    self.opt.m.insert(name.clone(), m.clone());
+                    self.opt.v.insert(name, v.clone());
                 }
             }
         }
-        opt.t = saved.adam_t;
+        self.opt.t = saved.adam_t;
         on(Event::Log(format!(
             "resuming training at epoch {}, batch {} (step {})",
             saved.epoch + 1,
             saved.next_batch,
             saved.step
         )))?;
-        state = saved;
-        resumed = true;
+        self.state = saved;
+        Ok(true)
     }
 
-    let per_epoch: Vec<usize> =
-        (0..cfg.epochs).map(|e| data::batches(train, cfg.batch_size, cfg.seed, e).len()).collect();
-    let accum = cfg.grad_accum.max(1);
-    // The hand-written backward pass covers the CPU with mean or CLS pooling; the rest goes through autograd.
-    // The hand-written CPU step is f32; bf16 (meant for GPUs) goes through autograd anywhere.
-    let fast = aug.device.is_cpu() && aug.folder.pooling != crate::models::bert::Pooling::Max && !cfg.bf16;
-    let total_steps: u64 = per_epoch.iter().map(|&b| b.div_ceil(accum) as u64).sum();
-    let warmup = (total_steps as f64 * cfg.warmup).ceil() as u64;
-
-    let save_last = |state: &TrainState, opt: &AdamW| -> Result<()> {
+    /// `last/`: weights, optimiser moments and position, for a resume.
+    fn save_last(&self) -> Result<()> {
         let mut extra: HashMap<String, Tensor> = HashMap::new();
-        for (n, m) in &opt.m {
+        for (n, m) in &self.opt.m {
             extra.insert(format!("m.{n}"), m.clone());
         }
-        for (n, v) in &opt.v {
+        for (n, v) in &self.opt.v {
             extra.insert(format!("v.{n}"), v.clone());
         }
-        let mut st = state.clone();
-        st.adam_t = opt.t;
-        aug.save(&last_dir, &extra, Some(&serde_json::to_value(&st).expect("state json")))
-    };
-    let validate =
-        |state: &mut TrainState, epoch_done: usize, on: &mut dyn FnMut(Event) -> Result<()>| -> Result<bool> {
-            if val.queries.is_empty() {
-                return Ok(false);
-            }
-            let m = validation_metrics(cfg, aug, val, bb)?;
-            on(Event::Validation { step: state.step, epoch: epoch_done, metrics: &m })?;
-            let score = (m.get("recall@10").copied().unwrap_or(0.0), m.get("ndcg@10").copied().unwrap_or(0.0));
-            let better = state.best.is_none_or(|b| score > b);
-            if better {
-                state.best = Some(score);
-                state.best_epoch = Some(epoch_done);
-                state.best_metrics = m;
-                state.bad_epochs = 0;
-                aug.save(&best_dir, &HashMap::new(), None)?;
-            } else {
-                state.bad_epochs += 1;
-            }
-            Ok(better)
-        };
-
-    if !state.validated_start {
-        // The starting model is the first candidate: training must beat it to replace it.
-        validate(&mut state, 0, on)?;
-        state.validated_start = true;
+        let mut st = self.state.clone();
+        st.adam_t = self.opt.t;
+        self.aug.save(&self.last_dir, &extra, Some(&serde_json::to_value(&st).expect("state json")))
     }
-    while state.epoch < cfg.epochs && !state.done {
-        let batches = data::batches(train, cfg.batch_size, cfg.seed, state.epoch);
+
+    /// Scores the model on the validation set; a better score replaces `best/`.
+    fn validate(&mut self, epoch_done: usize, on: &mut dyn FnMut(Event) -> Result<()>) -> Result<bool> {
+        let val = self.data.val;
+        if val.queries.is_empty() {
+            return Ok(false);
+        }
+        let m = validation_metrics(self.cfg, self.aug, val, self.data.bb)?;
+        on(Event::Validation { step: self.state.step, epoch: epoch_done, metrics: &m })?;
+        let score = (m.get("recall@10").copied().unwrap_or(0.0), m.get("ndcg@10").copied().unwrap_or(0.0));
+        let state = &mut self.state;
+        let better = state.best.is_none_or(|b| score > b);
+        if better {
+            state.best = Some(score);
+            state.best_epoch = Some(epoch_done);
+            state.best_metrics = m;
+            state.bad_epochs = 0;
+            self.aug.save(&self.best_dir, &HashMap::new(), None)?;
+        } else {
+            state.bad_epochs += 1;
+        }
+        Ok(better)
+    }
+
+    /// The rest of the current epoch (from `next_batch`), then its validation and early-stop check.
+    fn epoch(&mut self, on: &mut dyn FnMut(Event) -> Result<()>) -> Result<()> {
+        let (cfg, aug, train, bb) = (self.cfg, self.aug, self.data.train, self.data.bb);
+        let accum = cfg.grad_accum.max(1);
+        let batches = data::batches(train, cfg.batch_size, cfg.seed, self.state.epoch);
         let mut grads = Grads::new();
-        let mut pending = 0usize;
-        let mut loss_sum = 0.0;
-        for (bi, batch) in batches.iter().enumerate().skip(state.next_batch) {
+        let (mut pending, mut loss_sum) = (0usize, 0.0);
+        for (bi, batch) in batches.iter().enumerate().skip(self.state.next_batch) {
             let started = std::time::Instant::now();
             let (queries, passages) = batch_texts(train, batch);
             let texts = (&queries[..], &passages[..]);
-            let (loss, g) =
-                if fast { fast_step(cfg, aug, texts, bb, accum) } else { graph_step(cfg, aug, &opt, texts, bb, accum) }
-                    .map_err(tensor_err)?;
+            let (loss, g) = if self.fast {
+                fast_step(cfg, aug, texts, bb, accum)
+            } else {
+                graph_step(cfg, aug, &self.opt, texts, bb, accum)
+            }
+            .map_err(tensor_err)?;
             for (name, g) in g {
                 optim::accumulate(&mut grads, name, g).map_err(tensor_err)?;
             }
             loss_sum += loss;
             pending += 1;
-            step_pairs += batch.len();
+            self.step_pairs += batch.len();
             let stepping = pending == accum || bi + 1 == batches.len();
-            let lr = optim::lr_at(state.step, total_steps, warmup, cfg.lr);
+            let lr = optim::lr_at(self.state.step, self.total_steps, self.warmup, cfg.lr);
             if stepping {
                 optim::clip_grad_norm(&mut grads, cfg.max_grad_norm).map_err(tensor_err)?;
-                opt.step(&grads, lr).map_err(tensor_err)?;
+                self.opt.step(&grads, lr).map_err(tensor_err)?;
                 grads.clear();
             }
-            step_seconds += started.elapsed().as_secs_f64();
+            self.step_seconds += started.elapsed().as_secs_f64();
             if !stepping {
                 continue;
             }
-            state.step += 1;
-            state.next_batch = bi + 1;
+            self.state.step += 1;
+            self.state.next_batch = bi + 1;
             let pairs = batches[bi + 1 - pending..=bi].iter().map(Vec::len).sum();
-            on(Event::Step { step: state.step, epoch: state.epoch + 1, loss: loss_sum / pending as f64, lr, pairs })?;
+            let epoch = self.state.epoch + 1;
+            on(Event::Step { step: self.state.step, epoch, loss: loss_sum / pending as f64, lr, pairs })?;
             (pending, loss_sum) = (0, 0.0);
-            if cfg.checkpoint_every > 0 && state.step.is_multiple_of(cfg.checkpoint_every) && bi + 1 < batches.len() {
-                save_last(&state, &opt)?;
+            if cfg.checkpoint_every > 0
+                && self.state.step.is_multiple_of(cfg.checkpoint_every)
+                && bi + 1 < batches.len()
+            {
+                self.save_last()?;
             }
         }
-        state.epoch += 1;
-        state.next_batch = 0;
-        let epoch = state.epoch;
-        let improved = validate(&mut state, epoch, on)?;
-        if !improved && !val.queries.is_empty() && state.bad_epochs >= cfg.patience.max(1) && state.epoch < cfg.epochs {
+        self.state.epoch += 1;
+        self.state.next_batch = 0;
+        let epoch = self.state.epoch;
+        let improved = self.validate(epoch, on)?;
+        let state = &mut self.state;
+        if !improved
+            && !self.data.val.queries.is_empty()
+            && state.bad_epochs >= cfg.patience.max(1)
+            && state.epoch < cfg.epochs
+        {
             on(Event::Log(format!(
                 "early stop after epoch {}: no better validation for {} epochs",
                 state.epoch, state.bad_epochs
@@ -243,125 +305,8 @@ pub fn train(
             state.done = true;
         }
         state.done |= state.epoch >= cfg.epochs;
-        save_last(&state, &opt)?;
+        self.save_last()
     }
-    if val.queries.is_empty() {
-        // Nothing to choose by: the last weights are the result.
-        aug.save(&best_dir, &HashMap::new(), None)?;
-    }
-    Ok(TrainOutcome { state, step_seconds, step_pairs, best_dir, total_steps, resumed })
-}
-
-/// The texts of one batch: its queries, then its passages (positives, then any hard negatives).
-fn batch_texts<'a>(train: &'a [Example], batch: &[usize]) -> (Vec<&'a str>, Vec<&'a str>) {
-    let queries: Vec<&str> = batch.iter().map(|&i| train[i].query.as_str()).collect();
-    let mut passages: Vec<&str> = batch.iter().map(|&i| train[i].positive.as_str()).collect();
-    passages.extend(batch.iter().filter_map(|&i| train[i].negative.as_deref()));
-    (queries, passages)
-}
-
-/// The loss from the augment's normalised query and passage embeddings (and, for Mafin, the black box's).
-fn loss_from(
-    cfg: &TrainConfig,
-    q: &Tensor,
-    p: &Tensor,
-    queries: &[&str],
-    passages: &[&str],
-    bb: &BlackBoxVectors,
-) -> candle_core::Result<Tensor> {
-    let s_aug = q.matmul(&p.t()?)?;
-    let s_bb = match (cfg.retriever, bb) {
-        (Retriever::Mafin, Some(bb)) => {
-            let rows = |texts: &[&str]| -> candle_core::Result<Tensor> {
-                let dim = bb.get(texts[0]).map_or(0, Vec::len);
-                let mut flat = Vec::with_capacity(texts.len() * dim);
-                for t in texts {
-                    let v = bb.get(*t).ok_or_else(|| candle_core::Error::msg("a text has no black-box vector"))?;
-                    flat.extend(normalized(v));
-                }
-                Tensor::from_vec(flat, (texts.len(), dim), q.device())
-            };
-            Some(rows(queries)?.matmul(&rows(passages)?.t()?)?)
-        }
-        _ => None,
-    };
-    loss::ranking_loss(&loss::combined(&s_aug, s_bb.as_ref(), cfg.weight)?, cfg.scale)
-}
-
-/// One batch through candle's autograd (any device): the loss and the parameters' gradients / accum.
-fn graph_step(
-    cfg: &TrainConfig,
-    aug: &Augment,
-    opt: &AdamW,
-    texts: (&[&str], &[&str]),
-    bb: &BlackBoxVectors,
-    accum: usize,
-) -> candle_core::Result<(f64, Grads)> {
-    let (queries, passages) = texts;
-    let loss = loss_from(cfg, &aug.encode(queries)?, &aug.encode(passages)?, queries, passages, bb)?;
-    let mut grads = Grads::new();
-    opt.collect(&(&loss / accum as f64)?.backward()?, &mut grads)?;
-    Ok((loss.to_scalar::<f32>()? as f64, grads))
-}
-
-/// One batch on the CPU through the packed encoder and its hand-written backward pass: all texts in
-/// one forward pass with no padding; autograd only for the small loss on the pooled embeddings.
-fn fast_step(
-    cfg: &TrainConfig,
-    aug: &Augment,
-    texts: (&[&str], &[&str]),
-    bb: &BlackBoxVectors,
-    accum: usize,
-) -> candle_core::Result<(f64, Grads)> {
-    let (queries, passages) = texts;
-    let vb = candle_nn::VarBuilder::from_varmap(&aug.varmap, candle_core::DType::F32, &aug.device);
-    let cpu = crate::models::bert_cpu::CpuBert::load(&vb, &aug.folder.config)?;
-    let all: Vec<&str> = queries.iter().chain(passages).copied().collect();
-    let enc = aug.folder.tokenizer.encode_batch(all.clone(), true).map_err(candle_core::Error::msg)?;
-    let lens: Vec<usize> = enc.iter().map(|e| e.get_ids().len()).collect();
-    let ids: Vec<u32> = enc.iter().flat_map(|e| e.get_ids().iter().copied()).collect();
-    let (hidden, tape) = fast::forward(&cpu, &ids, &lens)?;
-    let h = cpu.hidden;
-    // The rows each sequence's embedding averages: all its tokens (mean pooling) or the first (CLS).
-    let cls = aug.folder.pooling == crate::models::bert::Pooling::Cls;
-    let mut pooled_rows = Vec::with_capacity(lens.len());
-    let mut start = 0;
-    for &n in &lens {
-        pooled_rows.push(if cls { start..start + n.min(1) } else { start..start + n });
-        start += n;
-    }
-    let mut pooled = vec![0.0f32; all.len() * h];
-    for (s, rows) in pooled_rows.iter().enumerate() {
-        let (out, count) = (&mut pooled[s * h..(s + 1) * h], rows.len().max(1) as f32);
-        for r in rows.clone() {
-            out.iter_mut().zip(&hidden[r * h..(r + 1) * h]).for_each(|(o, x)| *o += x / count);
-        }
-    }
-    let leaf = candle_core::Var::from_vec(pooled, (all.len(), h), &aug.device)?;
-    let emb = loss::normalize(leaf.as_tensor())?;
-    let (q, p) = (emb.narrow(0, 0, queries.len())?, emb.narrow(0, queries.len(), passages.len())?);
-    let loss = loss_from(cfg, &q, &p, queries, passages, bb)?;
-    let dpool: Vec<f32> = (&loss / accum as f64)?
-        .backward()?
-        .get(leaf.as_tensor())
-        .ok_or_else(|| candle_core::Error::msg("no gradient reached the pooled embeddings"))?
-        .flatten_all()?
-        .to_vec1()?;
-    let mut dhidden = vec![0.0f32; hidden.len()];
-    for (s, rows) in pooled_rows.iter().enumerate() {
-        let (g, count) = (&dpool[s * h..(s + 1) * h], rows.len().max(1) as f32);
-        for r in rows.clone() {
-            dhidden[r * h..(r + 1) * h].iter_mut().zip(g).for_each(|(d, g)| *d = g / count);
-        }
-    }
-    let mut flat = fast::backward(&cpu, &tape, dhidden);
-    let mut grads = Grads::new();
-    for (name, var) in aug.named_vars() {
-        if let Some(g) = flat.remove(&name) {
-            grads.insert(name, Tensor::from_vec(g, var.shape(), &aug.device)?);
-        }
-    }
-    Ok((loss.to_scalar::<f32>()? as f64, grads))
 }
 
 /// Recall@k, nDCG@k, MRR@10 and MAP@100 of the retriever on the validation set, with the augment's
@@ -382,7 +327,7 @@ fn validation_metrics(
     let q = retriever_rows(cfg.retriever, &qa, qb.as_deref(), cfg.weight);
     let d = retriever_rows(cfg.retriever, &da, db.as_deref(), cfg.weight);
     let dim = q.len() / val.queries.len();
-    let top = search::top_k(&q, &d, dim, 100).map_err(|e| Error::Other(format!("search: {e}")))?;
+    let top = search::top_k(&q, &d, dim, 100).map_err(Error::tensor("validation search"))?;
     let per: Vec<_> = top
         .iter()
         .zip(&val.relevant)
@@ -449,7 +394,7 @@ mod tests {
         let before = aug.encoder().unwrap().embed(&texts, 2).unwrap();
         aug.save(&t.path().join("ckpt"), &HashMap::new(), None).unwrap();
         let reloaded =
-            crate::models::bert::SentenceEncoder::load(&t.path().join("ckpt"), None, &candle_core::Device::Cpu)
+            crate::bert::encoder::SentenceEncoder::load(&t.path().join("ckpt"), None, &candle_core::Device::Cpu)
                 .unwrap()
                 .embed(&texts, 2)
                 .unwrap();

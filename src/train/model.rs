@@ -1,5 +1,5 @@
-//! The trainable augment model: candle-transformers' BERT over a candle-nn VarMap, started from a
-//! sentence-transformers folder (or random weights), saved back as a folder sentence-transformers loads.
+//! The trainable augment model: our differentiable BERT graph (`bert::graph`) over a candle-nn VarMap,
+//! started from a sentence-transformers folder (or random weights), saved back as a folder it loads.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -8,12 +8,12 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
 use super::loss::normalize;
+use crate::bert::encoder::{Folder, SentenceEncoder, padded_batch, pool};
 use crate::error::{Error, Result};
-use crate::models::bert::{Folder, SentenceEncoder, padded_batch, pool};
 
 pub struct Augment {
     pub varmap: VarMap,
-    pub model: super::bert::TrainBert,
+    pub model: crate::bert::graph::TrainBert,
     pub folder: Folder,
     pub device: Device,
     /// Tensors of the parent's file that are not trained (BERT's pooler): saved unchanged, so the
@@ -34,7 +34,8 @@ impl Augment {
     pub fn new(folder: Folder, weights: Option<&Path>, device: &Device) -> Result<Augment> {
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
-        let model = super::bert::TrainBert::load(vb, &folder.config).map_err(|e| weights_error(&folder.dir, e))?;
+        let model =
+            crate::bert::graph::TrainBert::load(vb, &folder.config).map_err(|e| weights_error(&folder.dir, e))?;
         let aug = Augment { varmap, model, folder, device: device.clone(), kept: Default::default() };
         if let Some(path) = weights {
             aug.load_weights(path)?;
@@ -92,8 +93,7 @@ impl Augment {
     /// An inference encoder over the current weights (the fast packed path on the CPU).
     pub fn encoder(&self) -> Result<SentenceEncoder> {
         let vb = VarBuilder::from_varmap(&self.varmap, DType::F32, &self.device);
-        SentenceEncoder::with_weights(self.folder.clone(), &vb)
-            .map_err(|e| Error::Other(format!("augment encoder: {e}")))
+        SentenceEncoder::with_weights(self.folder.clone(), &vb).map_err(Error::tensor("building the augment encoder"))
     }
 
     /// Writes a sentence-transformers folder: the parent folder's configuration files, this model's
@@ -110,7 +110,7 @@ impl Augment {
             tensors.insert(name.clone(), var.as_tensor().clone());
         }
         candle_core::safetensors::save(&tensors, &weights)
-            .map_err(|e| Error::Other(format!("{}: {e}", weights.display())))?;
+            .map_err(Error::tensor(format!("saving {}", weights.display())))?;
         let sb = tmp.join("sentence_bert_config.json");
         let mut cfg: serde_json::Value = std::fs::read_to_string(&sb)
             .ok()
@@ -120,7 +120,7 @@ impl Augment {
         std::fs::write(&sb, serde_json::to_vec_pretty(&cfg).expect("json")).map_err(Error::io(&sb))?;
         if !extra.is_empty() {
             let p = tmp.join("optimizer.safetensors");
-            candle_core::safetensors::save(extra, &p).map_err(|e| Error::Other(format!("{}: {e}", p.display())))?;
+            candle_core::safetensors::save(extra, &p).map_err(Error::tensor(format!("saving {}", p.display())))?;
         }
         if let Some(state) = state {
             let p = tmp.join("trainer_state.json");
@@ -195,10 +195,11 @@ pub fn tiny_folder(dir: &Path, words: &[&str]) -> Result<Folder> {
         .vocab(vocab.into_iter().collect())
         .unk_token("[UNK]".into())
         .build()
-        .map_err(|e| Error::Other(e.to_string()))?;
+        .map_err(|e| Error::internal(format!("building a word-level tokenizer: {e}")))?;
     let mut tok = tokenizers::Tokenizer::new(model);
     tok.with_pre_tokenizer(Some(Whitespace {}));
-    tok.save(dir.join("tokenizer.json"), false).map_err(|e| Error::Other(e.to_string()))?;
+    tok.save(dir.join("tokenizer.json"), false)
+        .map_err(|e| Error::internal(format!("saving a tokenizer in {}: {e}", dir.display())))?;
     let config = serde_json::json!({
         "vocab_size": n, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
         "intermediate_size": 32, "hidden_act": "gelu", "hidden_dropout_prob": 0.1,

@@ -1,22 +1,23 @@
-//! A workflow file turned into a checked `Workflow`: schema, `${VAR}`, stage kinds, the DAG.
-//! Loading is pure apart from reading the file and the environment, so `flow validate` runs only this.
+//! What a workflow file says, checked: schema, `${VAR}`, each stage's parameters (by its kind), the DAG.
+//! Loading is pure apart from reading the file and the environment; the kinds are handed in from above.
 
-mod diag;
+pub mod cron;
+mod models;
 pub mod yaml;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-pub use diag::{Diagnostic, Diagnostics, did_you_mean};
+pub use crate::diag::{Diagnostic, Diagnostics, did_you_mean};
+pub use models::{Device, Limits, ModelSpec, Price, Provider, RetryPolicy};
 use yaml::{Node, Span};
 
 use crate::dag;
 use crate::error::{Error, Result};
-use crate::stages::{self, Kind};
 
 /// A checked workflow, with every path made absolute.
 #[derive(Debug, Clone)]
@@ -37,50 +38,45 @@ pub struct Workflow {
 #[derive(Debug, Clone)]
 pub struct StageSpec {
     pub name: String,
-    pub kind: &'static Kind,
+    pub kind: String,
     pub needs: Vec<String>,
-    /// The stage's own parameters (everything but `kind` and `needs`), already checked by its kind.
+    /// The stage's parameters as its kind checked them, every default filled in: what the stage
+    /// fingerprint hashes, so a default that changes between versions of flow redoes the work.
     pub params: Value,
 }
 
 impl StageSpec {
-    /// The parameters as the kind's typed struct; they were checked when the workflow loaded.
+    /// The checked parameters as the kind's typed struct (the type that produced them).
     pub fn params<T: DeserializeOwned>(&self) -> Result<T> {
-        serde_json::from_value(self.params.clone())
-            .map_err(|e| Error::Other(format!("stage '{}': parameters: {e}", self.name)))
+        serde_json::from_value(self.params.clone()).map_err(|e| Error::Internal {
+            what: format!(
+                "stage `{}`: its checked parameters do not read back as {}: {e}",
+                self.name,
+                std::any::type_name::<T>()
+            ),
+        })
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Provider {
-    Local,
-    Openai,
+/// The stage kinds a workflow may use, as the loader sees them. The kinds themselves live above
+/// this layer (in `stages`), which hands them in.
+pub trait Kinds {
+    fn names(&self) -> Vec<&'static str>;
+    /// Checks a stage's parameters with no I/O: all of them with every default filled in, or every
+    /// problem found. None when no kind has this name.
+    fn check(&self, kind: &str, cx: &CheckCtx) -> Option<Checked>;
 }
 
-/// One entry of `models:`: where an LLM or embedding comes from.
-#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct ModelSpec {
-    pub provider: Option<Provider>,
-    /// A model name: a folder, `$FLOW_MODELS/<name>`, a Hugging Face id, or an API model id.
-    pub model: Option<String>,
-    /// For trainable models: the model to start from.
-    pub init: Option<String>,
-    pub base_url: Option<String>,
-    pub api_key_env: Option<String>,
-    pub max_seq_length: Option<usize>,
-    /// Rate limits for this endpoint: requests/min, tokens/min, requests in flight.
-    #[serde(default)]
-    pub limits: crate::llm::limiter::Limits,
-    #[serde(default)]
-    pub retry: crate::llm::retry::RetryPolicy,
-    /// Per-request timeout in seconds (default 60).
-    pub timeout_s: Option<f64>,
-    /// Ask for `response_format: json_schema` (default true); set false for servers that reject it.
-    pub json_schema: Option<bool>,
-    /// Dollars per million prompt / completion tokens, for cost accounting.
-    pub price: Option<crate::llm::client::Price>,
+/// A kind's verdict on a stage's parameters.
+pub type Checked = std::result::Result<Value, Vec<Diagnostic>>;
+
+/// The verdict for typed parameters `p` that passed with `diags` found: the canonical parameters
+/// (serialised back, so every default is written out) when nothing was found.
+pub fn checked<T: Serialize>(p: &T, diags: Vec<Diagnostic>) -> Checked {
+    if !diags.is_empty() {
+        return Err(diags);
+    }
+    serde_json::to_value(p).map_err(|e| vec![Diagnostic::new(Span::default(), format!("parameters: {e}"))])
 }
 
 #[derive(Deserialize)]
@@ -108,8 +104,8 @@ pub struct CheckCtx<'a> {
     pub models: &'a BTreeMap<String, ModelSpec>,
 }
 
-/// Reads, parses and checks a workflow file, reporting every problem found.
-pub fn load(path: &Path) -> Result<Workflow> {
+/// Reads, parses and checks a workflow file against `kinds`, reporting every problem found.
+pub fn load(path: &Path, kinds: &dyn Kinds) -> Result<Workflow> {
     let source = std::fs::read_to_string(path).map_err(|e| {
         Error::bad_input(
             format!("cannot read workflow {}: {e}", path.display()),
@@ -137,7 +133,7 @@ pub fn load(path: &Path) -> Result<Workflow> {
     };
     let mut diags = Vec::new();
     expand_env(&mut root, &mut diags);
-    let wf = check(&root, &abs, &mut diags);
+    let wf = check(&root, &abs, kinds, &mut diags);
     if !diags.is_empty() {
         diags.sort_by_key(|d| (d.span.line, d.span.col));
         return Err(fail(diags));
@@ -145,7 +141,7 @@ pub fn load(path: &Path) -> Result<Workflow> {
     Ok(wf.expect("a workflow with no problems is built"))
 }
 
-fn check(root: &Node, abs: &Path, diags: &mut Vec<Diagnostic>) -> Option<Workflow> {
+fn check(root: &Node, abs: &Path, kinds: &dyn Kinds, diags: &mut Vec<Diagnostic>) -> Option<Workflow> {
     let Node::Map { .. } = root else {
         diags.push(
             Diagnostic::new(root.span(), format!("the workflow must be a mapping, found {}", root.type_name()))
@@ -157,7 +153,7 @@ fn check(root: &Node, abs: &Path, diags: &mut Vec<Diagnostic>) -> Option<Workflo
     let top = top?;
 
     if let Some(expr) = &top.schedule
-        && let Err(e) = crate::schedule::parse(expr, None)
+        && let Err(e) = cron::parse(expr, None)
     {
         let span = root.get("schedule").map(Node::span).unwrap_or_default();
         diags.push(
@@ -190,7 +186,7 @@ fn check(root: &Node, abs: &Path, diags: &mut Vec<Diagnostic>) -> Option<Workflo
     for (name, raw) in &top.stages {
         let node = stages_node.get(name)?;
         let key_span = stages_node.key_span(name).unwrap_or_default();
-        if let Some(spec) = check_stage(name, raw, node, key_span, &top.models, diags) {
+        if let Some(spec) = check_stage(name, raw, node, key_span, &top.models, kinds, diags) {
             stages.insert(name.clone(), spec);
         }
     }
@@ -261,6 +257,7 @@ fn check_stage(
     node: &Node,
     key_span: Span,
     models: &BTreeMap<String, ModelSpec>,
+    kinds: &dyn Kinds,
     diags: &mut Vec<Diagnostic>,
 ) -> Option<StageSpec> {
     let Value::Object(map) = raw else {
@@ -275,11 +272,13 @@ fn check_stage(
         Some(Value::String(k)) => k,
         Some(_) => {
             let span = node.get("kind").map(Node::span).unwrap_or(key_span);
-            diags.push(Diagnostic::new(span, format!("stage `{name}`: `kind` must be a string")).hint(kinds_hint()));
+            diags.push(
+                Diagnostic::new(span, format!("stage `{name}`: `kind` must be a string")).hint(kinds_hint(kinds)),
+            );
             return None;
         }
         None => {
-            diags.push(Diagnostic::new(key_span, format!("stage `{name}` has no `kind`")).hint(kinds_hint()));
+            diags.push(Diagnostic::new(key_span, format!("stage `{name}` has no `kind`")).hint(kinds_hint(kinds)));
             return None;
         }
     };
@@ -298,24 +297,29 @@ fn check_stage(
             Vec::new()
         }
     };
-    let Some(kind) = stages::kind(&kind_name) else {
+    let params = Value::Object(params);
+    let cx = CheckCtx { stage: name, node, params, models };
+    let Some(verdict) = kinds.check(&kind_name, &cx) else {
         let span = node.get("kind").map(Node::span).unwrap_or(key_span);
         let mut d = Diagnostic::new(span, format!("stage `{name}`: unknown kind `{kind_name}`"));
-        d = match did_you_mean(&kind_name, stages::KINDS.iter().map(|k| k.name)) {
-            Some(s) => d.hint(format!("did you mean `{s}`? {}", kinds_hint())),
-            None => d.hint(kinds_hint()),
+        d = match did_you_mean(&kind_name, kinds.names()) {
+            Some(s) => d.hint(format!("did you mean `{s}`? {}", kinds_hint(kinds))),
+            None => d.hint(kinds_hint(kinds)),
         };
         diags.push(d);
         return None;
     };
-    let params = Value::Object(params);
-    let before = diags.len();
-    diags.extend((kind.check)(&CheckCtx { stage: name, node, params: params.clone(), models }));
-    (diags.len() == before).then(|| StageSpec { name: name.to_string(), kind, needs, params })
+    match verdict {
+        Ok(params) => Some(StageSpec { name: name.to_string(), kind: kind_name, needs, params }),
+        Err(found) => {
+            diags.extend(found);
+            None
+        }
+    }
 }
 
-fn kinds_hint() -> String {
-    format!("stage kinds: {}", stages::KINDS.iter().map(|k| k.name).collect::<Vec<_>>().join(", "))
+fn kinds_hint(kinds: &dyn Kinds) -> String {
+    format!("stage kinds: {}", kinds.names().join(", "))
 }
 
 /// Deserialises `value` into `T`, turning every serde error into a diagnostic at the right place.

@@ -6,18 +6,11 @@ use std::collections::BTreeMap;
 use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
 use yaml_rust2::scanner::{Marker, TScalarStyle};
 
-/// A 1-based line and column in the workflow file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Span {
-    pub line: usize,
-    pub col: usize,
-}
+pub use crate::diag::Span;
 
-impl From<Marker> for Span {
-    fn from(m: Marker) -> Self {
-        // yaml-rust2 counts lines from 1 and columns from 0.
-        Span { line: m.line(), col: m.col() + 1 }
-    }
+fn span(m: Marker) -> Span {
+    // yaml-rust2 counts lines from 1 and columns from 0.
+    Span { line: m.line(), col: m.col() + 1 }
 }
 
 #[derive(Debug, Clone)]
@@ -133,7 +126,7 @@ pub fn parse(src: &str) -> Result<Option<Node>, SyntaxError> {
     let mut parser = Parser::new_from_str(src);
     parser
         .load(&mut builder, false)
-        .map_err(|e| SyntaxError { message: e.info().to_string(), span: (*e.marker()).into() })?;
+        .map_err(|e| SyntaxError { message: e.info().to_string(), span: span(*e.marker()) })?;
     if let Some(err) = builder.error {
         return Err(err);
     }
@@ -194,7 +187,7 @@ impl Builder {
 
 impl MarkedEventReceiver for Builder {
     fn on_event(&mut self, ev: Event, mark: Marker) {
-        let span = Span::from(mark);
+        let span = span(mark);
         match ev {
             Event::Scalar(value, style, anchor, _tag) => {
                 let node = Node::Scalar { value, plain: style == TScalarStyle::Plain, span };

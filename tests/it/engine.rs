@@ -328,3 +328,22 @@ fn model_names_resolve_through_the_hugging_face_cache() {
     assert_eq!(r.code, 0, "{}", r.all());
     assert!(sb.db("t.db").scalar("SELECT COUNT(*) FROM chunks") > 0);
 }
+
+#[test]
+fn the_fingerprint_covers_defaults_so_a_changed_default_reruns() {
+    let sb = Sandbox::new();
+    small_corpus(&sb, 3);
+    // `overlap` left out: the stage runs with its default (32) and the fingerprint hashes that value.
+    sb.write("wf.yaml", workflow("  chunk: { kind: chunk, corpus: docs, max_tokens: 64 }\n"));
+    assert_eq!(sb.flow(&["run", "wf.yaml"]).code, 0);
+    // Writing the default out is the same setting: up to date.
+    sb.write("wf.yaml", workflow("  chunk: { kind: chunk, corpus: docs, max_tokens: 64, overlap: 32 }\n"));
+    let same = sb.flow(&["run", "wf.yaml"]);
+    assert_eq!(same.code, 0, "{}", same.all());
+    assert_eq!(stage(&status_json(&sb), "chunk")["status"], "up_to_date", "{}", same.all());
+    // A different value, as a new default would be, runs the stage again.
+    sb.write("wf.yaml", workflow("  chunk: { kind: chunk, corpus: docs, max_tokens: 64, overlap: 16 }\n"));
+    let changed = sb.flow(&["run", "wf.yaml"]);
+    assert_eq!(changed.code, 0, "{}", changed.all());
+    assert_eq!(stage(&status_json(&sb), "chunk")["status"], "succeeded", "{}", changed.all());
+}

@@ -266,7 +266,7 @@ fn embeddings_through_the_client_with_retries_and_cache() {
     let srv = server::start(Config { transient_faults: true, ..Config::default() });
     let sb = Sandbox::new();
     sb.write("wf.yaml", workflow(&srv.base_url(), "", ""));
-    let wf = flow::workflow::load(&sb.path("wf.yaml")).unwrap();
+    let wf = flow::stages::load_workflow(&sb.path("wf.yaml")).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let store = flow::store::Store::open(&sb.path("t.db")).await.unwrap();

@@ -3,9 +3,9 @@
 
 use std::path::PathBuf;
 
+use flow::bert::SentenceEncoder;
 use flow::llm::Message;
 use flow::llm::local::Engine;
-use flow::models::bert::SentenceEncoder;
 
 fn gguf() -> PathBuf {
     crate::harness::models_dir().join("smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -17,8 +17,8 @@ fn minilm() -> PathBuf {
 
 #[test]
 fn gguf_tokenizer_round_trips_and_maps_special_tokens() {
-    let (content, _) = flow::models::gguf::read(&gguf()).unwrap();
-    let tok = flow::models::gguf::tokenizer(&content, &gguf()).unwrap();
+    let (content, _) = flow::llm::gguf::read(&gguf()).unwrap();
+    let tok = flow::llm::gguf::tokenizer(&content, &gguf()).unwrap();
     let samples = [
         "Net revenue rose 12.5% to $2,486.4 million in fiscal 2025.",
         "  leading spaces, trailing tabs\t\t\nand newlines\n\n",
@@ -41,17 +41,17 @@ fn gguf_tokenizer_round_trips_and_maps_special_tokens() {
         assert_eq!(tokens[id as usize].to_string().unwrap(), name);
         assert_eq!(tok.encode(format!("a{name}b"), false).unwrap().get_ids().len(), 3, "{name} is one token");
     }
-    assert_eq!(flow::models::gguf::token_id(&content, "tokenizer.ggml.bos_token_id"), Some(1));
-    assert_eq!(flow::models::gguf::token_id(&content, "tokenizer.ggml.eos_token_id"), Some(2));
+    assert_eq!(flow::llm::gguf::token_id(&content, "tokenizer.ggml.bos_token_id"), Some(1));
+    assert_eq!(flow::llm::gguf::token_id(&content, "tokenizer.ggml.eos_token_id"), Some(2));
     assert_eq!(tok.token_to_id("<|im_start|>"), Some(1));
     assert_eq!(tok.token_to_id("<|im_end|>"), Some(2));
 }
 
 #[test]
 fn chat_template_renders_a_known_conversation_exactly() {
-    let (content, _) = flow::models::gguf::read(&gguf()).unwrap();
-    let tok = flow::models::gguf::tokenizer(&content, &gguf()).unwrap();
-    let t = flow::models::gguf::ChatTemplate::from_gguf(&content, &gguf(), &tok).unwrap();
+    let (content, _) = flow::llm::gguf::read(&gguf()).unwrap();
+    let tok = flow::llm::gguf::tokenizer(&content, &gguf()).unwrap();
+    let t = flow::llm::gguf::ChatTemplate::from_gguf(&content, &gguf(), &tok).unwrap();
     let with_system = t.render(&[Message::system("You answer briefly."), Message::user("What is 2+2?")]).unwrap();
     assert_eq!(
         with_system,
@@ -66,7 +66,7 @@ fn chat_template_renders_a_known_conversation_exactly() {
 
 #[test]
 fn seeded_generation_is_reproducible_and_stops_at_end_of_turn() {
-    let mut e = Engine::load(&gguf()).unwrap();
+    let mut e = Engine::load(&gguf(), &candle_core::Device::Cpu).unwrap();
     let prompt = "<|im_start|>user\nWrite one question that is answered by this text.\n\nNorthwind Harbor's Cold Chain Logistics segment had revenue of $742.8 million in fiscal 2025.<|im_end|>\n<|im_start|>assistant\n";
     let greedy1 = e.generate(prompt, 40, None, None, 0, None).unwrap();
     let greedy2 = e.generate(prompt, 40, Some(0.0), None, 7, None).unwrap();
@@ -113,11 +113,11 @@ fn bad_model_files_name_the_file_and_what_was_expected() {
     // A truncated GGUF.
     let bytes = std::fs::read(gguf()).unwrap();
     sb.write("bad/model.gguf", &bytes[..4096]);
-    let err = Engine::load(&sb.path("bad/model.gguf")).err().unwrap().to_string();
+    let err = Engine::load(&sb.path("bad/model.gguf"), &candle_core::Device::Cpu).err().unwrap().to_string();
     assert!(err.contains("bad/model.gguf") && err.contains("GGUF"), "{err}");
     // Not a GGUF at all.
     sb.write("bad/text.gguf", "hello");
-    let err = Engine::load(&sb.path("bad/text.gguf")).err().unwrap().to_string();
+    let err = Engine::load(&sb.path("bad/text.gguf"), &candle_core::Device::Cpu).err().unwrap().to_string();
     assert!(err.contains("text.gguf") && err.contains("not a readable GGUF"), "{err}");
     // A BERT folder without weights, and one whose weights do not match its config.
     for f in ["config.json", "tokenizer.json", "modules.json", "1_Pooling/config.json"] {

@@ -1,9 +1,11 @@
-//! Integration tests: each runs the real `flow` binary on a temporary folder.
+//! Integration tests: most run the real `flow` binary on a temporary folder; some call the library
+//! directly (local models, the loopback server), and `layers` reads the source.
 
 mod chunk;
 mod engine;
 mod eval;
 mod harness;
+mod layers;
 mod llm;
 mod local;
 #[path = "../support/openai_server.rs"]

@@ -118,6 +118,11 @@ impl ChatTemplate {
         t.render(minijinja::context! {
             messages => messages, add_generation_prompt => true, bos_token => self.bos, eos_token => self.eos,
         })
-        .map_err(|e| Error::Other(format!("rendering the model's chat template: {e}")))
+        .map_err(|e| {
+            Error::bad_input(
+                format!("the model's chat template (in its GGUF metadata) cannot be rendered: {e}"),
+                "use a GGUF whose `tokenizer.chat_template` is a Jinja template, such as the default model (`flow models pull`)",
+            )
+        })
     }
 }

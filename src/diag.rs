@@ -1,10 +1,15 @@
 //! Problems found in a workflow file, printed the way `just` prints them: message, place, the line, a caret.
-//! All problems are collected first so a user fixes a file in one pass.
+//! The bottom layer: every other module may report a `Diagnostic`; this one imports none of them.
 
 use std::fmt;
 use std::path::PathBuf;
 
-use super::yaml::Span;
+/// A 1-based line and column in the workflow file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Span {
+    pub line: usize,
+    pub col: usize,
+}
 
 #[derive(Debug, Clone)]
 pub struct Diagnostic {

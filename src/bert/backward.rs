@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use candle_transformers::models::bert::HiddenAct;
 use rayon::prelude::*;
 
-use crate::models::bert_cpu::{
+use crate::bert::packed::{
     self as k, CpuBert, ROWS_PER_TASK, SharedMut, activate, attention, layer_norm_rows, linear, matmul, prob_offsets,
 };
 
@@ -251,8 +251,8 @@ pub fn backward(m: &CpuBert, tape: &Tape, mut dy: Vec<f32>) -> FlatGrads {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::models::bert_cpu::test_support::{padded, random_bert};
-    use crate::train::bert::TrainBert;
+    use crate::bert::graph::TrainBert;
+    use crate::bert::packed::test_support::{padded, random_bert};
     use candle_core::{Device, Tensor};
     use candle_transformers::models::bert::Config;
 

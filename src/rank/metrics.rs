@@ -3,6 +3,17 @@
 
 use std::collections::{BTreeMap, HashSet};
 
+/// The metric columns people read, in order.
+pub const COLUMNS: &[(&str, &str)] = &[
+    ("recall@1", "R@1"),
+    ("recall@5", "R@5"),
+    ("recall@10", "R@10"),
+    ("recall@100", "R@100"),
+    ("ndcg@10", "nDCG@10"),
+    ("mrr@10", "MRR@10"),
+    ("map@100", "MAP@100"),
+];
+
 /// The cut-offs eval_recall stores for every retriever (the report draws Recall@k over them).
 pub const KS: &[usize] = &[1, 3, 5, 10, 20, 50, 100];
 

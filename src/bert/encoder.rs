@@ -11,7 +11,7 @@ use candle_transformers::models::bert::{BertModel, Config};
 use serde::Deserialize;
 use tokenizers::{Tokenizer, TruncationParams};
 
-use super::bert_cpu::{CpuBert, Scratch};
+use super::packed::{CpuBert, Scratch};
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,7 +129,12 @@ impl Folder {
         // max_seq_length and pad each batch ourselves.
         tokenizer
             .with_truncation(Some(TruncationParams { max_length: max_seq_length, ..Default::default() }))
-            .map_err(|e| Error::Other(e.to_string()))?;
+            .map_err(|e| {
+                Error::bad_input(
+                    format!("{}: cannot truncate at {max_seq_length}: {e}", tok_path.display()),
+                    "set a smaller `max_seq_length`",
+                )
+            })?;
         tokenizer.with_padding(None);
 
         Ok(Folder { dir: dir.to_path_buf(), config, tokenizer, pooling, normalize, max_seq_length })
@@ -189,7 +194,7 @@ impl SentenceEncoder {
         let encodings = self
             .tokenizer
             .encode_batch(texts.iter().map(String::as_str).collect::<Vec<_>>(), true)
-            .map_err(|e| Error::Other(format!("tokenizer: {e}")))?;
+            .map_err(|e| Error::internal(format!("tokenizing a batch: {e}")))?;
         let mut order: Vec<usize> = (0..texts.len()).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(encodings[i].get_ids().len()));
         let mut out = vec![Vec::new(); texts.len()];
@@ -199,7 +204,7 @@ impl SentenceEncoder {
                 Backend::Cpu(model, scratch) => self.forward_cpu(model, scratch, &seqs),
                 Backend::Device(model) => self.forward_device(model, &seqs),
             }
-            .map_err(|e| Error::Other(format!("BERT forward: {e}")))?;
+            .map_err(Error::tensor("the BERT forward pass"))?;
             for (row, &i) in vectors.into_iter().zip(batch) {
                 out[i] = row;
             }

@@ -479,7 +479,7 @@ pub(crate) mod test_support {
     pub fn random_bert(config: &Config, spread: f32) -> (VarMap, VarBuilder<'static>) {
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-        crate::train::bert::TrainBert::load(vb.clone(), config).unwrap();
+        crate::bert::graph::TrainBert::load(vb.clone(), config).unwrap();
         for var in varmap.all_vars() {
             let t = var.as_tensor();
             var.set(&(t + Tensor::randn(0f32, spread, t.shape(), &Device::Cpu).unwrap()).unwrap()).unwrap();
@@ -559,7 +559,7 @@ mod tests {
             let want = reference.forward(&ids_t, &ids_t.zeros_like().unwrap(), Some(&mask_t)).unwrap();
             let want: Vec<Vec<Vec<f32>>> = want.to_vec3().unwrap();
             // The training graph reads the same parameters and must agree too.
-            let graph = crate::train::bert::TrainBert::load(vb.clone(), &config).unwrap();
+            let graph = crate::bert::graph::TrainBert::load(vb.clone(), &config).unwrap();
             let trained: Vec<Vec<Vec<f32>>> = graph.forward(&ids_t, &mask_t).unwrap().to_vec3().unwrap();
             for (s, &n) in lens.iter().enumerate() {
                 for p in 0..n {

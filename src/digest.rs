@@ -1,0 +1,22 @@
+//! Content hashes: the sha256 that keys documents, chunks, requests and fingerprints everywhere.
+//! At the bottom of the layers so that any module may hash without importing the store.
+
+use std::path::Path;
+
+/// The sha256 of a file's contents, or "unreadable: why" (so a fingerprint still changes when a
+/// file becomes unreadable, and the stage that reads it reports the error).
+pub fn sha256_file(path: &Path) -> String {
+    std::fs::read(path).map(|b| sha256_hex(&b)).unwrap_or_else(|e| format!("unreadable: {e}"))
+}
+
+/// Hex sha256, the content hash used throughout the store.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(bytes);
+    let mut s = String::with_capacity(64);
+    for b in digest {
+        use std::fmt::Write;
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}

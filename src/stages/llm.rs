@@ -1,0 +1,292 @@
+//! What every LLM stage (generate, judge, eval_rag) shares: its common parameters, their checks,
+//! the chat start-up per item, the usage written every 2 s, and the verdict on failed items.
+//! A new LLM stage is then its prompt, its parsing and its table.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::StageCtx;
+use crate::error::Result;
+use crate::llm::{self, ChatDone, ChatProvider, ChatRequest, GenParams, LlmClient, LlmFailure, Message};
+use crate::progress::StageProgress;
+use crate::prompt::Template;
+use crate::store::runs::{self, UsageSnapshot};
+use crate::workflow::{CheckCtx, Diagnostic, Workflow};
+
+/// Declares an LLM stage's parameters: its own fields, then the ones every LLM stage shares
+/// (`model`, `system`, sampling, `max_failures`) with the stage's defaults. The YAML stays flat
+/// and unknown keys stay errors, which `#[serde(flatten)]` would give up.
+macro_rules! llm_params {
+    (
+        defaults { temperature: $temp:expr, max_tokens: $max_tokens:expr, max_failures: $max_failures:expr $(,)? }
+        $(#[$meta:meta])*
+        pub struct $name:ident { $($(#[$fmeta:meta])* pub $field:ident : $ty:ty,)* }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct $name {
+            $($(#[$fmeta])* pub $field: $ty,)*
+            /// The key in `models:` of the LLM to use.
+            #[serde(default = "crate::stages::llm::default_model")]
+            pub model: String,
+            #[serde(default)]
+            pub system: Option<String>,
+            #[serde(default)]
+            pub temperature: Option<f32>,
+            #[serde(default)]
+            pub top_p: Option<f32>,
+            #[serde(default)]
+            pub max_tokens: Option<u32>,
+            #[serde(default)]
+            pub seed: Option<u64>,
+            /// Local models only: penalty for repeating recent tokens (1.0 = none).
+            #[serde(default)]
+            pub repeat_penalty: Option<f32>,
+            /// The share of items that may fail while the stage still succeeds (with a warning).
+            #[serde(default)]
+            pub max_failures: Option<f64>,
+        }
+
+        impl $name {
+            /// The shared parameters, the stage's defaults filled in.
+            pub fn llm(&self) -> crate::stages::llm::LlmParams {
+                crate::stages::llm::LlmParams {
+                    model: self.model.clone(),
+                    system: self.system.clone(),
+                    temperature: self.temperature.unwrap_or($temp),
+                    top_p: self.top_p,
+                    max_tokens: self.max_tokens.unwrap_or($max_tokens),
+                    seed: self.seed,
+                    repeat_penalty: self.repeat_penalty,
+                    max_failures: self.max_failures.unwrap_or($max_failures),
+                }
+            }
+
+            /// Writes the defaults into the parameters, so the checked (fingerprinted) ones show them.
+            pub fn fill_defaults(&mut self) {
+                let l = self.llm();
+                self.temperature = Some(l.temperature);
+                self.max_tokens = Some(l.max_tokens);
+                self.max_failures = Some(l.max_failures);
+            }
+        }
+    };
+}
+pub(crate) use llm_params;
+
+pub fn default_model() -> String {
+    "llm".into()
+}
+
+/// The parameters every LLM stage has, with its defaults applied.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LlmParams {
+    pub model: String,
+    pub system: Option<String>,
+    pub temperature: f32,
+    pub top_p: Option<f32>,
+    pub max_tokens: u32,
+    pub seed: Option<u64>,
+    pub repeat_penalty: Option<f32>,
+    pub max_failures: f64,
+}
+
+impl LlmParams {
+    /// Sampling settings of each request; `max_tokens` where a stage's second call has its own.
+    pub fn gen_params(&self, max_tokens: Option<u32>) -> GenParams {
+        GenParams {
+            temperature: Some(self.temperature),
+            top_p: self.top_p,
+            max_tokens: Some(max_tokens.unwrap_or(self.max_tokens)),
+            seed: self.seed,
+            repeat_penalty: self.repeat_penalty,
+        }
+    }
+
+    /// Checks shared by the LLM stages: the model key exists and max_failures is a share.
+    pub fn check(&self, cx: &CheckCtx, diags: &mut Vec<Diagnostic>) {
+        check_model(cx, &self.model, diags);
+        if !(0.0..=1.0).contains(&self.max_failures) {
+            diags.push(
+                Diagnostic::new(
+                    at(cx, "max_failures"),
+                    format!("stage `{}`: max_failures is a share from 0 to 1", cx.stage),
+                )
+                .hint("0.02 lets 2% of items fail with a warning"),
+            );
+        }
+    }
+}
+
+fn at(cx: &CheckCtx, key: &str) -> crate::diag::Span {
+    cx.node.get(key).map(|n| n.span()).unwrap_or(cx.node.span())
+}
+
+/// A `models:` key an LLM stage names must be defined.
+pub fn check_model(cx: &CheckCtx, model: &str, diags: &mut Vec<Diagnostic>) {
+    if !cx.models.contains_key(model) {
+        diags.push(
+            Diagnostic::new(
+                at(cx, "model"),
+                format!("stage `{}` uses `models.{model}`, which is not defined", cx.stage),
+            )
+            .hint(format!("add `{model}: {{ provider: openai, model: gpt-4o-mini }}` under `models:`")),
+        );
+    }
+}
+
+/// What an LLM stage sends for one item: the rendered prompt as one chat request.
+pub struct Prompted<'a> {
+    pub template: &'a Template,
+    pub system: Option<&'a str>,
+    pub params: &'a GenParams,
+    /// The JSON schema asked for (name, schema).
+    pub schema: (&'a str, &'a Value),
+}
+
+/// One chat result per item id: the answer (or why it failed), or a store error.
+pub type ChatResult = (i64, Result<std::result::Result<ChatDone, LlmFailure>>);
+
+/// One model's chat for one stage run: the provider, a client whose calls are accounted to this
+/// stage run (cache, shared limits, retries), and when its usage was last written.
+pub struct Chat {
+    pub provider: Arc<dyn ChatProvider>,
+    pub client: Arc<LlmClient>,
+}
+
+impl Chat {
+    pub fn start(wf: &Workflow, model_key: &str, provider: Arc<dyn ChatProvider>, ctx: &StageCtx) -> Result<Chat> {
+        let client = llm::client(wf, model_key, provider.identity(), &ctx.store, ctx.run_id, &ctx.spec.name)?;
+        Ok(Chat { provider, client: Arc::new(client) })
+    }
+
+    /// Renders a request per item (id, template variables) and starts them, at most `window` at a
+    /// time; results arrive as they finish. A template error stops the stage before any call.
+    pub fn send(
+        &self,
+        items: Vec<(i64, Value)>,
+        how: &Prompted,
+        window: usize,
+    ) -> Result<tokio::sync::mpsc::Receiver<ChatResult>> {
+        let mut requests = Vec::with_capacity(items.len());
+        for (id, vars) in items {
+            let mut messages = Vec::new();
+            if let Some(s) = how.system {
+                messages.push(Message::system(s));
+            }
+            messages.push(Message::user(how.template.render(vars)?));
+            let json_schema = Some((how.schema.0.to_string(), how.schema.1.clone()));
+            requests.push((id, ChatRequest { messages, params: how.params.clone(), json_schema }));
+        }
+        let (client, provider) = (self.client.clone(), self.provider.clone());
+        Ok(spawn_items(requests, window, move |(id, req): (i64, ChatRequest)| {
+            let (client, provider) = (client.clone(), provider.clone());
+            async move { (id, client.chat(provider.as_ref(), &req).await) }
+        }))
+    }
+
+    pub fn usage(&self) -> UsageSnapshot {
+        self.client.usage()
+    }
+}
+
+/// Runs `work` on each item as its own task, at most `window` at a time, and returns the results
+/// in completion order. Separate tasks keep making progress (and release their store connections)
+/// while the caller awaits its own writes.
+pub fn spawn_items<I, R, F, Fut>(items: Vec<I>, window: usize, work: F) -> tokio::sync::mpsc::Receiver<R>
+where
+    I: Send + 'static,
+    R: Send + 'static,
+    F: Fn(I) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = R> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(window.max(1));
+    let work = Arc::new(work);
+    let gate = Arc::new(tokio::sync::Semaphore::new(window.max(1)));
+    tokio::spawn(async move {
+        for item in items {
+            let Ok(permit) = gate.clone().acquire_owned().await else { return };
+            let (tx, work) = (tx.clone(), work.clone());
+            tokio::spawn(async move {
+                let r = work(item).await;
+                let _ = tx.send(r).await;
+                drop(permit);
+            });
+        }
+    });
+    rx
+}
+
+/// Writes a stage run's LLM usage so `flow status` can follow a live run: at most every 2 s while
+/// items come in, and once at the end.
+pub struct UsageWriter {
+    last: Instant,
+}
+
+impl Default for UsageWriter {
+    fn default() -> Self {
+        UsageWriter { last: Instant::now() }
+    }
+}
+
+impl UsageWriter {
+    pub async fn tick(&mut self, ctx: &StageCtx, usage: impl FnOnce() -> UsageSnapshot) -> Result<()> {
+        if self.last.elapsed() > Duration::from_secs(2) {
+            runs::set_llm_usage(&ctx.store, ctx.stage_run_id, &usage()).await?;
+            self.last = Instant::now();
+        }
+        Ok(())
+    }
+
+    pub async fn finish(self, ctx: &StageCtx, usage: UsageSnapshot) -> Result<UsageSnapshot> {
+        runs::set_llm_usage(&ctx.store, ctx.stage_run_id, &usage).await?;
+        Ok(usage)
+    }
+}
+
+/// Failed items end the stage failed unless they are within `max_failures` of all items.
+pub fn failure_verdict(
+    failed: u64,
+    total: u64,
+    max_failures: f64,
+    first_error: Option<String>,
+    progress: &StageProgress,
+) -> Option<String> {
+    if failed == 0 {
+        return None;
+    }
+    let msg = format!("{failed} of {total} items failed (first: {})", first_error.unwrap_or_default());
+    if (failed as f64) <= max_failures * total as f64 {
+        progress.log(&format!("warning: {msg}; within max_failures = {max_failures}"));
+        None
+    } else {
+        Some(format!("{msg}; `flow resume` retries only the failed items"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    llm_params! {
+        defaults { temperature: 0.7, max_tokens: 256, max_failures: 0.0 }
+        pub struct Sample {
+            #[serde(default)]
+            pub per_chunk: u32,
+        }
+    }
+
+    #[test]
+    fn shared_parameters_take_the_stage_defaults_and_fill_them_in() {
+        let mut p: Sample = serde_json::from_value(serde_json::json!({ "temperature": 0.2 })).unwrap();
+        assert_eq!((p.llm().temperature, p.llm().max_tokens, p.llm().model.as_str()), (0.2, 256, "llm"));
+        p.fill_defaults();
+        let v = serde_json::to_value(&p).unwrap();
+        assert_eq!(v["max_tokens"], 256);
+        assert_eq!(v["max_failures"], 0.0);
+        let err = serde_json::from_value::<Sample>(serde_json::json!({ "temprature": 0.2 })).unwrap_err();
+        assert!(err.to_string().contains("unknown field `temprature`"), "{err}");
+    }
+}

@@ -1,0 +1,151 @@
+//! What a train stage's YAML says: the training settings with their defaults filled in.
+//! Read by the train stage, and by the eval stages that reproduce its split (so no default is copied).
+
+use serde::{Deserialize, Serialize};
+
+use super::Retriever;
+use crate::workflow::Device;
+
+/// The kind name of the stage these parameters belong to.
+pub const KIND_NAME: &str = "train";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Params {
+    #[serde(default = "default_retriever")]
+    pub retriever: Retriever,
+    /// `models:` keys of the black box and of the trainable augment (`init:` its starting folder).
+    #[serde(default = "default_black_box")]
+    pub black_box: String,
+    #[serde(default = "default_augment")]
+    pub augment: String,
+    /// A BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv) to learn from, relative to the workflow.
+    #[serde(default)]
+    pub beir: Option<String>,
+    #[serde(default = "default_split")]
+    pub split: String,
+    /// Learn from the accepted pairs in the store (default: when the stage needs another stage).
+    #[serde(default)]
+    pub pairs: Option<bool>,
+    #[serde(default = "default_epochs")]
+    pub epochs: usize,
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
+    #[serde(default = "default_lr")]
+    pub lr: f64,
+    #[serde(default = "default_warmup")]
+    pub warmup: f64,
+    #[serde(default = "default_weight_decay")]
+    pub weight_decay: f64,
+    #[serde(default = "default_clip")]
+    pub max_grad_norm: f64,
+    #[serde(default = "default_one")]
+    pub grad_accum: usize,
+    #[serde(default = "default_scale")]
+    pub scale: f64,
+    /// w in concat(n(bb), w * n(aug)).
+    #[serde(default = "default_weight")]
+    pub weight: f64,
+    /// Hard negatives per pair mined with the black box (0 = in-batch negatives only).
+    #[serde(default)]
+    pub hard_negatives: usize,
+    /// A mined negative must score at least this much below the positive (guards against false negatives).
+    #[serde(default = "default_margin")]
+    pub negative_margin: f64,
+    #[serde(default = "default_val")]
+    pub val_fraction: f64,
+    #[serde(default = "default_patience")]
+    pub patience: usize,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    #[serde(default = "default_checkpoint_every")]
+    pub checkpoint_every: u64,
+    /// Where training runs; default `models.<augment>.device` (auto).
+    #[serde(default)]
+    pub device: Option<Device>,
+    /// Start from the promoted model of this stage when there is one (a refresh continues training),
+    /// or always from `models.<augment>.init` (`base`: retrain from scratch).
+    #[serde(default)]
+    pub init_from: InitFrom,
+    /// auto (bf16 matrix products on a GPU, f32 on the CPU) | f32 | bf16
+    #[serde(default)]
+    pub precision: Precision,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    #[default]
+    Auto,
+    F32,
+    Bf16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InitFrom {
+    #[default]
+    Promoted,
+    Base,
+}
+
+fn default_retriever() -> Retriever {
+    Retriever::Mafin
+}
+fn default_black_box() -> String {
+    "black_box".into()
+}
+fn default_augment() -> String {
+    "augment".into()
+}
+fn default_split() -> String {
+    "train".into()
+}
+fn default_epochs() -> usize {
+    1
+}
+fn default_batch() -> usize {
+    32
+}
+fn default_lr() -> f64 {
+    2e-5
+}
+fn default_warmup() -> f64 {
+    0.1
+}
+fn default_weight_decay() -> f64 {
+    0.01
+}
+fn default_clip() -> f64 {
+    1.0
+}
+fn default_one() -> usize {
+    1
+}
+fn default_scale() -> f64 {
+    20.0
+}
+fn default_weight() -> f64 {
+    0.5
+}
+fn default_margin() -> f64 {
+    0.05
+}
+fn default_val() -> f64 {
+    0.1
+}
+fn default_patience() -> usize {
+    2
+}
+fn default_seed() -> u64 {
+    42
+}
+fn default_checkpoint_every() -> u64 {
+    50
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        serde_json::from_value(serde_json::json!({})).expect("every train parameter has a default")
+    }
+}
