@@ -34,6 +34,13 @@ pub enum Error {
     #[error("store {path}: {source}")]
     Store { path: PathBuf, source: sqlx::Error },
 
+    /// A store file that SQLite cannot read as a sound database. flow never rewrites it.
+    #[error(
+        "store {path} {what}\n  hint: flow does not touch a damaged store. Keep {path} and its -wal file together and restore both from a backup, or save what can be read with `sqlite3 {path} .recover | sqlite3 recovered.db` and point `store:` at that; to start afresh, move both files aside",
+        path = path.display()
+    )]
+    DamagedStore { path: PathBuf, what: String },
+
     #[error("store: {0}")]
     Sql(#[from] sqlx::Error),
 
@@ -73,7 +80,11 @@ impl Error {
     /// 2 for anything the user can fix in their input or config, 1 for a failed run.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Error::Workflow(_) | Error::BadInput { .. } | Error::ModelNotFound { .. } | Error::Locked { .. } => 2,
+            Error::Workflow(_)
+            | Error::BadInput { .. }
+            | Error::ModelNotFound { .. }
+            | Error::Locked { .. }
+            | Error::DamagedStore { .. } => 2,
             _ => 1,
         }
     }

@@ -21,14 +21,17 @@ fn main() -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            flow::progress::stderr_line(&format!("error: cannot start the async runtime: {e}"));
             return ExitCode::from(1);
         }
     };
     match runtime.block_on(commands::dispatch(cli)) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("{}", commands::render_error(&e));
+            // A reader that closed the pipe needs no message; any other failure says what it was.
+            if !e.downcast_ref::<commands::OutputError>().is_some_and(commands::OutputError::is_closed_pipe) {
+                flow::progress::stderr_line(&commands::render_error(&e));
+            }
             ExitCode::from(commands::exit_code(&e))
         }
     }

@@ -9,6 +9,14 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::store::runs::Counts;
 
+/// Writes a line to stderr. A closed or full stderr drops it: progress and logging must never take
+/// down a run (`flow run ... 2>&1 | head -1`, a full disk under cron).
+pub fn stderr_line(line: &str) {
+    use std::io::Write;
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(err, "{line}");
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
     Bars,
@@ -45,7 +53,7 @@ impl Progress {
             Mode::Bars => {
                 let _ = self.multi.println(line);
             }
-            Mode::Plain => eprintln!("{} {line}", chrono::Local::now().format("%H:%M:%S")),
+            Mode::Plain => stderr_line(&format!("{} {line}", chrono::Local::now().format("%H:%M:%S"))),
             Mode::Quiet => {}
         }
     }

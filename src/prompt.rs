@@ -34,6 +34,13 @@ impl Template {
         Ok(Template { path: path.to_path_buf(), hash: sha256_hex(source.as_bytes()), env, name })
     }
 
+    /// Renders once with the documented variables (sample values), so a template that uses an
+    /// unknown variable fails now, with its file:line, and not after calls were paid for.
+    pub fn checked(self, sample: impl Serialize) -> Result<Template> {
+        self.render(sample)?;
+        Ok(self)
+    }
+
     pub fn render(&self, ctx: impl Serialize) -> Result<String> {
         let t = self.env.get_template(&self.name).map_err(|e| template_error(&self.name, &e))?;
         let out = t.render(ctx).map_err(|e| template_error(&self.name, &e))?;

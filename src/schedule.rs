@@ -36,7 +36,7 @@ struct Entry {
 
 fn log(quiet: bool, line: &str) {
     if !quiet {
-        eprintln!("{} [schedule] {line}", chrono::Local::now().format("%H:%M:%S"));
+        crate::progress::stderr_line(&format!("{} [schedule] {line}", chrono::Local::now().format("%H:%M:%S")));
     }
 }
 

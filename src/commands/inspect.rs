@@ -48,16 +48,16 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<u8> {
                 s["summary"] = summary;
             }
         }
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        outln!("{}", serde_json::to_string_pretty(&v)?)?;
         return Ok(0);
     }
-    println!(
+    outln!(
         "run {} of {}: {status}, started {}, {}",
         run.id,
         run.workflow,
         fmt_time(run.started_at),
         fmt_duration(Some(run.started_at), run.finished_at)
-    );
+    )?;
     let rows: Vec<Vec<String>> = stages
         .iter()
         .map(|s| {
@@ -74,41 +74,48 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<u8> {
             ]
         })
         .collect();
-    println!("{}", table(&["STAGE", "KIND", "STATUS", "TOTAL", "DONE", "STORED", "SKIPPED", "FAILED", "TIME"], &rows));
-    let llm: Vec<Vec<String>> = stages
-        .iter()
-        .filter(|s| s.llm_calls + s.llm_cached > 0)
-        .map(|s| {
-            vec![
-                s.stage.clone(),
-                s.llm_calls.to_string(),
-                s.llm_cached.to_string(),
-                s.llm_failures.to_string(),
-                s.prompt_tokens.to_string(),
-                s.completion_tokens.to_string(),
-                s.cost.map(|c| format!("${c:.4}")).unwrap_or_else(|| "-".into()),
-            ]
-        })
-        .collect();
-    if !llm.is_empty() {
-        let sum = |f: fn(&flow::store::runs::StageRunRow) -> i64| stages.iter().map(f).sum::<i64>().to_string();
-        let cost: Option<f64> = stages.iter().filter_map(|s| s.cost).reduce(|a, b| a + b);
-        let mut rows = llm;
-        rows.push(vec![
-            "(run)".into(),
-            sum(|s| s.llm_calls),
-            sum(|s| s.llm_cached),
-            sum(|s| s.llm_failures),
-            sum(|s| s.prompt_tokens),
-            sum(|s| s.completion_tokens),
-            cost.map(|c| format!("${c:.4}")).unwrap_or_else(|| "-".into()),
-        ]);
-        println!("\nLLM calls (calls include retries; cached answers cost nothing)");
-        println!("{}", table(&["STAGE", "CALLS", "CACHED", "FAILED", "PROMPT TOK", "COMPLETION TOK", "COST"], &rows));
+    outln!("{}", table(&["STAGE", "KIND", "STATUS", "TOTAL", "DONE", "STORED", "SKIPPED", "FAILED", "TIME"], &rows))?;
+    let usage_row = |name: String, u: &flow::store::runs::UsageSnapshot, last: String| {
+        vec![
+            name,
+            u.calls.to_string(),
+            u.cached.to_string(),
+            u.failures.to_string(),
+            u.prompt_tokens.to_string(),
+            u.completion_tokens.to_string(),
+            u.cost.map(|c| format!("${c:.4}")).unwrap_or_else(|| "-".into()),
+            last,
+        ]
+    };
+    let used: Vec<_> = stages.iter().filter(|s| s.all_attempts().calls + s.all_attempts().cached > 0).collect();
+    if !used.is_empty() {
+        let mut rows: Vec<Vec<String>> = used
+            .iter()
+            .map(|s| {
+                let last = match s.attempts {
+                    1 => "-".to_string(),
+                    n => {
+                        let l = s.last_attempt();
+                        format!("{} calls, {} tok (attempt {n})", l.calls, l.prompt_tokens + l.completion_tokens)
+                    }
+                };
+                usage_row(s.stage.clone(), &s.all_attempts(), last)
+            })
+            .collect();
+        let run_total = stages.iter().map(|s| s.all_attempts()).fold(Default::default(), |a, b| a + b);
+        rows.push(usage_row("(run)".into(), &run_total, String::new()));
+        outln!("\nLLM calls over every attempt (calls include retries; cached answers cost nothing)")?;
+        outln!(
+            "{}",
+            table(
+                &["STAGE", "CALLS", "CACHED", "FAILED", "PROMPT TOK", "COMPLETION TOK", "COST", "LAST ATTEMPT"],
+                &rows
+            )
+        )?;
     }
     for s in &stages {
         if let Some(e) = &s.error {
-            println!("\n{} failed: {e}", s.stage);
+            outln!("\n{} failed: {e}", s.stage)?;
         }
         let Some(summary) = s.summary.as_deref().and_then(|x| serde_json::from_str::<serde_json::Value>(x).ok()) else {
             continue;
@@ -118,17 +125,17 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<u8> {
         };
         let figures: Vec<String> = obj.iter().filter(|(_, v)| v.is_number()).map(|(k, v)| format!("{k} {v}")).collect();
         if !figures.is_empty() {
-            println!("\n{}: {}", s.stage, figures.join(", "));
+            outln!("\n{}: {}", s.stage, figures.join(", "))?;
         }
         for skip in obj.get("skipped").and_then(|v| v.as_array()).into_iter().flatten().take(20) {
-            println!("  skipped {}: {}", skip["path"].as_str().unwrap_or("?"), skip["reason"].as_str().unwrap_or("?"));
+            outln!("  skipped {}: {}", skip["path"].as_str().unwrap_or("?"), skip["reason"].as_str().unwrap_or("?"))?;
         }
     }
     let report = flow::report::default_path(&store.path, run.id);
     if report.exists() {
-        println!("\nreport: {}", report.display());
+        outln!("\nreport: {}", report.display())?;
     } else {
-        println!("\nreport: {} (not written yet: `flow report -w {}`)", report.display(), a.target.workflow.display());
+        outln!("\nreport: {} (not written yet: `flow report -w {}`)", report.display(), a.target.workflow.display())?;
     }
     Ok(0)
 }
@@ -145,7 +152,7 @@ pub async fn runs(a: RunsArgs) -> anyhow::Result<u8> {
                 v
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        outln!("{}", serde_json::to_string_pretty(&v)?)?;
         return Ok(0);
     }
     let table_rows: Vec<Vec<String>> = rows
@@ -160,7 +167,7 @@ pub async fn runs(a: RunsArgs) -> anyhow::Result<u8> {
             ]
         })
         .collect();
-    println!("{}", table(&["RUN", "STATUS", "STARTED", "TIME", "OPTIONS"], &table_rows));
+    outln!("{}", table(&["RUN", "STATUS", "STARTED", "TIME", "OPTIONS"], &table_rows))?;
     Ok(0)
 }
 
@@ -168,21 +175,21 @@ pub async fn pairs(a: PairsArgs) -> anyhow::Result<u8> {
     let store = open(&a.target).await?;
     let rows = pairs::list(&store, a.run, a.verdict.as_deref(), a.limit).await?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        outln!("{}", serde_json::to_string_pretty(&rows)?)?;
         return Ok(0);
     }
     if rows.is_empty() {
-        println!("no pairs yet (they come from the generate and judge stages)");
+        outln!("no pairs yet (they come from the generate and judge stages)")?;
     }
     for p in &rows {
         let passage: String = p.passage.chars().take(240).collect::<String>().replace('\n', " ");
         let page = p.page.map(|n| format!(" p.{n}")).unwrap_or_default();
         let score = p.score.map(|s| format!(" score {s}")).unwrap_or_default();
-        println!("#{} [{}{score}] {}", p.query_id, p.verdict, p.query);
-        println!("   {}{page} ({})", p.document, p.generator);
-        println!("   {passage}{}", if p.passage.chars().count() > 240 { "..." } else { "" });
+        outln!("#{} [{}{score}] {}", p.query_id, p.verdict, p.query)?;
+        outln!("   {}{page} ({})", p.document, p.generator)?;
+        outln!("   {passage}{}", if p.passage.chars().count() > 240 { "..." } else { "" })?;
         if let Some(r) = &p.reason {
-            println!("   judge: {r}");
+            outln!("   judge: {r}")?;
         }
     }
     Ok(0)
@@ -192,19 +199,19 @@ pub async fn answers(a: AnswersArgs) -> anyhow::Result<u8> {
     let store = open(&a.target).await?;
     let rows = rag_answers::list(&store, a.run, a.retriever.as_deref(), a.grade.as_deref(), a.limit).await?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        outln!("{}", serde_json::to_string_pretty(&rows)?)?;
         return Ok(0);
     }
     if rows.is_empty() {
-        println!("no answers yet (they come from eval_rag stages)");
+        outln!("no answers yet (they come from eval_rag stages)")?;
     }
     for r in &rows {
         let hit = if r.hit { "relevant passage retrieved" } else { "no relevant passage retrieved" };
-        println!("[{}] {} / run {} / {}: {}", r.grade, r.retriever, r.run_id, r.question_id, r.question);
-        println!("   answer: {}", r.answer.as_deref().unwrap_or("(none)").replace('\n', " "));
-        println!("   passages {} ({hit})", r.passages);
+        outln!("[{}] {} / run {} / {}: {}", r.grade, r.retriever, r.run_id, r.question_id, r.question)?;
+        outln!("   answer: {}", r.answer.as_deref().unwrap_or("(none)").replace('\n', " "))?;
+        outln!("   passages {} ({hit})", r.passages)?;
         if let Some(why) = &r.reason {
-            println!("   grade: {}", why.replace('\n', " "));
+            outln!("   grade: {}", why.replace('\n', " "))?;
         }
     }
     Ok(0)
@@ -223,6 +230,6 @@ pub async fn report(a: ReportArgs) -> anyhow::Result<u8> {
     let tmp = path.with_extension("html.partial");
     std::fs::write(&tmp, html).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", tmp.display()))?;
     std::fs::rename(&tmp, &path).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
-    println!("{}", path.display());
+    outln!("{}", path.display())?;
     Ok(0)
 }

@@ -1,4 +1,16 @@
 //! One function per subcommand: call the library, print for a person or as JSON, pick the exit code.
+//! Output goes through `outln!` (a closed or full stdout is an error, never a panic) and `errln!`.
+
+/// A line of a command's result on stdout; `?` it: a closed pipe or a full disk ends the command
+/// with `OutputError` instead of a panic.
+macro_rules! outln {
+    ($($arg:tt)*) => { $crate::commands::write_out(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
+/// A line for the person on stderr; one that cannot be written is dropped (it must never stop a run).
+macro_rules! errln {
+    ($($arg:tt)*) => { flow::progress::stderr_line(&format!($($arg)*)) };
+}
 
 mod inspect;
 mod models;
@@ -21,6 +33,24 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         Command::Models(c) => models::models(c, cli.quiet).await,
         Command::Schedule(a) => schedule::schedule(a, cli.quiet).await,
     }
+}
+
+/// The result could not be written (stdout closed or full).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot write the output: {0}")]
+pub struct OutputError(pub std::io::Error);
+
+impl OutputError {
+    /// A reader that went away (`| head`, `| true`): nothing to tell it.
+    pub fn is_closed_pipe(&self) -> bool {
+        self.0.kind() == std::io::ErrorKind::BrokenPipe
+    }
+}
+
+pub fn write_out(args: std::fmt::Arguments) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_fmt(args).and_then(|_| out.flush()).map_err(|e| OutputError(e).into())
 }
 
 pub fn exit_code(e: &anyhow::Error) -> u8 {

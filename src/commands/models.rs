@@ -11,12 +11,12 @@ pub async fn models(c: ModelsCommand, quiet: bool) -> anyhow::Result<u8> {
         ModelsCommand::Pull => {
             let log = move |m: &str| {
                 if !quiet {
-                    eprintln!("{m}");
+                    errln!("{m}");
                 }
             };
             let pulled = tokio::task::spawn_blocking(move || models::pull(&log)).await??;
             for p in pulled {
-                println!("{:<24} {} {}", p.name, if p.already { "present " } else { "installed" }, p.dir.display());
+                outln!("{:<24} {} {}", p.name, if p.already { "present " } else { "installed" }, p.dir.display())?;
             }
             Ok(0)
         }
@@ -40,8 +40,8 @@ pub async fn models(c: ModelsCommand, quiet: bool) -> anyhow::Result<u8> {
             }
             let replaced = trained::promote(&store, id, "promoted by hand (`flow models promote`)", None).await?;
             match replaced {
-                Some(old) => println!("model {id} promoted; model {old} retired"),
-                None => println!("model {id} promoted"),
+                Some(old) => outln!("model {id} promoted; model {old} retired")?,
+                None => outln!("model {id} promoted")?,
             }
             Ok(0)
         }
@@ -73,14 +73,14 @@ pub async fn models(c: ModelsCommand, quiet: bool) -> anyhow::Result<u8> {
                     .iter()
                     .map(|(n, c, a)| serde_json::json!({"name": n, "state": c, "about": a, "path": root.join(n)}))
                     .collect();
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                outln!("{}", serde_json::to_string_pretty(&v)?)?;
             } else {
-                println!("models folder: {}", root.display());
+                outln!("models folder: {}", root.display())?;
                 if rows.is_empty() {
-                    println!("(empty: run `flow models pull`)");
+                    outln!("(empty: run `flow models pull`)")?;
                 }
                 for (n, c, a) in rows {
-                    println!("  {n:<24} {c:<10} {a}");
+                    outln!("  {n:<24} {c:<10} {a}")?;
                 }
             }
             Ok(0)
@@ -93,11 +93,11 @@ async fn list_trained(wf: &std::path::Path, json: bool) -> anyhow::Result<u8> {
     let store = Store::open_existing(&wf.store).await?;
     let rows = trained::list(&store).await?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        outln!("{}", serde_json::to_string_pretty(&rows)?)?;
         return Ok(0);
     }
     if rows.is_empty() {
-        println!("no trained models yet (a train stage makes them)");
+        outln!("no trained models yet (a train stage makes them)")?;
         return Ok(0);
     }
     let metric = |m: &trained::ModelRow| -> String {
@@ -127,9 +127,9 @@ async fn list_trained(wf: &std::path::Path, json: bool) -> anyhow::Result<u8> {
             ]
         })
         .collect();
-    println!(
+    outln!(
         "{}",
         super::table(&["ID", "STAGE", "RETRIEVER", "STATUS", "FROM", "VAL R@10", "GATE", "CREATED", "WHY"], &table)
-    );
+    )?;
     Ok(0)
 }

@@ -10,17 +10,26 @@ pub async fn run(a: RunArgs, quiet: bool) -> anyhow::Result<u8> {
     let wf = flow::stages::load_workflow(&a.workflow)?;
     let opts = RunOptions { force: a.force, only: a.only, from: a.from, scheduled_for: None };
     let report = engine::run(wf, opts, Progress::new(quiet)).await?;
-    Ok(print(&report, quiet))
+    Ok(finish(&report, quiet))
 }
 
 pub async fn resume(a: ResumeArgs, quiet: bool) -> anyhow::Result<u8> {
     let wf = flow::stages::load_workflow(&a.target.workflow)?;
     let report = engine::resume(&wf.store, a.run, Progress::new(quiet)).await?;
-    Ok(print(&report, quiet))
+    Ok(finish(&report, quiet))
 }
 
-fn print(r: &RunReport, quiet: bool) -> u8 {
+/// The run's exit code. Its summary is printed, but a closed or full stdout does not change the
+/// code: the run's result is in the store and `flow status` shows it again.
+fn finish(r: &RunReport, quiet: bool) -> u8 {
     if !quiet {
+        let _ = print(r);
+    }
+    r.exit_code()
+}
+
+fn print(r: &RunReport) -> anyhow::Result<()> {
+    {
         let rows: Vec<Vec<String>> = r
             .stages
             .iter()
@@ -37,16 +46,16 @@ fn print(r: &RunReport, quiet: bool) -> u8 {
                 ]
             })
             .collect();
-        println!("run {} {}", r.run_id, r.status);
-        println!("{}", table(&["STAGE", "STATUS", "ITEMS", "DONE", "STORED", "SKIPPED", "FAILED", "TIME"], &rows));
+        outln!("run {} {}", r.run_id, r.status)?;
+        outln!("{}", table(&["STAGE", "STATUS", "ITEMS", "DONE", "STORED", "SKIPPED", "FAILED", "TIME"], &rows))?;
         for s in &r.stages {
             if let Some(e) = &s.error {
-                println!("{}: {e}", s.stage);
+                outln!("{}: {e}", s.stage)?;
             }
         }
         if r.status != "succeeded" {
-            println!("continue with: flow resume -w <workflow> {}", r.run_id);
+            outln!("continue with: flow resume -w <workflow> {}", r.run_id)?;
         }
     }
-    r.exit_code()
+    Ok(())
 }

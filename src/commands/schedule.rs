@@ -9,9 +9,9 @@ pub async fn schedule(a: ScheduleArgs, quiet: bool) -> anyhow::Result<u8> {
         let now = chrono::Utc::now();
         for p in &a.workflows {
             let (wf, s) = schedule::load(p)?;
-            println!("{} (`{}`, {}):", wf.name, s.expr, s.tz);
+            outln!("{} (`{}`, {}):", wf.name, s.expr, s.tz)?;
             for t in s.upcoming(now, 5) {
-                println!("  {}", t.format("%a %F %T %Z"));
+                outln!("  {}", t.format("%a %F %T %Z"))?;
             }
         }
         return Ok(0);

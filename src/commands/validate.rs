@@ -1,4 +1,5 @@
-//! `flow validate`: the pure checking phase only; every problem in every file, exit 2 if any.
+//! `flow validate`: every check that spends nothing (the workflow file, its prompt templates rendered
+//! against their variables, URLs); every problem in every file, exit 2 if any.
 
 use crate::cli::ValidateArgs;
 
@@ -6,14 +7,14 @@ pub fn validate(a: ValidateArgs) -> anyhow::Result<u8> {
     let mut code = 0;
     let mut json = Vec::new();
     for file in &a.files {
-        match flow::stages::load_workflow(file) {
+        match flow::stages::load_workflow(file).and_then(|wf| flow::stages::preflight(&wf).map(|_| wf)) {
             Ok(wf) => {
                 if a.json {
                     json.push(serde_json::json!({"file": file, "ok": true, "stages": wf.order}));
                 } else {
                     let n = wf.order.len();
                     let noun = if n == 1 { "stage" } else { "stages" };
-                    println!("{}: ok ({n} {noun}: {})", file.display(), wf.order.join(" -> "));
+                    outln!("{}: ok ({n} {noun}: {})", file.display(), wf.order.join(" -> "))?;
                 }
             }
             Err(e) => {
@@ -29,13 +30,13 @@ pub fn validate(a: ValidateArgs) -> anyhow::Result<u8> {
                     };
                     json.push(serde_json::json!({"file": file, "ok": false, "problems": problems}));
                 } else {
-                    eprintln!("{}", super::render_error(&e.into()));
+                    errln!("{}", super::render_error(&e.into()));
                 }
             }
         }
     }
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&json)?);
+        outln!("{}", serde_json::to_string_pretty(&json)?)?;
     }
     Ok(code)
 }

@@ -124,6 +124,8 @@ fn stem(path: &Path) -> Option<String> {
 
 fn jsonl_records(rel: &str, text: &str, f: &JsonlFields) -> Vec<Read> {
     let mut out = Vec::new();
+    // Two records with one id would be one document: the file is refused, naming both lines.
+    let mut first_line: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
     for (i, line) in text.lines().enumerate() {
         let line_no = i + 1;
         if line.trim().is_empty() {
@@ -137,31 +139,41 @@ fn jsonl_records(rel: &str, text: &str, f: &JsonlFields) -> Vec<Read> {
                 continue;
             }
         };
-        let field = |name: &str| match rec.get(name) {
-            Some(serde_json::Value::String(s)) => Some(s.clone()),
-            Some(serde_json::Value::Number(n)) => Some(n.to_string()),
+        let id = match rec.get(&f.id) {
+            Some(serde_json::Value::String(s)) => s.clone(),
+            Some(serde_json::Value::Number(n)) => n.to_string(),
+            _ => {
+                out.push(Err((
+                    at,
+                    format!("record has no `{}` field (set `jsonl: {{ id: ... }}` on the stage)", f.id),
+                )));
+                continue;
+            }
+        };
+        if let Some(first) = first_line.insert(id.clone(), line_no) {
+            return vec![Err((
+                rel.to_string(),
+                format!("id `{id}` is on line {first} and line {line_no}: record ids must be unique within a file"),
+            ))];
+        }
+        let key = format!("{rel}#{id}");
+        let title = match rec.get(&f.title) {
+            Some(serde_json::Value::String(t)) if !t.is_empty() => Some(t.clone()),
             _ => None,
         };
-        let Some(id) = field(&f.id) else {
-            out.push(Err((at, format!("record has no `{}` field (set `jsonl: {{ id: ... }}` on the stage)", f.id))));
-            continue;
-        };
-        let key = format!("{rel}#{id}");
-        match field(&f.text) {
-            Some(body) if !body.trim().is_empty() => out.push(Ok(Document {
-                key,
-                title: field(&f.title).filter(|t| !t.is_empty()),
-                text: body,
-                format: Format::Text,
-                pages: vec![],
-            })),
-            Some(_) => out.push(Err((key, format!("line {line_no}: `{}` is empty", f.text)))),
+        match rec.get(&f.text) {
+            Some(serde_json::Value::String(body)) if !body.trim().is_empty() => {
+                out.push(Ok(Document { key, title, text: body.clone(), format: Format::Text, pages: vec![] }))
+            }
+            Some(serde_json::Value::String(_)) => {
+                out.push(Err((key, format!("line {line_no}: `{}` is empty", f.text))))
+            }
+            Some(other) => {
+                out.push(Err((key, format!("line {line_no}: `{}` is {}, not a string", f.text, json_type(other)))))
+            }
             None => out.push(Err((
                 key,
-                format!(
-                    "line {line_no}: record has no string `{}` field (set `jsonl: {{ text: ... }}` on the stage)",
-                    f.text
-                ),
+                format!("line {line_no}: record has no `{}` field (set `jsonl: {{ text: ... }}` on the stage)", f.text),
             ))),
         }
     }
@@ -169,6 +181,17 @@ fn jsonl_records(rel: &str, text: &str, f: &JsonlFields) -> Vec<Read> {
         out.push(Err((rel.to_string(), "empty file".into())));
     }
     out
+}
+
+fn json_type(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "a list",
+        serde_json::Value::Object(_) => "an object",
+    }
 }
 
 /// Page texts joined by blank lines, with where each page starts. pdf-extract panics on some
@@ -226,6 +249,21 @@ mod tests {
         assert_eq!((d.key.as_str(), d.title.as_deref(), d.text.as_str()), ("c.jsonl#d1", Some("T"), "hello"));
         assert_eq!(docs[1].as_ref().unwrap_err().0, "c.jsonl:3");
         assert_eq!(docs[2].as_ref().unwrap().key, "c.jsonl#2");
+    }
+
+    #[test]
+    fn jsonl_duplicate_ids_refuse_the_file_and_non_string_text_is_skipped() {
+        let f = JsonlFields::default();
+        let dup = "{\"id\": 1, \"text\": \"a\"}\n{\"id\": 2, \"text\": \"b\"}\n{\"id\": 1, \"text\": \"c\"}\n";
+        let r = jsonl_records("d.jsonl", dup, &f);
+        assert_eq!(r.len(), 1);
+        let (key, why) = r[0].as_ref().unwrap_err();
+        assert_eq!(key, "d.jsonl");
+        assert!(why.contains("line 1 and line 3"), "{why}");
+        let r = jsonl_records("d.jsonl", "{\"id\": 1, \"text\": 42}\n{\"id\": 2, \"text\": \"ok\"}\n", &f);
+        let (key, why) = r[0].as_ref().unwrap_err();
+        assert!(key == "d.jsonl#1" && why.contains("line 1") && why.contains("a number"), "{why}");
+        assert!(r[1].is_ok());
     }
 
     #[test]

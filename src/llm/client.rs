@@ -87,7 +87,21 @@ impl LlmClient {
         let id = provider.identity();
         let body = provider.body(req);
         let hash = Self::request_hash(id, &body);
-        if let Some(row) = llm_calls::lookup(&self.store, &hash).await? {
+        // Only an answer that parsed into a result is replayed; one that did not is asked again
+        // (a row stored before flow checked this is marked now, so the new answer replaces it).
+        let cached = llm_calls::lookup(&self.store, &hash).await?;
+        let parses =
+            |row: &llm_calls::CallRow| req.accept.is_none_or(|accept| accept(row.text.as_deref().unwrap_or_default()));
+        if let Some(row) = &cached
+            && row.usable
+            && !parses(row)
+        {
+            llm_calls::mark_unusable(&self.store, row.id).await?;
+        }
+        if let Some(row) = cached
+            && row.usable
+            && parses(&row)
+        {
             self.usage.cached.fetch_add(1, Ordering::Relaxed);
             let answer = ChatAnswer {
                 text: row.text.unwrap_or_default(),
@@ -126,6 +140,7 @@ impl LlmClient {
                 attempts: attempts as i64,
                 run_id: Some(self.run_id),
                 stage: Some(&self.stage),
+                usable: req.accept.is_none_or(|accept| accept(&answer.text)),
             },
         )
         .await?;
@@ -144,6 +159,7 @@ impl LlmClient {
         let body = provider.body(texts);
         let hash = Self::request_hash(id, &body);
         if let Some(row) = llm_calls::lookup(&self.store, &hash).await?
+            && row.usable
             && let Ok(v) = serde_json::from_str::<Vec<Vec<f32>>>(&row.response)
         {
             self.usage.cached.fetch_add(1, Ordering::Relaxed);
@@ -174,6 +190,7 @@ impl LlmClient {
                 attempts: attempts as i64,
                 run_id: Some(self.run_id),
                 stage: Some(&self.stage),
+                usable: true,
             },
         )
         .await?;

@@ -55,6 +55,8 @@ pub struct ChatRequest {
     pub params: GenParams,
     /// Ask for JSON matching this schema (name, schema) where the server supports it.
     pub json_schema: Option<(String, Value)>,
+    /// Whether an answer's text parsed into a result; only such answers are replayed from the cache.
+    pub accept: Option<fn(&str) -> bool>,
 }
 
 /// A chat answer as the provider returned it.

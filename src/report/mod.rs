@@ -79,6 +79,12 @@ pub async fn build(store: &Store, run_id: i64) -> Result<String> {
     let rows: Vec<Vec<String>> = stages
         .iter()
         .map(|s| {
+            // Usage over every attempt of the stage in this run; the last one beside it after a resume.
+            let (all, last) = (s.all_attempts(), s.last_attempt());
+            let mut calls = format!("{} ({} cached)", all.calls, all.cached);
+            if s.attempts > 1 {
+                calls.push_str(&format!("; last of {} attempts: {}", s.attempts, last.calls));
+            }
             vec![
                 escape(&s.stage),
                 escape(&s.kind),
@@ -87,10 +93,10 @@ pub async fn build(store: &Store, run_id: i64) -> Result<String> {
                 s.items_done.to_string(),
                 s.items_cached.to_string(),
                 s.items_failed.to_string(),
-                format!("{} ({} cached)", s.llm_calls, s.llm_cached),
-                s.prompt_tokens.to_string(),
-                s.completion_tokens.to_string(),
-                s.cost.map(|c| format!("${c:.4}")).unwrap_or_else(|| "-".into()),
+                calls,
+                all.prompt_tokens.to_string(),
+                all.completion_tokens.to_string(),
+                all.cost.map(|c| format!("${c:.4}")).unwrap_or_else(|| "-".into()),
                 duration(s.started_at, s.finished_at),
             ]
         })

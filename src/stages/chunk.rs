@@ -21,6 +21,7 @@ pub const KIND: Kind = Kind {
     name: "chunk",
     about: "read a corpus folder or globs (txt, md, html, pdf, jsonl) into token-aware overlapping chunks",
     check,
+    preflight: super::no_preflight,
     build,
 };
 
@@ -120,6 +121,7 @@ fn build(spec: &StageSpec, wf: &Workflow) -> Result<Box<dyn Stage>> {
         tokenizer: Arc::new(tokenizer),
         chunk_config: sha256_hex(config.to_string().as_bytes()),
         listing: Mutex::new(None),
+        walk_skips: Mutex::new(Vec::new()),
     }))
 }
 
@@ -145,18 +147,23 @@ struct Chunk {
     chunk_config: String,
     /// The corpus as hashed for the fingerprint, reused by `run`.
     listing: Mutex<Option<Vec<(String, PathBuf, String)>>>,
+    /// What the folder walk could not read (unreadable folders, symlink loops), with the reasons.
+    walk_skips: Mutex<Vec<(String, String)>>,
 }
 
 impl Chunk {
-    /// (key relative to the corpus root, absolute path) of every corpus file, sorted.
+    /// (key relative to the corpus root, absolute path) of every corpus file, sorted; what the walk
+    /// could not read is kept in `walk_skips`.
     fn files(&self) -> Result<Vec<(String, PathBuf)>> {
         let mut out = Vec::new();
+        let mut skips = Vec::new();
         for pat in &self.patterns {
             let full = self.root.join(pat);
             if full.is_dir() {
                 let base = full.clone();
                 let mut found = Vec::new();
-                walk(&full, &mut found).map_err(Error::io(&full))?;
+                std::fs::read_dir(&full).map_err(Error::io(&full))?;
+                walk(&full, &base, &mut found, &mut skips);
                 for p in found {
                     let ext = p.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).unwrap_or_default();
                     if corpus::EXTENSIONS.contains(&ext.as_str()) {
@@ -190,25 +197,48 @@ impl Chunk {
         }
         out.sort();
         out.dedup_by(|a, b| a.1 == b.1);
+        skips.sort();
+        *self.walk_skips.lock().expect("skips lock") = skips;
         Ok(out)
     }
 }
 
-fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let name = entry.file_name();
-        if name.to_string_lossy().starts_with('.') {
+/// Every file below `dir`. A folder or entry that cannot be read, a symlink that cannot be followed
+/// (a loop, a missing target) and a symlink to a folder (not followed: it could loop) are skips with
+/// their reason; the walk goes on.
+fn walk(dir: &Path, base: &Path, out: &mut Vec<PathBuf>, skips: &mut Vec<(String, String)>) {
+    let rel = |p: &Path| p.strip_prefix(base).unwrap_or(p).to_string_lossy().into_owned();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) => return skips.push((format!("{}/", rel(dir)), format!("unreadable folder: {e}"))),
+    };
+    for entry in entries {
+        let entry = match entry {
+            Ok(e) => e,
+            Err(e) => {
+                skips.push((format!("{}/", rel(dir)), format!("unreadable folder entry: {e}")));
+                continue;
+            }
+        };
+        if entry.file_name().to_string_lossy().starts_with('.') {
             continue;
         }
-        let ty = entry.file_type()?;
-        if ty.is_dir() {
-            walk(&entry.path(), out)?;
-        } else if ty.is_file() || ty.is_symlink() {
-            out.push(entry.path());
+        let path = entry.path();
+        match entry.file_type() {
+            Ok(ty) if ty.is_symlink() => match std::fs::metadata(&path) {
+                Ok(m) if m.is_dir() => skips.push((
+                    rel(&path),
+                    "symlink to a folder: not followed (it could loop); list that folder in `corpus:`".into(),
+                )),
+                Ok(_) => out.push(path),
+                Err(e) => skips
+                    .push((rel(&path), format!("symlink that cannot be followed (a loop or a missing target): {e}"))),
+            },
+            Ok(ty) if ty.is_dir() => walk(&path, base, out, skips),
+            Ok(_) => out.push(path),
+            Err(e) => skips.push((rel(&path), format!("unreadable: {e}"))),
         }
     }
-    Ok(())
 }
 
 #[async_trait]
@@ -226,7 +256,9 @@ impl Stage for Chunk {
         })
         .await
         .map_err(Error::task("reading the corpus"))?;
-        let digest: Vec<(&str, &str)> = hashed.iter().map(|(r, _, h)| (r.as_str(), h.as_str())).collect();
+        let mut digest: Vec<(&str, &str)> = hashed.iter().map(|(r, _, h)| (r.as_str(), h.as_str())).collect();
+        let walk_skips = self.walk_skips.lock().expect("skips lock").clone();
+        digest.extend(walk_skips.iter().map(|(r, why)| (r.as_str(), why.as_str())));
         let d = sha256_hex(serde_json::to_string(&digest).expect("serialise").as_bytes());
         *self.listing.lock().expect("listing lock") = Some(hashed);
         Ok(format!("{d}:{}", self.chunk_config))
@@ -242,6 +274,13 @@ impl Stage for Chunk {
         };
         let known = Arc::new(documents::state(&ctx.store, &self.stage).await?);
         ctx.progress.set_total(files.len() as u64);
+        let mut skipped: Vec<(String, String)> = Vec::new();
+        for (key, reason) in self.walk_skips.lock().expect("skips lock").iter() {
+            ctx.progress.log(&format!("skipped {key}: {reason}"));
+            skipped.push((key.clone(), reason.clone()));
+        }
+        // Walk skips are not documents the store knew: only the others count against `seen`.
+        let walk_skipped = skipped.len();
 
         let queue = Arc::new(Mutex::new(files.into_iter().collect::<VecDeque<_>>()));
         let (tx, mut rx) = tokio::sync::mpsc::channel::<FileResult>(64);
@@ -262,7 +301,6 @@ impl Stage for Chunk {
         let mut seen: HashSet<String> = HashSet::new();
         let mut pending: Vec<DocWrite> = Vec::new();
         let mut pending_bytes = 0;
-        let mut skipped: Vec<(String, String)> = Vec::new();
         let (mut written_docs, mut unchanged, mut bytes) = (0u64, 0u64, 0u64);
         while let Some(res) = rx.recv().await {
             if res.docs > 1 {
@@ -299,9 +337,10 @@ impl Stage for Chunk {
         documents::mark_gone(&ctx.store, &gone).await?;
         let chunks = documents::count_chunks(&ctx.store, &self.stage).await?;
         skipped.sort();
+        let documents_live = (seen.len() + walk_skipped).saturating_sub(skipped.len());
         ctx.progress.log(&format!(
             "{} documents ({} new or changed, {} unchanged, {} gone), {} chunks, {} skipped",
-            seen.len() - skipped.len(),
+            documents_live,
             written_docs,
             unchanged,
             gone.len(),
@@ -309,7 +348,7 @@ impl Stage for Chunk {
             skipped.len()
         ));
         let summary = serde_json::json!({
-            "documents": seen.len() - skipped.len(),
+            "documents": documents_live,
             "written": written_docs,
             "unchanged": unchanged,
             "gone": gone.len(),
@@ -465,6 +504,11 @@ impl ChunkSizer for OffsetSizer<'_> {
     }
 }
 
+/// The most bytes tokenized at once. The tokenizer keeps per-byte alignments and per-token records
+/// (about 100x the text), so a document is cut into segments of this size at a paragraph, line,
+/// sentence or word break, and each is chunked on its own: memory stays bounded on any input.
+const SEGMENT_BYTES: usize = 256 * 1024;
+
 /// Cuts a document into chunks of at most `max_tokens` tokens, `overlap` tokens shared between
 /// neighbours, breaking at the largest semantic unit that fits (sections, paragraphs, sentences).
 pub fn split(
@@ -473,30 +517,98 @@ pub fn split(
     max_tokens: usize,
     overlap: usize,
 ) -> Result<Vec<NewChunk>, String> {
-    let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let enc = tokenizer.encode(doc.text.as_str(), false).map_err(|e| format!("tokenizer failed: {e}"))?;
-        let mut starts: Vec<usize> = enc.get_offsets().iter().map(|o| o.0).collect();
-        let mut ends: Vec<usize> = enc.get_offsets().iter().map(|o| o.1).collect();
-        starts.sort_unstable();
-        ends.sort_unstable();
-        let sizer = OffsetSizer { base: doc.text.as_ptr() as usize, len: doc.text.len(), starts, ends, tokenizer };
-        let config =
-            ChunkConfig::new(max_tokens).with_sizer(&sizer).with_overlap(overlap).map_err(|e| e.to_string())?;
-        let pieces: Vec<(usize, &str)> = match doc.format {
-            Format::Markdown => MarkdownSplitter::new(config).chunk_indices(&doc.text).collect(),
-            Format::Text => TextSplitter::new(config).chunk_indices(&doc.text).collect(),
-        };
-        Ok(pieces
-            .into_iter()
-            .filter(|(_, t)| !t.trim().is_empty())
-            .map(|(start, text)| NewChunk {
-                n_tokens: sizer.size(text) as i64,
-                page: doc.page_at(start).map(i64::from),
-                start: start as i64,
-                end: (start + text.len()) as i64,
-                text: text.to_string(),
-            })
-            .collect())
+    let mut out = Vec::new();
+    for (base, segment) in segments(&doc.text, SEGMENT_BYTES) {
+        let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            split_segment(doc, base, segment, tokenizer, max_tokens, overlap, &mut out)
+        }));
+        attempt.unwrap_or_else(|_| Err("the splitter failed on this document".into()))?;
+    }
+    Ok(out)
+}
+
+/// `text` as (byte offset, piece) segments of at most `max` bytes, each ending at the last
+/// paragraph break in its second half, else a line break, a sentence end, a space, a char boundary.
+fn segments(text: &str, max: usize) -> Vec<(usize, &str)> {
+    let mut out = Vec::new();
+    let mut base = 0;
+    let mut rest = text;
+    while rest.len() > max {
+        let mut limit = max;
+        while !rest.is_char_boundary(limit) {
+            limit -= 1;
+        }
+        let window = &rest[..limit];
+        let half = limit / 2;
+        let cut =
+            [window.rfind("\n\n").map(|i| i + 2), window.rfind('\n').map(|i| i + 1), window.rfind(". ").map(|i| i + 2)]
+                .into_iter()
+                .flatten()
+                .find(|&i| i > half)
+                .or_else(|| window.rfind(char::is_whitespace).filter(|&i| i > half).map(|i| i + 1))
+                .unwrap_or(limit);
+        out.push((base, &rest[..cut]));
+        base += cut;
+        rest = &rest[cut..];
+    }
+    if !rest.is_empty() {
+        out.push((base, rest));
+    }
+    out
+}
+
+fn split_segment(
+    doc: &Document,
+    base: usize,
+    segment: &str,
+    tokenizer: &Tokenizer,
+    max_tokens: usize,
+    overlap: usize,
+    out: &mut Vec<NewChunk>,
+) -> Result<(), String> {
+    let enc = tokenizer.encode(segment, false).map_err(|e| format!("tokenizer failed: {e}"))?;
+    let mut starts: Vec<usize> = enc.get_offsets().iter().map(|o| o.0).collect();
+    let mut ends: Vec<usize> = enc.get_offsets().iter().map(|o| o.1).collect();
+    drop(enc);
+    starts.sort_unstable();
+    ends.sort_unstable();
+    let sizer = OffsetSizer { base: segment.as_ptr() as usize, len: segment.len(), starts, ends, tokenizer };
+    let config = ChunkConfig::new(max_tokens).with_sizer(&sizer).with_overlap(overlap).map_err(|e| e.to_string())?;
+    let pieces: Vec<(usize, &str)> = match doc.format {
+        Format::Markdown => MarkdownSplitter::new(config).chunk_indices(segment).collect(),
+        Format::Text => TextSplitter::new(config).chunk_indices(segment).collect(),
+    };
+    out.extend(pieces.into_iter().filter(|(_, t)| !t.trim().is_empty()).map(|(start, text)| {
+        let start = base + start;
+        NewChunk {
+            n_tokens: sizer.size(text) as i64,
+            page: doc.page_at(start).map(i64::from),
+            start: start as i64,
+            end: (start + text.len()) as i64,
+            text: text.to_string(),
+        }
     }));
-    attempt.unwrap_or_else(|_| Err("the splitter failed on this document".into()))
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::segments;
+
+    #[test]
+    fn segments_cover_the_text_at_breaks_and_stay_under_the_limit() {
+        let para = "Revenue rose. Margins held up well in the year.\n\n";
+        let text = para.repeat(50);
+        let segs = segments(&text, 300);
+        assert_eq!(segs.iter().map(|s| s.1).collect::<String>(), text);
+        assert!(segs.iter().all(|(_, s)| s.len() <= 300 && s.ends_with("\n\n")), "{segs:?}");
+        assert!(segs.windows(2).all(|w| w[0].0 + w[0].1.len() == w[1].0));
+        // One long line of words: cut after a space; no spaces at all: at a char boundary.
+        let line = "word ".repeat(200);
+        assert!(segments(&line, 128).iter().all(|(_, s)| s.len() <= 128 && s.ends_with(' ')));
+        let solid = "é".repeat(1000);
+        let segs = segments(&solid, 101);
+        assert_eq!(segs.iter().map(|s| s.1).collect::<String>(), solid);
+        assert!(segs.iter().all(|(_, s)| s.len() <= 101));
+    }
 }

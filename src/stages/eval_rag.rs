@@ -24,6 +24,7 @@ pub const KIND: Kind = Kind {
     name: "eval_rag",
     about: "answer eval questions from each retriever's passages and grade the answers with an LLM judge",
     check,
+    preflight: |spec, wf| templates(spec, wf).map(|_| ()),
     build,
 };
 
@@ -85,11 +86,19 @@ fn check(cx: &CheckCtx) -> Checked {
     checked(&p, diags)
 }
 
-fn build(spec: &StageSpec, wf: &Workflow) -> Result<Box<dyn Stage>> {
+/// The answer and grade prompts, each rendered once against its documented variables.
+fn templates(spec: &StageSpec, wf: &Workflow) -> Result<(Params, Template, Template)> {
     let params: Params = spec.params()?;
+    let answer = json!({ "question": "", "passages": [""], "domain": "" });
+    let answer = Template::load(&wf.dir.join(&params.answer_prompt))?.checked(answer)?;
+    let grade = json!({ "question": "", "answer": "", "reference": "", "reference_is_answer": true, "domain": "" });
+    let grade = Template::load(&wf.dir.join(&params.grade_prompt))?.checked(grade)?;
+    Ok((params, answer, grade))
+}
+
+fn build(spec: &StageSpec, wf: &Workflow) -> Result<Box<dyn Stage>> {
+    let (params, answer, grade) = templates(spec, wf)?;
     let plan = Plan::new(spec, wf, &params.eval_set, &params.retrievers, &params.black_box)?;
-    let answer = Template::load(&wf.dir.join(&params.answer_prompt))?;
-    let grade = Template::load(&wf.dir.join(&params.grade_prompt))?;
     let answerer = llm::chat_provider(wf, &params.model)?;
     let grader_key = params.grader.clone().unwrap_or_else(|| params.model.clone());
     let grader = if grader_key == params.model { answerer.clone() } else { llm::chat_provider(wf, &grader_key)? };
@@ -296,6 +305,7 @@ impl EvalRag {
             system: llm.system.as_deref(),
             params: &params,
             schema: ("rag_answer", &schema),
+            accept: |text| parse_answer(text).is_some(),
         };
         let mut answers: Vec<Answer> = vec![None; items.len()];
         let mut rx = chat.send(requests, &how, 64)?;
@@ -341,6 +351,7 @@ impl EvalRag {
             system: llm.system.as_deref(),
             params: &params,
             schema: ("rag_grade", &schema),
+            accept: |text| parse_grade(text).is_some(),
         };
         let mut graded = vec![false; items.len()];
         let mut rx = chat.send(requests, &how, 64)?;

@@ -21,6 +21,7 @@ pub const KIND: Kind = Kind {
     name: "eval_recall",
     about: "Recall@k, nDCG@10, MRR@10 and MAP@100 of bm25, the black box, augment_only and mafin on an eval set",
     check,
+    preflight: super::no_preflight,
     build,
 };
 

@@ -7,19 +7,20 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde_json::json;
 
-use super::llm::{Chat, ChatResult, Prompted, UsageWriter, failure_verdict, llm_params};
+use super::llm::{Chat, ChatResult, Prompted, UsageWriter, failure_verdict, llm_params, settings_key};
 use super::{Kind, Outcome, Stage, StageCtx};
 use crate::error::Result;
 use crate::llm::{self, ChatDone, ChatProvider, LlmFailure};
 use crate::prompt::Template;
 use crate::store::queries::{self, Generation, NewQuery};
-use crate::text::{DupIndex, extract_questions, rule_violation};
+use crate::text::{DupIndex, extract_questions, first_json, rule_violation};
 use crate::workflow::{CheckCtx, Checked, Diagnostic, StageSpec, Workflow, check_typed, checked};
 
 pub const KIND: Kind = Kind {
     name: "generate",
     about: "ask an LLM for grounded questions per chunk; drop non-questions and duplicates",
     check,
+    preflight: |spec, wf| templates(spec, wf).map(|_| ()),
     build,
 };
 
@@ -70,9 +71,16 @@ fn check(cx: &CheckCtx) -> Checked {
     checked(&p, diags)
 }
 
-fn build(spec: &StageSpec, wf: &Workflow) -> Result<Box<dyn Stage>> {
+/// The prompt, rendered once against its documented variables.
+fn templates(spec: &StageSpec, wf: &Workflow) -> Result<(Params, Template)> {
     let params: Params = spec.params()?;
-    let template = Template::load(&wf.dir.join(&params.prompt))?;
+    let sample = json!({ "chunk": "", "title": "", "path": "", "n": 2, "domain": "", "examples": [""] });
+    let template = Template::load(&wf.dir.join(&params.prompt))?.checked(sample)?;
+    Ok((params, template))
+}
+
+fn build(spec: &StageSpec, wf: &Workflow) -> Result<Box<dyn Stage>> {
+    let (params, template) = templates(spec, wf)?;
     let provider = llm::chat_provider(wf, &params.model)?;
     Ok(Box::new(Generate {
         name: spec.name.clone(),
@@ -103,8 +111,15 @@ impl Stage for Generate {
     }
 
     async fn run(&self, ctx: &StageCtx) -> Result<Outcome> {
+        let settings = settings_key(&self.params, &[], &self.template, self.provider.identity());
+        let superseded = queries::activate(&ctx.store, &self.name, &settings).await?;
+        if superseded > 0 {
+            ctx.progress.log(&format!(
+                "the settings changed: {superseded} questions made with other settings are superseded (kept in the store, not used)"
+            ));
+        }
         let chunks = queries::input_chunks(&ctx.store, &self.inputs_from).await?;
-        let done = queries::done_chunks(&ctx.store, &self.name).await?;
+        let done = queries::done_chunks(&ctx.store, &self.name, &settings).await?;
         let todo: Vec<_> = chunks.iter().filter(|c| !done.contains(&c.id)).cloned().collect();
         ctx.progress.set_total(chunks.len() as u64);
         ctx.progress.cached((chunks.len() - todo.len()) as u64);
@@ -118,7 +133,7 @@ impl Stage for Generate {
         let mut tally = Tally::default();
         let mut usage = UsageWriter::default();
         while let Some((chunk_id, outcome)) = results.recv().await {
-            let g = self.generation(chunk_id, outcome?, &mut dups);
+            let g = self.generation(chunk_id, &settings, outcome?, &mut dups);
             queries::write_generation(&ctx.store, &self.name, &g).await?;
             tally.add(&g, &ctx.progress);
             usage.tick(ctx, || chat.usage()).await?;
@@ -127,15 +142,22 @@ impl Stage for Generate {
         let by_status: serde_json::Map<String, serde_json::Value> =
             queries::drop_counts(&ctx.store, &self.name).await?.into_iter().map(|(k, v)| (k, v.into())).collect();
         let Tally { kept, dropped, failed, first_error } = tally;
+        let no_question = queries::chunks_without_questions(&ctx.store, &self.name, &settings).await?;
         ctx.progress.log(&format!(
             "{} chunks: {kept} questions kept, {dropped} dropped this run; {failed} chunks failed; {} calls, {} from cache",
             chunks.len(),
             usage.calls,
             usage.cached
         ));
+        if no_question > 0 {
+            ctx.progress.log(&format!(
+                "warning: {no_question} of {} chunks have no kept question (every question dropped; `flow pairs` and the queries table say why)",
+                chunks.len()
+            ));
+        }
         let summary = json!({
             "chunks": chunks.len(), "kept": kept, "dropped": dropped, "failed": failed,
-            "queries_by_status": by_status,
+            "chunks_without_questions": no_question, "queries_by_status": by_status,
         });
         let max_failures = self.params.llm().max_failures;
         Ok(Outcome {
@@ -167,6 +189,7 @@ impl Generate {
             system: llm.system.as_deref(),
             params: &gen_params,
             schema: ("queries", &schema),
+            accept: answer_parses,
         };
         chat.send(items, &how, 256)
     }
@@ -175,6 +198,7 @@ impl Generate {
     fn generation(
         &self,
         chunk_id: i64,
+        settings: &str,
         outcome: std::result::Result<ChatDone, LlmFailure>,
         dups: &mut DupIndex,
     ) -> Generation {
@@ -183,6 +207,7 @@ impl Generate {
         let id = self.provider.identity();
         let mut g = Generation {
             chunk_id,
+            settings: settings.to_string(),
             call_id: None,
             model: id.model.clone(),
             prompt_hash: self.template.hash.clone(),
@@ -211,6 +236,12 @@ impl Generate {
                 ))
             }
             Some("content_filter") => g.error = Some("the server's content filter stopped the answer".into()),
+            _ if !answer_parses(&done.answer.text) => {
+                g.error = Some(format!(
+                    "the answer did not parse (cut off or malformed JSON); it is asked again on resume: {}",
+                    done.answer.text.chars().take(200).collect::<String>()
+                ))
+            }
             _ => {
                 let mut n_kept = 0;
                 for q in extract_questions(&done.answer.text) {
@@ -227,6 +258,25 @@ impl Generate {
             }
         }
         g
+    }
+}
+
+/// Whether an answer parsed: JSON holding a list of questions (an empty list is an answer too), or
+/// plain prose (its lines are the candidates; the rules judge them). JSON cut off mid-way is neither.
+pub fn answer_parses(text: &str) -> bool {
+    match first_json(text) {
+        Some(v) => json_has_list(&v),
+        None => !text.contains('{') && !text.contains('[') && !text.trim().is_empty(),
+    }
+}
+
+fn json_has_list(v: &serde_json::Value) -> bool {
+    match v {
+        serde_json::Value::Array(_) => true,
+        serde_json::Value::Object(o) => {
+            ["queries", "questions", "query", "question"].iter().any(|k| o.get(*k).is_some_and(|x| x.is_array()))
+        }
+        _ => false,
     }
 }
 
@@ -254,5 +304,21 @@ impl Tally {
                 self.dropped += g.queries.len() as u64 - k;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::answer_parses;
+
+    #[test]
+    fn a_cut_off_answer_does_not_parse() {
+        assert!(answer_parses(r#"{"queries": ["What was revenue in 2024?", "Who audits the firm?"]}"#));
+        assert!(answer_parses(r#"{"queries": []}"#));
+        assert!(answer_parses("1. What was revenue in 2024?\n2. Who audits the firm?"));
+        assert!(!answer_parses(r#"{"queries": ["What was revenue in 2024?", "How did"#));
+        assert!(!answer_parses(r#"["What was revenue"#));
+        assert!(answer_parses("What was revenue"), "prose: the rules decide what is a question");
+        assert!(!answer_parses("  "));
     }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde_json::{Value, json};
 
-use super::llm::{Chat, ChatResult, Prompted, UsageWriter, failure_verdict, llm_params};
+use super::llm::{Chat, ChatResult, Prompted, UsageWriter, failure_verdict, llm_params, settings_key};
 use super::{Kind, Outcome, Stage, StageCtx};
 use crate::error::Result;
 use crate::llm::{self, ChatDone, ChatProvider, LlmFailure};
@@ -20,6 +20,7 @@ pub const KIND: Kind = Kind {
     name: "judge",
     about: "score each question against its chunk with an LLM judge; accept at min_score",
     check,
+    preflight: |spec, wf| templates(spec, wf).map(|_| ()),
     build,
 };
 
@@ -52,9 +53,16 @@ fn check(cx: &CheckCtx) -> Checked {
     checked(&p, diags)
 }
 
-fn build(spec: &StageSpec, wf: &Workflow) -> Result<Box<dyn Stage>> {
+/// The prompt, rendered once against its documented variables.
+fn templates(spec: &StageSpec, wf: &Workflow) -> Result<(Params, Template)> {
     let params: Params = spec.params()?;
-    let template = Template::load(&wf.dir.join(&params.prompt))?;
+    let sample = json!({ "query": "", "chunk": "", "title": "", "path": "", "domain": "", "min_score": 4 });
+    let template = Template::load(&wf.dir.join(&params.prompt))?.checked(sample)?;
+    Ok((params, template))
+}
+
+fn build(spec: &StageSpec, wf: &Workflow) -> Result<Box<dyn Stage>> {
+    let (params, template) = templates(spec, wf)?;
     let provider = llm::chat_provider(wf, &params.model)?;
     Ok(Box::new(Judge {
         name: spec.name.clone(),
@@ -110,8 +118,17 @@ impl Stage for Judge {
     }
 
     async fn run(&self, ctx: &StageCtx) -> Result<Outcome> {
-        let todo = judgments::pending(&ctx.store, &self.inputs_from, &self.name).await?;
-        let decided = judgments::decided(&ctx.store, &self.inputs_from, &self.name).await?;
+        // The threshold only decides what a score means: a change re-decides stored scores, no calls.
+        let settings = settings_key(&self.params, &["min_score"], &self.template, self.provider.identity());
+        let redecided = judgments::activate(&ctx.store, &self.name, &settings, self.params.min_score).await?;
+        if redecided > 0 {
+            ctx.progress.log(&format!(
+                "{redecided} stored verdicts decided again at min_score = {} (from their scores, no calls)",
+                self.params.min_score
+            ));
+        }
+        let todo = judgments::pending(&ctx.store, &self.inputs_from, &self.name, &settings).await?;
+        let decided = judgments::decided(&ctx.store, &self.inputs_from, &self.name, &settings).await?;
         let total = todo.len() as u64 + decided as u64;
         ctx.progress.set_total(total);
         ctx.progress.cached(decided as u64);
@@ -126,7 +143,15 @@ impl Stage for Judge {
             judgments::write(
                 &ctx.store,
                 &self.name,
-                &Judgment { query_id, score, verdict, reason: Some(&reason), model: &model, call_id },
+                &Judgment {
+                    query_id,
+                    settings: &settings,
+                    score,
+                    verdict,
+                    reason: Some(&reason),
+                    model: &model,
+                    call_id,
+                },
             )
             .await?;
             match verdict {
@@ -179,6 +204,7 @@ impl Judge {
             system: llm.system.as_deref(),
             params: &gen_params,
             schema: ("judgment", &schema),
+            accept: |text| parse_judgment(text).is_some(),
         };
         chat.send(items, &how, 256)
     }

@@ -146,6 +146,24 @@ pub struct Prompted<'a> {
     pub params: &'a GenParams,
     /// The JSON schema asked for (name, schema).
     pub schema: (&'a str, &'a Value),
+    /// Whether an answer parsed into this stage's result: only such answers are cache hits.
+    pub accept: fn(&str) -> bool,
+}
+
+/// The key of the settings an LLM stage's results belong to: its checked parameters (less those
+/// that only decide what happens to results, such as thresholds), its prompt and its model. A
+/// stage whose key changed makes new results; the old ones are superseded.
+pub fn settings_key(params: &impl Serialize, leave_out: &[&str], template: &Template, model: &llm::Identity) -> String {
+    let mut p = serde_json::to_value(params).unwrap_or(Value::Null);
+    if let Value::Object(m) = &mut p {
+        for k in leave_out.iter().chain(&["max_failures"]) {
+            m.remove(*k);
+        }
+    }
+    let doc = serde_json::json!({
+        "params": p, "prompt": template.hash, "model": [model.provider, model.base_url, model.model],
+    });
+    crate::digest::sha256_hex(doc.to_string().as_bytes())
 }
 
 /// One chat result per item id: the answer (or why it failed), or a store error.
@@ -180,7 +198,8 @@ impl Chat {
             }
             messages.push(Message::user(how.template.render(vars)?));
             let json_schema = Some((how.schema.0.to_string(), how.schema.1.clone()));
-            requests.push((id, ChatRequest { messages, params: how.params.clone(), json_schema }));
+            let accept = Some(how.accept);
+            requests.push((id, ChatRequest { messages, params: how.params.clone(), json_schema, accept }));
         }
         let (client, provider) = (self.client.clone(), self.provider.clone());
         Ok(spawn_items(requests, window, move |(id, req): (i64, ChatRequest)| {

@@ -25,6 +25,9 @@ pub struct Kind {
     /// Checks the stage's parameters (all of them, reporting every problem); no I/O. On success,
     /// the parameters with every default filled in (`workflow::checked`).
     pub check: fn(&CheckCtx) -> Checked,
+    /// Checks that read files but load no model and call nothing (prompt templates rendered against
+    /// their documented variables): run by `flow validate`, and by `build`.
+    pub preflight: fn(&StageSpec, &Workflow) -> Result<()>,
     /// Resolves models and paths; errors here are input errors (exit 2) reported before the run starts.
     pub build: fn(&StageSpec, &Workflow) -> Result<Box<dyn Stage>>,
 }
@@ -57,6 +60,22 @@ impl Kinds for Registry {
 /// Reads and checks a workflow file with every stage kind flow has.
 pub fn load_workflow(path: &std::path::Path) -> Result<Workflow> {
     crate::workflow::load(path, &Registry)
+}
+
+/// Every stage's preflight: what `flow validate` can check without loading a model or spending.
+pub fn preflight(wf: &Workflow) -> Result<()> {
+    for name in &wf.order {
+        let spec = &wf.stages[name];
+        if let Some(k) = kind(&spec.kind) {
+            (k.preflight)(spec, wf)?;
+        }
+    }
+    Ok(())
+}
+
+/// For kinds with nothing to check before building.
+pub fn no_preflight(_: &StageSpec, _: &Workflow) -> Result<()> {
+    Ok(())
 }
 
 /// The runnable stage for a checked spec.

@@ -22,6 +22,7 @@ pub const KIND: Kind = Kind {
     name: crate::train::params::KIND_NAME,
     about: "train a Mafin augment model beside the black-box embedding on accepted pairs and/or a BEIR set",
     check,
+    preflight: super::no_preflight,
     build,
 };
 

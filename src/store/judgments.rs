@@ -14,39 +14,83 @@ pub struct JudgeInput {
     pub path: String,
 }
 
-/// Kept queries of the given generate stages on live chunks, that this judge has not yet decided.
-pub async fn pending(store: &Store, generate_stages: &[String], judge_stage: &str) -> Result<Vec<JudgeInput>> {
+/// Makes this judge's verdicts of `settings` the current ones, superseding the rest, and decides
+/// them again from their stored scores at `min_score` (a threshold change costs no call). Returns
+/// how many verdicts changed.
+pub async fn activate(store: &Store, stage: &str, settings: &str, min_score: i64) -> Result<u64> {
+    let mut tx = store.pool.begin().await?;
+    sqlx::query("UPDATE judgments SET superseded_at = ? WHERE stage = ? AND settings != ? AND superseded_at IS NULL")
+        .bind(now_ms())
+        .bind(stage)
+        .bind(settings)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(
+        "UPDATE judgments SET superseded_at = NULL WHERE stage = ? AND settings = ? AND superseded_at IS NOT NULL",
+    )
+    .bind(stage)
+    .bind(settings)
+    .execute(&mut *tx)
+    .await?;
+    let changed = sqlx::query(
+        "UPDATE judgments SET verdict = CASE WHEN score >= ?3 THEN 'accepted' ELSE 'rejected' END
+         WHERE stage = ?1 AND settings = ?2 AND score IS NOT NULL
+           AND verdict != CASE WHEN score >= ?3 THEN 'accepted' ELSE 'rejected' END",
+    )
+    .bind(stage)
+    .bind(settings)
+    .bind(min_score)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    tx.commit().await?;
+    Ok(changed)
+}
+
+/// Current kept queries of the given generate stages on live chunks, that this judge has not yet
+/// decided with these settings.
+pub async fn pending(
+    store: &Store,
+    generate_stages: &[String],
+    judge_stage: &str,
+    settings: &str,
+) -> Result<Vec<JudgeInput>> {
     let stages = serde_json::to_string(generate_stages).expect("strings serialise");
     Ok(sqlx::query_as(
         "SELECT q.id AS query_id, q.text AS query, c.text AS chunk, d.title, d.path
          FROM queries q JOIN chunks c ON c.id = q.chunk_id JOIN documents d ON d.id = c.document_id
-         WHERE q.stage IN (SELECT value FROM json_each(?1)) AND q.status = 'kept' AND c.retired_at IS NULL
-           AND NOT EXISTS (SELECT 1 FROM judgments j WHERE j.query_id = q.id AND j.stage = ?2
+         WHERE q.stage IN (SELECT value FROM json_each(?1)) AND q.status = 'kept' AND q.superseded_at IS NULL
+           AND c.retired_at IS NULL
+           AND NOT EXISTS (SELECT 1 FROM judgments j WHERE j.query_id = q.id AND j.stage = ?2 AND j.settings = ?3
                            AND j.verdict IN ('accepted', 'rejected'))
          ORDER BY q.id",
     )
     .bind(stages)
     .bind(judge_stage)
+    .bind(settings)
     .fetch_all(&store.pool)
     .await?)
 }
 
-/// Kept queries of the given generate stages that this judge has decided before.
-pub async fn decided(store: &Store, generate_stages: &[String], judge_stage: &str) -> Result<i64> {
+/// Current kept queries of the given generate stages that this judge decided with these settings.
+pub async fn decided(store: &Store, generate_stages: &[String], judge_stage: &str, settings: &str) -> Result<i64> {
     let stages = serde_json::to_string(generate_stages).expect("strings serialise");
     Ok(sqlx::query_scalar(
         "SELECT COUNT(*) FROM queries q JOIN chunks c ON c.id = q.chunk_id JOIN judgments j ON j.query_id = q.id
-         WHERE q.stage IN (SELECT value FROM json_each(?1)) AND q.status = 'kept' AND c.retired_at IS NULL
-           AND j.stage = ?2 AND j.verdict IN ('accepted', 'rejected')",
+         WHERE q.stage IN (SELECT value FROM json_each(?1)) AND q.status = 'kept' AND q.superseded_at IS NULL
+           AND c.retired_at IS NULL AND j.stage = ?2 AND j.settings = ?3 AND j.verdict IN ('accepted', 'rejected')",
     )
     .bind(stages)
     .bind(judge_stage)
+    .bind(settings)
     .fetch_one(&store.pool)
     .await?)
 }
 
 pub struct Judgment<'a> {
     pub query_id: i64,
+    /// Key of the judge settings that made it (its threshold left out).
+    pub settings: &'a str,
     pub score: Option<i64>,
     pub verdict: &'a str,
     pub reason: Option<&'a str>,
@@ -56,13 +100,14 @@ pub struct Judgment<'a> {
 
 pub async fn write(store: &Store, stage: &str, j: &Judgment<'_>) -> Result<()> {
     sqlx::query(
-        "INSERT INTO judgments (query_id, stage, score, verdict, reason, model, call_id, created_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?)
-         ON CONFLICT (query_id, stage) DO UPDATE SET score = excluded.score, verdict = excluded.verdict,
+        "INSERT INTO judgments (query_id, stage, settings, score, verdict, reason, model, call_id, created_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+         ON CONFLICT (query_id, stage, settings) DO UPDATE SET score = excluded.score, verdict = excluded.verdict,
             reason = excluded.reason, model = excluded.model, call_id = excluded.call_id, created_at = excluded.created_at",
     )
     .bind(j.query_id)
     .bind(stage)
+    .bind(j.settings)
     .bind(j.score)
     .bind(j.verdict)
     .bind(j.reason)
@@ -74,8 +119,12 @@ pub async fn write(store: &Store, stage: &str, j: &Judgment<'_>) -> Result<()> {
     Ok(())
 }
 
+/// Current verdicts of this judge on current queries, by verdict.
 pub async fn verdict_counts(store: &Store, stage: &str) -> Result<Vec<(String, i64)>> {
-    Ok(sqlx::query_as("SELECT verdict, COUNT(*) FROM judgments WHERE stage = ? GROUP BY verdict ORDER BY verdict")
+    Ok(sqlx::query_as(
+        "SELECT j.verdict, COUNT(*) FROM judgments j JOIN queries q ON q.id = j.query_id
+         WHERE j.stage = ? AND j.superseded_at IS NULL AND q.superseded_at IS NULL GROUP BY j.verdict ORDER BY j.verdict",
+    )
         .bind(stage)
         .fetch_all(&store.pool)
         .await?)

@@ -15,6 +15,8 @@ pub struct CallRow {
     pub prompt_tokens: i64,
     pub completion_tokens: i64,
     pub attempts: i64,
+    /// Whether the answer parsed into a result: only those are replayed from the cache.
+    pub usable: bool,
 }
 
 pub struct NewCall<'a> {
@@ -34,11 +36,12 @@ pub struct NewCall<'a> {
     pub attempts: i64,
     pub run_id: Option<i64>,
     pub stage: Option<&'a str>,
+    pub usable: bool,
 }
 
 pub async fn lookup(store: &Store, hash: &str) -> Result<Option<CallRow>> {
     Ok(sqlx::query_as(
-        "SELECT id, response, text, finish_reason, response_id, prompt_tokens, completion_tokens, attempts
+        "SELECT id, response, text, finish_reason, response_id, prompt_tokens, completion_tokens, attempts, usable
          FROM llm_calls WHERE request_hash = ?",
     )
     .bind(hash)
@@ -46,13 +49,26 @@ pub async fn lookup(store: &Store, hash: &str) -> Result<Option<CallRow>> {
     .await?)
 }
 
-/// Stores a paid answer at once, in its own transaction, so a kill right after loses nothing.
+/// Marks a stored answer as one that did not parse: it is no longer replayed.
+pub async fn mark_unusable(store: &Store, id: i64) -> Result<()> {
+    sqlx::query("UPDATE llm_calls SET usable = 0 WHERE id = ?").bind(id).execute(&store.pool).await?;
+    Ok(())
+}
+
+/// Stores a paid answer at once, in its own transaction, so a kill right after loses nothing. A new
+/// answer replaces a stored one that did not parse (it is kept only until a better one comes).
 pub async fn insert(store: &Store, c: &NewCall<'_>) -> Result<i64> {
     let id: Option<i64> = sqlx::query_scalar(
         "INSERT INTO llm_calls (request_hash, kind, provider, base_url, model, request, response, text, finish_reason,
-            response_id, prompt_tokens, completion_tokens, latency_ms, attempts, run_id, stage, created_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-         ON CONFLICT (request_hash) DO NOTHING RETURNING id",
+            response_id, prompt_tokens, completion_tokens, latency_ms, attempts, run_id, stage, usable, created_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+         ON CONFLICT (request_hash) DO UPDATE SET response = excluded.response, text = excluded.text,
+            finish_reason = excluded.finish_reason, response_id = excluded.response_id,
+            prompt_tokens = excluded.prompt_tokens, completion_tokens = excluded.completion_tokens,
+            latency_ms = excluded.latency_ms, attempts = excluded.attempts, run_id = excluded.run_id,
+            stage = excluded.stage, usable = excluded.usable, created_at = excluded.created_at
+         WHERE llm_calls.usable = 0
+         RETURNING id",
     )
     .bind(c.request_hash)
     .bind(c.kind)
@@ -70,6 +86,7 @@ pub async fn insert(store: &Store, c: &NewCall<'_>) -> Result<i64> {
     .bind(c.attempts)
     .bind(c.run_id)
     .bind(c.stage)
+    .bind(c.usable)
     .bind(now_ms())
     .fetch_optional(&store.pool)
     .await?;

@@ -28,21 +28,60 @@ pub async fn input_chunks(store: &Store, chunk_stages: &[String]) -> Result<Vec<
     .await?)
 }
 
-/// Chunks this stage has finished (failed ones are tried again).
-pub async fn done_chunks(store: &Store, stage: &str) -> Result<HashSet<i64>> {
-    let ids: Vec<i64> = sqlx::query_scalar("SELECT chunk_id FROM generations WHERE stage = ? AND status = 'done'")
-        .bind(stage)
-        .fetch_all(&store.pool)
-        .await?;
+/// Makes the queries of `settings` this stage's current ones and supersedes the rest (kept in the
+/// table, out of `pairs`). Returns how many were superseded now.
+pub async fn activate(store: &Store, stage: &str, settings: &str) -> Result<u64> {
+    let mut tx = store.pool.begin().await?;
+    let superseded =
+        sqlx::query("UPDATE queries SET superseded_at = ? WHERE stage = ? AND settings != ? AND superseded_at IS NULL")
+            .bind(now_ms())
+            .bind(stage)
+            .bind(settings)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+    sqlx::query(
+        "UPDATE queries SET superseded_at = NULL WHERE stage = ? AND settings = ? AND superseded_at IS NOT NULL",
+    )
+    .bind(stage)
+    .bind(settings)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(superseded)
+}
+
+/// Chunks this stage has finished with these settings (failed ones are tried again).
+pub async fn done_chunks(store: &Store, stage: &str, settings: &str) -> Result<HashSet<i64>> {
+    let ids: Vec<i64> =
+        sqlx::query_scalar("SELECT chunk_id FROM generations WHERE stage = ? AND settings = ? AND status = 'done'")
+            .bind(stage)
+            .bind(settings)
+            .fetch_all(&store.pool)
+            .await?;
     Ok(ids.into_iter().collect())
 }
 
-/// Texts of the queries this stage kept, for de-duplication across the corpus.
+/// Live chunks this stage finished with these settings that got no kept question.
+pub async fn chunks_without_questions(store: &Store, stage: &str, settings: &str) -> Result<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT COUNT(*) FROM generations g JOIN chunks c ON c.id = g.chunk_id
+         WHERE g.stage = ? AND g.settings = ? AND g.status = 'done' AND g.kept = 0 AND c.retired_at IS NULL",
+    )
+    .bind(stage)
+    .bind(settings)
+    .fetch_one(&store.pool)
+    .await?)
+}
+
+/// Texts of the current queries this stage kept, for de-duplication across the corpus.
 pub async fn kept_texts(store: &Store, stage: &str) -> Result<Vec<String>> {
-    Ok(sqlx::query_scalar("SELECT text FROM queries WHERE stage = ? AND status = 'kept' ORDER BY id")
-        .bind(stage)
-        .fetch_all(&store.pool)
-        .await?)
+    Ok(sqlx::query_scalar(
+        "SELECT text FROM queries WHERE stage = ? AND status = 'kept' AND superseded_at IS NULL ORDER BY id",
+    )
+    .bind(stage)
+    .fetch_all(&store.pool)
+    .await?)
 }
 
 #[derive(Debug, Clone)]
@@ -56,6 +95,8 @@ pub struct NewQuery {
 #[derive(Debug, Clone)]
 pub struct Generation {
     pub chunk_id: i64,
+    /// Key of the stage settings that made it.
+    pub settings: String,
     pub call_id: Option<i64>,
     pub model: String,
     pub prompt_hash: String,
@@ -69,8 +110,8 @@ pub async fn write_generation(store: &Store, stage: &str, g: &Generation) -> Res
     let mut tx = store.pool.begin().await?;
     for q in &g.queries {
         sqlx::query(
-            "INSERT INTO queries (chunk_id, stage, text, model, prompt_hash, params, status, call_id, created_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO queries (chunk_id, stage, text, model, prompt_hash, params, status, call_id, settings, created_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(g.chunk_id)
         .bind(stage)
@@ -80,19 +121,21 @@ pub async fn write_generation(store: &Store, stage: &str, g: &Generation) -> Res
         .bind(&g.params)
         .bind(&q.status)
         .bind(g.call_id)
+        .bind(&g.settings)
         .bind(now)
         .execute(&mut *tx)
         .await?;
     }
     let kept = g.queries.iter().filter(|q| q.status == "kept").count() as i64;
     sqlx::query(
-        "INSERT INTO generations (stage, chunk_id, status, error, call_id, kept, dropped, updated_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?)
-         ON CONFLICT (stage, chunk_id) DO UPDATE SET status = excluded.status, error = excluded.error,
+        "INSERT INTO generations (stage, chunk_id, settings, status, error, call_id, kept, dropped, updated_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+         ON CONFLICT (stage, chunk_id, settings) DO UPDATE SET status = excluded.status, error = excluded.error,
             call_id = excluded.call_id, kept = excluded.kept, dropped = excluded.dropped, updated_at = excluded.updated_at",
     )
     .bind(stage)
     .bind(g.chunk_id)
+    .bind(&g.settings)
     .bind(if g.error.is_some() { "failed" } else { "done" })
     .bind(&g.error)
     .bind(g.call_id)
@@ -105,9 +148,11 @@ pub async fn write_generation(store: &Store, stage: &str, g: &Generation) -> Res
     Ok(())
 }
 
-/// Dropped-query counts by reason for this stage.
+/// Current query counts by status (kept, or why dropped) for this stage.
 pub async fn drop_counts(store: &Store, stage: &str) -> Result<Vec<(String, i64)>> {
-    Ok(sqlx::query_as("SELECT status, COUNT(*) FROM queries WHERE stage = ? GROUP BY status ORDER BY status")
+    Ok(sqlx::query_as(
+        "SELECT status, COUNT(*) FROM queries WHERE stage = ? AND superseded_at IS NULL GROUP BY status ORDER BY status",
+    )
         .bind(stage)
         .fetch_all(&store.pool)
         .await?)

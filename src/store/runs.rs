@@ -40,6 +40,41 @@ pub struct StageRunRow {
     pub prompt_tokens: i64,
     pub completion_tokens: i64,
     pub cost: Option<f64>,
+    /// Attempts of this stage in this run (a resume is another), and what the earlier ones spent.
+    pub attempts: i64,
+    pub earlier_calls: i64,
+    pub earlier_cached: i64,
+    pub earlier_failures: i64,
+    pub earlier_prompt_tokens: i64,
+    pub earlier_completion_tokens: i64,
+    pub earlier_cost: Option<f64>,
+}
+
+impl StageRunRow {
+    /// LLM usage of the last attempt.
+    pub fn last_attempt(&self) -> UsageSnapshot {
+        UsageSnapshot {
+            calls: self.llm_calls as u64,
+            cached: self.llm_cached as u64,
+            failures: self.llm_failures as u64,
+            prompt_tokens: self.prompt_tokens as u64,
+            completion_tokens: self.completion_tokens as u64,
+            cost: self.cost,
+        }
+    }
+
+    /// LLM usage of every attempt of this stage in this run.
+    pub fn all_attempts(&self) -> UsageSnapshot {
+        let earlier = UsageSnapshot {
+            calls: self.earlier_calls as u64,
+            cached: self.earlier_cached as u64,
+            failures: self.earlier_failures as u64,
+            prompt_tokens: self.earlier_prompt_tokens as u64,
+            completion_tokens: self.earlier_completion_tokens as u64,
+            cost: self.earlier_cost,
+        };
+        earlier + self.last_attempt()
+    }
 }
 
 /// Item counts a stage reports as it works.
@@ -120,7 +155,8 @@ pub async fn list(store: &Store, limit: i64) -> Result<Vec<RunRow>> {
     Ok(sqlx::query_as("SELECT * FROM runs ORDER BY id DESC LIMIT ?").bind(limit).fetch_all(&store.pool).await?)
 }
 
-/// Records a stage's state in a run, replacing what an earlier attempt of the same run wrote.
+/// Records a stage's state in a run. A later attempt of the same run (a resume) starts its counts
+/// afresh and adds the earlier attempt's LLM usage to the `earlier_*` totals.
 pub async fn set_stage(store: &Store, run_id: i64, stage: &str, kind: &str, fp: &str, status: &str) -> Result<i64> {
     let now = now_ms();
     let running = status == "running";
@@ -131,6 +167,14 @@ pub async fn set_stage(store: &Store, run_id: i64, stage: &str, kind: &str, fp: 
             kind = excluded.kind, fingerprint = excluded.fingerprint, status = excluded.status,
             started_at = excluded.started_at, finished_at = excluded.finished_at, error = NULL, summary = NULL,
             items_total = 0, items_done = 0, items_cached = 0, items_skipped = 0, items_failed = 0,
+            attempts = stage_runs.attempts + 1,
+            earlier_calls = stage_runs.earlier_calls + stage_runs.llm_calls,
+            earlier_cached = stage_runs.earlier_cached + stage_runs.llm_cached,
+            earlier_failures = stage_runs.earlier_failures + stage_runs.llm_failures,
+            earlier_prompt_tokens = stage_runs.earlier_prompt_tokens + stage_runs.prompt_tokens,
+            earlier_completion_tokens = stage_runs.earlier_completion_tokens + stage_runs.completion_tokens,
+            earlier_cost = CASE WHEN stage_runs.earlier_cost IS NULL AND stage_runs.cost IS NULL THEN NULL
+                                ELSE COALESCE(stage_runs.earlier_cost, 0) + COALESCE(stage_runs.cost, 0) END,
             llm_calls = 0, llm_cached = 0, llm_failures = 0, prompt_tokens = 0, completion_tokens = 0, cost = NULL
          RETURNING id",
     )
@@ -192,15 +236,28 @@ pub async fn finish_stage(
 }
 
 /// A succeeded run of `stage` with this fingerprint, if any: the stage is then up to date.
+/// The run whose result `stage` still stands on, if that result was made with fingerprint `fp`:
+/// the stage's newest good result must have this fingerprint. An older result with the same
+/// fingerprint does not count, since a run with other settings may have changed the store since
+/// (settings A, then B, then A again runs A again; its stored items make that cheap).
 pub async fn find_succeeded(store: &Store, stage: &str, fp: &str) -> Result<Option<i64>> {
-    Ok(sqlx::query_scalar(
+    let newest: Option<(String, i64)> = sqlx::query_as(
+        "SELECT fingerprint, run_id FROM stage_runs WHERE stage = ? AND status IN ('succeeded', 'up_to_date')
+         ORDER BY id DESC LIMIT 1",
+    )
+    .bind(stage)
+    .fetch_optional(&store.pool)
+    .await?;
+    let Some((newest_fp, newest_run)) = newest.filter(|(f, _)| f == fp) else { return Ok(None) };
+    let made_in: Option<i64> = sqlx::query_scalar(
         "SELECT run_id FROM stage_runs WHERE stage = ? AND fingerprint = ? AND status = 'succeeded'
          ORDER BY id DESC LIMIT 1",
     )
     .bind(stage)
-    .bind(fp)
+    .bind(&newest_fp)
     .fetch_optional(&store.pool)
-    .await?)
+    .await?;
+    Ok(Some(made_in.unwrap_or(newest_run)))
 }
 
 /// The fingerprint of the newest successful (or up-to-date) result of `stage`.

@@ -112,6 +112,11 @@ pub fn load(path: &Path, kinds: &dyn Kinds) -> Result<Workflow> {
             "pass the path of a workflow YAML file, e.g. `flow run workflows/finance.yaml`",
         )
     })?;
+    // A byte-order mark (as some Windows editors write) is not part of the YAML.
+    let source = match source.strip_prefix('\u{feff}') {
+        Some(rest) => rest.to_string(),
+        None => source,
+    };
     let abs = std::path::absolute(path).map_err(Error::io(path))?;
     let fail = |items: Vec<Diagnostic>| {
         Error::Workflow(Diagnostics { file: path.to_path_buf(), source: source.clone(), items })
@@ -172,11 +177,23 @@ fn check(root: &Node, abs: &Path, kinds: &dyn Kinds, diags: &mut Vec<Diagnostic>
         );
     }
     for (name, spec) in &top.models {
+        let at = |key: &str| {
+            let entry = root.get("models").and_then(|m| m.get(name));
+            entry.and_then(|e| e.get(key)).or(entry).map(Node::span).unwrap_or_default()
+        };
         if spec.model.is_none() && spec.init.is_none() {
             let span = root.get("models").and_then(|m| m.key_span(name)).unwrap_or_default();
             diags.push(
                 Diagnostic::new(span, format!("model `{name}` names no model"))
                     .hint("add `model: <name or folder>` (or `init:` for a trainable model)"),
+            );
+        }
+        if let Some(url) = &spec.base_url
+            && let Err(e) = check_base_url(url)
+        {
+            diags.push(
+                Diagnostic::new(at("base_url"), format!("`models.{name}.base_url` {url:?}: {e}"))
+                    .hint("a full http(s) URL of the API root, e.g. http://localhost:8000/v1"),
             );
         }
     }
@@ -316,6 +333,18 @@ fn check_stage(
             None
         }
     }
+}
+
+/// An OpenAI-compatible endpoint's root must be an absolute http(s) URL with a host.
+fn check_base_url(url: &str) -> std::result::Result<(), String> {
+    let u = reqwest::Url::parse(url).map_err(|e| e.to_string())?;
+    if !matches!(u.scheme(), "http" | "https") {
+        return Err(format!("the scheme is `{}`, not http or https", u.scheme()));
+    }
+    if u.host_str().is_none_or(str::is_empty) {
+        return Err("it has no host".into());
+    }
+    Ok(())
 }
 
 fn kinds_hint(kinds: &dyn Kinds) -> String {

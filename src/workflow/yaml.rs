@@ -121,11 +121,16 @@ pub struct SyntaxError {
     pub span: Span,
 }
 
+/// The most values a workflow may expand to, aliases included: far above any real workflow, far
+/// below what an alias bomb (`a: &a [*b, *b, ...]` nested) would need to exhaust memory.
+const MAX_VALUES: usize = 100_000;
+
 pub fn parse(src: &str) -> Result<Option<Node>, SyntaxError> {
     let mut builder = Builder::default();
     let mut parser = Parser::new_from_str(src);
+    // All documents are read, so that a second one is reported rather than silently ignored.
     parser
-        .load(&mut builder, false)
+        .load(&mut builder, true)
         .map_err(|e| SyntaxError { message: e.info().to_string(), span: span(*e.marker()) })?;
     if let Some(err) = builder.error {
         return Err(err);
@@ -142,9 +147,20 @@ enum Open {
 struct Builder {
     stack: Vec<Open>,
     root: Option<Node>,
-    anchors: BTreeMap<usize, Node>,
+    anchors: BTreeMap<usize, (Node, usize)>,
     pending_anchor: Vec<usize>,
     error: Option<SyntaxError>,
+    documents: usize,
+    /// Values made so far, each alias counting as many as it copies.
+    values: usize,
+}
+
+fn count(node: &Node) -> usize {
+    match node {
+        Node::Scalar { .. } => 1,
+        Node::Seq { items, .. } => 1 + items.iter().map(count).sum::<usize>(),
+        Node::Map { entries, .. } => 1 + entries.iter().map(|(_, n)| 1 + count(n)).sum::<usize>(),
+    }
 }
 
 impl Builder {
@@ -180,7 +196,13 @@ impl Builder {
 
     fn remember(&mut self, anchor: usize, node: &Node) {
         if anchor > 0 {
-            self.anchors.insert(anchor, node.clone());
+            self.anchors.insert(anchor, (node.clone(), count(node)));
+        }
+    }
+
+    fn fail(&mut self, message: String, span: Span) {
+        if self.error.is_none() {
+            self.error = Some(SyntaxError { message, span });
         }
     }
 }
@@ -188,6 +210,10 @@ impl Builder {
 impl MarkedEventReceiver for Builder {
     fn on_event(&mut self, ev: Event, mark: Marker) {
         let span = span(mark);
+        if self.error.is_some() {
+            return;
+        }
+        self.values += 1;
         match ev {
             Event::Scalar(value, style, anchor, _tag) => {
                 let node = Node::Scalar { value, plain: style == TScalarStyle::Plain, span };
@@ -213,11 +239,27 @@ impl MarkedEventReceiver for Builder {
                 self.push_value(node);
             }
             Event::Alias(id) => {
-                let node =
-                    self.anchors.get(&id).cloned().unwrap_or(Node::Scalar { value: String::new(), plain: true, span });
+                let (node, size) = self
+                    .anchors
+                    .get(&id)
+                    .cloned()
+                    .unwrap_or((Node::Scalar { value: String::new(), plain: true, span }, 1));
+                self.values += size;
+                if self.values > MAX_VALUES {
+                    let msg =
+                        format!("the aliases here expand the file to more than {MAX_VALUES} values (an alias bomb?)");
+                    return self.fail(msg, span);
+                }
                 self.push_value(node);
             }
-            Event::Nothing | Event::StreamStart | Event::StreamEnd | Event::DocumentStart | Event::DocumentEnd => {}
+            Event::DocumentStart => {
+                self.documents += 1;
+                if self.documents > 1 {
+                    let msg = "a second YAML document (after `---`): a workflow file holds one".to_string();
+                    self.fail(msg, span);
+                }
+            }
+            Event::Nothing | Event::StreamStart | Event::StreamEnd | Event::DocumentEnd => {}
         }
     }
 }
@@ -225,6 +267,21 @@ impl MarkedEventReceiver for Builder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_second_document_and_an_alias_bomb_are_errors() {
+        let err = parse("name: a\n---\nname: b\n").unwrap_err();
+        assert!(err.message.contains("second YAML document") && err.span.line == 2, "{err:?}");
+        let mut bomb = String::from("a: &a [x, x, x, x, x, x, x, x, x, x]\n");
+        for (i, prev) in ["b", "c", "d", "e", "f", "g", "h"].iter().zip(["a", "b", "c", "d", "e", "f", "g"]) {
+            bomb.push_str(&format!(
+                "{i}: &{i} [*{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}]\n"
+            ));
+        }
+        let err = parse(&bomb).unwrap_err();
+        assert!(err.message.contains("alias bomb"), "{err:?}");
+        assert!(parse("a: &x [1, 2]\nb: *x\n").is_ok());
+    }
 
     #[test]
     fn spans_and_types() {

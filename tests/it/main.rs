@@ -10,6 +10,8 @@ mod llm;
 mod local;
 #[path = "../support/openai_server.rs"]
 mod openai_server;
+mod robust;
 mod schedule;
+mod settings;
 mod train;
 mod validate;

@@ -30,6 +30,9 @@ pub struct Config {
     pub slow: Duration,
     /// Answer with prose instead of JSON (a server without structured output).
     pub prose: bool,
+    /// The first answer to some requests is cut off mid-JSON but reported complete (a 200 with
+    /// `finish_reason: stop`); asked again, they are answered in full.
+    pub truncate_first: bool,
 }
 
 impl Default for Config {
@@ -40,6 +43,7 @@ impl Default for Config {
             persistent_faults: false,
             slow: Duration::from_secs(3),
             prose: false,
+            truncate_first: false,
         }
     }
 }
@@ -49,7 +53,8 @@ pub struct Entry {
     pub received: Instant,
     pub hash: u64,
     pub path: String,
-    /// What the server did: "ok", "429", "500", "503", "slow", "malformed", "drop", "400", "length".
+    /// What the server did: "ok", "429", "500", "503", "slow", "malformed", "drop", "400", "length",
+    /// "truncated".
     pub outcome: &'static str,
 }
 
@@ -140,6 +145,9 @@ fn fault(cfg: &Config, h: u64, attempt: u32) -> Option<&'static str> {
             return Some("length");
         }
     }
+    if cfg.truncate_first && attempt == 1 && h.is_multiple_of(5) {
+        return Some("truncated");
+    }
     if cfg.transient_faults && attempt == 1 {
         return match h % 10 {
             1 => Some("429"),
@@ -202,6 +210,7 @@ async fn chat(State(s): State<Arc<Shared>>, _headers: HeaderMap, body: Bytes) ->
     log(&s, h, "chat", what.unwrap_or("ok"), received);
     if let Some(w) = what
         && w != "length"
+        && w != "truncated"
         && let Some(r) = fail(&s, w).await
     {
         return r;
@@ -210,8 +219,12 @@ async fn chat(State(s): State<Arc<Shared>>, _headers: HeaderMap, body: Bytes) ->
     let schema = req.pointer("/response_format/json_schema/name").and_then(Value::as_str).unwrap_or("");
     let prompt = req["messages"].as_array().and_then(|m| m.last()).and_then(|m| m["content"].as_str()).unwrap_or("");
     let content = answer(schema, prompt, h, s.cfg.prose);
-    let (content, finish) =
-        if what == Some("length") { (content[..content.len() / 2].to_string(), "length") } else { (content, "stop") };
+    let half = |c: &str| c.chars().take(c.chars().count() / 2).collect::<String>();
+    let (content, finish) = match what {
+        Some("length") => (half(&content), "length"),
+        Some("truncated") => (half(&content), "stop"),
+        _ => (content, "stop"),
+    };
     axum::Json(json!({
         "id": format!("chatcmpl-{h:016x}-{attempt}"),
         "object": "chat.completion",
