@@ -17,7 +17,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FLOW = os.path.join(ROOT, "target", "release", "flow")
+FLOW = os.environ.get("FLOW_BIN", os.path.join(ROOT, "target", "release", "flow"))
 WORDS = (
     "revenue margin fiscal quarter growth segment operating income cash flow dividend share capital "
     "expenditure guidance outlook customer product market region cost savings investment debt equity"

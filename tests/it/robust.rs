@@ -160,3 +160,41 @@ fn a_damaged_store_is_named_and_left_as_it_is() {
     assert!(r.stderr.contains("t.db") && r.stderr.contains(".recover"), "{}", r.stderr);
     assert_eq!(std::fs::read(sb.path("t.db")).unwrap(), bytes);
 }
+
+/// Unmounts on drop, so a failing assertion leaves no mount behind.
+struct Mount(std::path::PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_store_on_a_read_only_mount_still_serves_status_runs_and_pairs() {
+    let sb = Sandbox::new();
+    chunk_only(&sb);
+    assert_eq!(sb.flow(&["run", "wf.yaml"]).code, 0);
+    // A read-only bind mount of the sandbox (root ignores file modes, so chmod would prove nothing).
+    let ro = tempfile::tempdir().unwrap();
+    let bind =
+        |args: &[&str]| std::process::Command::new("mount").args(args).output().is_ok_and(|o| o.status.success());
+    let src = sb.dir.path().to_string_lossy().to_string();
+    let dst = ro.path().to_string_lossy().to_string();
+    if !bind(&["--bind", &src, &dst]) {
+        eprintln!("skipped: this machine does not allow a bind mount (needs root and mount(8))");
+        return;
+    }
+    let _guard = Mount(ro.path().to_path_buf());
+    if !bind(&["-o", "remount,bind,ro", &dst]) || std::fs::write(ro.path().join("probe"), b"x").is_ok() {
+        eprintln!("skipped: the bind mount could not be made read-only");
+        return;
+    }
+    let wf = ro.path().join("wf.yaml").to_string_lossy().to_string();
+    for args in [vec!["status", "-w", &wf], vec!["runs", "-w", &wf], vec!["pairs", "-w", &wf]] {
+        let r = sb.flow(&args);
+        assert_eq!(r.code, 0, "{args:?}: {}", r.all());
+    }
+    let r = sb.flow(&["status", "-w", &wf]);
+    assert!(r.stdout.contains("succeeded"), "{}", r.stdout);
+}
