@@ -170,7 +170,7 @@ pub fn settings_key(params: &impl Serialize, leave_out: &[&str], template: &Temp
 pub type ChatResult = (i64, Result<std::result::Result<ChatDone, LlmFailure>>);
 
 /// One model's chat for one stage run: the provider, a client whose calls are accounted to this
-/// stage run (cache, shared limits, retries), and when its usage was last written.
+/// stage run (cache, shared limits, retries).
 pub struct Chat {
     pub provider: Arc<dyn ChatProvider>,
     pub client: Arc<LlmClient>,
