@@ -169,16 +169,20 @@ pub fn first_json(text: &str) -> Option<Value> {
     None
 }
 
+/// The list of questions in a JSON answer: the value itself, or its `queries` (or `questions`,
+/// `query`, `question`) field.
+pub fn question_list(v: &Value) -> Option<&Vec<Value>> {
+    match v {
+        Value::Array(a) => Some(a),
+        Value::Object(o) => ["queries", "questions", "query", "question"].iter().find_map(|k| o.get(*k)?.as_array()),
+        _ => None,
+    }
+}
+
 /// Questions in a model's answer: a JSON list (or `{"queries": [...]}`), else one per line.
 pub fn extract_questions(text: &str) -> Vec<String> {
     let from_json = |v: &Value| -> Option<Vec<String>> {
-        let list = match v {
-            Value::Array(a) => a,
-            Value::Object(o) => ["queries", "questions", "query", "question"]
-                .iter()
-                .find_map(|k| o.get(*k).and_then(Value::as_array))?,
-            _ => return None,
-        };
+        let list = question_list(v)?;
         Some(
             list.iter()
                 .filter_map(|x| match x {

@@ -2,6 +2,7 @@
 //! page, page starts kept) and .jsonl (one document per record). Bad input becomes a skip reason, never a panic.
 
 mod html;
+pub mod split;
 
 use std::path::Path;
 

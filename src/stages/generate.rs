@@ -13,7 +13,7 @@ use crate::error::Result;
 use crate::llm::{self, ChatDone, ChatProvider, LlmFailure};
 use crate::prompt::Template;
 use crate::store::queries::{self, Generation, NewQuery};
-use crate::text::{DupIndex, extract_questions, first_json, rule_violation};
+use crate::text::{DupIndex, extract_questions, first_json, question_list, rule_violation};
 use crate::workflow::{CheckCtx, Checked, Diagnostic, StageSpec, Workflow, check_typed, checked};
 
 pub const KIND: Kind = Kind {
@@ -265,18 +265,8 @@ impl Generate {
 /// plain prose (its lines are the candidates; the rules judge them). JSON cut off mid-way is neither.
 pub fn answer_parses(text: &str) -> bool {
     match first_json(text) {
-        Some(v) => json_has_list(&v),
+        Some(v) => question_list(&v).is_some(),
         None => !text.contains('{') && !text.contains('[') && !text.trim().is_empty(),
-    }
-}
-
-fn json_has_list(v: &serde_json::Value) -> bool {
-    match v {
-        serde_json::Value::Array(_) => true,
-        serde_json::Value::Object(o) => {
-            ["queries", "questions", "query", "question"].iter().any(|k| o.get(*k).is_some_and(|x| x.is_array()))
-        }
-        _ => false,
     }
 }
 

@@ -87,7 +87,7 @@ fn chunks_respect_max_tokens_and_overlap_with_the_real_tokenizer() {
         format: flow::corpus::Format::Text,
         pages: vec![],
     };
-    let chunks = flow::stages::chunk::split(&doc, &tok, 100, 20).unwrap();
+    let chunks = flow::corpus::split::split(&doc, &tok, 100, 20).unwrap();
     assert!(chunks.len() > 10);
     let mut overlapping = 0;
     for (i, c) in chunks.iter().enumerate() {
