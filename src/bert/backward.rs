@@ -6,8 +6,10 @@ use std::collections::HashMap;
 use candle_transformers::models::bert::HiddenAct;
 use rayon::prelude::*;
 
+use crate::bert::dropout::{Dropout, Site};
 use crate::bert::packed::{
-    self as k, CpuBert, ROWS_PER_TASK, SharedMut, activate, attention, layer_norm_rows, linear, matmul, prob_offsets,
+    self as k, CpuBert, ROWS_PER_TASK, SharedMut, activate, attention, dropped_probs, layer_norm_rows, linear, matmul,
+    prob_offsets,
 };
 
 /// What one layer's backward pass reads.
@@ -28,6 +30,8 @@ struct LayerTape {
 pub struct Tape {
     ids: Vec<u32>,
     lens: Vec<usize>,
+    /// The pass's dropout: the backward pass regenerates its masks rather than keeping them.
+    drop: Option<Dropout>,
     xhat0: Vec<f32>,
     rstd0: Vec<f32>,
     layers: Vec<LayerTape>,
@@ -36,25 +40,56 @@ pub struct Tape {
 /// Gradients by Hugging Face parameter name, as flat row-major buffers.
 pub type FlatGrads = HashMap<String, Vec<f32>>;
 
+/// `v` times the mask of `site` (a copy), or `v` itself without dropout.
+fn masked<'a>(
+    drop: Option<&Dropout>,
+    site: Site,
+    v: &'a [f32],
+    lens: &[usize],
+    width: usize,
+) -> std::borrow::Cow<'a, [f32]> {
+    match drop {
+        Some(d) => {
+            let mut out = v.to_vec();
+            d.apply_packed(site, &mut out, lens, width);
+            std::borrow::Cow::Owned(out)
+        }
+        None => std::borrow::Cow::Borrowed(v),
+    }
+}
+
 /// Forward pass over packed sequences keeping activations; returns the last hidden states [T, H].
-pub fn forward(m: &CpuBert, ids: &[u32], lens: &[usize]) -> candle_core::Result<(Vec<f32>, Tape)> {
+/// With `drop`, BERT's training dropout applies (embeddings, attention probabilities, and the
+/// attention and feed-forward outputs before their residual adds).
+pub fn forward(
+    m: &CpuBert,
+    ids: &[u32],
+    lens: &[usize],
+    drop: Option<&Dropout>,
+) -> candle_core::Result<(Vec<f32>, Tape)> {
     m.check_input(ids, lens)?;
     let (h, t, i) = (m.hidden, ids.len(), m.inter);
     let mut x = vec![0.0f32; t * h];
     m.embed(ids, lens, &mut x);
     let (mut xhat0, mut rstd0) = (vec![0.0; t * h], vec![0.0; t]);
     layer_norm_rows(&mut x, None, &m.emb_ln, m.eps, Some((&mut xhat0, &mut rstd0)));
+    if let Some(d) = drop {
+        d.apply_packed(Site::Embeddings, &mut x, lens, h);
+    }
     let scale = 1.0 / ((h / m.heads) as f32).sqrt();
     let (_, n_probs) = prob_offsets(lens, m.heads);
     let mut layers = Vec::with_capacity(m.layers.len());
-    for l in &m.layers {
+    for (li, l) in m.layers.iter().enumerate() {
         let x_in = x.clone();
         let mut qkv = vec![0.0; t * 3 * h];
         linear(&x, h, &l.qkv_w, &l.qkv_b, &mut qkv);
         let (mut ctx, mut probs) = (vec![0.0; t * h], vec![0.0; n_probs]);
-        attention(&qkv, lens, h, m.heads, scale, &mut ctx, Some(&mut probs));
+        attention(&qkv, lens, h, m.heads, scale, &mut ctx, Some(&mut probs), drop.map(|d| (d, li)));
         let mut tmp = vec![0.0; t * h];
         linear(&ctx, h, &l.out_w, &l.out_b, &mut tmp);
+        if let Some(d) = drop {
+            d.apply_packed(Site::AttentionOut(li), &mut tmp, lens, h);
+        }
         let (mut xhat1, mut rstd1) = (vec![0.0; t * h], vec![0.0; t]);
         layer_norm_rows(&mut x, Some(&tmp), &l.ln1, m.eps, Some((&mut xhat1, &mut rstd1)));
         let x_mid = x.clone();
@@ -63,11 +98,14 @@ pub fn forward(m: &CpuBert, ids: &[u32], lens: &[usize]) -> candle_core::Result<
         let mut act = pre.clone();
         activate(&mut act, m.act);
         linear(&act, i, &l.down_w, &l.down_b, &mut tmp);
+        if let Some(d) = drop {
+            d.apply_packed(Site::FeedForwardOut(li), &mut tmp, lens, h);
+        }
         let (mut xhat2, mut rstd2) = (vec![0.0; t * h], vec![0.0; t]);
         layer_norm_rows(&mut x, Some(&tmp), &l.ln2, m.eps, Some((&mut xhat2, &mut rstd2)));
         layers.push(LayerTape { x_in, qkv, probs, ctx, xhat1, rstd1, x_mid, pre, act, xhat2, rstd2 });
     }
-    Ok((x, Tape { ids: ids.to_vec(), lens: lens.to_vec(), xhat0, rstd0, layers }))
+    Ok((x, Tape { ids: ids.to_vec(), lens: lens.to_vec(), drop: drop.copied(), xhat0, rstd0, layers }))
 }
 
 /// dX [t, k] = dY [t, n] W [n, k]; dW [n, k] = dY^T X; db [n] = column sums of dY.
@@ -167,7 +205,9 @@ pub fn backward(m: &CpuBert, tape: &Tape, mut dy: Vec<f32>) -> FlatGrads {
         let (dr2, dg2, db2) = layer_norm_backward(&dy, &tp.xhat2, &tp.rstd2, &l.ln2.0);
         grads.insert(name("output.LayerNorm.weight"), dg2);
         grads.insert(name("output.LayerNorm.bias"), db2);
-        let (mut dact, dwd, dbd) = linear_backward(&dr2, &tp.act, &l.down_w, h, i);
+        let drop = tape.drop.as_ref();
+        let (mut dact, dwd, dbd) =
+            linear_backward(&masked(drop, Site::FeedForwardOut(li), &dr2, lens, h), &tp.act, &l.down_w, h, i);
         grads.insert(name("output.dense.weight"), dwd);
         grads.insert(name("output.dense.bias"), dbd);
         let act = m.act;
@@ -182,20 +222,29 @@ pub fn backward(m: &CpuBert, tape: &Tape, mut dy: Vec<f32>) -> FlatGrads {
         let (dr1, dg1, db1) = layer_norm_backward(&dx_mid, &tp.xhat1, &tp.rstd1, &l.ln1.0);
         grads.insert(name("attention.output.LayerNorm.weight"), dg1);
         grads.insert(name("attention.output.LayerNorm.bias"), db1);
-        let (dctx, dwo, dbo) = linear_backward(&dr1, &tp.ctx, &l.out_w, h, h);
+        let (dctx, dwo, dbo) =
+            linear_backward(&masked(drop, Site::AttentionOut(li), &dr1, lens, h), &tp.ctx, &l.out_w, h, h);
         grads.insert(name("attention.output.dense.weight"), dwo);
         grads.insert(name("attention.output.dense.bias"), dbo);
 
         let mut dqkv = vec![0.0f32; t * 3 * h];
         let out = SharedMut(dqkv.as_mut_ptr());
         let tasks: Vec<(usize, usize)> = (0..lens.len()).flat_map(|s| (0..heads).map(move |hd| (s, hd))).collect();
-        tasks.par_iter().for_each_init(Vec::new, |dp: &mut Vec<f32>, &(s, hd)| {
+        tasks.par_iter().for_each_init(Default::default, |(dp, pd): &mut (Vec<f32>, Vec<f32>), &(s, hd)| {
             let (r0, n) = (starts[s], lens[s]);
             if n == 0 {
                 return;
             }
             dp.resize(n * n, 0.0);
             let p = &tp.probs[poffs[s] + hd * n * n..poffs[s] + (hd + 1) * n * n];
+            // With dropout the product used P' = P * M: dV = P'^T dctx and dP = (dctx V^T) * M.
+            let pv: &[f32] = match drop {
+                Some(d) => {
+                    dropped_probs(d, li, s, hd, n, p, pd);
+                    &pd[..]
+                }
+                None => p,
+            };
             let base = r0 * 3 * h + hd * dh;
             let (q, kk, v) = (tp.qkv[base..].as_ptr(), tp.qkv[base + h..].as_ptr(), tp.qkv[base + 2 * h..].as_ptr());
             let dc = dctx[r0 * h + hd * dh..].as_ptr();
@@ -205,8 +254,15 @@ pub fn backward(m: &CpuBert, tape: &Tape, mut dy: Vec<f32>) -> FlatGrads {
             unsafe {
                 // dP = dctx V^T
                 matmul((n, n, dh), dp.as_mut_ptr(), n, (dc, 1, h), (v, h3, 1), 1.0, false);
-                // dV = P^T dctx
-                matmul((n, dh, n), out.at(base + 2 * h), h3, (p.as_ptr(), n, 1), (dc, 1, h), 1.0, false);
+                // dV = P'^T dctx
+                matmul((n, dh, n), out.at(base + 2 * h), h3, (pv.as_ptr(), n, 1), (dc, 1, h), 1.0, false);
+                if drop.is_some() {
+                    // dP = dP' * M, and M = P' / P where P > 0 (a zero probability has a zero gradient
+                    // below anyway, as dS = P * (...)).
+                    for ((d, a), b) in dp.iter_mut().zip(pv).zip(p) {
+                        *d = if *b > 0.0 { *d * (a / b) } else { 0.0 };
+                    }
+                }
                 // dS = P * (dP - rowsum(dP * P))
                 for (dr, pr) in dp.chunks_exact_mut(n).zip(p.chunks_exact(n)) {
                     let dot: f32 = dr.iter().zip(pr).map(|(a, b)| a * b).sum();
@@ -225,6 +281,7 @@ pub fn backward(m: &CpuBert, tape: &Tape, mut dy: Vec<f32>) -> FlatGrads {
         add_into(&mut dx_in, &dr1);
         dy = dx_in;
     }
+    let dy = masked(tape.drop.as_ref(), Site::Embeddings, &dy, lens, h);
     let (demb, dg0, db0) = layer_norm_backward(&dy, &tape.xhat0, &tape.rstd0, &m.emb_ln.0);
     grads.insert("embeddings.LayerNorm.weight".into(), dg0);
     grads.insert("embeddings.LayerNorm.bias".into(), db0);
@@ -260,7 +317,10 @@ mod tests {
     /// through the training graph, for a loss that weighs each hidden state differently.
     #[test]
     fn gradients_match_autograd() {
-        for act in [HiddenAct::Gelu, HiddenAct::GeluApproximate] {
+        let dropouts = [None, Some(Dropout { p: 0.25, seed: 5, seq_offset: 0 })];
+        for (act, drop) in
+            [HiddenAct::Gelu, HiddenAct::GeluApproximate].into_iter().flat_map(|a| dropouts.map(|d| (a, d)))
+        {
             let config = Config {
                 vocab_size: 30,
                 hidden_size: 16,
@@ -288,10 +348,10 @@ mod tests {
                 wpad.extend(w.iter().copied().chain(std::iter::repeat_n(0.0, (max - s.len()) * 16)));
             }
             let w_t = Tensor::from_vec(wpad, (3, max, 16), &Device::Cpu).unwrap();
-            let loss = (graph.forward(&ids_t, &mask_t).unwrap() * w_t).unwrap().sum_all().unwrap();
+            let loss = (graph.forward_with(&ids_t, &mask_t, drop.as_ref()).unwrap() * w_t).unwrap().sum_all().unwrap();
             let want = loss.backward().unwrap();
 
-            let (_, tape) = forward(&cpu, &seqs.concat(), &lens).unwrap();
+            let (_, tape) = forward(&cpu, &seqs.concat(), &lens, drop.as_ref()).unwrap();
             let got = backward(&cpu, &tape, weights.concat());
             let vars = varmap.data().lock().unwrap();
             assert_eq!(got.len(), vars.len(), "a parameter has no gradient");
@@ -300,7 +360,7 @@ mod tests {
                 let g = &got[name];
                 let scale = w.iter().fold(1e-3f32, |a, b| a.max(b.abs()));
                 for (j, (a, b)) in g.iter().zip(&w).enumerate() {
-                    assert!((a - b).abs() <= 2e-3 * scale, "{act:?} {name}[{j}]: {a} vs {b} (scale {scale})");
+                    assert!((a - b).abs() <= 2e-3 * scale, "{act:?} {drop:?} {name}[{j}]: {a} vs {b} (scale {scale})");
                 }
             }
         }

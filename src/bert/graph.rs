@@ -6,6 +6,8 @@ use candle_core::{D, DType, Module, Result, Tensor};
 use candle_nn::{Embedding, Init, Linear, VarBuilder};
 use candle_transformers::models::bert::{Config, HiddenAct};
 
+use super::dropout::{Dropout, Site};
+
 struct Norm {
     weight: Tensor,
     bias: Tensor,
@@ -97,10 +99,25 @@ impl TrainBert {
 
     /// Last hidden states [B, L, H] of token ids [B, L] with attention mask [B, L] (1 = token).
     pub fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        self.forward_with(ids, mask, None)
+    }
+
+    /// `forward` with BERT's training dropout, the same masks as the CPU path's (see `dropout`).
+    pub fn forward_with(&self, ids: &Tensor, mask: &Tensor, drop: Option<&Dropout>) -> Result<Tensor> {
         let (b, l) = ids.dims2()?;
+        let dev = ids.device();
+        let hidden_mask = |site: Site, x: Tensor| -> Result<Tensor> {
+            match drop {
+                Some(d) => {
+                    let h = x.dim(2)?;
+                    x.broadcast_mul(&Tensor::from_vec(d.padded(site, b, l, h), (b, l, h), dev)?)
+                }
+                None => Ok(x),
+            }
+        };
         let positions = Tensor::arange(0u32, l as u32, ids.device())?;
         let x = self.word.forward(ids)?.broadcast_add(&self.pos.forward(&positions)?)?.broadcast_add(&self.type0)?;
-        let mut x = self.emb_ln.forward(&x)?;
+        let mut x = hidden_mask(Site::Embeddings, self.emb_ln.forward(&x)?)?;
         let h = x.dim(2)?;
         let dh = h / self.heads;
         let bias = ((1.0 - mask.to_dtype(DType::F32)?)? * -1e9)?.reshape((b, 1, 1, l))?;
@@ -120,14 +137,18 @@ impl TrainBert {
                 None => Ok(y),
             }
         };
-        for layer in &self.layers {
+        for (li, layer) in self.layers.iter().enumerate() {
             let q = heads(lin(&layer.q, &x)?)?;
             let k = heads(lin(&layer.k, &x)?)?;
             let v = heads(lin(&layer.v, &x)?)?;
             let scores = (q.matmul(&k.t()?)?.to_dtype(DType::F32)? * scale)?.broadcast_add(&bias)?;
-            let p = candle_nn::ops::softmax(&scores, D::Minus1)?;
+            let mut p = candle_nn::ops::softmax(&scores, D::Minus1)?;
+            if let Some(d) = drop {
+                let m = Tensor::from_vec(d.padded_probs(li, b, self.heads, l), (b, self.heads, l, l), dev)?;
+                p = p.broadcast_mul(&m)?;
+            }
             let ctx = p.to_dtype(dt)?.matmul(&v)?.transpose(1, 2)?.reshape((b, l, h))?;
-            let attn = lin(&layer.o, &ctx)?.to_dtype(DType::F32)?;
+            let attn = hidden_mask(Site::AttentionOut(li), lin(&layer.o, &ctx)?.to_dtype(DType::F32)?)?;
             x = layer.ln1.forward(&(x + attn)?)?;
             let inter = lin(&layer.inter, &x)?;
             let inter = match self.act {
@@ -135,7 +156,7 @@ impl TrainBert {
                 HiddenAct::GeluApproximate => inter.gelu()?,
                 HiddenAct::Relu => inter.relu()?,
             };
-            let down = lin(&layer.down, &inter)?.to_dtype(DType::F32)?;
+            let down = hidden_mask(Site::FeedForwardOut(li), lin(&layer.down, &inter)?.to_dtype(DType::F32)?)?;
             x = layer.ln2.forward(&(x + down)?)?;
         }
         Ok(x)

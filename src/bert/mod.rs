@@ -8,12 +8,16 @@
 //! | training graph | `graph.rs` | training on CUDA, with bf16, or with max pooling (candle autograd) |
 //! | training, CPU fast path | `backward.rs` | training on the CPU in f32 with mean or CLS pooling: `packed.rs`'s forward plus a hand-written backward, checked against `graph.rs` |
 //!
+//! `passages.rs` cuts long documents into overlapping windows for MaxP scoring.
+//! `dropout.rs` draws the training dropout masks both training paths apply, the same elements in each.
 //! `encoder.rs` also reads a sentence-transformers folder (config, tokenizer, pooling, normalisation)
 //! for every path.
 
 pub mod backward;
+pub mod dropout;
 pub mod encoder;
 pub mod graph;
 pub mod packed;
+pub mod passages;
 
 pub use encoder::{Folder, Pooling, SentenceEncoder, normalize_rows, padded_batch, pool};

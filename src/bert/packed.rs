@@ -7,6 +7,8 @@ use candle_transformers::models::bert::{Config, HiddenAct};
 use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
 
+use super::dropout::{Dropout, ROW_SPAN, Site};
+
 pub(crate) struct Layer {
     /// Query, key and value projections stacked: [3H, H].
     pub(crate) qkv_w: Vec<f32>,
@@ -161,7 +163,7 @@ impl CpuBert {
             let qkv = &mut s.qkv[..t * 3 * h];
             linear(x, h, &l.qkv_w, &l.qkv_b, qkv);
             let ctx = &mut s.ctx[..t * h];
-            attention(qkv, lens, h, self.heads, scale, ctx, None);
+            attention(qkv, lens, h, self.heads, scale, ctx, None, None);
             let tmp = &mut s.tmp[..t * h];
             linear(ctx, h, &l.out_w, &l.out_b, tmp);
             layer_norm_rows(x, Some(tmp), &l.ln1, self.eps, None);
@@ -283,7 +285,9 @@ pub(crate) fn prob_offsets(lens: &[usize], heads: usize) -> (Vec<usize>, usize) 
 }
 
 /// Multi-head self-attention of each packed sequence over its own tokens only (so no mask is needed).
-/// With `keep`, the probabilities are written there (laid out by `prob_offsets`) for a backward pass.
+/// With `keep`, the probabilities are written there (laid out by `prob_offsets`) for a backward pass;
+/// with `drop`, layer `.1`'s dropout applies to them (what is kept stays undropped).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn attention(
     qkv: &[f32],
     lens: &[usize],
@@ -292,6 +296,7 @@ pub(crate) fn attention(
     scale: f32,
     ctx: &mut [f32],
     keep: Option<&mut [f32]>,
+    drop: Option<(&Dropout, usize)>,
 ) {
     let dh = h / heads;
     let mut starts = Vec::with_capacity(lens.len());
@@ -307,7 +312,7 @@ pub(crate) fn attention(
         SharedMut(k.as_mut_ptr())
     });
     let tasks: Vec<(usize, usize)> = (0..lens.len()).flat_map(|s| (0..heads).map(move |hd| (s, hd))).collect();
-    tasks.par_iter().for_each_init(Vec::new, |local: &mut Vec<f32>, &(s, hd)| {
+    tasks.par_iter().for_each_init(Default::default, |(local, dropped): &mut (Vec<f32>, Vec<f32>), &(s, hd)| {
         let (r0, n) = (starts[s], lens[s]);
         if n == 0 {
             return;
@@ -330,10 +335,34 @@ pub(crate) fn attention(
             for r in scores.chunks_exact_mut(n) {
                 softmax(r);
             }
+            let probs: &[f32] = match drop {
+                Some((d, layer)) => {
+                    dropped_probs(d, layer, s, hd, n, scores, dropped);
+                    &dropped[..]
+                }
+                None => scores,
+            };
             let dst = out.at(r0 * h + hd * dh);
-            matmul((n, dh, n), dst, h, (scores.as_ptr(), 1, n), (v, 1, 3 * h), 1.0, false);
+            matmul((n, dh, n), dst, h, (probs.as_ptr(), 1, n), (v, 1, 3 * h), 1.0, false);
         }
     });
+}
+
+/// `probs` (one sequence's n x n block for head `hd`) times its dropout mask, into `out`.
+pub(crate) fn dropped_probs(
+    d: &Dropout,
+    layer: usize,
+    seq: usize,
+    hd: usize,
+    n: usize,
+    probs: &[f32],
+    out: &mut Vec<f32>,
+) {
+    out.resize(n * n, 0.0);
+    for (i, (o, p)) in out.chunks_exact_mut(n).zip(probs.chunks_exact(n)).enumerate() {
+        d.row(Site::Probs(layer), seq, hd * ROW_SPAN + i, n, o);
+        o.iter_mut().zip(p).for_each(|(o, p)| *o *= p);
+    }
 }
 
 pub(crate) fn activate(x: &mut [f32], act: HiddenAct) {

@@ -88,6 +88,15 @@ pub async fn models(c: ModelsCommand, quiet: bool) -> anyhow::Result<u8> {
     }
 }
 
+/// Whether training beat its starting model on validation, as `models list` and the report say it.
+fn improved(v: Option<bool>) -> &'static str {
+    match v {
+        Some(true) => "yes",
+        Some(false) => "no (start kept)",
+        None => "no validation",
+    }
+}
+
 async fn list_trained(wf: &std::path::Path, json: bool) -> anyhow::Result<u8> {
     let wf = flow::stages::load_workflow(wf)?;
     let store = Store::open_existing(&wf.store).await?;
@@ -121,6 +130,9 @@ async fn list_trained(wf: &std::path::Path, json: bool) -> anyhow::Result<u8> {
                 m.status.clone(),
                 m.parent_id.map(|p| format!("model {p}")).unwrap_or_else(|| "base".into()),
                 val(m),
+                improved(m.improved).into(),
+                if m.retriever == "mafin" { format!("{:.1}", m.weight) } else { "-".into() },
+                m.alpha.map(|a| format!("{a:.2}")).unwrap_or_else(|| "-".into()),
                 metric(m),
                 super::fmt_time(m.created_at),
                 m.status_reason.clone().unwrap_or_default(),
@@ -129,7 +141,23 @@ async fn list_trained(wf: &std::path::Path, json: bool) -> anyhow::Result<u8> {
         .collect();
     outln!(
         "{}",
-        super::table(&["ID", "STAGE", "RETRIEVER", "STATUS", "FROM", "VAL R@10", "GATE", "CREATED", "WHY"], &table)
+        super::table(
+            &[
+                "ID",
+                "STAGE",
+                "RETRIEVER",
+                "STATUS",
+                "FROM",
+                "VAL R@10",
+                "IMPROVED",
+                "W",
+                "ALPHA",
+                "GATE",
+                "CREATED",
+                "WHY"
+            ],
+            &table
+        )
     )?;
     Ok(0)
 }

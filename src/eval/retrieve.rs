@@ -1,10 +1,11 @@
-//! The retrievers an eval stage compares (bm25, black_box, augment_only, mafin): each ranks an eval
-//! set's corpus for its queries, embedding the corpus block by block through the vector cache.
+//! The retrievers an eval stage compares (bm25, black_box, augment_only, mafin, hybrid): each ranks an
+//! eval set's corpus for its queries, embedding the corpus block by block through the vector cache.
 
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use super::hybrid::{Chosen, Hybrid, HybridParams};
 use super::set::EvalSet;
 use crate::error::{Error, Result};
 use crate::llm::embed::BlackBox;
@@ -22,9 +23,11 @@ pub enum Kind {
     BlackBox,
     AugmentOnly,
     Mafin,
+    /// BM25 fused with a dense retriever (see `hybrid`).
+    Hybrid,
 }
 
-pub const ALL: [Kind; 4] = [Kind::Bm25, Kind::BlackBox, Kind::AugmentOnly, Kind::Mafin];
+pub const ALL: [Kind; 5] = [Kind::Bm25, Kind::BlackBox, Kind::AugmentOnly, Kind::Mafin, Kind::Hybrid];
 
 impl Kind {
     pub fn name(self) -> &'static str {
@@ -33,10 +36,11 @@ impl Kind {
             Kind::BlackBox => "black_box",
             Kind::AugmentOnly => "augment_only",
             Kind::Mafin => "mafin",
+            Kind::Hybrid => "hybrid",
         }
     }
 
-    /// The training retriever whose model this one needs, if any.
+    /// The training retriever whose model this one needs, if any (hybrid: see `Plan::trained_of`).
     pub fn trained(self) -> Option<Retriever> {
         match self {
             Kind::AugmentOnly => Some(Retriever::AugmentOnly),
@@ -62,6 +66,9 @@ pub struct Ctx<'a> {
     pub count_items: bool,
     /// Where trained retrievers embed.
     pub device: crate::workflow::Device,
+    /// What `hybrid` fuses, and how.
+    pub hybrid: &'a Hybrid,
+    pub passages: Passages,
 }
 
 impl Ctx<'_> {
@@ -74,37 +81,56 @@ impl Ctx<'_> {
     }
 }
 
-/// The model each trained retriever uses: the newest one trained for it by `stages`.
-async fn model_for(store: &Store, kind: Kind, stages: &[String]) -> Result<Option<ModelRow>> {
-    match kind.trained() {
-        Some(r) => models_table::latest(store, stages, r.name()).await,
-        None => Ok(None),
+/// A retriever's ranking of the set: each query's best (document index, score), and for hybrid
+/// the alpha it fused with.
+pub struct Ranked {
+    pub hits: Vec<Vec<(usize, f32)>>,
+    pub hybrid: Option<Chosen>,
+}
+
+/// Each query's `k` best (document index, score) under `kind`. For hybrid, `model` is the dense
+/// side's model (for the black box: the newest upstream model, which holds its alpha).
+pub async fn rank(cx: &Ctx<'_>, set: &EvalSet, kind: Kind, model: Option<&ModelRow>, k: usize) -> Result<Ranked> {
+    match kind {
+        Kind::Bm25 => Ok(Ranked { hits: bm25(cx, set, k), hybrid: None }),
+        Kind::Hybrid => {
+            let h = cx.hybrid;
+            // The dense side counts the passages searched; BM25 is the same passages again.
+            let lexical = bm25(&Ctx { count_items: false, ..*cx }, set, crate::rank::fuse::DEPTH);
+            let dense_model = model.filter(|_| h.dense.trained().is_some());
+            let dense = dense(cx, set, h.dense, dense_model, crate::rank::fuse::DEPTH).await?;
+            let (hits, chosen) = super::hybrid::fuse(h, model, &lexical, &dense, &set.relevant, k)?;
+            cx.progress.log(&chosen.label());
+            Ok(Ranked { hits, hybrid: Some(chosen) })
+        }
+        _ => Ok(Ranked { hits: dense(cx, set, kind, model, k).await?, hybrid: None }),
     }
 }
 
-/// Each query's `k` best (document index, score) under `kind`.
-pub async fn rank(
+fn bm25(cx: &Ctx<'_>, set: &EvalSet, k: usize) -> Vec<Vec<(usize, f32)>> {
+    cx.progress.message("bm25: indexing");
+    // In place rather than on a blocking task: that would need its own copy of the corpus.
+    let hits = tokio::task::block_in_place(|| {
+        let mut index = crate::rank::bm25::Bm25::default();
+        for d in &set.docs {
+            index.add(d);
+        }
+        index.search(&set.queries, k)
+    });
+    if cx.count_items {
+        cx.progress.done(set.docs.len() as u64);
+    }
+    hits
+}
+
+/// A dense retriever's top `k`: queries embedded, then the corpus block by block.
+async fn dense(
     cx: &Ctx<'_>,
     set: &EvalSet,
     kind: Kind,
     model: Option<&ModelRow>,
     k: usize,
 ) -> Result<Vec<Vec<(usize, f32)>>> {
-    if kind == Kind::Bm25 {
-        cx.progress.message("bm25: indexing");
-        // In place rather than on a blocking task: that would need its own copy of the corpus.
-        let hits = tokio::task::block_in_place(|| {
-            let mut index = super::bm25::Bm25::default();
-            for d in &set.docs {
-                index.add(d);
-            }
-            index.search(&set.queries, k)
-        });
-        if cx.count_items {
-            cx.progress.done(set.docs.len() as u64);
-        }
-        return Ok(hits);
-    }
     let black_box = match kind {
         Kind::BlackBox | Kind::Mafin => Some(cx.black_box()?),
         _ => None,
@@ -151,16 +177,29 @@ pub async fn rank(
     let q = rows(&set.queries).await?;
     let dim = q.len() / set.queries.len().max(1);
     let mut top = TopK::new(&q, dim, k).map_err(search_error)?;
+    // MaxP cuts with the smallest window among the encoders the rows are made of.
+    let splitter = [black_box.and_then(BlackBox::encoder), augment.as_ref().and_then(BlackBox::encoder)]
+        .into_iter()
+        .flatten()
+        .min_by_key(|e| e.window())
+        .filter(|_| cx.passages.mode == PassageMode::Maxp);
+    let mut passages_total = 0usize;
     for (i, block) in set.docs.chunks(BLOCK).enumerate() {
         cx.progress.message(&format!("{}: corpus block {}", kind.name(), i + 1));
-        let d = rows(block).await?;
-        if d.len() != block.len() * dim {
+        let first_doc = i * BLOCK;
+        let (texts, owners) = match splitter {
+            Some(enc) => tokio::task::block_in_place(|| split_block(enc, block, first_doc, cx.passages.stride))?,
+            None => (block.to_vec(), (first_doc..first_doc + block.len()).collect()),
+        };
+        passages_total += texts.len();
+        let d = rows(&texts).await?;
+        if d.len() != texts.len() * dim {
             return Err(Error::bad_input(
                 format!("{}: passage vectors are not {dim} wide like the queries'", kind.name()),
                 "the `embeddings` cache holds vectors of another width under this model's name; delete those rows (or the store) and run again",
             ));
         }
-        top = tokio::task::spawn_blocking(move || top.push(&d).map(|_| top))
+        top = tokio::task::spawn_blocking(move || top.push_grouped(&d, &owners).map(|_| top))
             .await
             .map_err(Error::task("the search task"))?
             .map_err(search_error)?;
@@ -168,7 +207,52 @@ pub async fn rank(
             cx.progress.done(block.len() as u64);
         }
     }
+    if passages_total > set.docs.len() {
+        cx.progress.log(&format!(
+            "{}: {} documents longer than the window were scored by their best passage ({passages_total} passages embedded for {} documents)",
+            kind.name(),
+            passages_total - set.docs.len(),
+            set.docs.len()
+        ));
+    }
     Ok(top.finish())
+}
+
+/// A block's documents as passages (see `SentenceEncoder::passages`) and the document each belongs to.
+fn split_block(
+    enc: &crate::bert::SentenceEncoder,
+    docs: &[String],
+    first_doc: usize,
+    stride: Option<usize>,
+) -> Result<(Vec<String>, Vec<usize>)> {
+    let overlap = stride.unwrap_or(enc.window() / 4);
+    let (mut texts, mut owners) = (Vec::with_capacity(docs.len()), Vec::with_capacity(docs.len()));
+    for (j, d) in docs.iter().enumerate() {
+        for p in enc.passages(d, overlap)? {
+            texts.push(p);
+            owners.push(first_doc + j);
+        }
+    }
+    Ok((texts, owners))
+}
+
+/// How documents longer than the encoder's window are scored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PassageMode {
+    /// By their best overlapping passage.
+    #[default]
+    Maxp,
+    /// By their first window only (the rest is cut off).
+    First,
+}
+
+/// The long-document settings of an eval stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct Passages {
+    pub mode: PassageMode,
+    /// Tokens neighbouring passages share (default a quarter of the window).
+    pub stride: Option<usize>,
 }
 
 fn search_error(e: candle_core::Error) -> Error {
@@ -220,24 +304,49 @@ pub struct Plan {
     pub source: super::set::Source,
     pub retrievers: Vec<Kind>,
     pub black_box: String,
+    pub hybrid: Hybrid,
+    pub passages: Passages,
+}
+
+/// What an eval stage's YAML says about its retrievers.
+pub struct Choice<'a> {
+    pub listed: &'a Option<Vec<Kind>>,
+    pub black_box: &'a str,
+    pub hybrid: &'a HybridParams,
+    pub passages: Passages,
 }
 
 impl Plan {
-    /// `listed` retrievers, else bm25, black_box and what upstream trains.
+    /// `listed` retrievers, else bm25, black_box, what upstream trains, and hybrid when there is a
+    /// train stage upstream (its alpha is chosen on that stage's validation split).
     pub fn new(
         spec: &crate::workflow::StageSpec,
         wf: &Workflow,
         set: &super::set::SetParams,
-        listed: &Option<Vec<Kind>>,
-        black_box: &str,
+        c: Choice,
     ) -> Result<Plan> {
         let up = upstream(spec, wf);
         let source = super::set::Source::new(set, &wf.dir, up.split)?;
-        let retrievers = match listed {
+        let hybrid = Hybrid::new(c.hybrid, &up.trained);
+        let retrievers = match c.listed {
             Some(l) => l.clone(),
-            None => ALL.into_iter().filter(|k| k.trained().is_none() || up.trained.contains(k)).collect(),
+            None => ALL
+                .into_iter()
+                .filter(|k| match k {
+                    Kind::Hybrid => !up.trained.is_empty() || !hybrid.needs_training(),
+                    k => k.trained().is_none() || up.trained.contains(k),
+                })
+                .collect(),
         };
-        Ok(Plan { up, source, retrievers, black_box: black_box.to_string() })
+        Ok(Plan { up, source, retrievers, black_box: c.black_box.to_string(), hybrid, passages: c.passages })
+    }
+
+    /// The training retriever whose models `kind` uses (hybrid: its dense side's).
+    pub fn trained_of(&self, kind: Kind) -> Option<Retriever> {
+        match kind {
+            Kind::Hybrid => self.hybrid.dense.trained(),
+            k => k.trained(),
+        }
     }
 
     /// The part of the stage's fingerprint the plan decides: the set's files, the retrievers and the
@@ -251,7 +360,8 @@ impl Plan {
             .models
             .get(&self.black_box)
             .map(|m| format!("{:?}|{:?}|{:?}|{:?}", m.provider, m.model, m.base_url, m.max_seq_length));
-        Ok(format!("{digest}|{:?}|{:?}|{bb:?}", self.source, self.retrievers))
+        let hybrid = self.retrievers.contains(&Kind::Hybrid).then_some(&self.hybrid);
+        Ok(format!("{digest}|{:?}|{:?}|{bb:?}|{hybrid:?}|{:?}", self.source, self.retrievers, self.passages))
     }
 
     /// The model of each retriever (None for bm25 and black_box); a trained retriever with no model,
@@ -259,18 +369,23 @@ impl Plan {
     pub async fn models(&self, store: &Store, stage: &str) -> Result<Vec<Option<ModelRow>>> {
         let mut out = Vec::new();
         for &k in &self.retrievers {
-            let m = model_for(store, k, &self.up.train_stages).await?;
-            if k.trained().is_some() && m.is_none() {
+            let m = match (k, self.trained_of(k)) {
+                (_, Some(r)) => models_table::latest(store, &self.up.train_stages, r.name()).await?,
+                // Hybrid over the black box: the newest upstream model holds the black box's alpha.
+                (Kind::Hybrid, None) => self.alpha_holder(store).await?,
+                _ => None,
+            };
+            if self.trained_of(k).is_some() && m.is_none() {
                 return Err(Error::bad_input(
                     format!("stage `{stage}`: no trained model for retriever `{}`", k.name()),
                     format!(
                         "add a train stage with `retriever: {}` to this stage's `needs:`, or drop `{}` from `retrievers:`",
-                        k.name(),
+                        self.trained_of(k).map_or(k.name(), |r| r.name()),
                         k.name()
                     ),
                 ));
             }
-            if let Some(m) = &m
+            if let Some(m) = m.as_ref().filter(|_| self.trained_of(k).is_some())
                 && !Path::new(&m.path).join("model.safetensors").exists()
             {
                 return Err(Error::bad_input(
@@ -282,21 +397,37 @@ impl Plan {
         }
         Ok(out)
     }
+
+    /// The newest model of the upstream train stages, whatever its retriever.
+    async fn alpha_holder(&self, store: &Store) -> Result<Option<ModelRow>> {
+        let mut newest: Option<ModelRow> = None;
+        for k in &self.up.trained {
+            if let Some(r) = k.trained()
+                && let Some(m) = models_table::latest(store, &self.up.train_stages, r.name()).await?
+                && newest.as_ref().is_none_or(|n| m.id > n.id)
+            {
+                newest = Some(m);
+            }
+        }
+        Ok(newest)
+    }
 }
 
-/// A retriever's mean metrics over the set, at every cut-off in `metrics::KS`.
+/// A retriever's mean metrics over the set, at every cut-off in `metrics::KS` (and for hybrid, the
+/// alpha it used).
 pub async fn metrics_of(
     cx: &Ctx<'_>,
     set: &EvalSet,
     kind: Kind,
     model: Option<&ModelRow>,
-) -> Result<std::collections::BTreeMap<String, f64>> {
+) -> Result<(std::collections::BTreeMap<String, f64>, Option<Chosen>)> {
     let ks = crate::rank::metrics::KS;
-    let hits = rank(cx, set, kind, model, *ks.last().expect("cut-offs")).await?;
-    let per_query: Vec<_> = hits
+    let ranked = rank(cx, set, kind, model, *ks.last().expect("cut-offs")).await?;
+    let per_query: Vec<_> = ranked
+        .hits
         .iter()
         .zip(&set.relevant)
         .map(|(h, rel)| crate::rank::metrics::query_metrics(&h.iter().map(|x| x.0).collect::<Vec<_>>(), rel, ks))
         .collect();
-    Ok(crate::rank::metrics::mean(&per_query))
+    Ok((crate::rank::metrics::mean(&per_query), ranked.hybrid))
 }

@@ -61,6 +61,15 @@ impl BlackBox {
         Ok(BlackBox { backend: Backend::Local(Arc::new(enc)), identity, key: name.into(), client: Default::default() })
     }
 
+    /// The local encoder (None for an API, whose window flow does not know): what cuts long
+    /// documents into passages.
+    pub fn encoder(&self) -> Option<&SentenceEncoder> {
+        match &self.backend {
+            Backend::Local(e) => Some(e),
+            Backend::Api(_) => None,
+        }
+    }
+
     /// What this black box's API calls cost so far (None for a local model, or before any call).
     pub fn usage(&self) -> Option<crate::store::runs::UsageSnapshot> {
         self.client.get().map(LlmClient::usage)

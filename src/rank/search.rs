@@ -48,6 +48,42 @@ impl TopK {
         Ok(())
     }
 
+    /// Scores the next passages (rows `dim` wide), `owners[j]` being the document row j belongs to:
+    /// a document scores its best passage (MaxP) and appears once. Exact: a passage that would lower
+    /// a document already kept is not taken, and one evicted could only have come back below the cut.
+    pub fn push_grouped(&mut self, rows: &[f32], owners: &[usize]) -> candle_core::Result<()> {
+        let n = rows.len() / self.dim.max(1);
+        if n != owners.len() {
+            candle_core::bail!("{n} passage rows for {} owners", owners.len())
+        }
+        if let Some(&last) = owners.iter().max() {
+            self.seen = self.seen.max(last + 1);
+        }
+        if n == 0 || self.best.is_empty() || self.k == 0 {
+            return Ok(());
+        }
+        let block = Tensor::from_slice(rows, (n, self.dim), &Device::Cpu)?;
+        let scores = self.queries.matmul(&block.t()?)?.flatten_all()?.to_vec1::<f32>()?;
+        let k = self.k;
+        self.best.par_iter_mut().zip(scores.par_chunks(n)).for_each(|(kept, row)| {
+            for (&s, &doc) in row.iter().zip(owners) {
+                if let Some(at) = kept.iter().position(|&(d, _)| d == doc) {
+                    if s <= kept[at].1 {
+                        continue;
+                    }
+                    kept.remove(at);
+                } else if kept.len() >= k && s <= kept[kept.len() - 1].1 {
+                    continue;
+                }
+                // Equal scores: the lower document first, whatever order its passages came in.
+                let at = kept.partition_point(|&(d, v)| v > s || (v == s && d < doc));
+                kept.insert(at, (doc, s));
+                kept.truncate(k);
+            }
+        });
+        Ok(())
+    }
+
     /// For each query, the `k` best (document index, score), best first.
     pub fn finish(self) -> Vec<Vec<(usize, f32)>> {
         self.best
@@ -75,6 +111,43 @@ mod tests {
         let got = super::top_k(&[1.0, 0.0, -1.0, 0.0], &docs, dim, 3).unwrap();
         assert_eq!(got[0].iter().map(|x| x.0).collect::<Vec<_>>(), [9999, 9998, 9997]);
         assert_eq!(got[1].iter().map(|x| x.0).collect::<Vec<_>>(), [0, 1, 2]);
+    }
+
+    #[test]
+    fn grouped_passages_score_their_best_once() {
+        // Documents 0..50 with 1 to 4 passages each, fed in blocks that split documents; against
+        // the brute-force max over each document's passages.
+        let mut rng = fastrand::Rng::with_seed(9);
+        let dim = 6;
+        let mut rows = Vec::new();
+        let mut owners = Vec::new();
+        for d in 0..50 {
+            for _ in 0..rng.usize(1..5) {
+                rows.extend((0..dim).map(|_| rng.f32() - 0.5));
+                owners.push(d);
+            }
+        }
+        let queries: Vec<f32> = (0..dim * 4).map(|_| rng.f32() - 0.5).collect();
+        let mut top = super::TopK::new(&queries, dim, 7).unwrap();
+        for (r, o) in rows.chunks(dim * 13).zip(owners.chunks(13)) {
+            top.push_grouped(r, o).unwrap();
+        }
+        let got = top.finish();
+        for (qi, q) in queries.chunks(dim).enumerate() {
+            let mut best = vec![f32::MIN; 50];
+            for (r, &o) in rows.chunks(dim).zip(&owners) {
+                best[o] = best[o].max(r.iter().zip(q).map(|(a, b)| a * b).sum());
+            }
+            let mut all: Vec<(usize, f32)> = best.into_iter().enumerate().collect();
+            all.sort_by(|a, b| b.1.total_cmp(&a.1));
+            assert_eq!(
+                got[qi].iter().map(|x| x.0).collect::<Vec<_>>(),
+                all[..7].iter().map(|x| x.0).collect::<Vec<_>>()
+            );
+            for (g, w) in got[qi].iter().zip(&all) {
+                assert!((g.1 - w.1).abs() < 1e-6);
+            }
+        }
     }
 
     #[test]

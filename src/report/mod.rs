@@ -152,11 +152,21 @@ pub async fn build(store: &Store, run_id: i64) -> Result<String> {
                     escape(&m.status),
                     m.parent_id.map(|p| format!("model {p}")).unwrap_or_else(|| "base".into()),
                     m.run_id.map(|r| r.to_string()).unwrap_or_default(),
+                    match m.improved {
+                        Some(true) => "yes".into(),
+                        Some(false) => "<b>no</b>: did not beat its starting model on validation".into(),
+                        None => "no validation".into(),
+                    },
+                    if m.retriever == "mafin" { format!("{:.1}", m.weight) } else { "-".into() },
+                    m.alpha.map(|a| format!("{a:.2}")).unwrap_or_else(|| "-".into()),
                     escape(m.status_reason.as_deref().unwrap_or("")),
                 ]
             })
             .collect();
-        b.push_str(&html_table(&["id", "stage", "retriever", "status", "from", "run", "why"], &rows));
+        b.push_str(&html_table(
+            &["id", "stage", "retriever", "status", "from", "run", "improved", "w", "hybrid alpha", "why"],
+            &rows,
+        ));
     }
 
     b.push_str("<h2>Sample pairs</h2>");
@@ -217,7 +227,16 @@ async fn retrieval_section(b: &mut String, store: &Store, stage: &str, run_id: i
         let m = r.metrics();
         let prev =
             eval_results::previous(store, stage, &r.eval_set, &r.retriever, r.run_id).await?.map(|p| p.metrics());
-        let mut row = vec![escape(&r.retriever), r.model_id.map(|i| i.to_string()).unwrap_or_else(|| "-".into())];
+        let name = match (m.get("alpha"), m.get("alpha_on_eval_set")) {
+            (Some(&a), Some(&on_set)) if a >= 0.0 => format!(
+                "{} (alpha {a:.2}{})",
+                r.retriever,
+                if on_set > 0.0 { ", tuned on this eval set: optimistic" } else { " from validation or fixed" }
+            ),
+            (Some(_), _) => format!("{} (rrf)", r.retriever),
+            _ => r.retriever.clone(),
+        };
+        let mut row = vec![escape(&name), r.model_id.map(|i| i.to_string()).unwrap_or_else(|| "-".into())];
         for (key, _) in cols {
             let v = m.get(*key).copied().unwrap_or(0.0);
             row.push(match prev.as_ref().and_then(|p| p.get(*key)) {

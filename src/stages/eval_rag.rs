@@ -11,7 +11,8 @@ use super::eval_recall::{check_set, retrieve_ctx};
 use super::llm::{Chat, Prompted, UsageWriter, check_model, failure_verdict, llm_params};
 use super::{Kind, Outcome, Stage, StageCtx};
 use crate::error::Result;
-use crate::eval::retrieve::{self, Kind as Retriever, Plan};
+use crate::eval::hybrid::HybridParams;
+use crate::eval::retrieve::{self, Choice, Kind as Retriever, PassageMode, Passages, Plan};
 use crate::eval::set::{EvalSet, SetParams};
 use crate::llm::{self, ChatProvider};
 use crate::prompt::Template;
@@ -37,6 +38,15 @@ llm_params! {
         pub retrievers: Option<Vec<Retriever>>,
         #[serde(default = "default_black_box")]
         pub black_box: String,
+        /// What the `hybrid` retriever fuses (dense side, convex or rrf, alpha).
+        #[serde(default)]
+        pub hybrid: HybridParams,
+        /// Documents longer than the encoder's window: `maxp` (best overlapping passage) or `first`.
+        #[serde(default)]
+        pub passages: PassageMode,
+        /// Tokens neighbouring passages share (default a quarter of the window).
+        #[serde(default)]
+        pub stride: Option<usize>,
         /// `models:` key of the grader (default: the answering `model`).
         #[serde(default)]
         pub grader: Option<String>,
@@ -51,6 +61,17 @@ llm_params! {
         pub domain: Option<String>,
         #[serde(default = "default_grade_tokens")]
         pub grade_max_tokens: u32,
+    }
+}
+
+impl Params {
+    fn choice(&self) -> Choice<'_> {
+        Choice {
+            listed: &self.retrievers,
+            black_box: &self.black_box,
+            hybrid: &self.hybrid,
+            passages: Passages { mode: self.passages, stride: self.stride },
+        }
     }
 }
 
@@ -71,7 +92,7 @@ fn check(cx: &CheckCtx) -> Checked {
     let mut diags = Vec::new();
     let Some(mut p) = check_typed::<Params>(cx.node, cx.params.clone(), &mut diags) else { return Err(diags) };
     p.fill_defaults();
-    check_set(cx, &p.eval_set, p.retrievers.as_deref(), &p.black_box, &mut diags);
+    check_set(cx, &p.eval_set, p.retrievers.as_deref(), &p.black_box, &p.hybrid, &mut diags);
     p.llm().check(cx, &mut diags);
     if let Some(g) = &p.grader {
         check_model(cx, g, &mut diags);
@@ -98,7 +119,7 @@ fn templates(spec: &StageSpec, wf: &Workflow) -> Result<(Params, Template, Templ
 
 fn build(spec: &StageSpec, wf: &Workflow) -> Result<Box<dyn Stage>> {
     let (params, answer, grade) = templates(spec, wf)?;
-    let plan = Plan::new(spec, wf, &params.eval_set, &params.retrievers, &params.black_box)?;
+    let plan = Plan::new(spec, wf, &params.eval_set, params.choice())?;
     let answerer = llm::chat_provider(wf, &params.model)?;
     let grader_key = params.grader.clone().unwrap_or_else(|| params.model.clone());
     let grader = if grader_key == params.model { answerer.clone() } else { llm::chat_provider(wf, &grader_key)? };
@@ -272,7 +293,7 @@ impl EvalRag {
         let mut items = Vec::new();
         let mut already = 0u64;
         for (&kind, model) in self.plan.retrievers.iter().zip(&models) {
-            let hits = retrieve::rank(&cx, set, kind, model.as_ref(), self.params.top_k).await?;
+            let hits = retrieve::rank(&cx, set, kind, model.as_ref(), self.params.top_k).await?.hits;
             for (q, h) in hits.into_iter().enumerate() {
                 if done.contains(&(kind.name().to_string(), set.query_ids[q].clone())) {
                     already += 1;
@@ -280,7 +301,8 @@ impl EvalRag {
                 }
                 let passages: Vec<usize> = h.iter().map(|x| x.0).collect();
                 let hit = passages.iter().any(|d| set.relevant[q].contains(d));
-                items.push(Item { retriever: kind, model_id: model.as_ref().map(|m| m.id), q, passages, hit });
+                let model_id = model.as_ref().filter(|_| self.plan.trained_of(kind).is_some()).map(|m| m.id);
+                items.push(Item { retriever: kind, model_id, q, passages, hit });
             }
         }
         Ok((items, already))

@@ -10,7 +10,8 @@ use serde_json::json;
 
 use super::{Kind, Outcome, Stage, StageCtx};
 use crate::error::Result;
-use crate::eval::retrieve::{self, Kind as Retriever, Plan};
+use crate::eval::hybrid::HybridParams;
+use crate::eval::retrieve::{self, Choice, Kind as Retriever, PassageMode, Passages, Plan};
 use crate::eval::set::SetParams;
 use crate::llm::embed::BlackBox;
 use crate::rank::metrics;
@@ -44,6 +45,26 @@ pub struct Params {
     /// The metric the new model must reach against the promoted one, on this eval set.
     #[serde(default = "default_gate_metric")]
     pub gate_metric: String,
+    /// What the `hybrid` retriever fuses (dense side, convex or rrf, alpha).
+    #[serde(default)]
+    pub hybrid: HybridParams,
+    /// Documents longer than the encoder's window: `maxp` (best overlapping passage) or `first`.
+    #[serde(default)]
+    pub passages: PassageMode,
+    /// Tokens neighbouring passages share (default a quarter of the window).
+    #[serde(default)]
+    pub stride: Option<usize>,
+}
+
+impl Params {
+    fn choice(&self) -> Choice<'_> {
+        Choice {
+            listed: &self.retrievers,
+            black_box: &self.black_box,
+            hybrid: &self.hybrid,
+            passages: Passages { mode: self.passages, stride: self.stride },
+        }
+    }
 }
 
 fn default_black_box() -> String {
@@ -59,7 +80,7 @@ fn default_gate_metric() -> String {
 fn check(cx: &CheckCtx) -> Checked {
     let mut diags = Vec::new();
     let Some(p) = check_typed::<Params>(cx.node, cx.params.clone(), &mut diags) else { return Err(diags) };
-    check_set(cx, &p.eval_set, p.retrievers.as_deref(), &p.black_box, &mut diags);
+    check_set(cx, &p.eval_set, p.retrievers.as_deref(), &p.black_box, &p.hybrid, &mut diags);
     if !metrics::is_known(&p.gate_metric) {
         let span = cx.node.get("gate_metric").map(|n| n.span()).unwrap_or(cx.node.span());
         diags.push(
@@ -68,11 +89,15 @@ fn check(cx: &CheckCtx) -> Checked {
             ),
         );
     }
-    if let Some(r) = p.gate_retriever.filter(|r| r.trained().is_none()) {
+    let untrained = |r: &Retriever| match r {
+        Retriever::Hybrid => p.hybrid.dense.is_some_and(|d| d.trained().is_none()),
+        r => r.trained().is_none(),
+    };
+    if let Some(r) = p.gate_retriever.filter(untrained) {
         let span = cx.node.get("gate_retriever").map(|n| n.span()).unwrap_or(cx.node.span());
         diags.push(
             Diagnostic::new(span, format!("stage `{}`: gate_retriever {} has no trained model", cx.stage, r.name()))
-                .hint("mafin or augment_only"),
+                .hint("mafin, augment_only, or hybrid over one of them"),
         );
     }
     checked(&p, diags)
@@ -84,6 +109,7 @@ pub fn check_set(
     set: &SetParams,
     retrievers: Option<&[Retriever]>,
     black_box: &str,
+    hybrid: &HybridParams,
     diags: &mut Vec<Diagnostic>,
 ) {
     let at = |key: &str| cx.node.get(key).map(|n| n.span()).unwrap_or(cx.node.span());
@@ -99,10 +125,25 @@ pub fn check_set(
     if retrievers.is_some_and(|r| r.is_empty()) {
         diags.push(
             Diagnostic::new(at("retrievers"), format!("stage `{}`: `retrievers:` is empty", cx.stage))
-                .hint("list some of bm25, black_box, augment_only, mafin, or leave it out for all"),
+                .hint("list some of bm25, black_box, augment_only, mafin, hybrid, or leave it out for all"),
         );
     }
-    let needs_bb = retrievers.is_none_or(|r| r.iter().any(|k| matches!(k, Retriever::BlackBox | Retriever::Mafin)));
+    let hybrid_bb = hybrid.dense.is_none_or(|d| matches!(d, Retriever::BlackBox | Retriever::Mafin));
+    let needs_bb = retrievers.is_none_or(|r| {
+        r.iter().any(|k| matches!(k, Retriever::BlackBox | Retriever::Mafin) || (*k == Retriever::Hybrid && hybrid_bb))
+    });
+    if hybrid.dense.is_some_and(|d| matches!(d, Retriever::Bm25 | Retriever::Hybrid)) {
+        diags.push(
+            Diagnostic::new(at("hybrid"), format!("stage `{}`: hybrid's `dense:` must be a dense retriever", cx.stage))
+                .hint("dense: mafin, augment_only or black_box"),
+        );
+    }
+    if hybrid.alpha.fixed().is_some_and(|a| !(0.0..=1.0).contains(&a)) {
+        diags.push(
+            Diagnostic::new(at("hybrid"), format!("stage `{}`: hybrid alpha must be from 0 to 1", cx.stage))
+                .hint("alpha is the dense side's weight: 0 is BM25 alone, 1 the dense retriever alone; or `auto`"),
+        );
+    }
     if needs_bb && !cx.models.contains_key(black_box) {
         diags.push(
             Diagnostic::new(
@@ -116,7 +157,7 @@ pub fn check_set(
 
 fn build(spec: &StageSpec, wf: &Workflow) -> Result<Box<dyn Stage>> {
     let params: Params = spec.params()?;
-    let plan = Plan::new(spec, wf, &params.eval_set, &params.retrievers, &params.black_box)?;
+    let plan = Plan::new(spec, wf, &params.eval_set, params.choice())?;
     Ok(Box::new(EvalRecall { name: spec.name.clone(), wf: Arc::new(wf.clone()), params, plan }))
 }
 
@@ -168,6 +209,8 @@ pub fn retrieve_ctx<'a>(
         black_box_model: black_box,
         count_items,
         device: plan.up.device,
+        hybrid: &plan.hybrid,
+        passages: plan.passages,
     }
 }
 
@@ -193,7 +236,12 @@ impl Stage for EvalRecall {
         let mut summary = serde_json::Map::new();
         let mut scored = Vec::new();
         for (&kind, model) in self.plan.retrievers.iter().zip(&models) {
-            let m = retrieve::metrics_of(&cx, &set, kind, model.as_ref()).await?;
+            let (mut m, chosen) = retrieve::metrics_of(&cx, &set, kind, model.as_ref()).await?;
+            // Kept beside the metrics, so the report can say what the hybrid fused with.
+            if let Some(c) = &chosen {
+                m.insert("alpha".into(), c.alpha.unwrap_or(-1.0));
+                m.insert("alpha_on_eval_set".into(), if c.on_eval_set() { 1.0 } else { 0.0 });
+            }
             let model_id = model.as_ref().map(|m| m.id);
             eval_results::upsert(
                 &ctx.store,
@@ -211,11 +259,12 @@ impl Stage for EvalRecall {
             )
             .await?;
             let prev = eval_results::previous(&ctx.store, &self.name, &set.key, kind.name(), ctx.run_id).await?;
-            summary.insert(kind.name().into(), json!({ "model_id": model_id, "metrics": m }));
-            if let Some(model) = model {
+            summary.insert(kind.name().into(), json!({ "model_id": model_id, "metrics": m, "hybrid": chosen }));
+            if let Some(model) = model.as_ref().filter(|_| self.plan.trained_of(kind).is_some()) {
                 scored.push((kind, model.clone(), m.get(&self.params.gate_metric).copied().unwrap_or(0.0)));
             }
-            rows.push((kind.name().to_string(), m, prev.map(|p| p.metrics())));
+            let label = chosen.map_or_else(|| kind.name().to_string(), |c| c.label());
+            rows.push((label, m, prev.map(|p| p.metrics())));
         }
         let table = metric_table(&rows);
         let compared = rows.iter().any(|r| r.2.is_some());
@@ -233,6 +282,7 @@ impl Stage for EvalRecall {
             let g = crate::eval::gate::Gate {
                 metric: &self.params.gate_metric,
                 kind: *kind,
+                trained: self.plan.trained_of(*kind).expect("scored retrievers are trained"),
                 stages: &self.plan.up.train_stages,
             };
             gate = g.decide(&cx, &set, candidate, *value).await?;

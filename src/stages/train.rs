@@ -43,11 +43,14 @@ fn check(cx: &CheckCtx) -> Checked {
     if !(p.lr > 0.0 && p.lr < 1.0) {
         bad("lr", format!("lr {} is out of range", p.lr), "2.0e-5 is usual for BERT");
     }
+    if !(0.0..1.0).contains(&p.dropout) {
+        bad("dropout", format!("dropout {} is not a probability below 1", p.dropout), "dropout: 0.1 is BERT's");
+    }
     if !(0.0..1.0).contains(&p.warmup) || !(0.0..1.0).contains(&p.val_fraction) {
         bad("warmup", "warmup and val_fraction are shares from 0 to below 1".into(), "warmup: 0.1, val_fraction: 0.1");
     }
-    if p.weight <= 0.0 || p.scale <= 0.0 {
-        bad("weight", "weight and scale must be positive".into(), "weight: 0.5 and scale: 20 follow the paper");
+    if p.weight.fixed().is_some_and(|w| w <= 0.0) || p.scale <= 0.0 {
+        bad("weight", "weight and scale must be positive".into(), "weight: auto (or 0.5, the paper's) and scale: 20");
     }
     if !cx.models.contains_key(&p.augment) {
         bad(
@@ -120,12 +123,15 @@ impl Train {
         self.params.retriever == Retriever::Mafin || self.params.hard_negatives > 0
     }
 
-    async fn examples(&self, ctx: &StageCtx) -> Result<Vec<Example>> {
-        let mut out = Vec::new();
+    /// The pairs to learn from, and the rest of the corpus they come from (validation's distractors:
+    /// the live chunks for store pairs, every document of a BEIR set).
+    async fn examples(&self, ctx: &StageCtx) -> Result<(Vec<Example>, Vec<String>)> {
+        let (mut out, mut corpus) = (Vec::new(), Vec::new());
         if self.use_pairs {
             for (query, positive, doc) in pairs::accepted(&ctx.store).await? {
                 out.push(Example { query, positive, doc, negative: None });
             }
+            corpus.extend(crate::store::documents::live_chunks(&ctx.store).await?.into_iter().map(|c| c.1));
         }
         if let Some(dir) = &self.beir {
             let (dir, split) = (dir.clone(), self.params.split.clone());
@@ -140,8 +146,9 @@ impl Train {
                     negative: None,
                 });
             }
+            corpus.extend(set.doc_texts);
         }
-        Ok(out)
+        Ok((out, corpus))
     }
 }
 
@@ -199,6 +206,7 @@ impl Stage for Train {
         let device = crate::models::device(choice)?;
         ctx.progress.log(&format!("training on {} (device: {choice})", device_name(&device)));
         let cfg = self.config(&device);
+        let trained_weight = cfg.weight;
         let start = self.start_from(ctx).await?;
         let fingerprint = self.data_fingerprint(&train_set, &val_set, &cfg, &start.hash, bb_model.as_ref());
         let dir = self.model_dir(&fingerprint);
@@ -218,9 +226,20 @@ impl Stage for Train {
         let secs = started.elapsed().as_secs_f64();
         ctx.progress.cached(pairs_total.saturating_sub(ctx.progress.counts().done.max(0) as u64));
 
+        let st = &outcome.state;
+        let improved = st.improved();
+        let weight = st.best_weight.unwrap_or(trained_weight);
+        if improved == Some(false) {
+            ctx.progress.log(&format!(
+                "training did not beat its starting model on validation (best: the start, ndcg@10 {:.4}); \
+                 the model is stored as not improved and the gate will not promote it",
+                st.best_metrics.get("ndcg@10").copied().unwrap_or(0.0)
+            ));
+        }
         let metrics = json!({
-            "best_epoch": outcome.state.best_epoch, "validation": outcome.state.best_metrics,
-            "steps": outcome.state.step, "stopped_early": outcome.state.stopped_early,
+            "best_epoch": st.best_epoch, "validation": st.best_metrics,
+            "steps": st.step, "stopped_early": st.stopped_early, "improved": improved,
+            "weight": weight, "alpha": st.best_alpha, "black_box_alpha": st.black_box_alpha,
         });
         let best = outcome.best_dir.to_string_lossy().to_string();
         let id = models_table::insert(
@@ -233,10 +252,13 @@ impl Stage for Train {
                 parent: &start.weights.parent().unwrap_or(&self.init_dir).to_string_lossy(),
                 retriever: p.retriever.name(),
                 black_box: bb_model.as_ref().map(|b| b.identity.as_str()),
-                weight: p.weight,
+                weight,
                 data_fingerprint: &fingerprint,
                 metrics: &metrics.to_string(),
                 parent_id: start.parent.as_ref().map(|m| m.id),
+                alpha: st.best_alpha,
+                black_box_alpha: st.black_box_alpha,
+                improved,
             },
         )
         .await?;
@@ -245,6 +267,8 @@ impl Stage for Train {
                 "model_id": id, "path": best, "train_pairs": n_train, "validation_queries": n_val,
                 "steps": outcome.state.step, "best_epoch": outcome.state.best_epoch,
                 "validation": outcome.state.best_metrics, "resumed": outcome.resumed,
+                "improved": improved, "weight": weight, "alpha": outcome.state.best_alpha,
+                "black_box_alpha": outcome.state.black_box_alpha,
                 "pairs_per_s": if outcome.step_seconds > 0.0 { outcome.step_pairs as f64 / outcome.step_seconds } else { 0.0 },
                 "wall_seconds": secs, "pairs_trained": pairs_seen, "device": device_name(&device),
             }),
@@ -263,7 +287,7 @@ struct Start {
 impl Train {
     /// The pairs, split by document into training and validation.
     async fn data(&self, ctx: &StageCtx) -> Result<(Vec<Example>, data::RetrievalSet)> {
-        let all = self.examples(ctx).await?;
+        let (all, corpus) = self.examples(ctx).await?;
         if all.len() < 2 {
             return Err(Error::bad_input(
                 format!("stage `{}`: {} training pairs; at least 2 are needed", self.name, all.len()),
@@ -271,9 +295,9 @@ impl Train {
             ));
         }
         let (train_set, val) = data::split(all, self.params.seed, self.params.val_fraction);
-        let val_set = data::retrieval_set(&val, &train_set);
+        let val_set = data::retrieval_set(&val, &train_set, &corpus, self.params.seed);
         ctx.progress.log(&format!(
-            "{} training pairs; validation: {} queries over {} passages (held out by document)",
+            "{} training pairs; validation: {} queries over {} passages (held out by document; the rest of the corpus as distractors)",
             train_set.len(),
             val_set.queries.len(),
             val_set.corpus.len()
@@ -332,7 +356,9 @@ impl Train {
             max_grad_norm: p.max_grad_norm,
             grad_accum: p.grad_accum,
             scale: p.scale,
-            weight: p.weight,
+            weight: p.weight.fixed().unwrap_or(train::AUTO_TRAINING_WEIGHT),
+            weight_auto: p.weight.fixed().is_none() && p.retriever == Retriever::Mafin,
+            dropout: p.dropout,
             seed: p.seed,
             patience: p.patience,
             checkpoint_every: p.checkpoint_every,

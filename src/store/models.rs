@@ -17,13 +17,18 @@ pub struct NewModel<'a> {
     pub metrics: &'a str,
     /// The model this one continued from, if it started from a trained model.
     pub parent_id: Option<i64>,
+    /// What training chose on validation: hybrid alphas (own retriever, black box) and whether it beat
+    /// the starting model (None: no validation).
+    pub alpha: Option<f64>,
+    pub black_box_alpha: Option<f64>,
+    pub improved: Option<bool>,
 }
 
 pub async fn insert(store: &Store, m: &NewModel<'_>) -> Result<i64> {
     Ok(sqlx::query_scalar(
         "INSERT INTO models (stage, run_id, stage_run_id, path, parent, retriever, black_box, weight,
-            data_fingerprint, metrics, parent_id, created_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            data_fingerprint, metrics, parent_id, alpha, black_box_alpha, improved, created_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
     )
     .bind(m.stage)
     .bind(m.run_id)
@@ -36,6 +41,9 @@ pub async fn insert(store: &Store, m: &NewModel<'_>) -> Result<i64> {
     .bind(m.data_fingerprint)
     .bind(m.metrics)
     .bind(m.parent_id)
+    .bind(m.alpha)
+    .bind(m.black_box_alpha)
+    .bind(m.improved)
     .bind(now_ms())
     .fetch_one(&store.pool)
     .await?)
@@ -82,10 +90,13 @@ pub struct ModelRow {
     pub created_at: i64,
     pub parent_id: Option<i64>,
     pub gate: Option<String>,
+    pub alpha: Option<f64>,
+    pub black_box_alpha: Option<f64>,
+    pub improved: Option<bool>,
 }
 
 const MODEL_COLUMNS: &str = "id, stage, run_id, path, parent, retriever, black_box, weight, data_fingerprint, metrics, \
-                             status, status_reason, created_at, parent_id, gate";
+                             status, status_reason, created_at, parent_id, gate, alpha, black_box_alpha, improved";
 
 /// The newest model trained for `retriever` by one of `stages` (any stage when empty).
 pub async fn latest(store: &Store, stages: &[String], retriever: &str) -> Result<Option<ModelRow>> {

@@ -76,8 +76,13 @@ pub struct RetrievalSet {
     pub relevant: Vec<HashSet<usize>>,
 }
 
-/// Queries from `queries`, searched over the passages of `queries` and `extra_corpus` together.
-pub fn retrieval_set(queries: &[Example], extra_corpus: &[Example]) -> RetrievalSet {
+/// Distractors a validation search runs over at most (a seeded sample of them beyond this).
+pub const MAX_DISTRACTORS: usize = 10_000;
+
+/// Queries from `queries`, searched over the passages of `queries` and `extra_corpus` together,
+/// and over `distractors` (the rest of the corpus the retriever will face: without them validation
+/// is far easier than real search, and what it chooses, like the hybrid alpha, would not carry over).
+pub fn retrieval_set(queries: &[Example], extra_corpus: &[Example], distractors: &[String], seed: u64) -> RetrievalSet {
     let mut set = RetrievalSet::default();
     let mut corpus_index: HashMap<&str, usize> = HashMap::new();
     for e in queries.iter().chain(extra_corpus) {
@@ -86,6 +91,15 @@ pub fn retrieval_set(queries: &[Example], extra_corpus: &[Example]) -> Retrieval
             set.corpus.len() - 1
         });
     }
+    let mut extra: Vec<&String> = distractors.iter().filter(|d| !corpus_index.contains_key(d.as_str())).collect();
+    extra.sort();
+    extra.dedup();
+    if extra.len() > MAX_DISTRACTORS {
+        fastrand::Rng::with_seed(seed).shuffle(&mut extra);
+        extra.truncate(MAX_DISTRACTORS);
+        extra.sort();
+    }
+    set.corpus.extend(extra.into_iter().cloned());
     let mut query_index: HashMap<&str, usize> = HashMap::new();
     for e in queries {
         let qi = *query_index.entry(e.query.as_str()).or_insert_with(|| {
@@ -176,7 +190,7 @@ mod tests {
         assert!(!val.is_empty() && !train.is_empty());
         let val_docs: HashSet<&str> = val.iter().map(|e| e.doc.as_str()).collect();
         assert!(train.iter().all(|e| !val_docs.contains(e.doc.as_str())));
-        let set = retrieval_set(&val, &train);
+        let set = retrieval_set(&val, &train, &[], 1);
         assert_eq!(set.corpus.len(), 200);
         assert!(set.relevant.iter().all(|r| r.len() == 1));
     }

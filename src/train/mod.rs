@@ -15,8 +15,9 @@ use std::path::{Path, PathBuf};
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
+use crate::bert::dropout::Dropout;
 use crate::error::{Error, Result};
-use crate::rank::{metrics, search};
+use crate::rank::{fuse, metrics, search};
 use data::{Example, RetrievalSet};
 use model::Augment;
 use optim::{AdamW, AdamWConfig, Grads};
@@ -35,8 +36,14 @@ pub struct TrainConfig {
     pub max_grad_norm: f64,
     pub grad_accum: usize,
     pub scale: f64,
-    /// w: the augment's weight in the Mafin concatenation.
+    /// w: the augment's weight in the Mafin concatenation (while training, when `weight_auto`).
     pub weight: f64,
+    /// Pick w on the validation split at every validation (grid `weight_grid`), not `weight`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub weight_auto: bool,
+    /// BERT's hidden and attention dropout while training (0: none).
+    #[serde(default)]
+    pub dropout: f64,
     pub seed: u64,
     /// Epochs without a better validation score before stopping.
     pub patience: usize,
@@ -46,6 +53,15 @@ pub struct TrainConfig {
     /// fingerprint when off, so f32 checkpoints keep their folders.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub bf16: bool,
+}
+
+/// The w Mafin trains at when w is chosen afterwards: the augment's half of the cosine is as large
+/// as the black box's, so its gradient is not scaled down (at w = 0.5 it gets a fifth of the loss's).
+pub const AUTO_TRAINING_WEIGHT: f64 = 1.0;
+
+/// The w tried when it is chosen on validation: 0.1 to 2.0 by 0.1.
+pub fn weight_grid() -> impl Iterator<Item = f64> {
+    (1..=20).map(|i| i as f64 / 10.0)
 }
 
 /// Black-box vectors by exact text (for Mafin); None for augment_only.
@@ -72,6 +88,21 @@ pub struct TrainState {
     pub validated_start: bool,
     pub stopped_early: bool,
     pub done: bool,
+    /// What the best validation chose: w (Mafin) and the hybrid alpha over this retriever.
+    #[serde(default)]
+    pub best_weight: Option<f64>,
+    #[serde(default)]
+    pub best_alpha: Option<f64>,
+    /// The hybrid alpha over the black box alone, on the same validation split.
+    #[serde(default)]
+    pub black_box_alpha: Option<f64>,
+}
+
+impl TrainState {
+    /// Whether training beat its starting model on validation (None: there was no validation).
+    pub fn improved(&self) -> Option<bool> {
+        self.best_epoch.map(|e| e > 0)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -129,11 +160,15 @@ pub fn train(
         step_pairs: 0,
         total_steps,
         warmup: (total_steps as f64 * cfg.warmup).ceil() as u64,
+        bm25: validation_bm25(data.val),
         // The hand-written backward pass covers the CPU in f32 with mean or CLS pooling; bf16
         // (meant for GPUs) and max pooling go through autograd anywhere.
         fast: aug.device.is_cpu() && aug.folder.pooling != crate::bert::Pooling::Max && !cfg.bf16,
     };
     let resumed = t.resume(on)?;
+    if t.state.black_box_alpha.is_none() {
+        t.state.black_box_alpha = black_box_alpha(data.val, data.bb, &t.bm25)?;
+    }
     if !t.state.validated_start {
         // The starting model is the first candidate: training must beat it to replace it.
         t.validate(0, on)?;
@@ -168,6 +203,8 @@ struct Trainer<'a> {
     total_steps: u64,
     warmup: u64,
     fast: bool,
+    /// BM25's top 100 for each validation query, for the hybrid alpha.
+    bm25: Vec<Vec<(usize, f32)>>,
 }
 
 impl Trainer<'_> {
@@ -223,8 +260,17 @@ impl Trainer<'_> {
         if val.queries.is_empty() {
             return Ok(false);
         }
-        let m = validation_metrics(self.cfg, self.aug, val, self.data.bb)?;
+        let v = validation(self.cfg, self.aug, val, self.data.bb, &self.bm25)?;
+        let m = v.metrics;
         on(Event::Validation { step: self.state.step, epoch: epoch_done, metrics: &m })?;
+        let chosen = [
+            v.weight.filter(|_| self.cfg.weight_auto).map(|w| format!("w {w:.1}")),
+            v.alpha.map(|a| format!("hybrid alpha {a:.2}")),
+        ];
+        let chosen: Vec<String> = chosen.into_iter().flatten().collect();
+        if !chosen.is_empty() {
+            on(Event::Log(format!("validation after epoch {epoch_done} chose {}", chosen.join(", "))))?;
+        }
         let score = (m.get("recall@10").copied().unwrap_or(0.0), m.get("ndcg@10").copied().unwrap_or(0.0));
         let state = &mut self.state;
         let better = state.best.is_none_or(|b| score > b);
@@ -232,6 +278,8 @@ impl Trainer<'_> {
             state.best = Some(score);
             state.best_epoch = Some(epoch_done);
             state.best_metrics = m;
+            state.best_weight = v.weight;
+            state.best_alpha = v.alpha;
             state.bad_epochs = 0;
             self.aug.save(&self.best_dir, &HashMap::new(), None)?;
         } else {
@@ -251,10 +299,16 @@ impl Trainer<'_> {
             let started = std::time::Instant::now();
             let (queries, passages) = batch_texts(train, batch);
             let texts = (&queries[..], &passages[..]);
+            // A mask per (epoch, batch), so a resumed run drops what the uninterrupted one would.
+            let drop = (cfg.dropout > 0.0).then(|| Dropout {
+                p: cfg.dropout as f32,
+                seed: Dropout::step_seed(cfg.seed, self.state.epoch as u64, bi as u64),
+                seq_offset: 0,
+            });
             let (loss, g) = if self.fast {
-                fast_step(cfg, aug, texts, bb, accum)
+                fast_step(cfg, aug, texts, bb, accum, drop)
             } else {
-                graph_step(cfg, aug, &self.opt, texts, bb, accum)
+                graph_step(cfg, aug, &self.opt, texts, bb, accum, drop)
             }
             .map_err(tensor_err)?;
             for (name, g) in g {
@@ -309,14 +363,47 @@ impl Trainer<'_> {
     }
 }
 
-/// Recall@k, nDCG@k, MRR@10 and MAP@100 of the retriever on the validation set, with the augment's
-/// current weights.
-fn validation_metrics(
+/// One validation: the metrics at the chosen w, that w (Mafin) and the hybrid alpha it implies.
+struct Validation {
+    metrics: std::collections::BTreeMap<String, f64>,
+    weight: Option<f64>,
+    alpha: Option<f64>,
+}
+
+/// BM25's top 100 over the validation corpus for each validation query.
+fn validation_bm25(val: &RetrievalSet) -> Vec<Vec<(usize, f32)>> {
+    if val.queries.is_empty() {
+        return Vec::new();
+    }
+    let mut index = crate::rank::bm25::Bm25::default();
+    for d in &val.corpus {
+        index.add(d);
+    }
+    index.search(&val.queries, fuse::DEPTH)
+}
+
+/// The hybrid alpha of BM25 with the frozen black box on the validation split, when both are there.
+fn black_box_alpha(val: &RetrievalSet, bb: &BlackBoxVectors, bm25: &[Vec<(usize, f32)>]) -> Result<Option<f64>> {
+    let Some(bb) = bb.as_ref().filter(|_| !bm25.is_empty()) else { return Ok(None) };
+    let rows = |texts: &[String]| -> Vec<f32> {
+        texts.iter().flat_map(|t| normalized(bb.get(t).map(Vec::as_slice).unwrap_or_default())).collect()
+    };
+    let (q, d) = (rows(&val.queries), rows(&val.corpus));
+    let dim = q.len() / val.queries.len();
+    let dense = search::top_k(&q, &d, dim, fuse::DEPTH).map_err(Error::tensor("validation search"))?;
+    Ok(Some(fuse::best_alpha(bm25, &dense, &val.relevant).0))
+}
+
+/// Recall@k, nDCG@k, MRR@10 and MAP@100 of the retriever on the validation set with the augment's
+/// current weights; with `weight_auto`, at the w of the grid with the best nDCG@10 (ties: the one
+/// nearest the training w).
+fn validation(
     cfg: &TrainConfig,
     aug: &Augment,
     val: &RetrievalSet,
     bb: &BlackBoxVectors,
-) -> Result<std::collections::BTreeMap<String, f64>> {
+    bm25: &[Vec<(usize, f32)>],
+) -> Result<Validation> {
     let enc = aug.encoder()?;
     let qa = enc.embed(&val.queries, 32)?;
     let da = enc.embed(&val.corpus, 32)?;
@@ -324,10 +411,30 @@ fn validation_metrics(
         bb.as_ref().map(|bb| texts.iter().map(|t| bb.get(t).cloned().unwrap_or_default()).collect())
     };
     let (qb, db) = (lookup(&val.queries), lookup(&val.corpus));
-    let q = retriever_rows(cfg.retriever, &qa, qb.as_deref(), cfg.weight);
-    let d = retriever_rows(cfg.retriever, &da, db.as_deref(), cfg.weight);
-    let dim = q.len() / val.queries.len();
-    let top = search::top_k(&q, &d, dim, 100).map_err(Error::tensor("validation search"))?;
+    let search_at = |w: f64| -> Result<Vec<Vec<(usize, f32)>>> {
+        let q = retriever_rows(cfg.retriever, &qa, qb.as_deref(), w);
+        let d = retriever_rows(cfg.retriever, &da, db.as_deref(), w);
+        let dim = q.len() / val.queries.len();
+        search::top_k(&q, &d, dim, 100).map_err(Error::tensor("validation search"))
+    };
+    let mafin = cfg.retriever == Retriever::Mafin;
+    let (weight, top) = if mafin && cfg.weight_auto {
+        let mut best: Option<(f64, f64, crate::rank::Ranking)> = None;
+        for w in weight_grid() {
+            let hits = search_at(w)?;
+            let s = fuse::mean_ndcg10(&hits, &val.relevant);
+            let wins = best.as_ref().is_none_or(|b| {
+                s > b.1 + 1e-12 || ((s - b.1).abs() <= 1e-12 && (w - cfg.weight).abs() < (b.0 - cfg.weight).abs())
+            });
+            if wins {
+                best = Some((w, s, hits));
+            }
+        }
+        let (w, _, hits) = best.expect("the grid is not empty");
+        (w, hits)
+    } else {
+        (cfg.weight, search_at(cfg.weight)?)
+    };
     let per: Vec<_> = top
         .iter()
         .zip(&val.relevant)
@@ -336,7 +443,8 @@ fn validation_metrics(
             metrics::query_metrics(&ranking, rel, &[1, 5, 10, 100])
         })
         .collect();
-    Ok(metrics::mean(&per))
+    let alpha = (!bm25.is_empty()).then(|| fuse::best_alpha(bm25, &top, &val.relevant).0);
+    Ok(Validation { metrics: metrics::mean(&per), weight: mafin.then_some(weight), alpha })
 }
 
 #[cfg(test)]
@@ -356,6 +464,8 @@ mod tests {
             grad_accum,
             scale: 20.0,
             weight: 0.5,
+            weight_auto: false,
+            dropout: 0.0,
             seed: 1,
             patience: 1,
             checkpoint_every: 0,
@@ -445,9 +555,9 @@ mod tests {
         );
         let q = ["alpha beta", "gamma", "delta delta one"];
         let p = ["one two three", "three four alpha delta", "two"];
-        let (l32, g32) = graph_step(&cfg, &aug, &opt, (&q[..], &p[..]), &None, 1).unwrap();
+        let (l32, g32) = graph_step(&cfg, &aug, &opt, (&q[..], &p[..]), &None, 1, None).unwrap();
         aug.model.compute = candle_core::DType::BF16;
-        let (l16, g16) = graph_step(&cfg, &aug, &opt, (&q[..], &p[..]), &None, 1).unwrap();
+        let (l16, g16) = graph_step(&cfg, &aug, &opt, (&q[..], &p[..]), &None, 1, None).unwrap();
         assert!((l32 - l16).abs() < 0.02 * l32.abs().max(1.0), "loss {l32} vs {l16}");
         // bf16 rounding shows in the loss: the products really ran in bf16.
         assert_ne!(l32, l16);
@@ -499,17 +609,30 @@ mod tests {
             AdamWConfig { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 },
         );
         let (q, p) = batch_texts(&train, &[0, 1, 2]);
-        let (l1, g1) = fast_step(&cfg, &aug, (&q, &p), &bb, 2).unwrap();
-        let (l2, g2) = graph_step(&cfg, &aug, &opt, (&q, &p), &bb, 2).unwrap();
-        assert!((l1 - l2).abs() < 1e-4, "loss {l1} vs {l2}");
-        assert_eq!(g1.len(), g2.len());
-        for (name, a) in &g1 {
-            let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
-            let b: Vec<f32> = g2[name].flatten_all().unwrap().to_vec1().unwrap();
-            let scale = b.iter().fold(1e-4f32, |m, x| m.max(x.abs()));
-            for (x, y) in a.iter().zip(&b) {
-                assert!((x - y).abs() <= 2e-3 * scale, "{name}: {x} vs {y} (scale {scale})");
+        let mut losses = Vec::new();
+        // Without dropout, and with it: both paths must drop the same elements.
+        for drop in [None, Some(Dropout { p: 0.3, seed: 11, seq_offset: 0 })] {
+            let (l1, g1) = fast_step(&cfg, &aug, (&q, &p), &bb, 2, drop).unwrap();
+            let (l2, g2) = graph_step(&cfg, &aug, &opt, (&q, &p), &bb, 2, drop).unwrap();
+            assert!((l1 - l2).abs() < 1e-4, "dropout {drop:?}: loss {l1} vs {l2}");
+            assert_eq!(g1.len(), g2.len());
+            for (name, a) in &g1 {
+                let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+                let b: Vec<f32> = g2[name].flatten_all().unwrap().to_vec1().unwrap();
+                let scale = b.iter().fold(1e-4f32, |m, x| m.max(x.abs()));
+                for (x, y) in a.iter().zip(&b) {
+                    assert!((x - y).abs() <= 2e-3 * scale, "dropout {drop:?} {name}: {x} vs {y} (scale {scale})");
+                }
             }
+            // The same seed drops the same elements again.
+            assert_eq!(fast_step(&cfg, &aug, (&q, &p), &bb, 2, drop).unwrap().0, l1);
+            losses.push(l1);
         }
+        assert_ne!(losses[0], losses[1], "dropout did not change the training loss");
+        // Inference (what validation and every eval stage embed with) never drops.
+        let texts: Vec<String> = q.iter().map(|t| t.to_string()).collect();
+        let a = aug.encoder().unwrap().embed(&texts, 8).unwrap();
+        let b = aug.encoder().unwrap().embed(&texts, 8).unwrap();
+        assert_eq!(a, b);
     }
 }

@@ -81,10 +81,19 @@ impl Augment {
 
     /// Pooled (and, as the folder says, normalised) embeddings as a graph that gradients flow through.
     pub fn encode(&self, texts: &[&str]) -> candle_core::Result<Tensor> {
+        self.encode_with(texts, None)
+    }
+
+    /// `encode` with training dropout.
+    pub fn encode_with(
+        &self,
+        texts: &[&str],
+        drop: Option<&crate::bert::dropout::Dropout>,
+    ) -> candle_core::Result<Tensor> {
         let enc = self.folder.tokenizer.encode_batch(texts.to_vec(), true).map_err(candle_core::Error::msg)?;
         let seqs: Vec<&[u32]> = enc.iter().map(|e| e.get_ids()).collect();
         let (ids, mask) = padded_batch(&seqs, &self.device)?;
-        let hidden = self.model.forward(&ids, &mask)?;
+        let hidden = self.model.forward_with(&ids, &mask, drop)?;
         let pooled = pool(&hidden, &mask, self.folder.pooling)?;
         // Training always compares cosines, whether or not the folder normalises its output.
         normalize(&pooled)

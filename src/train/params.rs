@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::Retriever;
-use crate::workflow::Device;
+use crate::workflow::{Device, Tunable};
 
 /// The kind name of the stage these parameters belong to.
 pub const KIND_NAME: &str = "train";
@@ -43,9 +43,12 @@ pub struct Params {
     pub grad_accum: usize,
     #[serde(default = "default_scale")]
     pub scale: f64,
-    /// w in concat(n(bb), w * n(aug)).
-    #[serde(default = "default_weight")]
-    pub weight: f64,
+    /// w in concat(n(bb), w * n(aug)); `auto` trains at w = 1 and picks w on the validation split.
+    #[serde(default)]
+    pub weight: Tunable,
+    /// BERT's hidden and attention dropout while training (0 turns it off).
+    #[serde(default = "default_dropout")]
+    pub dropout: f64,
     /// Hard negatives per pair mined with the black box (0 = in-batch negatives only).
     #[serde(default)]
     pub hard_negatives: usize,
@@ -125,8 +128,8 @@ fn default_one() -> usize {
 fn default_scale() -> f64 {
     20.0
 }
-fn default_weight() -> f64 {
-    0.5
+fn default_dropout() -> f64 {
+    0.1
 }
 fn default_margin() -> f64 {
     0.05

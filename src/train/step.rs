@@ -7,6 +7,7 @@ use super::data::Example;
 use super::model::Augment;
 use super::optim::{AdamW, Grads};
 use super::{BlackBoxVectors, Retriever, TrainConfig, loss, normalized};
+use crate::bert::dropout::Dropout;
 
 /// The texts of one batch: its queries, then its passages (positives, then any hard negatives).
 pub(super) fn batch_texts<'a>(train: &'a [Example], batch: &[usize]) -> (Vec<&'a str>, Vec<&'a str>) {
@@ -52,9 +53,13 @@ pub(super) fn graph_step(
     texts: (&[&str], &[&str]),
     bb: &BlackBoxVectors,
     accum: usize,
+    drop: Option<Dropout>,
 ) -> candle_core::Result<(f64, Grads)> {
     let (queries, passages) = texts;
-    let loss = loss_from(cfg, &aug.encode(queries)?, &aug.encode(passages)?, queries, passages, bb)?;
+    // Passages are sequences queries.len().. of the batch, as in the CPU path's single pass.
+    let pdrop = drop.map(|d| Dropout { seq_offset: queries.len(), ..d });
+    let (q, p) = (aug.encode_with(queries, drop.as_ref())?, aug.encode_with(passages, pdrop.as_ref())?);
+    let loss = loss_from(cfg, &q, &p, queries, passages, bb)?;
     let mut grads = Grads::new();
     opt.collect(&(&loss / accum as f64)?.backward()?, &mut grads)?;
     Ok((loss.to_scalar::<f32>()? as f64, grads))
@@ -68,6 +73,7 @@ pub(super) fn fast_step(
     texts: (&[&str], &[&str]),
     bb: &BlackBoxVectors,
     accum: usize,
+    drop: Option<Dropout>,
 ) -> candle_core::Result<(f64, Grads)> {
     let (queries, passages) = texts;
     let vb = candle_nn::VarBuilder::from_varmap(&aug.varmap, candle_core::DType::F32, &aug.device);
@@ -76,7 +82,7 @@ pub(super) fn fast_step(
     let enc = aug.folder.tokenizer.encode_batch(all.clone(), true).map_err(candle_core::Error::msg)?;
     let lens: Vec<usize> = enc.iter().map(|e| e.get_ids().len()).collect();
     let ids: Vec<u32> = enc.iter().flat_map(|e| e.get_ids().iter().copied()).collect();
-    let (hidden, tape) = crate::bert::backward::forward(&cpu, &ids, &lens)?;
+    let (hidden, tape) = crate::bert::backward::forward(&cpu, &ids, &lens, drop.as_ref())?;
     let h = cpu.hidden;
     // The rows each sequence's embedding averages: all its tokens (mean pooling) or the first (CLS).
     let cls = aug.folder.pooling == crate::bert::Pooling::Cls;

@@ -79,6 +79,42 @@ pub fn checked<T: Serialize>(p: &T, diags: Vec<Diagnostic>) -> Checked {
     serde_json::to_value(p).map_err(|e| vec![Diagnostic::new(Span::default(), format!("parameters: {e}"))])
 }
 
+/// A setting the user fixes or leaves to flow to choose on validation data (`auto`).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum Tunable {
+    #[default]
+    Auto,
+    Fixed(f64),
+}
+
+impl Tunable {
+    pub fn fixed(self) -> Option<f64> {
+        match self {
+            Tunable::Auto => None,
+            Tunable::Fixed(v) => Some(v),
+        }
+    }
+}
+
+impl Serialize for Tunable {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            Tunable::Auto => s.serialize_str("auto"),
+            Tunable::Fixed(v) => s.serialize_f64(*v),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Tunable {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        match Value::deserialize(d)? {
+            Value::String(s) if s == "auto" => Ok(Tunable::Auto),
+            Value::Number(n) if n.as_f64().is_some_and(f64::is_finite) => Ok(Tunable::Fixed(n.as_f64().unwrap_or(0.0))),
+            other => Err(serde::de::Error::custom(format!("expected a number or `auto`, found {other}"))),
+        }
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 #[allow(dead_code)] // fields are read through the checked tree; the struct is the schema

@@ -74,11 +74,15 @@ fn eval_after_training_scores_the_trained_model() {
     let r = sb.flow(&["run", "wf.yaml"]);
     assert_eq!(r.code, 0, "{}", r.all());
     let db = sb.db("t.db");
-    // By default: bm25, the black box and what the upstream train stage trains.
+    // By default: bm25, the black box, what the upstream train stage trains, and hybrid over it
+    // (its alpha chosen on the train stage's validation split).
     assert_eq!(
         db.text("SELECT group_concat(retriever, ',') FROM (SELECT retriever FROM eval_results ORDER BY id)"),
-        "bm25,black_box,augment_only"
+        "bm25,black_box,augment_only,hybrid"
     );
+    let alpha = db.real("SELECT alpha FROM models");
+    assert!((0.0..=1.0).contains(&alpha), "alpha {alpha}");
+    assert!(r.all().contains(&format!("convex alpha {alpha:.2} from validation")), "{}", r.all());
     assert_eq!(
         db.scalar("SELECT model_id FROM eval_results WHERE retriever = 'augment_only'"),
         db.scalar("SELECT id FROM models")
@@ -175,4 +179,81 @@ fn an_api_black_box_is_paid_once_and_its_calls_are_accounted() {
     let again = sb.flow(&["run", "wf.yaml", "--force", "eval"]);
     assert_eq!(again.code, 0, "{}", again.all());
     assert_eq!(server.log.entries().len() as i64, requests, "the black box was paid twice");
+}
+
+/// A document longer than the encoder's window whose answer sits after token 600: MaxP (the
+/// default) scores it by its best passage and finds it first; `passages: first` judges it by its
+/// first 254 tokens of filler and ranks the on-topic distractors above it.
+#[test]
+fn a_long_documents_late_answer_is_found_by_maxp_and_missed_by_its_first_window() {
+    let models = crate::harness::models_dir();
+    let sb = Sandbox::new();
+    let filler = crate::harness::prose(7, 9);
+    // The late section, as a real report would have it: a few sentences on one incident.
+    let answer = "Incident report: the Zephyr-9 wind turbine. In 2019 the main bearing of the Zephyr-9 turbine \
+                  failed. Inspectors found that salt spray from the sea had corroded the bearing seals, so the \
+                  lubricant washed out and the bearing overheated. The Zephyr-9 was stopped for four months while \
+                  the bearing and its seals were replaced with corrosion-resistant parts.";
+    let long = format!("{filler} {answer}");
+    let tok = flow::stages::chunk::load_tokenizer(&models.join("all-MiniLM-L6-v2/tokenizer.json")).unwrap();
+    let before = tok.encode(filler.as_str(), false).unwrap().len();
+    assert!(before > 600 && before < 1500, "the answer must start after token 600, at {before}");
+    let distractors = [
+        "Wind turbines convert the kinetic energy of moving air into electricity through a rotor and a generator.",
+        "Offshore wind farms are built far from the coast, where winds are stronger and steadier.",
+        "Bearings in rotating machinery are lubricated with grease to reduce friction and wear.",
+        "Salt water is more corrosive than fresh water because dissolved ions conduct electric current.",
+        "The football season ended with a penalty shoot-out in the final match.",
+        "Bake the bread at two hundred degrees until the crust turns golden brown.",
+    ];
+    let mut corpus = format!("{}\n", serde_json::json!({ "_id": "long", "title": "", "text": long }));
+    for (i, d) in distractors.iter().enumerate() {
+        corpus.push_str(&format!("{}\n", serde_json::json!({ "_id": format!("d{i}"), "title": "", "text": d })));
+    }
+    sb.write("set/corpus.jsonl", corpus);
+    sb.write(
+        "set/queries.jsonl",
+        format!("{}\n", serde_json::json!({ "_id": "q", "text": "Why did the Zephyr-9 turbine's main bearing fail?" })),
+    );
+    sb.write("set/qrels/test.tsv", "query-id\tcorpus-id\tscore\nq\tlong\t1\n");
+    let wf = |passages: &str| {
+        format!(
+            "name: t\nstore: t.db\nmodels:\n  black_box: {{ provider: local, model: all-MiniLM-L6-v2, max_seq_length: 256 }}\nstages:\n  eval:\n    kind: eval_recall\n    eval_set: {{ beir: set, split: test }}\n    retrievers: [black_box]\n    passages: {passages}\n"
+        )
+    };
+    let recall1 = |passages: &str| {
+        sb.write("wf.yaml", wf(passages));
+        let r = sb.flow(&["run", "wf.yaml"]);
+        assert_eq!(r.code, 0, "{}", r.all());
+        sb.db("t.db").real("SELECT json_extract(metrics, '$.\"recall@1\"') FROM eval_results ORDER BY id DESC LIMIT 1")
+    };
+    assert_eq!(recall1("maxp"), 1.0, "MaxP must put the long document first");
+    assert_eq!(recall1("first"), 0.0, "its first window holds no answer");
+    // MaxP's passages went through the vector cache: more vectors than documents and queries.
+    let vectors = sb.db("t.db").scalar("SELECT COUNT(*) FROM embeddings");
+    assert!(vectors > 1 + 7 + 1, "{vectors} cached vectors");
+}
+
+/// A training that never beats its starting model on validation says so, and the gate does not
+/// promote its (starting) weights as a trained model.
+#[test]
+fn a_training_that_does_not_beat_its_start_is_not_promoted() {
+    let sb = Sandbox::new();
+    toy_set(&sb);
+    test_split(&sb);
+    sb.write(
+        "wf.yaml",
+        format!(
+            "name: t\nstore: t.db\n{MODELS}stages:\n  train:\n    kind: train\n    beir: toy\n    retriever: augment_only\n    epochs: 1\n    batch_size: 8\n    lr: 1.0e-12\n    dropout: 0\n    val_fraction: 0.25\n  eval:\n    kind: eval_recall\n    needs: [train]\n    eval_set: {{ beir: toy, split: test }}\n    retrievers: [augment_only]\n"
+        ),
+    );
+    let r = sb.flow(&["run", "wf.yaml"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert!(r.all().contains("did not beat its starting model on validation"), "{}", r.all());
+    let db = sb.db("t.db");
+    assert_eq!(db.scalar("SELECT improved FROM models"), 0);
+    assert_eq!(db.text("SELECT status FROM models"), "candidate");
+    assert!(db.text("SELECT status_reason FROM models").contains("did not beat its starting model"));
+    let listed = sb.flow(&["models", "list", "-w", "wf.yaml"]);
+    assert!(listed.all().contains("no (start kept)"), "{}", listed.all());
 }

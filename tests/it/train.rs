@@ -113,6 +113,7 @@ fn a_tiny_bert_learns_the_toy_set_reproducibly() {
     let metrics: String = db.text("SELECT metrics FROM models");
     let m: serde_json::Value = serde_json::from_str(&metrics).unwrap();
     assert!((m["validation"]["recall@10"].as_f64().unwrap() - best).abs() < 1e-9, "{metrics}");
+    assert_eq!(db.scalar("SELECT improved FROM models"), 1, "it beat its starting model");
 
     // The checkpoint is a sentence-transformers folder.
     let path: String = db.text("SELECT path FROM models");
@@ -120,7 +121,7 @@ fn a_tiny_bert_learns_the_toy_set_reproducibly() {
         assert!(Path::new(&path).join(f).exists(), "{f} missing in {path}");
     }
 
-    // Same seed, same data: the same weights, byte for byte.
+    // Same seed, same data: the same weights, byte for byte (dropout, on by default, is seeded too).
     let again = Sandbox::new();
     toy_set_from(&again, Some(&sb));
     again.write("wf.yaml", workflow(""));

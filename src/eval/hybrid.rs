@@ -1,0 +1,134 @@
+//! The `hybrid` retriever's settings (which dense retriever, convex or RRF, alpha) and where its
+//! alpha comes from: the train stage's validation split (stored with the model), a fixed number, or
+//! the eval set itself when the user asks (tuning on the test set, and reported as such).
+
+use serde::{Deserialize, Serialize};
+
+use super::retrieve::Kind;
+use crate::error::{Error, Result};
+use crate::rank::fuse::{self, Fusion};
+use crate::store::models::ModelRow;
+use crate::workflow::Tunable;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HybridParams {
+    /// The dense side: mafin, augment_only or black_box (default: mafin when a train stage upstream
+    /// trains it, else augment_only when one does, else black_box).
+    #[serde(default)]
+    pub dense: Option<Kind>,
+    #[serde(default = "default_fusion")]
+    pub fusion: Fusion,
+    /// The dense side's weight in the convex fusion; `auto` takes the one training chose.
+    #[serde(default)]
+    pub alpha: Tunable,
+    #[serde(default)]
+    pub alpha_from: AlphaFrom,
+}
+
+fn default_fusion() -> Fusion {
+    Fusion::Convex
+}
+
+impl Default for HybridParams {
+    fn default() -> Self {
+        HybridParams { dense: None, fusion: Fusion::Convex, alpha: Tunable::Auto, alpha_from: AlphaFrom::Validation }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AlphaFrom {
+    /// The train stage's validation split (the alpha stored with the model).
+    #[default]
+    Validation,
+    /// The eval set's own labels: tuning on the test set, marked so wherever it is reported.
+    EvalSet,
+}
+
+/// The hybrid settings with the dense side decided.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Hybrid {
+    pub dense: Kind,
+    pub fusion: Fusion,
+    pub alpha: Tunable,
+    pub alpha_from: AlphaFrom,
+}
+
+impl Hybrid {
+    /// `p` with the dense side decided from what the train stages upstream train.
+    pub fn new(p: &HybridParams, trained: &[Kind]) -> Hybrid {
+        let dense = p.dense.unwrap_or_else(|| {
+            [Kind::Mafin, Kind::AugmentOnly].into_iter().find(|k| trained.contains(k)).unwrap_or(Kind::BlackBox)
+        });
+        Hybrid { dense, fusion: p.fusion, alpha: p.alpha, alpha_from: p.alpha_from }
+    }
+
+    /// Whether this fusion can run without a train stage (its alpha needs no validation split).
+    pub fn needs_training(&self) -> bool {
+        self.fusion == Fusion::Convex && self.alpha == Tunable::Auto && self.alpha_from == AlphaFrom::Validation
+    }
+}
+
+/// The alpha a hybrid ranking used and where it came from.
+#[derive(Debug, Clone, Serialize)]
+pub struct Chosen {
+    pub dense: &'static str,
+    pub fusion: Fusion,
+    /// None for RRF.
+    pub alpha: Option<f64>,
+    /// `validation (model N)`, `fixed`, or `eval set (tuned on the test set)`.
+    pub from: String,
+}
+
+impl Chosen {
+    /// Whether alpha was tuned on the very set it is scored on (an optimistic figure).
+    pub fn on_eval_set(&self) -> bool {
+        self.from.starts_with("the eval set")
+    }
+
+    /// A short label for tables: `hybrid (mafin, convex alpha 0.35 from validation (model 3))`.
+    pub fn label(&self) -> String {
+        match self.alpha {
+            Some(a) => format!("hybrid ({}, convex alpha {a:.2} from {})", self.dense, self.from),
+            None => format!("hybrid ({}, rrf k 60)", self.dense),
+        }
+    }
+}
+
+/// Fuses each query's BM25 and dense hits (each side's top `fuse::DEPTH`) into its top `k`, with the
+/// alpha `h` says; `model` is the dense side's model (or, for the black box, the train stage's newest
+/// model, which holds the black box's alpha).
+pub fn fuse(
+    h: &Hybrid,
+    model: Option<&ModelRow>,
+    bm25: &[Vec<(usize, f32)>],
+    dense: &[Vec<(usize, f32)>],
+    relevant: &[std::collections::HashSet<usize>],
+    k: usize,
+) -> Result<(crate::rank::Ranking, Chosen)> {
+    let (alpha, from) = match (h.fusion, h.alpha, h.alpha_from) {
+        (Fusion::Rrf, _, _) => (None, "rrf".to_string()),
+        (Fusion::Convex, Tunable::Fixed(a), _) => (Some(a), "fixed".to_string()),
+        (Fusion::Convex, Tunable::Auto, AlphaFrom::EvalSet) => {
+            (Some(fuse::best_alpha(bm25, dense, relevant).0), "the eval set (tuned on the test set)".to_string())
+        }
+        (Fusion::Convex, Tunable::Auto, AlphaFrom::Validation) => {
+            let stored = model.and_then(|m| if h.dense == Kind::BlackBox { m.black_box_alpha } else { m.alpha });
+            let Some(a) = stored else {
+                return Err(Error::bad_input(
+                    format!(
+                        "hybrid over {}: no alpha was chosen on a validation split{}",
+                        h.dense.name(),
+                        model.map(|m| format!(" (model {} has none)", m.id)).unwrap_or_default()
+                    ),
+                    "add a train stage with a validation split (`val_fraction` above 0) to `needs:`, set \
+                     `hybrid: { alpha: 0.5 }`, use `fusion: rrf`, or `alpha_from: eval_set` (tunes on the test set)",
+                ));
+            };
+            (Some(a), format!("validation (model {})", model.map(|m| m.id).unwrap_or_default()))
+        }
+    };
+    let hits = fuse::fuse_all(bm25, dense, h.fusion, alpha.unwrap_or(0.0), k);
+    Ok((hits, Chosen { dense: h.dense.name(), fusion: h.fusion, alpha, from }))
+}
