@@ -9,6 +9,7 @@ as a black box). Everything runs through `flow run bench/scifact_hybrid.yaml`, o
     cargo build --release
     /tmp/stvenv/bin/python bench/scifact_hybrid.py [--skip-st] [--tag NAME] [--env KEY=VALUE ...]
 
+The long-document rows use bench/scifact_long (made by bench/make_longdoc.py when missing).
 `--env DROPOUT=0` (or EPOCHS=2, HARD_NEGATIVES=1, PASSAGES=first) runs an ablation of the recipe: the
 workflow reads those variables. Prints a markdown table and writes it to /tmp/scifact_hybrid_<tag>.md.
 """
@@ -28,7 +29,8 @@ FLOW = os.path.join(ROOT, "target", "release", "flow")
 ST_OUT = "/tmp/flow-bench-st-model"
 
 TRAIN = ["train_aug", "train_mafin", "train_mafin_w05"]
-EVAL = ["eval_aug", "eval_aug_rrf", "eval_mafin", "eval_mafin_rrf", "eval_mafin_w05", "eval_bb", "eval_bb_rrf", "eval_st"]
+EVAL = ["eval_aug", "eval_aug_rrf", "eval_mafin", "eval_mafin_rrf", "eval_mafin_w05", "eval_bb", "eval_bb_rrf", "eval_st",
+        "eval_long_first", "eval_long_maxp"]
 # (stage, retriever) -> row label, in table order.
 ROWS = [
     ("eval_aug", "bm25", "bm25"),
@@ -44,6 +46,13 @@ ROWS = [
     ("eval_mafin", "hybrid", "hybrid: bm25 + mafin w auto, convex (alpha on validation)"),
     ("eval_mafin_rrf", "hybrid", "hybrid: bm25 + mafin w auto, rrf"),
     ("eval_st", "black_box", "sentence-transformers MNRL fine-tune (scored by flow)"),
+    ("eval_long_maxp", "bm25", "long documents: bm25 (whole document)"),
+    ("eval_long_first", "black_box", "long documents: black_box, first window"),
+    ("eval_long_maxp", "black_box", "long documents: black_box, MaxP"),
+    ("eval_long_first", "mafin", "long documents: mafin w auto, first window"),
+    ("eval_long_maxp", "mafin", "long documents: mafin w auto, MaxP"),
+    ("eval_long_first", "hybrid", "long documents: hybrid bm25 + mafin, first window"),
+    ("eval_long_maxp", "hybrid", "long documents: hybrid bm25 + mafin, MaxP"),
 ]
 
 
@@ -79,6 +88,8 @@ def main():
         k, v = kv.split("=", 1)
         env[k] = v
     times = {}
+    if not os.path.exists(os.path.join(BENCH, "scifact_long", "corpus.jsonl")):
+        subprocess.run([sys.executable, os.path.join(BENCH, "make_longdoc.py")], check=True)
     if not args.skip_st:
         info = train_st()
         times["st_train"] = info["seconds"]

@@ -31,10 +31,8 @@ enum Backend {
 pub struct SentenceEncoder {
     backend: Backend,
     tokenizer: Tokenizer,
-    /// The same tokenizer without truncation, for cutting long documents into passages.
-    untruncated: Tokenizer,
-    /// Tokens the tokenizer adds around a text ([CLS] and [SEP] for BERT).
-    specials: usize,
+    /// What cuts long documents into passages of this encoder's window.
+    pub splitter: super::passages::Splitter,
     pub pooling: Pooling,
     pub normalize: bool,
     pub max_seq_length: usize,
@@ -180,14 +178,12 @@ impl SentenceEncoder {
         } else {
             Backend::Device(BertModel::load(vb.clone(), &folder.config)?)
         };
-        let mut untruncated = folder.tokenizer.clone();
-        untruncated.with_truncation(None).map_err(candle_core::Error::msg)?;
-        let specials = untruncated.encode("", true).map(|e| e.len()).unwrap_or(2);
+        let splitter = super::passages::Splitter::new(&folder.tokenizer, folder.max_seq_length)
+            .map_err(|e| candle_core::Error::msg(e.to_string()))?;
         Ok(SentenceEncoder {
             backend,
             tokenizer: folder.tokenizer,
-            untruncated,
-            specials,
+            splitter,
             pooling: folder.pooling,
             normalize: folder.normalize,
             max_seq_length: folder.max_seq_length,
@@ -195,17 +191,6 @@ impl SentenceEncoder {
             device,
             dir: folder.dir,
         })
-    }
-
-    /// `text` as overlapping passages of this encoder's window (max_seq_length less the special
-    /// tokens), neighbours sharing `overlap` tokens; a text that fits is one passage.
-    pub fn passages(&self, text: &str, overlap: usize) -> Result<Vec<String>> {
-        super::passages::split(&self.untruncated, text, self.window(), overlap)
-    }
-
-    /// Content tokens one pass sees.
-    pub fn window(&self) -> usize {
-        self.max_seq_length.saturating_sub(self.specials).max(1)
     }
 
     /// Embeds texts in batches of `batch_size`, longest first so padding stays small; the output

@@ -5,6 +5,41 @@ use tokenizers::Tokenizer;
 
 use crate::error::{Error, Result};
 
+/// What cuts one model's long documents: its tokenizer without truncation, and its window.
+#[derive(Clone)]
+pub struct Splitter {
+    tokenizer: Tokenizer,
+    /// Content tokens one pass sees (max_seq_length less the special tokens).
+    pub window: usize,
+}
+
+impl Splitter {
+    /// For a tokenizer that truncates at `max_seq_length`.
+    pub fn new(tokenizer: &Tokenizer, max_seq_length: usize) -> Result<Splitter> {
+        let mut tokenizer = tokenizer.clone();
+        tokenizer.with_truncation(None).map_err(|e| Error::internal(format!("tokenizer without truncation: {e}")))?;
+        let specials = tokenizer.encode("", true).map(|e| e.len()).unwrap_or(2);
+        Ok(Splitter { tokenizer, window: max_seq_length.saturating_sub(specials).max(1) })
+    }
+
+    /// `text` as passages of the window, neighbours sharing `overlap` tokens (default a quarter window).
+    pub fn split(&self, text: &str, overlap: Option<usize>) -> Result<Vec<String>> {
+        split(&self.tokenizer, text, self.window, overlap.unwrap_or(self.window / 4))
+    }
+
+    /// Every text's passages, flat, with the text each came from.
+    pub fn split_all(&self, texts: &[String], overlap: Option<usize>) -> Result<(Vec<String>, Vec<usize>)> {
+        let (mut out, mut owners) = (Vec::with_capacity(texts.len()), Vec::with_capacity(texts.len()));
+        for (i, t) in texts.iter().enumerate() {
+            for p in self.split(t, overlap)? {
+                out.push(p);
+                owners.push(i);
+            }
+        }
+        Ok((out, owners))
+    }
+}
+
 /// `text` as passages of at most `window` content tokens, neighbours sharing `overlap` tokens; a
 /// text that fits is one passage, itself. `tokenizer` must not truncate.
 pub fn split(tokenizer: &Tokenizer, text: &str, window: usize, overlap: usize) -> Result<Vec<String>> {

@@ -181,14 +181,18 @@ async fn dense(
     let splitter = [black_box.and_then(BlackBox::encoder), augment.as_ref().and_then(BlackBox::encoder)]
         .into_iter()
         .flatten()
-        .min_by_key(|e| e.window())
+        .map(|e| &e.splitter)
+        .min_by_key(|s| s.window)
         .filter(|_| cx.passages.mode == PassageMode::Maxp);
     let mut passages_total = 0usize;
     for (i, block) in set.docs.chunks(BLOCK).enumerate() {
         cx.progress.message(&format!("{}: corpus block {}", kind.name(), i + 1));
         let first_doc = i * BLOCK;
-        let (texts, owners) = match splitter {
-            Some(enc) => tokio::task::block_in_place(|| split_block(enc, block, first_doc, cx.passages.stride))?,
+        let (texts, owners): (Vec<String>, Vec<usize>) = match splitter {
+            Some(sp) => {
+                let (texts, owners) = tokio::task::block_in_place(|| sp.split_all(block, cx.passages.stride))?;
+                (texts, owners.into_iter().map(|o| first_doc + o).collect())
+            }
             None => (block.to_vec(), (first_doc..first_doc + block.len()).collect()),
         };
         passages_total += texts.len();
@@ -216,24 +220,6 @@ async fn dense(
         ));
     }
     Ok(top.finish())
-}
-
-/// A block's documents as passages (see `SentenceEncoder::passages`) and the document each belongs to.
-fn split_block(
-    enc: &crate::bert::SentenceEncoder,
-    docs: &[String],
-    first_doc: usize,
-    stride: Option<usize>,
-) -> Result<(Vec<String>, Vec<usize>)> {
-    let overlap = stride.unwrap_or(enc.window() / 4);
-    let (mut texts, mut owners) = (Vec::with_capacity(docs.len()), Vec::with_capacity(docs.len()));
-    for (j, d) in docs.iter().enumerate() {
-        for p in enc.passages(d, overlap)? {
-            texts.push(p);
-            owners.push(first_doc + j);
-        }
-    }
-    Ok((texts, owners))
 }
 
 /// How documents longer than the encoder's window are scored.

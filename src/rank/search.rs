@@ -99,6 +99,22 @@ pub fn top_k(queries: &[f32], docs: &[f32], dim: usize, k: usize) -> candle_core
     Ok(top.finish())
 }
 
+/// `top_k` over passages: `owners[j]` is the document row j belongs to, and a document scores its
+/// best passage (MaxP).
+pub fn top_k_grouped(
+    queries: &[f32],
+    rows: &[f32],
+    owners: &[usize],
+    dim: usize,
+    k: usize,
+) -> candle_core::Result<Vec<Vec<(usize, f32)>>> {
+    let mut top = TopK::new(queries, dim, k)?;
+    for (block, who) in rows.chunks(BLOCK * dim.max(1)).zip(owners.chunks(BLOCK)) {
+        top.push_grouped(block, who)?;
+    }
+    Ok(top.finish())
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -295,12 +295,17 @@ impl Train {
             ));
         }
         let (train_set, val) = data::split(all, self.params.seed, self.params.val_fraction);
-        let val_set = data::retrieval_set(&val, &train_set, &corpus, self.params.seed);
+        let mut val_set = data::retrieval_set(&val, &train_set, &corpus, self.params.seed);
+        // Validation scores long documents by their best passage, as the eval stages do.
+        let folder = crate::bert::Folder::read(&self.init_dir, self.max_seq_length)?;
+        let splitter = crate::bert::passages::Splitter::new(&folder.tokenizer, folder.max_seq_length)?;
+        (val_set.passages, val_set.owners) = tokio::task::block_in_place(|| splitter.split_all(&val_set.corpus, None))?;
         ctx.progress.log(&format!(
-            "{} training pairs; validation: {} queries over {} passages (held out by document; the rest of the corpus as distractors)",
+            "{} training pairs; validation: {} queries over {} documents ({} passages; held out by document, the rest of the corpus as distractors)",
             train_set.len(),
             val_set.queries.len(),
-            val_set.corpus.len()
+            val_set.corpus.len(),
+            val_set.passages.len()
         ));
         Ok((train_set, val_set))
     }
@@ -323,7 +328,7 @@ impl Train {
             texts.push(e.positive.clone());
         }
         texts.extend(val_set.queries.iter().cloned());
-        texts.extend(val_set.corpus.iter().cloned());
+        texts.extend(val_set.searched().0.iter().cloned());
         texts.sort();
         texts.dedup();
         ctx.progress.log(&format!(

@@ -74,10 +74,25 @@ pub struct RetrievalSet {
     pub queries: Vec<String>,
     pub corpus: Vec<String>,
     pub relevant: Vec<HashSet<usize>>,
+    /// The corpus as the encoder's passages (MaxP) and the document each belongs to; empty: the
+    /// corpus as it is.
+    pub passages: Vec<String>,
+    pub owners: Vec<usize>,
+}
+
+impl RetrievalSet {
+    /// What validation embeds: the passages, or the documents when there are none.
+    pub fn searched(&self) -> (&[String], std::borrow::Cow<'_, [usize]>) {
+        if self.passages.is_empty() {
+            (&self.corpus, (0..self.corpus.len()).collect::<Vec<_>>().into())
+        } else {
+            (&self.passages, std::borrow::Cow::Borrowed(&self.owners))
+        }
+    }
 }
 
 /// Distractors a validation search runs over at most (a seeded sample of them beyond this).
-pub const MAX_DISTRACTORS: usize = 10_000;
+pub const MAX_DISTRACTORS: usize = 2_000;
 
 /// Queries from `queries`, searched over the passages of `queries` and `extra_corpus` together,
 /// and over `distractors` (the rest of the corpus the retriever will face: without them validation

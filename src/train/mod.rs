@@ -388,9 +388,10 @@ fn black_box_alpha(val: &RetrievalSet, bb: &BlackBoxVectors, bm25: &[Vec<(usize,
     let rows = |texts: &[String]| -> Vec<f32> {
         texts.iter().flat_map(|t| normalized(bb.get(t).map(Vec::as_slice).unwrap_or_default())).collect()
     };
-    let (q, d) = (rows(&val.queries), rows(&val.corpus));
+    let (docs, owners) = val.searched();
+    let (q, d) = (rows(&val.queries), rows(docs));
     let dim = q.len() / val.queries.len();
-    let dense = search::top_k(&q, &d, dim, fuse::DEPTH).map_err(Error::tensor("validation search"))?;
+    let dense = search::top_k_grouped(&q, &d, &owners, dim, fuse::DEPTH).map_err(Error::tensor("validation search"))?;
     Ok(Some(fuse::best_alpha(bm25, &dense, &val.relevant).0))
 }
 
@@ -405,17 +406,18 @@ fn validation(
     bm25: &[Vec<(usize, f32)>],
 ) -> Result<Validation> {
     let enc = aug.encoder()?;
+    let (docs, owners) = val.searched();
     let qa = enc.embed(&val.queries, 32)?;
-    let da = enc.embed(&val.corpus, 32)?;
+    let da = enc.embed(docs, 32)?;
     let lookup = |texts: &[String]| -> Option<Vec<Vec<f32>>> {
         bb.as_ref().map(|bb| texts.iter().map(|t| bb.get(t).cloned().unwrap_or_default()).collect())
     };
-    let (qb, db) = (lookup(&val.queries), lookup(&val.corpus));
+    let (qb, db) = (lookup(&val.queries), lookup(docs));
     let search_at = |w: f64| -> Result<Vec<Vec<(usize, f32)>>> {
         let q = retriever_rows(cfg.retriever, &qa, qb.as_deref(), w);
         let d = retriever_rows(cfg.retriever, &da, db.as_deref(), w);
         let dim = q.len() / val.queries.len();
-        search::top_k(&q, &d, dim, 100).map_err(Error::tensor("validation search"))
+        search::top_k_grouped(&q, &d, &owners, dim, 100).map_err(Error::tensor("validation search"))
     };
     let mafin = cfg.retriever == Retriever::Mafin;
     let (weight, top) = if mafin && cfg.weight_auto {

@@ -179,7 +179,7 @@ fn a_refresh_pays_only_for_the_new_document() {
 
 fn gate_workflow(train: &str) -> String {
     format!(
-        "name: t\nstore: t.db\nmodels:\n  augment: {{ init: tiny }}\nstages:\n  train:\n    kind: train\n    beir: toy\n    retriever: augment_only\n    batch_size: 8\n    val_fraction: 0.25\n{train}  eval:\n    kind: eval_recall\n    needs: [train]\n    eval_set: {{ beir: toy, split: test }}\n    retrievers: [augment_only]\n    gate_metric: recall@1\n"
+        "name: t\nstore: t.db\nmodels:\n  augment: {{ init: tiny }}\nstages:\n  train:\n    kind: train\n    beir: toy\n    retriever: augment_only\n    batch_size: 8\n    val_fraction: 0.25\n    dropout: 0\n{train}  eval:\n    kind: eval_recall\n    needs: [train]\n    eval_set: {{ beir: toy, split: test }}\n    retrievers: [augment_only]\n    gate_metric: recall@1\n"
     )
 }
 
@@ -206,6 +206,15 @@ fn the_gate_promotes_a_better_model_and_keeps_a_worse_one_as_candidate() {
     assert_eq!(r.code, 0, "{}", r.all());
     assert_eq!((status(1).as_str(), status(2).as_str()), ("promoted", "candidate"), "{}", r.all());
     let why = db.text("SELECT status_reason FROM models WHERE id = 2");
+    assert!(why.contains("did not beat its starting model"), "{why}");
+
+    // Retrained from the start, briefly: better than its start, worse than the promoted model.
+    sb.write("wf.yaml", gate_workflow("    epochs: 1\n    lr: 1.0e-3\n    init_from: base\n"));
+    let r = sb.flow(&["run", "wf.yaml"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert_eq!(db.scalar("SELECT improved FROM models WHERE id = 3"), 1, "{}", r.all());
+    assert_eq!((status(1).as_str(), status(3).as_str()), ("promoted", "candidate"), "{}", r.all());
+    let why = db.text("SELECT status_reason FROM models WHERE id = 3");
     assert!(why.contains("recall@1 ") && why.contains(" < ") && why.contains("promoted model 1"), "{why}");
 
     // Continued from the promoted model: at least as good, so it replaces it.
@@ -213,8 +222,14 @@ fn the_gate_promotes_a_better_model_and_keeps_a_worse_one_as_candidate() {
     let r = sb.flow(&["run", "wf.yaml"]);
     assert_eq!(r.code, 0, "{}", r.all());
     assert!(r.all().contains("continuing from the promoted model 1"), "{}", r.all());
-    assert_eq!(db.scalar("SELECT parent_id FROM models WHERE id = 3"), 1);
-    assert_eq!((status(1).as_str(), status(3).as_str()), ("retired", "promoted"), "{}", r.all());
+    assert_eq!(db.scalar("SELECT parent_id FROM models WHERE id = 4"), 1);
+    assert_eq!(
+        (status(1).as_str(), status(4).as_str()),
+        ("retired", "promoted"),
+        "{}\n{}",
+        r.all(),
+        db.text("SELECT status_reason FROM models WHERE id = 4")
+    );
 
     let list = sb.flow(&["models", "list", "-w", "wf.yaml"]);
     assert_eq!(list.code, 0, "{}", list.all());
@@ -227,6 +242,6 @@ fn the_gate_promotes_a_better_model_and_keeps_a_worse_one_as_candidate() {
     // A person overrides the gate.
     let r = sb.flow(&["models", "promote", "2", "-w", "wf.yaml"]);
     assert_eq!(r.code, 0, "{}", r.all());
-    assert_eq!((status(2).as_str(), status(3).as_str()), ("promoted", "retired"));
+    assert_eq!((status(2).as_str(), status(4).as_str()), ("promoted", "retired"));
     assert_eq!(sb.flow(&["models", "promote", "99", "-w", "wf.yaml"]).code, 2);
 }
