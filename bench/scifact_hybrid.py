@@ -67,9 +67,9 @@ def train_st():
     return info
 
 
-def run_stage(stage, env):
+def run_stage(stage, env, force):
     t = time.time()
-    r = subprocess.run([FLOW, "run", WF, "--only", stage, "-q"], cwd=BENCH, env=env,
+    r = subprocess.run([FLOW, "run", WF, "--only", stage, "-q"] + (["--force", stage] if force else []), cwd=BENCH, env=env,
                        capture_output=True, text=True)
     if r.returncode != 0:
         sys.exit(f"flow run --only {stage} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
@@ -82,6 +82,7 @@ def main():
     ap.add_argument("--tag", default="default")
     ap.add_argument("--env", action="append", default=[])
     ap.add_argument("--only-train", nargs="*", help="train only these stages (default: all)")
+    ap.add_argument("--force", action="store_true", help="run every stage again, even if up to date")
     args = ap.parse_args()
     env = dict(os.environ, ST_MODEL=ST_OUT)
     for kv in args.env:
@@ -96,10 +97,10 @@ def main():
     elif not os.path.exists(os.path.join(ST_OUT, "modules.json")):
         sys.exit(f"--skip-st needs an earlier fine-tune in {ST_OUT}")
     for stage in args.only_train if args.only_train is not None else TRAIN:
-        times[stage] = run_stage(stage, env)
+        times[stage] = run_stage(stage, env, args.force)
         print(f"{stage}: {times[stage]} s", file=sys.stderr)
     for stage in EVAL:
-        times[stage] = run_stage(stage, env)
+        times[stage] = run_stage(stage, env, args.force)
         print(f"{stage}: {times[stage]} s", file=sys.stderr)
 
     con = sqlite3.connect(DB)

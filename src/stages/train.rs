@@ -411,8 +411,10 @@ impl Train {
             .map(|e| (e.query.as_str(), e.positive.as_str(), e.doc.as_str(), e.negative.as_deref()))
             .collect();
         items.sort();
+        // What validation searches decides which checkpoint is best and the w and alpha chosen.
+        let searched = sha256_hex(val_set.searched().0.join("\u{1f}").as_bytes());
         let doc = json!({
-            "pairs": items, "val": val_set.queries, "cfg": cfg, "init": init_hash,
+            "pairs": items, "val": val_set.queries, "searched": searched, "cfg": cfg, "init": init_hash,
             "bb": bb.map(|b| b.identity.clone()), "max_seq": self.max_seq_length,
         });
         sha256_hex(serde_json::to_string(&doc).expect("json").as_bytes())

@@ -103,7 +103,7 @@ fn rag_answers_are_graded_stored_reported_and_never_paid_twice() {
     sb.write("prompts/rag_answer.j2", include_str!("../../prompts/rag_answer.j2"));
     sb.write("prompts/rag_grade.j2", include_str!("../../prompts/rag_grade.j2"));
     let wf = format!(
-        "name: t\nstore: t.db\n{MODELS}  llm: {{ provider: openai, model: test-model, base_url: \"{}\" }}\nstages:\n  recall:\n    kind: eval_recall\n    eval_set: {{ beir: toy, split: test }}\n    retrievers: [bm25, black_box]\n  rag:\n    kind: eval_rag\n    eval_set: {{ beir: toy, split: test }}\n    retrievers: [bm25, black_box]\n    answer_prompt: prompts/rag_answer.j2\n    grade_prompt: prompts/rag_grade.j2\n    top_k: 3\n",
+        "name: t\nstore: t.db\n{MODELS}  llm: {{ provider: openai, model: test-model, base_url: \"{}\" }}\nstages:\n  recall:\n    kind: eval_recall\n    eval_set: {{ beir: toy, split: test }}\n    retrievers: [bm25, black_box, hybrid]\n    hybrid: {{ dense: black_box, fusion: rrf }}\n  rag:\n    kind: eval_rag\n    eval_set: {{ beir: toy, split: test }}\n    retrievers: [bm25, black_box, hybrid]\n    hybrid: {{ dense: black_box, fusion: rrf }}\n    answer_prompt: prompts/rag_answer.j2\n    grade_prompt: prompts/rag_grade.j2\n    top_k: 3\n",
         server.base_url()
     );
     sb.write("wf.yaml", &wf);
@@ -111,11 +111,11 @@ fn rag_answers_are_graded_stored_reported_and_never_paid_twice() {
     assert_eq!(r.code, 0, "{}", r.all());
     assert!(r.all().contains("95% CI"), "{}", r.all());
     let db = sb.db("t.db");
-    assert_eq!(db.scalar("SELECT COUNT(*) FROM rag_answers"), 72);
+    assert_eq!(db.scalar("SELECT COUNT(*) FROM rag_answers"), 108);
     assert_eq!(db.scalar("SELECT COUNT(*) FROM rag_answers WHERE grade = 'failed'"), 0);
     // The test server answers with the first passage and grades it correct when the reference (the
     // relevant passage) contains it: each retriever's accuracy is its Recall@1.
-    for retriever in ["bm25", "black_box"] {
+    for retriever in ["bm25", "black_box", "hybrid"] {
         let correct = db
             .scalar(&format!("SELECT COUNT(*) FROM rag_answers WHERE retriever = '{retriever}' AND grade = 'correct'"));
         let top1 = db.scalar(&format!(
@@ -131,13 +131,13 @@ fn rag_answers_are_graded_stored_reported_and_never_paid_twice() {
     // One answer and one grade per question and retriever; two retrievers that return the same
     // passages in the same order make the same request, which is sent once.
     let calls = server.log.entries().len();
-    assert!((100..=144).contains(&calls), "{calls} calls");
+    assert!((100..=216).contains(&calls), "{calls} calls");
 
     // Forced again: every answer and grade comes from the request cache.
     let again = sb.flow(&["run", "wf.yaml", "--force", "rag"]);
     assert_eq!(again.code, 0, "{}", again.all());
     assert_eq!(server.log.entries().len(), calls, "a rerun paid again");
-    assert_eq!(db.scalar("SELECT COUNT(*) FROM rag_answers"), 144);
+    assert_eq!(db.scalar("SELECT COUNT(*) FROM rag_answers"), 216);
 
     let answers = sb.flow(&["answers", "-w", "wf.yaml", "--grade", "correct", "--limit", "3"]);
     assert_eq!(answers.code, 0, "{}", answers.all());
@@ -146,7 +146,8 @@ fn rag_answers_are_graded_stored_reported_and_never_paid_twice() {
     let report = sb.flow(&["report", "-w", "wf.yaml"]);
     assert_eq!(report.code, 0, "{}", report.all());
     let html = std::fs::read_to_string(report.stdout.trim()).unwrap();
-    for want in ["<svg", "Recall@k", "Answer accuracy", "95% Wilson interval", "black_box", "LLM calls"] {
+    for want in ["<svg", "Recall@k", "Answer accuracy", "95% Wilson interval", "black_box", "hybrid (rrf)", "LLM calls"]
+    {
         assert!(html.contains(want), "report lacks {want}");
     }
     let status = sb.flow(&["status", "-w", "wf.yaml"]);
