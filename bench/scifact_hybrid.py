@@ -82,6 +82,7 @@ def main():
     ap.add_argument("--tag", default="default")
     ap.add_argument("--env", action="append", default=[])
     ap.add_argument("--only-train", nargs="*", help="train only these stages (default: all)")
+    ap.add_argument("--only-eval", nargs="*", help="evaluate only these stages (default: all)")
     ap.add_argument("--force", action="store_true", help="run every stage again, even if up to date")
     args = ap.parse_args()
     env = dict(os.environ, ST_MODEL=ST_OUT)
@@ -99,7 +100,7 @@ def main():
     for stage in args.only_train if args.only_train is not None else TRAIN:
         times[stage] = run_stage(stage, env, args.force)
         print(f"{stage}: {times[stage]} s", file=sys.stderr)
-    for stage in EVAL:
+    for stage in args.only_eval if args.only_eval is not None else EVAL:
         times[stage] = run_stage(stage, env, args.force)
         print(f"{stage}: {times[stage]} s", file=sys.stderr)
 

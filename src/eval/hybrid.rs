@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::retrieve::Kind;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::rank::fuse::{self, Fusion};
 use crate::store::models::ModelRow;
 use crate::workflow::Tunable;
@@ -91,6 +91,7 @@ impl Chosen {
     pub fn label(&self) -> String {
         match self.alpha {
             Some(a) => format!("hybrid ({}, convex alpha {a:.2} from {})", self.dense, self.from),
+            None if self.from != "rrf" => format!("hybrid ({}, {})", self.dense, self.from),
             None => format!("hybrid ({}, rrf k 60)", self.dense),
         }
     }
@@ -115,18 +116,17 @@ pub fn fuse(
         }
         (Fusion::Convex, Tunable::Auto, AlphaFrom::Validation) => {
             let stored = model.and_then(|m| if h.dense == Kind::BlackBox { m.black_box_alpha } else { m.alpha });
-            let Some(a) = stored else {
-                return Err(Error::bad_input(
-                    format!(
-                        "hybrid over {}: no alpha was chosen on a validation split{}",
-                        h.dense.name(),
-                        model.map(|m| format!(" (model {} has none)", m.id)).unwrap_or_default()
-                    ),
-                    "add a train stage with a validation split (`val_fraction` above 0) to `needs:`, set \
-                     `hybrid: { alpha: 0.5 }`, use `fusion: rrf`, or `alpha_from: eval_set` (tunes on the test set)",
-                ));
-            };
-            (Some(a), format!("validation (model {})", model.map(|m| m.id).unwrap_or_default()))
+            match (stored, model) {
+                (Some(a), Some(m)) => (Some(a), format!("validation (model {})", m.id)),
+                // No validation split chose one (too few pairs to hold any out, or no train stage):
+                // RRF needs no alpha, and the label says it was used instead.
+                (_, m) => {
+                    let why = m.map_or("no train stage upstream".to_string(), |m| format!("model {} has none", m.id));
+                    let hits = fuse::fuse_all(bm25, dense, Fusion::Rrf, 0.0, k);
+                    let from = format!("rrf, as no alpha was chosen on a validation split ({why})");
+                    return Ok((hits, Chosen { dense: h.dense.name(), fusion: Fusion::Rrf, alpha: None, from }));
+                }
+            }
         }
     };
     let hits = fuse::fuse_all(bm25, dense, h.fusion, alpha.unwrap_or(0.0), k);

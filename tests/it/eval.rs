@@ -258,3 +258,22 @@ fn a_training_that_does_not_beat_its_start_is_not_promoted() {
     let listed = sb.flow(&["models", "list", "-w", "wf.yaml"]);
     assert!(listed.all().contains("no (start kept)"), "{}", listed.all());
 }
+
+/// With no validation split there is no alpha to take: hybrid fuses by RRF and says so.
+#[test]
+fn hybrid_without_a_validation_alpha_fuses_by_rrf_and_says_so() {
+    let sb = Sandbox::new();
+    toy_set(&sb);
+    test_split(&sb);
+    sb.write(
+        "wf.yaml",
+        format!(
+            "name: t\nstore: t.db\n{MODELS}stages:\n  train:\n    kind: train\n    beir: toy\n    retriever: augment_only\n    epochs: 1\n    batch_size: 8\n    val_fraction: 0\n  eval:\n    kind: eval_recall\n    needs: [train]\n    eval_set: {{ beir: toy, split: test }}\n    retrievers: [hybrid]\n"
+        ),
+    );
+    let r = sb.flow(&["run", "wf.yaml"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert!(r.all().contains("rrf, as no alpha was chosen on a validation split (model 1 has none)"), "{}", r.all());
+    let db = sb.db("t.db");
+    assert_eq!(db.real("SELECT json_extract(metrics, '$.alpha') FROM eval_results"), -1.0);
+}
