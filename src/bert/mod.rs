@@ -9,6 +9,7 @@
 //! | training, CPU fast path | `backward.rs` | training on the CPU in f32 with mean or CLS pooling: `packed.rs`'s forward plus a hand-written backward, checked against `graph.rs` |
 //!
 //! `passages.rs` cuts long documents into overlapping windows for MaxP scoring.
+//! `kernels.rs` holds the packed path's row kernels (activations, LayerNorm, softmax, exp/erf).
 //! `dropout.rs` draws the training dropout masks both training paths apply, the same elements in each.
 //! `encoder.rs` also reads a sentence-transformers folder (config, tokenizer, pooling, normalisation)
 //! for every path.
@@ -17,6 +18,7 @@ pub mod backward;
 pub mod dropout;
 pub mod encoder;
 pub mod graph;
+pub mod kernels;
 pub mod packed;
 pub mod passages;
 

@@ -8,6 +8,8 @@ use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
 
 use super::dropout::{Dropout, ROW_SPAN, Site};
+use super::kernels::softmax;
+pub(crate) use super::kernels::{activate, erf, exp, layer_norm_rows};
 
 pub(crate) struct Layer {
     /// Query, key and value projections stacked: [3H, H].
@@ -365,137 +367,6 @@ pub(crate) fn dropped_probs(
     }
 }
 
-pub(crate) fn activate(x: &mut [f32], act: HiddenAct) {
-    x.par_chunks_mut(4096).for_each(|c| match act {
-        HiddenAct::Gelu => c.iter_mut().for_each(|v| *v = gelu_erf(*v)),
-        HiddenAct::GeluApproximate => c.iter_mut().for_each(|v| *v = gelu_tanh(*v)),
-        HiddenAct::Relu => c.iter_mut().for_each(|v| *v = v.max(0.0)),
-    });
-}
-
-/// x = LayerNorm(x + add) row by row, in place. With `keep`, the normalised rows (before the affine
-/// part) and each row's 1/std are written there for a backward pass.
-pub(crate) fn layer_norm_rows(
-    x: &mut [f32],
-    add: Option<&[f32]>,
-    (g, b): &(Vec<f32>, Vec<f32>),
-    eps: f32,
-    keep: Option<(&mut [f32], &mut [f32])>,
-) {
-    let h = g.len();
-    let kept = keep.map(|(xhat, rstd)| (SharedMut(xhat.as_mut_ptr()), SharedMut(rstd.as_mut_ptr())));
-    let work = |(chunk, xs, adds): (usize, &mut [f32], Option<&[f32]>)| {
-        for (i, r) in xs.chunks_exact_mut(h).enumerate() {
-            if let Some(a) = adds {
-                for (v, a) in r.iter_mut().zip(&a[i * h..(i + 1) * h]) {
-                    *v += a;
-                }
-            }
-            let mean = sum(r) / h as f32;
-            let mut var = [0.0f32; 8];
-            let mut chunks = r.chunks_exact(8);
-            for c in &mut chunks {
-                for j in 0..8 {
-                    let d = c[j] - mean;
-                    var[j] += d * d;
-                }
-            }
-            let tail: f32 = chunks.remainder().iter().map(|v| (v - mean) * (v - mean)).sum();
-            let inv = 1.0 / ((var.iter().sum::<f32>() + tail) / h as f32 + eps).sqrt();
-            if let Some((xhat, rstd)) = kept {
-                let row = chunk * ROWS_PER_TASK + i;
-                // SAFETY: row `row` of xhat and rstd belongs to this task alone.
-                unsafe {
-                    *rstd.at(row) = inv;
-                    let dst = std::slice::from_raw_parts_mut(xhat.at(row * h), h);
-                    for (d, v) in dst.iter_mut().zip(r.iter()) {
-                        *d = (v - mean) * inv;
-                    }
-                }
-            }
-            for ((v, g), b) in r.iter_mut().zip(g).zip(b) {
-                *v = (*v - mean) * inv * g + b;
-            }
-        }
-    };
-    match add {
-        Some(a) => x
-            .par_chunks_mut(h * ROWS_PER_TASK)
-            .zip(a.par_chunks(h * ROWS_PER_TASK))
-            .enumerate()
-            .for_each(|(c, (xs, a))| work((c, xs, Some(a)))),
-        None => x.par_chunks_mut(h * ROWS_PER_TASK).enumerate().for_each(|(c, xs)| work((c, xs, None))),
-    }
-}
-
-/// A sum in eight lanes, which the compiler turns into vector adds.
-pub(crate) fn sum(v: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let mut chunks = v.chunks_exact(8);
-    for c in &mut chunks {
-        for j in 0..8 {
-            acc[j] += c[j];
-        }
-    }
-    acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
-}
-
-fn softmax(r: &mut [f32]) {
-    let mut m = [f32::NEG_INFINITY; 8];
-    let mut chunks = r.chunks_exact(8);
-    for c in &mut chunks {
-        for j in 0..8 {
-            m[j] = m[j].max(c[j]);
-        }
-    }
-    let max = chunks.remainder().iter().fold(m.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)), |a, &b| a.max(b));
-    for v in r.iter_mut() {
-        *v = exp(*v - max);
-    }
-    let inv = 1.0 / sum(r);
-    for v in r.iter_mut() {
-        *v *= inv;
-    }
-}
-
-/// e^x with Cephes' expf polynomial (relative error about 1e-7); branch-free so loops over it vectorise.
-#[inline(always)]
-pub fn exp(x: f32) -> f32 {
-    let x = x.clamp(-87.0, 88.0);
-    let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
-    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
-    let z = r * r;
-    let p =
-        ((((1.987_569_1e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1) * r + 0.5;
-    let y = p * z + r + 1.0;
-    // 2^n from n's bits once it sits in the low mantissa of 1.5 * 2^23: unlike `n as i32`, whose
-    // saturating conversion is scalar code, this stays in vector registers.
-    let n_bits = (n + 12_582_912.0).to_bits() as i32 - 0x4B40_0000;
-    y * f32::from_bits(((n_bits + 127) << 23) as u32)
-}
-
-/// erf(x) by Abramowitz and Stegun 7.1.26: absolute error 1.5e-7, under 5e-7 after f32 rounding.
-#[inline(always)]
-pub fn erf(x: f32) -> f32 {
-    let a = x.abs();
-    let t = 1.0 / (1.0 + 0.327_591_1 * a);
-    let poly = ((((1.061_405_4 * t - 1.453_152_1) * t + 1.421_413_8) * t - 0.284_496_74) * t + 0.254_829_6) * t;
-    let y = 1.0 - poly * exp(-a * a);
-    y.copysign(x)
-}
-
-#[inline(always)]
-pub(crate) fn gelu_erf(x: f32) -> f32 {
-    0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
-}
-
-#[inline(always)]
-pub(crate) fn gelu_tanh(x: f32) -> f32 {
-    // tanh(u) = 1 - 2 / (e^{2u} + 1)
-    let u = 0.797_884_6 * (x + 0.044_715 * x * x * x);
-    0.5 * x * (2.0 - 2.0 / (exp(2.0 * u) + 1.0))
-}
-
 /// Small random BERTs for tests of the encoder and of training.
 #[cfg(test)]
 pub(crate) mod test_support {
@@ -532,34 +403,6 @@ pub(crate) mod test_support {
 mod tests {
     use super::*;
     use candle_transformers::models::bert::BertModel;
-
-    #[test]
-    fn exp_and_erf_match_libm() {
-        for i in -8000..8000 {
-            let x = i as f32 / 100.0;
-            let (e, want) = (exp(x), x.exp());
-            assert!(((e - want) / want).abs() < 3e-7, "exp({x}) = {e}, want {want}");
-            let x = i as f32 / 1000.0;
-            assert!((erf(x) - libm::erff(x)).abs() < 5e-7, "erf({x}) = {}, want {}", erf(x), libm::erff(x));
-        }
-    }
-
-    #[test]
-    fn softmax_and_layer_norm_by_hand() {
-        let mut r = vec![1.0, 2.0, 3.0];
-        softmax(&mut r);
-        let z = 1f32.exp() + 2f32.exp() + 3f32.exp();
-        for (v, x) in r.iter().zip([1f32, 2.0, 3.0]) {
-            assert!((v - x.exp() / z).abs() < 1e-7);
-        }
-        // mean 2.5, variance 1.25 over [1, 2, 3, 4]
-        let mut x = vec![0.0, 1.0, 2.0, 3.0];
-        let add = vec![1.0; 4];
-        layer_norm_rows(&mut x, Some(&add), &(vec![2.0; 4], vec![0.5; 4]), 0.0, None);
-        for (v, raw) in x.iter().zip([1f32, 2.0, 3.0, 4.0]) {
-            assert!((v - ((raw - 2.5) / 1.25f32.sqrt() * 2.0 + 0.5)).abs() < 1e-6);
-        }
-    }
 
     /// The packed CPU path against candle's padded BertModel on a small random BERT, with sequences
     /// of different lengths in one batch.
