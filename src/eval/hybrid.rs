@@ -79,20 +79,18 @@ pub struct Chosen {
     pub alpha: Option<f64>,
     /// `validation (model N)`, `fixed`, or `eval set (tuned on the test set)`.
     pub from: String,
+    /// Alpha was tuned on the very set it is scored on (an optimistic figure).
+    pub on_eval_set: bool,
 }
 
 impl Chosen {
-    /// Whether alpha was tuned on the very set it is scored on (an optimistic figure).
-    pub fn on_eval_set(&self) -> bool {
-        self.from.starts_with("the eval set")
-    }
-
     /// A short label for tables: `hybrid (mafin, convex alpha 0.35 from validation (model 3))`.
     pub fn label(&self) -> String {
         match self.alpha {
             Some(a) => format!("hybrid ({}, convex alpha {a:.2} from {})", self.dense, self.from),
-            None if self.from != "rrf" => format!("hybrid ({}, {})", self.dense, self.from),
-            None => format!("hybrid ({}, rrf k 60)", self.dense),
+            // RRF as asked, or in place of a convex fusion with no alpha (`from` says why).
+            None if self.from == "rrf" => format!("hybrid ({}, rrf k 60)", self.dense),
+            None => format!("hybrid ({}, {})", self.dense, self.from),
         }
     }
 }
@@ -124,11 +122,14 @@ pub fn fuse(
                     let why = m.map_or("no train stage upstream".to_string(), |m| format!("model {} has none", m.id));
                     let hits = fuse::fuse_all(bm25, dense, Fusion::Rrf, 0.0, k);
                     let from = format!("rrf, as no alpha was chosen on a validation split ({why})");
-                    return Ok((hits, Chosen { dense: h.dense.name(), fusion: Fusion::Rrf, alpha: None, from }));
+                    let chosen =
+                        Chosen { dense: h.dense.name(), fusion: Fusion::Rrf, alpha: None, from, on_eval_set: false };
+                    return Ok((hits, chosen));
                 }
             }
         }
     };
     let hits = fuse::fuse_all(bm25, dense, h.fusion, alpha.unwrap_or(0.0), k);
-    Ok((hits, Chosen { dense: h.dense.name(), fusion: h.fusion, alpha, from }))
+    let on_eval_set = alpha.is_some() && h.alpha == Tunable::Auto && h.alpha_from == AlphaFrom::EvalSet;
+    Ok((hits, Chosen { dense: h.dense.name(), fusion: h.fusion, alpha, from, on_eval_set }))
 }

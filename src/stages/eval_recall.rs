@@ -240,7 +240,7 @@ impl Stage for EvalRecall {
             // Kept beside the metrics, so the report can say what the hybrid fused with.
             if let Some(c) = &chosen {
                 m.insert("alpha".into(), c.alpha.unwrap_or(-1.0));
-                m.insert("alpha_on_eval_set".into(), if c.on_eval_set() { 1.0 } else { 0.0 });
+                m.insert("alpha_on_eval_set".into(), if c.on_eval_set { 1.0 } else { 0.0 });
             }
             let model_id = model.as_ref().map(|m| m.id);
             eval_results::upsert(
