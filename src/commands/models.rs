@@ -8,13 +8,14 @@ use crate::cli::ModelsCommand;
 
 pub async fn models(c: ModelsCommand, quiet: bool) -> anyhow::Result<u8> {
     match c {
-        ModelsCommand::Pull => {
+        ModelsCommand::Pull { names, find_links } => {
             let log = move |m: &str| {
                 if !quiet {
                     errln!("{m}");
                 }
             };
-            let pulled = tokio::task::spawn_blocking(move || models::pull(&log)).await??;
+            let index = models::Index { find_links };
+            let pulled = tokio::task::spawn_blocking(move || models::pull(&names, &index, &log)).await??;
             for p in pulled {
                 outln!("{:<24} {} {}", p.name, if p.already { "present " } else { "installed" }, p.dir.display())?;
             }
@@ -45,47 +46,68 @@ pub async fn models(c: ModelsCommand, quiet: bool) -> anyhow::Result<u8> {
             }
             Ok(0)
         }
-        ModelsCommand::List { workflow: None, json } => {
-            let root = models::models_dir();
-            let mut rows = Vec::new();
-            if let Ok(entries) = std::fs::read_dir(&root) {
-                let mut names: Vec<_> =
-                    entries.flatten().filter(|e| e.path().is_dir()).map(|e| e.file_name()).collect();
-                names.sort();
-                for n in names {
-                    let name = n.to_string_lossy().to_string();
-                    if name.starts_with('.') || name.ends_with(".partial") {
-                        continue;
-                    }
-                    let default = models::DEFAULTS.iter().find(|d| d.name == name);
-                    let check = match default {
-                        Some(d) => match models::verify(d, &root.join(&name)) {
-                            Ok(()) => "verified".to_string(),
-                            Err(e) => format!("broken: {e}"),
-                        },
-                        None => "local".to_string(),
-                    };
-                    rows.push((name, check, default.map(|d| d.about).unwrap_or("")));
-                }
-            }
-            if json {
-                let v: Vec<_> = rows
-                    .iter()
-                    .map(|(n, c, a)| serde_json::json!({"name": n, "state": c, "about": a, "path": root.join(n)}))
-                    .collect();
-                outln!("{}", serde_json::to_string_pretty(&v)?)?;
-            } else {
-                outln!("models folder: {}", root.display())?;
-                if rows.is_empty() {
-                    outln!("(empty: run `flow models pull`)")?;
-                }
-                for (n, c, a) in rows {
-                    outln!("  {n:<24} {c:<10} {a}")?;
-                }
-            }
-            Ok(0)
-        }
+        ModelsCommand::List { workflow: None, json } => list_installed(json),
     }
+}
+
+/// The models folder: each folder with its size, where it came from and whether it checks out, and
+/// the catalogue models not pulled yet.
+fn list_installed(json: bool) -> anyhow::Result<u8> {
+    let root = models::models_dir();
+    let mut names: Vec<String> = std::fs::read_dir(&root)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| e.path().is_dir())
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .filter(|n| !n.starts_with('.') && !n.ends_with(".partial"))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    let mut rows: Vec<serde_json::Value> = names
+        .iter()
+        .map(|name| {
+            let dir = root.join(name);
+            let known = models::find(name);
+            let state = match known {
+                Some(k) => match models::verify(k, &dir) {
+                    Ok(()) => "verified".to_string(),
+                    Err(e) => format!("broken: {}", e.to_string().lines().next().unwrap_or_default()),
+                },
+                None => "local".to_string(),
+            };
+            serde_json::json!({
+                "name": name, "state": state, "bytes": models::size_on_disk(&dir),
+                "origin": known.map(|k| k.origin()).unwrap_or_else(|| "placed by hand".into()),
+                "about": known.map(|k| k.about).unwrap_or(""), "path": dir,
+            })
+        })
+        .collect();
+    for k in models::CATALOGUE.iter().filter(|k| !names.iter().any(|n| n == k.name)) {
+        rows.push(serde_json::json!({
+            "name": k.name, "state": "not pulled", "bytes": 0, "origin": k.origin(), "about": k.about,
+            "path": root.join(k.name),
+        }));
+    }
+    if json {
+        outln!("{}", serde_json::to_string_pretty(&rows)?)?;
+        return Ok(0);
+    }
+    outln!("models folder: {}", root.display())?;
+    for r in rows {
+        let bytes = r["bytes"].as_u64().unwrap_or(0);
+        let size = if bytes == 0 { "-".to_string() } else { format!("{:.1} MB", bytes as f64 / 1e6) };
+        outln!(
+            "  {:<28} {:<10} {:>9}  {}",
+            r["name"].as_str().unwrap_or(""),
+            r["state"].as_str().unwrap_or(""),
+            size,
+            r["about"].as_str().unwrap_or("")
+        )?;
+        outln!("  {:<28} from {}", "", r["origin"].as_str().unwrap_or(""))?;
+    }
+    Ok(0)
 }
 
 /// Whether training beat its starting model on validation, as `models list` and the report say it.

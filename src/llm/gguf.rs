@@ -10,12 +10,20 @@ use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
-use tokenizers::{AddedToken, Tokenizer};
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
 use crate::error::{Error, Result};
 
-/// GGUF token types (llama.cpp): 3 is a control token such as `<|im_start|>`.
+/// GGUF token types (llama.cpp): 3 is a control token such as `<|im_start|>`, 4 a user-defined
+/// one such as Qwen's `<tool_call>`; both are matched whole in text, as Hugging Face's added tokens are.
 const TOKEN_TYPE_CONTROL: i32 = 3;
+const TOKEN_TYPE_USER_DEFINED: i32 = 4;
+
+/// Qwen2's pre-tokenizer split (its tokenizer.json, and llama.cpp's `qwen2` pre-tokenizer): one
+/// number digit at a time, letters with at most one leading non-letter, punctuation runs, newlines.
+const QWEN2_SPLIT: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 pub fn read(path: &Path) -> Result<(Content, std::fs::File)> {
     let mut file = std::fs::File::open(path).map_err(Error::io(path))?;
@@ -43,14 +51,15 @@ fn strings(v: &Value, path: &Path, key: &str) -> Result<Vec<String>> {
     v.to_vec().map_err(|_| bad())?.iter().map(|x| x.to_string().cloned().map_err(|_| bad())).collect()
 }
 
-/// The GGUF's BPE tokenizer as a `tokenizers::Tokenizer`: byte-level BPE with digits split one by
-/// one (as SmolLM's own tokenizer.json does) and control tokens registered as special tokens.
+/// The GGUF's BPE tokenizer as a `tokenizers::Tokenizer`: byte-level BPE whose pre-tokenizer is
+/// picked by `tokenizer.ggml.pre` (`qwen2`: Qwen's split regex; `smollm` and others: digits one by
+/// one then GPT-2's split, as SmolLM's tokenizer.json), and control tokens registered as special.
 pub fn tokenizer(c: &Content, path: &Path) -> Result<Tokenizer> {
     let model = meta(c, path, "tokenizer.ggml.model")?.to_string().cloned().unwrap_or_default();
     if model != "gpt2" {
         return Err(Error::bad_input(
             format!("{}: tokenizer model `{model}` is not supported (byte-level BPE, `gpt2`, is)", path.display()),
-            "use a llama-architecture GGUF with a BPE tokenizer, such as SmolLM2",
+            "use a llama or qwen2 GGUF with a BPE tokenizer, such as SmolLM2 or Qwen2.5",
         ));
     }
     let tokens = strings(meta(c, path, "tokenizer.ggml.tokens")?, path, "tokenizer.ggml.tokens")?;
@@ -66,15 +75,22 @@ pub fn tokenizer(c: &Content, path: &Path) -> Result<Tokenizer> {
         Error::bad_input(format!("{}: bad BPE vocabulary: {e}", path.display()), "re-convert the model")
     })?;
     let mut tok = Tokenizer::new(bpe);
-    tok.with_pre_tokenizer(Some(Sequence::new(vec![
-        Digits::new(true).into(),
-        ByteLevel::new(false, true, true).into(),
-    ])));
+    let pre = c.metadata.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).map(String::as_str);
+    let pre_tokenizer = match pre {
+        Some("qwen2") => {
+            let split = Split::new(SplitPattern::Regex(QWEN2_SPLIT.into()), SplitDelimiterBehavior::Isolated, false)
+                .expect("the Qwen2 split pattern compiles");
+            // The regex already split the text: ByteLevel only maps bytes to its alphabet.
+            Sequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()])
+        }
+        _ => Sequence::new(vec![Digits::new(true).into(), ByteLevel::new(false, true, true).into()]),
+    };
+    tok.with_pre_tokenizer(Some(pre_tokenizer));
     tok.with_decoder(Some(ByteLevelDecoder::default()));
     let special: Vec<AddedToken> = tokens
         .iter()
         .zip(types.iter().chain(std::iter::repeat(&1)))
-        .filter(|(_, t)| **t == TOKEN_TYPE_CONTROL)
+        .filter(|(_, t)| **t == TOKEN_TYPE_CONTROL || **t == TOKEN_TYPE_USER_DEFINED)
         .map(|(s, _)| AddedToken::from(s.clone(), true))
         .collect();
     tok.add_special_tokens(special).map_err(|e| {

@@ -1,5 +1,5 @@
-//! The embedded default LLM: a GGUF llama-architecture model (SmolLM2-135M-Instruct here) run with
-//! candle's quantized llama on a worker thread, so generation never blocks the async runtime.
+//! The embedded local LLM: a GGUF llama or qwen2 model (SmolLM2, Qwen2.5) run with candle's
+//! quantized models on a worker thread, so generation never blocks the async runtime.
 
 use std::path::Path;
 use std::sync::mpsc;
@@ -7,7 +7,7 @@ use std::sync::mpsc;
 use async_trait::async_trait;
 use candle_core::{Device, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
-use candle_transformers::models::quantized_llama::ModelWeights;
+use candle_transformers::models::quantized_llama;
 use serde_json::{Value, json};
 use tokenizers::Tokenizer;
 
@@ -20,11 +20,16 @@ type Job = (Value, tokio::sync::oneshot::Sender<Result<ChatAnswer, AttemptError>
 pub struct LocalChat {
     id: Identity,
     jobs: mpsc::Sender<Job>,
+    /// Ask for the stage's JSON shape and check answers against it (models that can write JSON).
+    json: bool,
 }
+
+/// Attempts per request when the answer must be JSON: the first as asked, then sampled ones.
+const JSON_ATTEMPTS: u32 = 3;
 
 impl LocalChat {
     /// Loads the GGUF at `path` and starts its worker thread.
-    pub fn load(path: &Path, name: &str, device: crate::workflow::Device) -> Result<LocalChat> {
+    pub fn load(path: &Path, name: &str, device: crate::workflow::Device, json: bool) -> Result<LocalChat> {
         let engine = Engine::load(path, &crate::models::device(device)?)?;
         let (tx, rx) = mpsc::channel::<Job>();
         std::thread::Builder::new()
@@ -41,6 +46,7 @@ impl LocalChat {
         Ok(LocalChat {
             id: Identity { provider: "local".into(), base_url: format!("gguf:{size}"), model: name.to_string() },
             jobs: tx,
+            json,
         })
     }
 }
@@ -52,9 +58,14 @@ impl ChatProvider for LocalChat {
     }
 
     fn body(&self, req: &ChatRequest) -> Value {
-        // The local model has no constrained decoding; the prompt asks for the format and the
-        // parsers are tolerant, so the schema is not part of the request.
-        json!({ "model": self.id.model, "messages": req.messages, "params": req.params })
+        // A model that writes JSON gets the schema: its answer is checked against it and asked
+        // again (sampled) when it does not conform. Others write prose for tolerant parsers.
+        match (&req.json_schema, self.json) {
+            (Some((_, schema)), true) => {
+                json!({ "model": self.id.model, "messages": req.messages, "params": req.params, "json_schema": schema })
+            }
+            _ => json!({ "model": self.id.model, "messages": req.messages, "params": req.params }),
+        }
     }
 
     async fn send(&self, body: &Value) -> Result<ChatAnswer, AttemptError> {
@@ -66,9 +77,25 @@ impl ChatProvider for LocalChat {
     }
 }
 
+/// The weights of one of the architectures flow runs, picked from `general.architecture`.
+enum Weights {
+    Llama(quantized_llama::ModelWeights),
+    Qwen2(super::qwen2::Qwen2),
+}
+
+impl Weights {
+    /// Logits of the last position; `pos` 0 starts a new sequence (both models reset their KV cache).
+    fn forward(&mut self, x: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
+        match self {
+            Weights::Llama(m) => m.forward(x, pos),
+            Weights::Qwen2(m) => m.forward(x, pos),
+        }
+    }
+}
+
 /// The model, tokenizer and template, owned by the worker thread.
 pub struct Engine {
-    model: ModelWeights,
+    model: Weights,
     pub tokenizer: Tokenizer,
     template: ChatTemplate,
     stop: Vec<u32>,
@@ -80,12 +107,18 @@ impl Engine {
     pub fn load(path: &Path, device: &Device) -> Result<Engine> {
         let (content, mut file) = gguf::read(path)?;
         let arch = content.metadata.get("general.architecture").and_then(|v| v.to_string().ok()).cloned();
-        if arch.as_deref() != Some("llama") {
-            return Err(Error::bad_input(
-                format!("{}: architecture {:?} is not supported by the local LLM (llama is)", path.display(), arch),
-                "use a llama-architecture GGUF such as SmolLM2-135M-Instruct",
-            ));
-        }
+        let arch = match arch.as_deref() {
+            Some(a @ ("llama" | "qwen2")) => a.to_string(),
+            other => {
+                return Err(Error::bad_input(
+                    format!(
+                        "{}: architecture {other:?} is not supported by the local LLM (llama and qwen2 are)",
+                        path.display()
+                    ),
+                    "use a llama or qwen2 GGUF such as smollm2-135m-instruct or qwen2.5-coder-0.5b-instruct (`flow models pull NAME`)",
+                ));
+            }
+        };
         let tokenizer = gguf::tokenizer(&content, path)?;
         let template = ChatTemplate::from_gguf(&content, path, &tokenizer)?;
         let mut stop: Vec<u32> = gguf::token_id(&content, "tokenizer.ggml.eos_token_id").into_iter().collect();
@@ -95,14 +128,20 @@ impl Engine {
             }
         }
         let context =
-            content.metadata.get("llama.context_length").and_then(|v| v.to_u32().ok()).unwrap_or(2048) as usize;
+            content.metadata.get(&format!("{arch}.context_length")).and_then(|v| v.to_u32().ok()).unwrap_or(2048)
+                as usize;
         let device = device.clone();
-        let model = ModelWeights::from_gguf(content, &mut file, &device).map_err(|e| {
+        let bad = |e: candle_core::Error| {
             Error::bad_input(
                 format!("{}: cannot load the model weights: {e}", path.display()),
                 "the file is corrupt: run `flow models pull`",
             )
-        })?;
+        };
+        let model = if arch == "qwen2" {
+            Weights::Qwen2(super::qwen2::Qwen2::from_gguf(content, &mut file, &device).map_err(bad)?)
+        } else {
+            Weights::Llama(quantized_llama::ModelWeights::from_gguf(content, &mut file, &device).map_err(bad)?)
+        };
         Ok(Engine { model, tokenizer, template, stop, context, device })
     }
 
@@ -110,24 +149,33 @@ impl Engine {
         let messages: Vec<Message> = serde_json::from_value(body["messages"].clone()).map_err(|e| e.to_string())?;
         let p: super::GenParams = serde_json::from_value(body["params"].clone()).unwrap_or_default();
         let prompt = self.template.render(&messages).map_err(|e| e.to_string())?;
-        let (text, prompt_tokens, completion, finish) = self
-            .generate(
-                &prompt,
-                p.max_tokens.unwrap_or(256) as usize,
-                p.temperature,
-                p.top_p,
-                p.seed.unwrap_or(0),
-                p.repeat_penalty,
-            )
-            .map_err(|e| format!("local generation failed: {e}"))?;
-        Ok(ChatAnswer {
-            raw: json!({ "text": text, "finish_reason": finish }),
-            text,
-            finish_reason: Some(finish.to_string()),
-            response_id: None,
-            prompt_tokens,
-            completion_tokens: completion,
-        })
+        let schema = body.get("json_schema").filter(|s| !s.is_null());
+        let (mut prompt_tokens, mut completion_tokens) = (0, 0);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            // A retry samples (a greedy one would repeat the answer), from a seed of its own.
+            let (temperature, seed) = match attempt {
+                1 => (p.temperature, p.seed.unwrap_or(0)),
+                n => (Some(p.temperature.unwrap_or(0.0).max(0.7)), p.seed.unwrap_or(0).wrapping_add(u64::from(n))),
+            };
+            let (text, pt, ct, finish) = self
+                .generate(&prompt, p.max_tokens.unwrap_or(256) as usize, temperature, p.top_p, seed, p.repeat_penalty)
+                .map_err(|e| format!("local generation failed: {e}"))?;
+            prompt_tokens += pt;
+            completion_tokens += ct;
+            let conforms = schema.map(|s| conforms(&text, s));
+            if conforms != Some(false) || attempt == JSON_ATTEMPTS {
+                return Ok(ChatAnswer {
+                    raw: json!({ "text": text, "finish_reason": finish, "attempts": attempt, "json_ok": conforms }),
+                    text,
+                    finish_reason: Some(finish.to_string()),
+                    response_id: None,
+                    prompt_tokens,
+                    completion_tokens,
+                });
+            }
+        }
     }
 
     /// Greedy (temperature 0 or none) or sampled decoding with a KV cache, stopping at end-of-turn,
@@ -181,5 +229,29 @@ impl Engine {
         }
         let text = self.tokenizer.decode(&out, true).map_err(candle_core::Error::msg)?;
         Ok((text.trim().to_string(), prompt_len as u64, out.len() as u64, finish))
+    }
+}
+
+/// Whether `text` holds a JSON value of `schema`'s shape (the subset flow's stages use: object,
+/// array, string, integer, number, boolean; `required` and `items`), after any prose or fences.
+pub fn conforms(text: &str, schema: &Value) -> bool {
+    crate::text::first_json(text).is_some_and(|v| shape_ok(&v, schema))
+}
+
+fn shape_ok(v: &Value, schema: &Value) -> bool {
+    match schema["type"].as_str() {
+        Some("object") => {
+            let Some(o) = v.as_object() else { return false };
+            let required = schema["required"].as_array().map(Vec::as_slice).unwrap_or_default();
+            let props = schema["properties"].as_object();
+            required.iter().filter_map(Value::as_str).all(|k| o.contains_key(k))
+                && o.iter().all(|(k, x)| props.and_then(|p| p.get(k)).is_none_or(|s| shape_ok(x, s)))
+        }
+        Some("array") => v.as_array().is_some_and(|a| a.iter().all(|x| shape_ok(x, &schema["items"]))),
+        Some("string") => v.is_string(),
+        Some("integer") => v.is_i64() || v.is_u64(),
+        Some("number") => v.is_number(),
+        Some("boolean") => v.is_boolean(),
+        _ => true,
     }
 }

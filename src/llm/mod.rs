@@ -7,6 +7,7 @@ pub mod gguf;
 pub mod limiter;
 pub mod local;
 pub mod openai;
+pub mod qwen2;
 pub mod retry;
 
 use std::time::Duration;
@@ -124,9 +125,47 @@ pub fn chat_provider(wf: &crate::workflow::Workflow, key: &str) -> crate::Result
         crate::workflow::Provider::Local => {
             let name = spec.model.clone().unwrap_or_default();
             let path = local_gguf(&name, &wf.dir)?;
-            Ok(std::sync::Arc::new(local::LocalChat::load(&path, &name, spec.device)?))
+            shared_local(&path, &name, spec.device, writes_json(wf, key)?)
         }
     }
+}
+
+/// One loaded local model per file, device and JSON setting, shared by every stage that names it:
+/// a 0.5B model is 2.5 GB in memory, and the stages of a run would otherwise each load their own.
+fn shared_local(
+    path: &std::path::Path,
+    name: &str,
+    device: crate::workflow::Device,
+    json: bool,
+) -> crate::Result<std::sync::Arc<dyn ChatProvider>> {
+    use std::sync::{Arc, Mutex, OnceLock, Weak};
+    static LOADED: OnceLock<Mutex<std::collections::HashMap<String, Weak<local::LocalChat>>>> = OnceLock::new();
+    let key = format!("{}|{name}|{device:?}|{json}", path.display());
+    let mut loaded = LOADED.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(chat) = loaded.get(&key).and_then(Weak::upgrade) {
+        return Ok(chat);
+    }
+    let chat = Arc::new(local::LocalChat::load(path, name, device, json)?);
+    loaded.insert(key, Arc::downgrade(&chat));
+    Ok(chat)
+}
+
+/// Whether `models.<key>` runs here (`provider: local`) rather than behind an API.
+pub fn is_local(wf: &crate::workflow::Workflow, key: &str) -> crate::Result<bool> {
+    Ok(model_spec(wf, key)?.provider == Some(crate::workflow::Provider::Local))
+}
+
+/// Whether the chat model `models.<key>` is asked for JSON: `json_schema:` where set; else API
+/// models yes, and local ones where the catalogue says the model writes it (Qwen2.5 does;
+/// SmolLM2-135M writes prose, so its prompts ask for plain text).
+pub fn writes_json(wf: &crate::workflow::Workflow, key: &str) -> crate::Result<bool> {
+    let spec = model_spec(wf, key)?;
+    Ok(spec.json_schema.unwrap_or_else(|| match spec.provider.unwrap_or(crate::workflow::Provider::Openai) {
+        crate::workflow::Provider::Openai => true,
+        crate::workflow::Provider::Local => {
+            spec.model.as_deref().and_then(crate::models::find).is_some_and(|k| k.writes_json)
+        }
+    }))
 }
 
 /// The embeddings backend named by `models.<key>` (the OpenAI-compatible one; local ones live in models/).

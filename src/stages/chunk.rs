@@ -14,7 +14,7 @@ use crate::corpus::{self, Document, JsonlFields, split::split};
 use crate::digest::sha256_hex;
 use crate::error::{Error, Result};
 use crate::store::documents::{self, DocState, DocWrite};
-use crate::workflow::{CheckCtx, Checked, Diagnostic, StageSpec, Workflow, check_typed, checked};
+use crate::workflow::{CheckCtx, Checked, Diagnostic, ModelSpec, Provider, StageSpec, Workflow, check_typed, checked};
 
 pub const KIND: Kind = Kind {
     name: "chunk",
@@ -46,7 +46,8 @@ pub struct Params {
     pub max_tokens: usize,
     #[serde(default = "default_overlap")]
     pub overlap: usize,
-    /// A tokenizer.json path or a model name; by default the black-box model's tokenizer.
+    /// A tokenizer.json path or a model name; by default the local black box's tokenizer, else the
+    /// default embedder's.
     #[serde(default)]
     pub tokenizer: Option<String>,
     #[serde(default)]
@@ -83,12 +84,6 @@ fn check(cx: &CheckCtx) -> Checked {
             .hint("an overlap of about an eighth of max_tokens is usual, e.g. 32 for 256"),
         );
     }
-    if p.tokenizer.is_none() && cx.models.get("black_box").and_then(|m| m.model.as_ref()).is_none() {
-        diags.push(
-            Diagnostic::new(cx.node.span(), format!("stage `{}` has no tokenizer", cx.stage))
-                .hint("set `tokenizer:` (a tokenizer.json or a model name), or `models.black_box.model`"),
-        );
-    }
     checked(&p, diags)
 }
 
@@ -98,7 +93,12 @@ fn build(spec: &StageSpec, wf: &Workflow) -> Result<Box<dyn Stage>> {
         Some(t) if t.ends_with(".json") => wf.dir.join(t),
         Some(name) => crate::models::resolve(name, &wf.dir, "tokenizer.json")?.join("tokenizer.json"),
         None => {
-            let name = wf.models.get("black_box").and_then(|m| m.model.clone()).unwrap_or_default();
+            // The local black box's own tokenizer, so chunks fit its window; an API black box's
+            // tokenizer is not to be had, so the default embedder's stands in.
+            let name = match wf.models.get("black_box") {
+                Some(ModelSpec { provider: Some(Provider::Local), model: Some(m), .. }) => m.clone(),
+                _ => crate::workflow::DEFAULT_EMBEDDER.to_string(),
+            };
             crate::models::resolve(&name, &wf.dir, "tokenizer.json")?.join("tokenizer.json")
         }
     };

@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use serde_json::{Value, json};
 
 use super::eval_recall::{check_set, retrieve_ctx};
-use super::llm::{Chat, Prompted, UsageWriter, check_model, failure_verdict, llm_params};
+use super::llm::{Chat, Prompted, UsageWriter, check_model, failure_verdict, llm_params, prompt};
 use super::{Kind, Outcome, Stage, StageCtx};
 use crate::error::Result;
 use crate::eval::hybrid::HybridParams;
@@ -50,8 +50,12 @@ llm_params! {
         /// `models:` key of the grader (default: the answering `model`).
         #[serde(default)]
         pub grader: Option<String>,
-        pub answer_prompt: String,
-        pub grade_prompt: String,
+        /// Templates relative to the workflow file (default: the built-in rag_answer.j2 and
+        /// rag_grade.j2, for API and local models alike).
+        #[serde(default)]
+        pub answer_prompt: Option<String>,
+        #[serde(default)]
+        pub grade_prompt: Option<String>,
         #[serde(default = "default_top_k")]
         pub top_k: usize,
         /// Questions answered per retriever (the first N of the eval set).
@@ -111,9 +115,12 @@ fn check(cx: &CheckCtx) -> Checked {
 fn templates(spec: &StageSpec, wf: &Workflow) -> Result<(Params, Template, Template)> {
     let params: Params = spec.params()?;
     let answer = json!({ "question": "", "passages": [""], "domain": "" });
-    let answer = Template::load(&wf.dir.join(&params.answer_prompt))?.checked(answer)?;
+    let files = ("rag_answer.j2", "rag_answer.j2");
+    let answer = prompt(wf, &params.model, params.answer_prompt.as_deref(), files, answer)?;
     let grade = json!({ "question": "", "answer": "", "reference": "", "reference_is_answer": true, "domain": "" });
-    let grade = Template::load(&wf.dir.join(&params.grade_prompt))?.checked(grade)?;
+    let grader = params.grader.as_deref().unwrap_or(&params.model);
+    let files = ("rag_grade.j2", "rag_grade.j2");
+    let grade = prompt(wf, grader, params.grade_prompt.as_deref(), files, grade)?;
     Ok((params, answer, grade))
 }
 

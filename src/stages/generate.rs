@@ -7,7 +7,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde_json::json;
 
-use super::llm::{Chat, ChatResult, Prompted, UsageWriter, failure_verdict, llm_params, settings_key};
+use super::llm::{Chat, ChatResult, Prompted, UsageWriter, failure_verdict, llm_params, prompt, settings_key};
 use super::{Kind, Outcome, Stage, StageCtx};
 use crate::error::Result;
 use crate::llm::{self, ChatDone, ChatProvider, LlmFailure};
@@ -27,8 +27,10 @@ pub const KIND: Kind = Kind {
 llm_params! {
     defaults { temperature: 0.7, max_tokens: 256, max_failures: 0.0 }
     pub struct Params {
-        /// A minijinja template, relative to the workflow file.
-        pub prompt: String,
+        /// A minijinja template, relative to the workflow file (default: the built-in
+        /// generate_queries.j2 for an API model, generate_query_local.j2 for a local one).
+        #[serde(default)]
+        pub prompt: Option<String>,
         #[serde(default = "default_per_chunk")]
         pub per_chunk: u32,
         /// A few words on the domain, given to the prompt.
@@ -40,6 +42,10 @@ llm_params! {
         /// Jaccard similarity of content words at which a question counts as a near duplicate.
         #[serde(default = "default_near_duplicate")]
         pub near_duplicate: f64,
+        /// Ask about at most this many chunks: those whose text hashes lowest, so the sample is
+        /// the same on every run and a chunk stays in it while the corpus around it changes.
+        #[serde(default)]
+        pub sample: Option<usize>,
     }
 }
 
@@ -62,6 +68,12 @@ fn check(cx: &CheckCtx) -> Checked {
         );
     }
     p.llm().check(cx, &mut diags);
+    if p.sample == Some(0) {
+        diags.push(
+            Diagnostic::new(at("sample"), format!("stage `{}`: sample must be at least 1", cx.stage))
+                .hint("leave `sample` out to ask about every chunk"),
+        );
+    }
     if !(p.near_duplicate > 0.0 && p.near_duplicate <= 1.0) {
         diags.push(
             Diagnostic::new(at("near_duplicate"), format!("stage `{}`: near_duplicate must be in (0, 1]", cx.stage))
@@ -75,7 +87,8 @@ fn check(cx: &CheckCtx) -> Checked {
 fn templates(spec: &StageSpec, wf: &Workflow) -> Result<(Params, Template)> {
     let params: Params = spec.params()?;
     let sample = json!({ "chunk": "", "title": "", "path": "", "n": 2, "domain": "", "examples": [""] });
-    let template = Template::load(&wf.dir.join(&params.prompt))?.checked(sample)?;
+    let files = ("generate_queries.j2", "generate_query_local.j2");
+    let template = prompt(wf, &params.model, params.prompt.as_deref(), files, sample)?;
     Ok((params, template))
 }
 
@@ -111,14 +124,16 @@ impl Stage for Generate {
     }
 
     async fn run(&self, ctx: &StageCtx) -> Result<Outcome> {
-        let settings = settings_key(&self.params, &[], &self.template, self.provider.identity());
+        // `sample` decides which chunks are asked, not what an answer is: raising it keeps the
+        // questions made so far (lowering it keeps them too).
+        let settings = settings_key(&self.params, &["sample"], &self.template, self.provider.identity());
         let superseded = queries::activate(&ctx.store, &self.name, &settings).await?;
         if superseded > 0 {
             ctx.progress.log(&format!(
                 "the settings changed: {superseded} questions made with other settings are superseded (kept in the store, not used)"
             ));
         }
-        let chunks = queries::input_chunks(&ctx.store, &self.inputs_from).await?;
+        let chunks = sampled(queries::input_chunks(&ctx.store, &self.inputs_from).await?, self.params.sample);
         let done = queries::done_chunks(&ctx.store, &self.name, &settings).await?;
         let todo: Vec<_> = chunks.iter().filter(|c| !done.contains(&c.id)).cloned().collect();
         ctx.progress.set_total(chunks.len() as u64);
@@ -259,6 +274,17 @@ impl Generate {
         }
         g
     }
+}
+
+/// The chunks `sample` keeps (all without one), in their stored order.
+fn sampled(chunks: Vec<queries::InputChunk>, sample: Option<usize>) -> Vec<queries::InputChunk> {
+    let Some(n) = sample.filter(|n| *n < chunks.len()) else { return chunks };
+    let mut keyed: Vec<(String, queries::InputChunk)> =
+        chunks.into_iter().map(|c| (crate::digest::sha256_hex(c.text.as_bytes()), c)).collect();
+    keyed.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut kept: Vec<queries::InputChunk> = keyed.into_iter().take(n).map(|(_, c)| c).collect();
+    kept.sort_by_key(|c| c.id);
+    kept
 }
 
 /// Whether an answer parsed: JSON holding a list of questions (an empty list is an answer too), or

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde_json::{Value, json};
 
-use super::llm::{Chat, ChatResult, Prompted, UsageWriter, failure_verdict, llm_params, settings_key};
+use super::llm::{Chat, ChatResult, Prompted, UsageWriter, failure_verdict, llm_params, prompt, settings_key};
 use super::{Kind, Outcome, Stage, StageCtx};
 use crate::error::Result;
 use crate::llm::{self, ChatDone, ChatProvider, LlmFailure};
@@ -27,7 +27,10 @@ pub const KIND: Kind = Kind {
 llm_params! {
     defaults { temperature: 0.0, max_tokens: 200, max_failures: 0.0 }
     pub struct Params {
-        pub prompt: String,
+        /// A minijinja template, relative to the workflow file (default: the built-in judge.j2
+        /// for an API model, judge_local.j2 for a local one).
+        #[serde(default)]
+        pub prompt: Option<String>,
         #[serde(default = "default_min_score")]
         pub min_score: i64,
         #[serde(default)]
@@ -57,7 +60,7 @@ fn check(cx: &CheckCtx) -> Checked {
 fn templates(spec: &StageSpec, wf: &Workflow) -> Result<(Params, Template)> {
     let params: Params = spec.params()?;
     let sample = json!({ "query": "", "chunk": "", "title": "", "path": "", "domain": "", "min_score": 4 });
-    let template = Template::load(&wf.dir.join(&params.prompt))?.checked(sample)?;
+    let template = prompt(wf, &params.model, params.prompt.as_deref(), ("judge.j2", "judge_local.j2"), sample)?;
     Ok((params, template))
 }
 

@@ -166,6 +166,31 @@ pub fn settings_key(params: &impl Serialize, leave_out: &[&str], template: &Temp
     crate::digest::sha256_hex(doc.to_string().as_bytes())
 }
 
+/// A stage's prompt: the file `given` names (relative to the workflow file), else the built-in
+/// copy of prompts/`api` for an API model or prompts/`local` for a local one. It is rendered once
+/// with `sample` (and `json` both true and false, the branches local prompts take), so a template
+/// error shows before any call.
+pub fn prompt(
+    wf: &Workflow,
+    model_key: &str,
+    given: Option<&str>,
+    (api, local): (&str, &str),
+    mut sample: Value,
+) -> Result<Template> {
+    let t = match given {
+        Some(file) => Template::load(&wf.dir.join(file))?,
+        None if llm::is_local(wf, model_key)? => Template::builtin(local)?,
+        None => Template::builtin(api)?,
+    };
+    for json in [true, false] {
+        if let Value::Object(m) = &mut sample {
+            m.insert("json".into(), Value::Bool(json));
+        }
+        t.render(&sample)?;
+    }
+    Ok(t)
+}
+
 /// One chat result per item id: the answer (or why it failed), or a store error.
 pub type ChatResult = (i64, Result<std::result::Result<ChatDone, LlmFailure>>);
 
@@ -174,12 +199,14 @@ pub type ChatResult = (i64, Result<std::result::Result<ChatDone, LlmFailure>>);
 pub struct Chat {
     pub provider: Arc<dyn ChatProvider>,
     pub client: Arc<LlmClient>,
+    /// Given to every prompt as `json`: whether the model is asked for JSON.
+    json: bool,
 }
 
 impl Chat {
     pub fn start(wf: &Workflow, model_key: &str, provider: Arc<dyn ChatProvider>, ctx: &StageCtx) -> Result<Chat> {
         let client = llm::client(wf, model_key, provider.identity(), &ctx.store, ctx.run_id, &ctx.spec.name)?;
-        Ok(Chat { provider, client: Arc::new(client) })
+        Ok(Chat { provider, client: Arc::new(client), json: llm::writes_json(wf, model_key)? })
     }
 
     /// Renders a request per item (id, template variables) and starts them, at most `window` at a
@@ -191,7 +218,10 @@ impl Chat {
         window: usize,
     ) -> Result<tokio::sync::mpsc::Receiver<ChatResult>> {
         let mut requests = Vec::with_capacity(items.len());
-        for (id, vars) in items {
+        for (id, mut vars) in items {
+            if let Value::Object(m) = &mut vars {
+                m.insert("json".into(), Value::Bool(self.json));
+            }
             let mut messages = Vec::new();
             if let Some(s) = how.system {
                 messages.push(Message::system(s));

@@ -191,7 +191,8 @@ fn check(root: &Node, abs: &Path, kinds: &dyn Kinds, diags: &mut Vec<Diagnostic>
         return None;
     };
     let top: Option<TopLevel> = check_typed(root, root.to_json(), diags);
-    let top = top?;
+    let mut top = top?;
+    add_default_models(&mut top.models);
 
     if let Some(expr) = &top.schedule
         && let Err(e) = cron::parse(expr, None)
@@ -302,6 +303,30 @@ fn check(root: &Node, abs: &Path, kinds: &dyn Kinds, diags: &mut Vec<Diagnostic>
         stages,
         order,
     })
+}
+
+/// The embedder a workflow gets when it names none: the black box, the augment's start and the
+/// chunk stage's tokenizer (`flow models pull` fetches it).
+pub const DEFAULT_EMBEDDER: &str = "all-MiniLM-L6-v2";
+
+/// A workflow that leaves out `models.black_box` or `models.augment` gets the default embedder
+/// for them, so `name`, `store`, `models.llm` and the stage lines are a whole workflow.
+fn add_default_models(models: &mut BTreeMap<String, ModelSpec>) {
+    models.entry("black_box".into()).or_insert_with(|| ModelSpec {
+        provider: Some(Provider::Local),
+        model: Some(DEFAULT_EMBEDDER.into()),
+        max_seq_length: Some(256),
+        ..ModelSpec::default()
+    });
+    let start = match &models["black_box"] {
+        ModelSpec { provider: Some(Provider::Local), model: Some(m), .. } => m.clone(),
+        _ => DEFAULT_EMBEDDER.into(),
+    };
+    models.entry("augment".into()).or_insert_with(|| ModelSpec {
+        init: Some(start),
+        max_seq_length: Some(256),
+        ..ModelSpec::default()
+    });
 }
 
 fn check_stage(

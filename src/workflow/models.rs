@@ -29,7 +29,9 @@ pub struct ModelSpec {
     pub retry: RetryPolicy,
     /// Per-request timeout in seconds (default 60).
     pub timeout_s: Option<f64>,
-    /// Ask for `response_format: json_schema` (default true); set false for servers that reject it.
+    /// Ask for JSON: `response_format: json_schema` from an API (default true; false for servers that
+    /// reject it); from a local model, JSON prompts and answers checked against the schema (default:
+    /// true for catalogue models that write JSON, such as Qwen2.5).
     pub json_schema: Option<bool>,
     /// Dollars per million prompt / completion tokens, for cost accounting.
     pub price: Option<Price>,

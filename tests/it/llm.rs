@@ -289,3 +289,42 @@ fn embeddings_through_the_client_with_retries_and_cache() {
         assert_eq!(client.usage().cached, 20);
     });
 }
+
+#[test]
+fn a_workflow_of_name_store_llm_and_four_stage_lines_runs_on_built_in_prompts() {
+    let srv = server::start(Config::default());
+    let sb = Sandbox::new();
+    corpus(&sb, 40);
+    let short = |generate: &str| {
+        format!(
+            "name: short\nstore: s.db\nmodels:\n  llm: {{ provider: openai, model: test-model, base_url: \"{}\" }}\nstages:\n  chunk: {{ kind: chunk, corpus: docs }}\n  generate: {{ kind: generate, needs: chunk{generate} }}\n  judge: {{ kind: judge, needs: generate }}\n  train: {{ kind: train, needs: judge }}\n",
+            srv.base_url()
+        )
+    };
+    sb.write("wf.yaml", short(""));
+    let run = |sb: &Sandbox| -> crate::harness::Ran {
+        sb.cmd(&["run", "wf.yaml"]).env("OPENAI_API_KEY", "sk-test").output().unwrap().into()
+    };
+    let r = run(&sb);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let db = sb.db("s.db");
+    // The built-in API prompts went out, the default embedder trained beside the default black box.
+    let builtin = db.scalar(
+        "SELECT COUNT(*) FROM llm_calls WHERE request LIKE '%You write search queries for a retrieval system%'",
+    );
+    assert_eq!(builtin, 40, "one generate call per chunk with the built-in generate_queries.j2");
+    assert!(db.scalar("SELECT COUNT(*) FROM llm_calls WHERE request LIKE '%You judge search queries%'") > 0);
+    assert_eq!(db.scalar("SELECT COUNT(*) FROM models"), 1, "{}", r.all());
+    assert_eq!(run(&sb).code, 0);
+    let calls = db.scalar("SELECT COUNT(*) FROM llm_calls");
+
+    // A prompt file of the user's wins, and is part of the settings: generate runs again with it.
+    let mine = include_str!("../../prompts/generate_queries.j2")
+        .replace("You write search queries", "You write short search queries");
+    sb.write("mine.j2", mine);
+    sb.write("wf.yaml", short(", prompt: mine.j2"));
+    let r = run(&sb);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert_eq!(db.scalar("SELECT COUNT(*) FROM llm_calls WHERE request LIKE '%You write short search queries%'"), 40);
+    assert!(db.scalar("SELECT COUNT(*) FROM llm_calls") > calls + 40 - 1);
+}

@@ -10,6 +10,8 @@ mod llm;
 mod local;
 #[path = "../support/openai_server.rs"]
 mod openai_server;
+mod pull;
+mod qwen;
 mod robust;
 mod schedule;
 mod settings;
