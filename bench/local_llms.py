@@ -81,15 +81,16 @@ def main():
         print(f"{model}: {wall:.0f} s", file=sys.stderr)
     print("| model | questions written | generate answers: JSON first try / after retries / plain | kept | "
           "judge answers: JSON first try / after retries / plain | accepted | s per chunk (generate) | "
-          "s per question (judge) | held-out R@10 black_box / mafin | total wall |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "s per question (judge) | items failed (generate / judge) | held-out R@10 black_box / mafin | total wall |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for model, wall, (st, written, kept, accepted, calls, recall, _) in rows:
         g, j = calls["generate"], calls["judge"]
         per = lambda s: f"{st[s][2] / max(1, st[s][0] + st[s][1]):.1f}" if s in st and st[s][2] else "-"
         fmt = lambda x: f"{x[1]}/{x[0]} / {x[2]}/{x[0]} / {x[3]}/{x[0]}"
         rec = f"{recall.get('black_box', float('nan')):.3f} / {recall.get('mafin', float('nan')):.3f}"
+        failed = f"{st.get('generate', (0, 0))[1]} / {st.get('judge', (0, 0))[1]}"
         print(f"| {model} | {written} | {fmt(g)} | {kept} | {fmt(j)} | {accepted} | {per('generate')} | "
-              f"{per('judge')} | {rec} | {wall:.0f} s |")
+              f"{per('judge')} | {failed} | {rec} | {wall:.0f} s |")
 
 
 if __name__ == "__main__":
