@@ -187,6 +187,7 @@ async fn execute(
     runs::finish(&store, run_id, status).await?;
     let mut stages = runs::stages_of(&store, run_id).await?;
     stages.sort_by_key(|s| wf.order.iter().position(|n| *n == s.stage));
+    store.close().await;
     Ok(RunReport { run_id, status: status.to_string(), stages, notes, input_error })
 }
 

@@ -255,3 +255,31 @@ fn shape_ok(v: &Value, schema: &Value) -> bool {
         _ => true,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::conforms;
+
+    #[test]
+    fn an_answer_conforms_only_in_the_schemas_shape() {
+        let queries: serde_json::Value = serde_json::from_str(
+            r#"{"type":"object","properties":{"queries":{"type":"array","items":{"type":"string"}}},"required":["queries"]}"#,
+        )
+        .unwrap();
+        let judgment: serde_json::Value = serde_json::from_str(
+            r#"{"type":"object","properties":{"score":{"type":"integer"},"reason":{"type":"string"}},"required":["score","reason"]}"#,
+        )
+        .unwrap();
+        assert!(conforms(r#"{"queries": ["What was revenue?", "Who audits it?"]}"#, &queries));
+        assert!(conforms("```json\n{\"queries\": []}\n```", &queries), "fences around JSON are fine");
+        assert!(!conforms(r#"{"queries": "What was revenue?"}"#, &queries), "a string is not a list");
+        assert!(!conforms(r#"{"queries": [1, 2]}"#, &queries), "items must be strings");
+        assert!(!conforms(r#"{"questions": ["What?"]}"#, &queries), "the required key is missing");
+        assert!(!conforms(r#"{"queries": ["What was"#, &queries), "cut off");
+        assert!(!conforms("1. What was revenue?", &queries), "prose");
+        assert!(conforms(r#"{"reason": "it answers it", "score": 5}"#, &judgment), "key order is free");
+        assert!(!conforms(r#"{"score": "5", "reason": "x"}"#, &judgment), "a score must be an integer");
+        assert!(!conforms(r#"{"score": 4.5, "reason": "x"}"#, &judgment));
+        assert!(!conforms(r#"{"score": 5}"#, &judgment), "the reason is required");
+    }
+}

@@ -29,6 +29,14 @@ pub struct Store {
 }
 
 impl Store {
+    /// Folds the write-ahead log into the database file and closes every connection, so a finished
+    /// run leaves one whole file: readable from a read-only mount, copyable on its own. Without it,
+    /// the commits of a process that exits with connections still open can stay in the `-wal` file.
+    pub async fn close(&self) {
+        let _ = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)").execute(&self.pool).await;
+        self.pool.close().await;
+    }
+
     /// Opens (creating if needed) and migrates the store at `path`. An existing file is checked
     /// first (SQLite's header, then `PRAGMA quick_check`): a damaged store is named, never rewritten.
     pub async fn open(path: &Path) -> Result<Store> {
