@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 pub use crate::diag::{Diagnostic, Diagnostics, did_you_mean};
-pub use models::{Device, Limits, ModelSpec, Price, Provider, RetryPolicy};
+pub use models::{DEFAULT_EMBEDDER, Device, Limits, ModelSpec, Price, Provider, RetryPolicy};
 use yaml::{Node, Span};
 
 use crate::dag;
@@ -192,7 +192,7 @@ fn check(root: &Node, abs: &Path, kinds: &dyn Kinds, diags: &mut Vec<Diagnostic>
     };
     let top: Option<TopLevel> = check_typed(root, root.to_json(), diags);
     let mut top = top?;
-    add_default_models(&mut top.models);
+    models::add_defaults(&mut top.models);
 
     if let Some(expr) = &top.schedule
         && let Err(e) = cron::parse(expr, None)
@@ -303,30 +303,6 @@ fn check(root: &Node, abs: &Path, kinds: &dyn Kinds, diags: &mut Vec<Diagnostic>
         stages,
         order,
     })
-}
-
-/// The embedder a workflow gets when it names none: the black box, the augment's start and the
-/// chunk stage's tokenizer (`flow models pull` fetches it).
-pub const DEFAULT_EMBEDDER: &str = "all-MiniLM-L6-v2";
-
-/// A workflow that leaves out `models.black_box` or `models.augment` gets the default embedder
-/// for them, so `name`, `store`, `models.llm` and the stage lines are a whole workflow.
-fn add_default_models(models: &mut BTreeMap<String, ModelSpec>) {
-    models.entry("black_box".into()).or_insert_with(|| ModelSpec {
-        provider: Some(Provider::Local),
-        model: Some(DEFAULT_EMBEDDER.into()),
-        max_seq_length: Some(256),
-        ..ModelSpec::default()
-    });
-    let start = match &models["black_box"] {
-        ModelSpec { provider: Some(Provider::Local), model: Some(m), .. } => m.clone(),
-        _ => DEFAULT_EMBEDDER.into(),
-    };
-    models.entry("augment".into()).or_insert_with(|| ModelSpec {
-        init: Some(start),
-        max_seq_length: Some(256),
-        ..ModelSpec::default()
-    });
 }
 
 fn check_stage(

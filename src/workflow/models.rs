@@ -1,6 +1,8 @@
 //! What `models:` of a workflow says: where each model comes from, its endpoint's limits, retries
 //! and prices, and the device it runs on. Plain data; `llm` and `bert` turn it into running parts.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -126,6 +128,30 @@ impl<'de> Deserialize<'de> for Device {
         let s = String::deserialize(d)?;
         s.parse().map_err(serde::de::Error::custom)
     }
+}
+
+/// The embedder a workflow gets when it names none: the black box, the augment's start and the
+/// chunk stage's tokenizer (`flow models pull` fetches it).
+pub const DEFAULT_EMBEDDER: &str = "all-MiniLM-L6-v2";
+
+/// A workflow that leaves out `models.black_box` or `models.augment` gets the default embedder
+/// for them, so `name`, `store`, `models.llm` and the stage lines are a whole workflow.
+pub(super) fn add_defaults(models: &mut BTreeMap<String, ModelSpec>) {
+    models.entry("black_box".into()).or_insert_with(|| ModelSpec {
+        provider: Some(Provider::Local),
+        model: Some(DEFAULT_EMBEDDER.into()),
+        max_seq_length: Some(256),
+        ..ModelSpec::default()
+    });
+    let start = match &models["black_box"] {
+        ModelSpec { provider: Some(Provider::Local), model: Some(m), .. } => m.clone(),
+        _ => DEFAULT_EMBEDDER.into(),
+    };
+    models.entry("augment".into()).or_insert_with(|| ModelSpec {
+        init: Some(start),
+        max_seq_length: Some(256),
+        ..ModelSpec::default()
+    });
 }
 
 #[cfg(test)]
