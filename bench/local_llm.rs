@@ -29,10 +29,10 @@ fn main() {
     for run in 0..runs {
         // Prefill alone: one token out.
         let t = Instant::now();
-        e.generate(&prompt, 1, None, None, 0, None).unwrap();
+        e.generate(&prompt, 1, None, None, 0, None, None).unwrap();
         let prefill = t.elapsed().as_secs_f64();
         let t = Instant::now();
-        let (_, _, n_out, _) = e.generate(&prompt, gen_tokens, None, None, 0, None).unwrap();
+        let (_, _, n_out, _) = e.generate(&prompt, gen_tokens, None, None, 0, None, None).unwrap();
         let total = t.elapsed().as_secs_f64();
         let decode = (total - prefill).max(1e-9);
         println!(

@@ -169,6 +169,57 @@ pub fn first_json(text: &str) -> Option<Value> {
     None
 }
 
+/// `text` cut right after the `max_items`-th item of the first array inside its first JSON object,
+/// with the open brackets closed: `{"queries": ["a", "b", "c` with 2 gives `{"queries": ["a", "b"]}`.
+/// None until that many items are complete. Lets a local model stop once it has written what was asked.
+pub fn json_cut(text: &str, max_items: usize) -> Option<String> {
+    let start = text.find('{')?;
+    let (mut stack, mut in_string, mut escaped, mut items) = (Vec::<char>::new(), false, false, 0usize);
+    // The depth of the array being counted (the first one opened), once it is open.
+    let mut counted: Option<usize> = None;
+    for (i, c) in text[start..].char_indices() {
+        let at = start + i;
+        if in_string {
+            match (escaped, c) {
+                (true, _) => escaped = false,
+                (false, '\\') => escaped = true,
+                (false, '"') => {
+                    in_string = false;
+                    if counted == Some(stack.len()) {
+                        items += 1;
+                        if items == max_items {
+                            let closers: String =
+                                stack.iter().rev().map(|&o| if o == '[' { ']' } else { '}' }).collect();
+                            return Some(format!("{}{closers}", &text[..=at]));
+                        }
+                    }
+                }
+                _ => {}
+            }
+            continue;
+        }
+        match c {
+            '"' => in_string = true,
+            '{' => stack.push('{'),
+            '[' => {
+                stack.push('[');
+                counted.get_or_insert(stack.len());
+            }
+            '}' | ']' => {
+                if counted == Some(stack.len()) {
+                    return None;
+                }
+                stack.pop();
+                if stack.is_empty() {
+                    return None;
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
 /// The list of questions in a JSON answer: the value itself, or its `queries` (or `questions`,
 /// `query`, `question`) field.
 pub fn question_list(v: &Value) -> Option<&Vec<Value>> {
@@ -255,6 +306,21 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn json_cut_closes_after_the_asked_number_of_items() {
+        use super::json_cut;
+        assert_eq!(json_cut(r#"{"queries": ["a?", "b"#, 1).as_deref(), Some(r#"{"queries": ["a?"]}"#));
+        assert_eq!(
+            json_cut("```json\n{\n \"queries\": [\"x \\\" y\", \"z\", \"w", 2).as_deref(),
+            Some("```json\n{\n \"queries\": [\"x \\\" y\", \"z\"]}")
+        );
+        // Keys are not items; a string in a nested object is not either.
+        assert_eq!(json_cut(r#"{"queries": ["a"#, 1), None);
+        assert_eq!(json_cut(r#"{"queries": ["a"]}"#, 2), None, "the list closed with fewer items");
+        assert_eq!(json_cut("no json here", 1), None);
+    }
+
     use super::*;
 
     #[test]

@@ -150,6 +150,11 @@ impl Engine {
         let p: super::GenParams = serde_json::from_value(body["params"].clone()).unwrap_or_default();
         let prompt = self.template.render(&messages).map_err(|e| e.to_string())?;
         let schema = body.get("json_schema").filter(|s| !s.is_null());
+        // A list capped by `maxItems` ends once that many items are written: a small model asked for
+        // one question would otherwise write several and run into max_tokens before closing the JSON.
+        let cut = schema.and_then(|s| s["properties"].as_object()).and_then(|props| {
+            props.values().find_map(|p| (p["type"] == "array").then(|| p["maxItems"].as_u64()).flatten())
+        });
         let (mut prompt_tokens, mut completion_tokens) = (0, 0);
         let mut attempt = 0;
         loop {
@@ -160,7 +165,15 @@ impl Engine {
                 n => (Some(p.temperature.unwrap_or(0.0).max(0.7)), p.seed.unwrap_or(0).wrapping_add(u64::from(n))),
             };
             let (text, pt, ct, finish) = self
-                .generate(&prompt, p.max_tokens.unwrap_or(256) as usize, temperature, p.top_p, seed, p.repeat_penalty)
+                .generate(
+                    &prompt,
+                    p.max_tokens.unwrap_or(256) as usize,
+                    temperature,
+                    p.top_p,
+                    seed,
+                    p.repeat_penalty,
+                    cut,
+                )
                 .map_err(|e| format!("local generation failed: {e}"))?;
             prompt_tokens += pt;
             completion_tokens += ct;
@@ -178,8 +191,10 @@ impl Engine {
         }
     }
 
-    /// Greedy (temperature 0 or none) or sampled decoding with a KV cache, stopping at end-of-turn,
-    /// with an optional repeat penalty over the last 64 generated tokens.
+    /// Greedy (temperature 0 or none) or sampled decoding with a KV cache, stopping at end-of-turn
+    /// (or, with `cut`, once a JSON list holds that many items: see `text::json_cut`), with an
+    /// optional repeat penalty over the last 64 generated tokens.
+    #[allow(clippy::too_many_arguments)]
     pub fn generate(
         &mut self,
         prompt: &str,
@@ -188,6 +203,7 @@ impl Engine {
         top_p: Option<f32>,
         seed: u64,
         repeat_penalty: Option<f32>,
+        cut: Option<u64>,
     ) -> candle_core::Result<(String, u64, u64, &'static str)> {
         let enc = self.tokenizer.encode(prompt, false).map_err(candle_core::Error::msg)?;
         let mut tokens: Vec<u32> = enc.get_ids().to_vec();
@@ -221,6 +237,12 @@ impl Engine {
                 break;
             }
             out.push(next);
+            if let Some(m) = cut {
+                let so_far = self.tokenizer.decode(&out, true).map_err(candle_core::Error::msg)?;
+                if let Some(closed) = crate::text::json_cut(&so_far, m as usize) {
+                    return Ok((closed.trim().to_string(), prompt_len as u64, out.len() as u64, "stop"));
+                }
+            }
             if i + 1 == max_tokens {
                 break;
             }

@@ -188,7 +188,11 @@ impl Generate {
         let p = &self.params;
         let llm = p.llm();
         let gen_params = llm.gen_params(None);
-        let schema: serde_json::Value = serde_json::from_str(QUERIES_SCHEMA).expect("static schema");
+        let mut schema: serde_json::Value = serde_json::from_str(QUERIES_SCHEMA).expect("static schema");
+        if self.provider.identity().provider == "local" {
+            // The local engine stops at this many (an API's structured output may not take maxItems).
+            schema["properties"]["queries"]["maxItems"] = json!(p.per_chunk);
+        }
         let items = todo
             .into_iter()
             .map(|c| {

@@ -68,17 +68,18 @@ fn chat_template_renders_a_known_conversation_exactly() {
 fn seeded_generation_is_reproducible_and_stops_at_end_of_turn() {
     let mut e = Engine::load(&gguf(), &candle_core::Device::Cpu).unwrap();
     let prompt = "<|im_start|>user\nWrite one question that is answered by this text.\n\nNorthwind Harbor's Cold Chain Logistics segment had revenue of $742.8 million in fiscal 2025.<|im_end|>\n<|im_start|>assistant\n";
-    let greedy1 = e.generate(prompt, 40, None, None, 0, None).unwrap();
-    let greedy2 = e.generate(prompt, 40, Some(0.0), None, 7, None).unwrap();
+    let greedy1 = e.generate(prompt, 40, None, None, 0, None, None).unwrap();
+    let greedy2 = e.generate(prompt, 40, Some(0.0), None, 7, None, None).unwrap();
     assert_eq!(greedy1.0, greedy2.0, "greedy ignores the seed");
     assert!(!greedy1.0.is_empty());
-    let s1 = e.generate(prompt, 30, Some(0.9), Some(0.95), 42, None).unwrap();
-    let s2 = e.generate(prompt, 30, Some(0.9), Some(0.95), 42, None).unwrap();
+    let s1 = e.generate(prompt, 30, Some(0.9), Some(0.95), 42, None, None).unwrap();
+    let s2 = e.generate(prompt, 30, Some(0.9), Some(0.95), 42, None, None).unwrap();
     assert_eq!(s1, s2, "same seed, same text");
-    let short = e.generate(prompt, 3, None, None, 0, None).unwrap();
+    let short = e.generate(prompt, 3, None, None, 0, None, None).unwrap();
     assert_eq!((short.2, short.3), (3, "length"));
-    let stopped =
-        e.generate("<|im_start|>user\nSay OK.<|im_end|>\n<|im_start|>assistant\n", 60, None, None, 0, None).unwrap();
+    let stopped = e
+        .generate("<|im_start|>user\nSay OK.<|im_end|>\n<|im_start|>assistant\n", 60, None, None, 0, None, None)
+        .unwrap();
     assert_eq!(stopped.3, "stop", "{stopped:?}");
 }
 

@@ -48,7 +48,7 @@ fn qwen2_generates_stops_at_end_of_turn_and_writes_the_json_asked_for() {
         template.render(&[Message::user("Complete the sentence in one word: The capital of France is")]).unwrap();
     assert!(prompt.starts_with("<|im_start|>system\n") && prompt.ends_with("<|im_start|>assistant\n"), "{prompt}");
     let mut e = Engine::load(&path, &candle_core::Device::Cpu).unwrap();
-    let (text, _, n, finish) = e.generate(&prompt, 20, None, None, 0, None).unwrap();
+    let (text, _, n, finish) = e.generate(&prompt, 20, None, None, 0, None, None).unwrap();
     assert!(text.contains("Paris"), "{text:?}");
     assert_eq!(finish, "stop", "ends its turn within 20 tokens: {text:?} ({n} tokens)");
 
@@ -58,7 +58,7 @@ fn qwen2_generates_stops_at_end_of_turn_and_writes_the_json_asked_for() {
     .unwrap();
     let ask = "Passage:\n\"\"\"\nNorthwind Harbor's Cold Chain Logistics segment had revenue of $742.8 million in fiscal 2025, up 5.9%.\n\"\"\"\n\nWrite 2 different questions that this passage answers.\n\nAnswer with JSON only: {\"queries\": [\"...\", \"...\"]}";
     let prompt = template.render(&[Message::user(ask)]).unwrap();
-    let (text, _, _, finish) = e.generate(&prompt, 96, None, None, 0, None).unwrap();
+    let (text, _, _, finish) = e.generate(&prompt, 96, None, None, 0, None, None).unwrap();
     assert_eq!(finish, "stop", "{text:?}");
     assert!(conforms(&text, &schema), "not the JSON asked for: {text:?}");
     assert!(!conforms("{\"queries\": \"one\"}", &schema) && !conforms("What is it?", &schema));
