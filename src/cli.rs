@@ -43,6 +43,74 @@ pub enum Command {
     /// Provision and list models.
     #[command(subcommand)]
     Models(ModelsCommand),
+    /// Serve the workflow's retriever over HTTP: OpenAI's /v1/embeddings and /v1/models, /v1/search,
+    /// /healthz and /metrics. Newly promoted models are swapped in without a restart.
+    Serve(ServeArgs),
+    /// Search the workflow's live chunks for a question.
+    Search(SearchArgs),
+    /// Embed a file of texts with the workflow's retriever into .npy or .jsonl (resumable: vectors
+    /// are cached in the store).
+    Embed(EmbedArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub target: Target,
+    /// Address to listen on (loopback by default; port 0 picks a free one).
+    #[arg(long, default_value = "127.0.0.1:8088")]
+    pub addr: String,
+    /// Demand `Authorization: Bearer <value of this variable>` on every request but /healthz.
+    #[arg(long, value_name = "NAME")]
+    pub api_key_env: Option<String>,
+    /// Inputs per embeddings request at most.
+    #[arg(long, default_value_t = 2048)]
+    pub max_inputs: usize,
+    /// Characters per input (or search query) at most.
+    #[arg(long, default_value_t = 32768)]
+    pub max_chars: usize,
+    /// How long the first request of a batch waits for others to join, in milliseconds.
+    #[arg(long, default_value_t = 2)]
+    pub batch_wait_ms: u64,
+    /// Texts per encoder batch at most.
+    #[arg(long, default_value_t = 256)]
+    pub batch_max: usize,
+    /// How often to check the store for a newly promoted model or changed chunks, in seconds.
+    #[arg(long, default_value_t = 2.0)]
+    pub poll_secs: f64,
+}
+
+#[derive(Args, Debug)]
+pub struct SearchArgs {
+    #[command(flatten)]
+    pub target: Target,
+    /// The question.
+    pub query: String,
+    /// mafin, augment_only, black_box, bm25 or hybrid (default: the promoted retriever).
+    #[arg(long, short)]
+    pub retriever: Option<String>,
+    #[arg(short, default_value_t = 5)]
+    pub k: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct EmbedArgs {
+    #[command(flatten)]
+    pub target: Target,
+    /// Texts: FILE.txt (one per line) or FILE.jsonl (a string, or an object with the text field, per line).
+    #[arg(long, short)]
+    pub input: PathBuf,
+    /// Where the vectors go: FILE.npy (float32, a row per text) or FILE.jsonl.
+    #[arg(long, short)]
+    pub output: PathBuf,
+    /// mafin, augment_only or black_box (default: the promoted retriever).
+    #[arg(long, short)]
+    pub retriever: Option<String>,
+    /// The field of a .jsonl object holding the text.
+    #[arg(long, default_value = "text")]
+    pub field: String,
 }
 
 #[derive(Args, Debug)]

@@ -17,6 +17,7 @@ pub mod prompt;
 pub mod rank;
 pub mod report;
 pub mod schedule;
+pub mod serve;
 pub mod stages;
 pub mod store;
 pub mod text;

@@ -193,6 +193,12 @@ impl SentenceEncoder {
         })
     }
 
+    /// Tokens the encoder reads of `text`, special tokens included and cut at its window: what a
+    /// server reports as usage.
+    pub fn count_tokens(&self, text: &str) -> usize {
+        self.tokenizer.encode(text, true).map_or(0, |e| e.get_ids().len())
+    }
+
     /// Embeds texts in batches of `batch_size`, longest first so padding stays small; the output
     /// is in the input order.
     pub fn embed(&self, texts: &[String], batch_size: usize) -> Result<Vec<Vec<f32>>> {

@@ -16,6 +16,7 @@ mod inspect;
 mod models;
 mod run;
 mod schedule;
+mod serve;
 mod validate;
 
 use crate::cli::{Cli, Command};
@@ -32,6 +33,9 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         Command::Report(a) => inspect::report(a).await,
         Command::Models(c) => models::models(c, cli.quiet).await,
         Command::Schedule(a) => schedule::schedule(a, cli.quiet).await,
+        Command::Serve(a) => serve::serve(a).await,
+        Command::Search(a) => serve::search(a).await,
+        Command::Embed(a) => serve::embed(a, cli.quiet).await,
     }
 }
 

@@ -143,18 +143,8 @@ async fn dense(
     };
     if kind == Kind::Mafin
         && let (Some(m), Some(bb)) = (model, &black_box)
-        && m.black_box.as_deref().is_some_and(|trained| trained != bb.identity)
     {
-        return Err(Error::bad_input(
-            format!(
-                "model {} was trained beside the black box {}, but `models.{}` is now {}",
-                m.id,
-                m.black_box.as_deref().unwrap_or("?"),
-                cx.black_box,
-                bb.identity
-            ),
-            "point `black_box:` at the black box it was trained with, or retrain",
-        ));
+        trained_beside(m, bb, cx.black_box)?;
     }
     let weight = model.map_or(0.5, |m| m.weight);
     let rows = async |texts: &[String]| -> Result<Vec<f32>> {
@@ -166,12 +156,7 @@ async fn dense(
             Some(a) => Some(a.embed(cx.wf, cx.store, cx.run_id, cx.stage, texts).await?),
             None => None,
         };
-        Ok(match (kind, bb, aug) {
-            (Kind::Mafin, Some(bb), Some(aug)) => train::retriever_rows(Retriever::Mafin, &aug, Some(&bb), weight),
-            (_, _, Some(aug)) => train::retriever_rows(Retriever::AugmentOnly, &aug, None, weight),
-            (_, Some(bb), None) => bb.iter().flat_map(|v| train::normalized(v)).collect(),
-            _ => return Err(Error::internal(format!("retriever {} was scored without its model", kind.name()))),
-        })
+        combine(kind, bb, aug, weight)
     };
     cx.progress.message(&format!("{}: queries", kind.name()));
     let q = rows(&set.queries).await?;
@@ -220,6 +205,31 @@ async fn dense(
         ));
     }
     Ok(top.finish())
+}
+
+/// A dense retriever's rows from its encoders' vectors: the black box's and the augment model's, each
+/// normalised, then (for mafin) weighted and joined. What eval stages score and `flow serve` returns.
+pub fn combine(kind: Kind, bb: Option<Vec<Vec<f32>>>, aug: Option<Vec<Vec<f32>>>, weight: f64) -> Result<Vec<f32>> {
+    Ok(match (kind, bb, aug) {
+        (Kind::Mafin, Some(bb), Some(aug)) => train::retriever_rows(Retriever::Mafin, &aug, Some(&bb), weight),
+        (_, _, Some(aug)) => train::retriever_rows(Retriever::AugmentOnly, &aug, None, weight),
+        (_, Some(bb), None) => bb.iter().flat_map(|v| train::normalized(v)).collect(),
+        _ => return Err(Error::internal(format!("retriever {} was scored without its model", kind.name()))),
+    })
+}
+
+/// A mafin model is only meaningful beside the black box it was trained with (`key` names it).
+pub fn trained_beside(m: &ModelRow, bb: &BlackBox, key: &str) -> Result<()> {
+    match m.black_box.as_deref() {
+        Some(trained) if trained != bb.identity => Err(Error::bad_input(
+            format!(
+                "model {} was trained beside the black box {trained}, but `models.{key}` is now {}",
+                m.id, bb.identity
+            ),
+            "point `black_box:` at the black box it was trained with, or retrain",
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// How documents longer than the encoder's window are scored.

@@ -43,6 +43,9 @@ pub struct LlmFailure {
     pub attempts: u32,
 }
 
+/// The run id of calls made outside any run (`flow serve`, `flow embed`): stored with no run.
+pub const OUTSIDE_RUN: i64 = 0;
+
 pub struct LlmClient {
     limiter: Arc<Limiter>,
     retry: RetryPolicy,
@@ -138,7 +141,7 @@ impl LlmClient {
                 completion_tokens: answer.completion_tokens as i64,
                 latency_ms: latency.as_millis() as i64,
                 attempts: attempts as i64,
-                run_id: Some(self.run_id),
+                run_id: (self.run_id != OUTSIDE_RUN).then_some(self.run_id),
                 stage: Some(&self.stage),
                 usable: req.accept.is_none_or(|accept| accept(&answer.text)),
             },
@@ -188,7 +191,7 @@ impl LlmClient {
                 completion_tokens: 0,
                 latency_ms: latency.as_millis() as i64,
                 attempts: attempts as i64,
-                run_id: Some(self.run_id),
+                run_id: (self.run_id != OUTSIDE_RUN).then_some(self.run_id),
                 stage: Some(&self.stage),
                 usable: true,
             },

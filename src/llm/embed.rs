@@ -2,6 +2,7 @@
 //! workflow's black box (a local folder or an OpenAI-compatible API), or a trained model's folder.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::{EmbeddingProvider, LlmClient};
 use crate::bert::encoder::SentenceEncoder;
@@ -22,6 +23,16 @@ pub struct BlackBox {
     key: String,
     /// The API client, made on the first request: its usage is the stage's embedding usage.
     client: std::sync::OnceLock<LlmClient>,
+    pub stats: Stats,
+}
+
+/// What `embed` has done since load: texts found in the cache, texts computed (or paid for), and
+/// the encoder calls (API requests) that computed them.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub cached: AtomicU64,
+    pub computed: AtomicU64,
+    pub calls: AtomicU64,
 }
 
 /// Texts per request to an API, and per batch written to the store.
@@ -43,7 +54,13 @@ impl BlackBox {
                 let provider = super::embedding_provider(wf, key)?;
                 let id = provider.identity();
                 let identity = format!("{}|{}|{}", id.provider, id.base_url, id.model);
-                Ok(BlackBox { backend: Backend::Api(provider), identity, key: key.into(), client: Default::default() })
+                Ok(BlackBox {
+                    backend: Backend::Api(provider),
+                    identity,
+                    key: key.into(),
+                    client: Default::default(),
+                    stats: Stats::default(),
+                })
             }
         }
     }
@@ -58,7 +75,13 @@ impl BlackBox {
         let enc = SentenceEncoder::load(dir, max_seq_length, &crate::models::device(device)?)?;
         let weights = std::fs::read(dir.join("model.safetensors")).map_err(Error::io(dir))?;
         let identity = format!("local|{name}|{}|{}", enc.max_seq_length, &sha256_hex(&weights)[..16]);
-        Ok(BlackBox { backend: Backend::Local(Arc::new(enc)), identity, key: name.into(), client: Default::default() })
+        Ok(BlackBox {
+            backend: Backend::Local(Arc::new(enc)),
+            identity,
+            key: name.into(),
+            client: Default::default(),
+            stats: Stats::default(),
+        })
     }
 
     /// The local encoder (None for an API, whose window flow does not know): what cuts long
@@ -104,7 +127,11 @@ impl BlackBox {
             let _ = self.client.set(super::client(wf, &self.key, p.identity(), store, run_id, stage)?);
         }
         let client = self.client.get();
+        let found = texts.len() - missing.len();
+        self.stats.cached.fetch_add(found as u64, Ordering::Relaxed);
         for part in missing.chunks(BATCH) {
+            self.stats.calls.fetch_add(1, Ordering::Relaxed);
+            self.stats.computed.fetch_add(part.len() as u64, Ordering::Relaxed);
             let batch: Vec<String> = part.iter().map(|(_, t)| t.clone()).collect();
             let vectors = match &self.backend {
                 Backend::Local(enc) => {

@@ -175,3 +175,34 @@ pub async fn live_chunks(store: &Store) -> Result<Vec<(i64, String)>> {
     .fetch_all(&store.pool)
     .await?)
 }
+
+/// A live chunk with where it came from: what `flow serve` searches and returns.
+#[derive(Debug, Clone, FromRow, serde::Serialize)]
+pub struct SourcedChunk {
+    pub id: i64,
+    pub text: String,
+    pub document: String,
+    pub title: Option<String>,
+    pub page: Option<i64>,
+}
+
+/// Every live chunk of every active document with its document's path, title and page, oldest first.
+pub async fn live_sourced(store: &Store) -> Result<Vec<SourcedChunk>> {
+    Ok(sqlx::query_as(
+        "SELECT c.id, c.text, d.path AS document, d.title, c.page FROM chunks c JOIN documents d ON d.id = c.document_id
+         WHERE d.status = 'active' AND c.retired_at IS NULL ORDER BY c.id",
+    )
+    .fetch_all(&store.pool)
+    .await?)
+}
+
+/// Changes whenever the set of live chunks does (a chunk added, retired, or its document gone).
+pub async fn live_stamp(store: &Store) -> Result<String> {
+    let (n, max_id, retired, updated): (i64, Option<i64>, Option<i64>, Option<i64>) = sqlx::query_as(
+        "SELECT (SELECT COUNT(*) FROM chunks WHERE retired_at IS NULL), (SELECT MAX(id) FROM chunks),
+                (SELECT MAX(retired_at) FROM chunks), (SELECT MAX(updated_at) FROM documents)",
+    )
+    .fetch_one(&store.pool)
+    .await?;
+    Ok(format!("{n}|{max_id:?}|{retired:?}|{updated:?}"))
+}

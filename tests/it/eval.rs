@@ -5,22 +5,13 @@ use crate::harness::Sandbox;
 use crate::openai_server::{self, Config};
 use crate::train::toy_set;
 
-/// Test queries q12..q47: their passages have no duplicate elsewhere in the toy corpus.
-fn test_split(sb: &Sandbox) {
-    let mut qrels = String::from("query-id\tcorpus-id\tscore\n");
-    for i in 12..48 {
-        qrels.push_str(&format!("q{i}\td{i}\t1\n"));
-    }
-    sb.write("toy/qrels/test.tsv", qrels);
-}
-
 const MODELS: &str = "models:\n  black_box: { provider: local, model: tiny }\n  augment: { init: tiny }\n";
 
 #[test]
 fn a_baseline_runs_without_training_and_shows_the_change_against_the_last_run() {
     let sb = Sandbox::new();
     toy_set(&sb);
-    test_split(&sb);
+    crate::train::toy_test_split(&sb);
     let wf = format!(
         "name: t\nstore: t.db\n{MODELS}stages:\n  eval:\n    kind: eval_recall\n    eval_set: {{ beir: toy, split: test }}\n    retrievers: [bm25, black_box]\n"
     );
@@ -53,7 +44,7 @@ fn a_baseline_runs_without_training_and_shows_the_change_against_the_last_run() 
     assert!(bad.all().contains("test.tsv:3") && bad.all().contains("nope"), "{}", bad.all());
 
     // Asking for a trained retriever with nothing trained says what to do.
-    test_split(&sb);
+    crate::train::toy_test_split(&sb);
     sb.write("wf.yaml", wf.replace("[bm25, black_box]", "[bm25, mafin]"));
     let none = sb.flow(&["run", "wf.yaml"]);
     assert_eq!(none.code, 2, "{}", none.all());
@@ -64,7 +55,7 @@ fn a_baseline_runs_without_training_and_shows_the_change_against_the_last_run() 
 fn eval_after_training_scores_the_trained_model() {
     let sb = Sandbox::new();
     toy_set(&sb);
-    test_split(&sb);
+    crate::train::toy_test_split(&sb);
     sb.write(
         "wf.yaml",
         format!(
@@ -99,7 +90,7 @@ fn rag_answers_are_graded_stored_reported_and_never_paid_twice() {
     let server = openai_server::start(Config::default());
     let sb = Sandbox::new();
     toy_set(&sb);
-    test_split(&sb);
+    crate::train::toy_test_split(&sb);
     sb.write("prompts/rag_answer.j2", include_str!("../../prompts/rag_answer.j2"));
     sb.write("prompts/rag_grade.j2", include_str!("../../prompts/rag_grade.j2"));
     let wf = format!(
@@ -159,7 +150,7 @@ fn an_api_black_box_is_paid_once_and_its_calls_are_accounted() {
     let server = openai_server::start(Config::default());
     let sb = Sandbox::new();
     toy_set(&sb);
-    test_split(&sb);
+    crate::train::toy_test_split(&sb);
     sb.write(
         "wf.yaml",
         format!(
@@ -241,7 +232,7 @@ fn a_long_documents_late_answer_is_found_by_maxp_and_missed_by_its_first_window(
 fn a_training_that_does_not_beat_its_start_is_not_promoted() {
     let sb = Sandbox::new();
     toy_set(&sb);
-    test_split(&sb);
+    crate::train::toy_test_split(&sb);
     sb.write(
         "wf.yaml",
         format!(
@@ -264,7 +255,7 @@ fn a_training_that_does_not_beat_its_start_is_not_promoted() {
 fn hybrid_without_a_validation_alpha_fuses_by_rrf_and_says_so() {
     let sb = Sandbox::new();
     toy_set(&sb);
-    test_split(&sb);
+    crate::train::toy_test_split(&sb);
     sb.write(
         "wf.yaml",
         format!(

@@ -14,6 +14,7 @@ mod pull;
 mod qwen;
 mod robust;
 mod schedule;
+mod serve;
 mod settings;
 mod train;
 mod validate;

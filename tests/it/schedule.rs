@@ -187,11 +187,7 @@ fn gate_workflow(train: &str) -> String {
 fn the_gate_promotes_a_better_model_and_keeps_a_worse_one_as_candidate() {
     let sb = Sandbox::new();
     toy_set(&sb);
-    let mut qrels = String::from("query-id\tcorpus-id\tscore\n");
-    for i in 12..48 {
-        qrels.push_str(&format!("q{i}\td{i}\t1\n"));
-    }
-    sb.write("toy/qrels/test.tsv", qrels);
+    crate::train::toy_test_split(&sb);
     let db = sb.db("t.db");
     let status = |id: i64| db.text(&format!("SELECT status FROM models WHERE id = {id}"));
 

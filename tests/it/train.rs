@@ -68,6 +68,15 @@ fn toy_set_from(sb: &Sandbox, init_from: Option<&Sandbox>) -> usize {
     distinct.len()
 }
 
+/// The toy set's test split: queries q12..q47, whose passages have no duplicate elsewhere in the corpus.
+pub fn toy_test_split(sb: &Sandbox) {
+    let mut qrels = String::from("query-id\tcorpus-id\tscore\n");
+    for i in 12..48 {
+        qrels.push_str(&format!("q{i}\td{i}\t1\n"));
+    }
+    sb.write("toy/qrels/test.tsv", qrels);
+}
+
 fn workflow(extra: &str) -> String {
     workflow_epochs(6, extra)
 }

@@ -1,0 +1,320 @@
+//! The HTTP face of `flow serve` (axum): OpenAI's embeddings and models shapes, `/v1/search`,
+//! `/healthz` and `/metrics`, behind an optional bearer key, input limits and a drain on SIGTERM.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{Value, json};
+
+use super::Service;
+use crate::error::{Error, Result};
+
+/// Who may call and how much one request may carry.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// The bearer key requests must carry (None: no key asked).
+    pub api_key: Option<String>,
+    /// Inputs per embeddings request (OpenAI's own limit is 2048).
+    pub max_inputs: usize,
+    /// Characters per input or query.
+    pub max_chars: usize,
+    /// Hits per search.
+    pub max_k: usize,
+}
+
+/// The header that names the model behind each answer (`mafin@7`).
+pub const MODEL_HEADER: &str = "x-flow-model";
+
+/// Request bodies larger than this are refused before parsing (413).
+const BODY_LIMIT: usize = 64 << 20;
+
+#[derive(Clone)]
+struct App {
+    svc: Arc<Service>,
+    limits: Arc<Limits>,
+}
+
+pub fn router(svc: Arc<Service>, limits: Limits) -> Router {
+    let app = App { svc, limits: Arc::new(limits) };
+    Router::new()
+        .route("/v1/embeddings", post(embeddings))
+        .route("/v1/models", get(models))
+        .route("/v1/search", post(search))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(app.clone(), guard))
+        .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(app)
+}
+
+/// Serves until SIGINT/SIGTERM, then stops taking connections and lets in-flight requests finish.
+pub async fn serve(listener: tokio::net::TcpListener, svc: Arc<Service>, limits: Limits) -> Result<()> {
+    let app = router(svc, limits);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(crate::engine::shutdown::requested())
+        .await
+        .map_err(|e| Error::Service { what: format!("the HTTP server stopped: {e}"), hint: "see the log above".into() })
+}
+
+fn route_of(path: &str) -> &'static str {
+    match path {
+        "/v1/embeddings" => "embeddings",
+        "/v1/search" => "search",
+        "/v1/models" => "models",
+        "/healthz" => "healthz",
+        "/metrics" => "metrics",
+        _ => "other",
+    }
+}
+
+/// The key check (before any work: a refused request costs nothing) and the request metrics.
+async fn guard(State(app): State<App>, req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let route = route_of(req.uri().path());
+    let response = match &app.limits.api_key {
+        Some(key) if route != "healthz" && !authorized(&req, key) => error(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong API key: send `Authorization: Bearer <key>` with the key in the server's --api-key-env variable",
+            "invalid_api_key",
+        ),
+        _ => next.run(req).await,
+    };
+    app.svc.metrics.answered(route, response.status().as_u16(), start.elapsed().as_secs_f64());
+    response
+}
+
+fn authorized(req: &Request, key: &str) -> bool {
+    let given =
+        req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    // Compared in time independent of where the first difference is.
+    given
+        .is_some_and(|g| g.len() == key.len() && g.bytes().zip(key.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0)
+}
+
+/// OpenAI's error shape.
+fn error(status: StatusCode, message: &str, code: &str) -> Response {
+    let kind = if status.is_server_error() { "server_error" } else { "invalid_request_error" };
+    (status, Json(json!({ "error": { "message": message, "type": kind, "code": code, "param": null } })))
+        .into_response()
+}
+
+fn failed(e: &Error) -> Response {
+    match e {
+        Error::BadInput { .. } => error(StatusCode::BAD_REQUEST, &e.to_string(), "invalid_request"),
+        Error::Service { .. } => error(StatusCode::BAD_GATEWAY, &e.to_string(), "upstream_error"),
+        _ => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string(), "internal_error"),
+    }
+}
+
+fn with_model(mut r: Response, label: &str) -> Response {
+    if let Ok(v) = HeaderValue::from_str(label) {
+        r.headers_mut().insert(MODEL_HEADER, v);
+    }
+    r
+}
+
+/// The body as a JSON object (None: the 400 to answer with is `not_json()`).
+fn parse(body: &Bytes) -> Option<Value> {
+    serde_json::from_slice::<Value>(body).ok().filter(Value::is_object)
+}
+
+fn not_json() -> Response {
+    error(StatusCode::BAD_REQUEST, "the body must be a JSON object", "invalid_json")
+}
+
+/// `input` as texts: a string or a list of strings, each within the limits.
+fn inputs(v: &Value, limits: &Limits) -> std::result::Result<Vec<String>, String> {
+    let texts: Vec<String> = match v {
+        Value::String(s) => vec![s.clone()],
+        Value::Array(items) if items.iter().all(Value::is_string) => {
+            items.iter().map(|i| i.as_str().unwrap_or_default().to_string()).collect()
+        }
+        Value::Array(_) => {
+            return Err(
+                "`input` holds token ids or mixed items; this server embeds text: send a string or a list of strings"
+                    .into(),
+            );
+        }
+        Value::Null => return Err("the request has no `input`".into()),
+        _ => return Err("`input` must be a string or a list of strings".into()),
+    };
+    if texts.is_empty() {
+        return Err("`input` is an empty list".into());
+    }
+    if texts.len() > limits.max_inputs {
+        return Err(format!(
+            "{} inputs in one request; this server takes at most {} (--max-inputs)",
+            texts.len(),
+            limits.max_inputs
+        ));
+    }
+    for (i, t) in texts.iter().enumerate() {
+        if t.is_empty() {
+            return Err(format!("input {i} is an empty string"));
+        }
+        let n = t.chars().count();
+        if n > limits.max_chars {
+            return Err(format!(
+                "input {i} has {n} characters; this server takes at most {} per input (--max-chars)",
+                limits.max_chars
+            ));
+        }
+    }
+    Ok(texts)
+}
+
+async fn embeddings(State(app): State<App>, body: Bytes) -> Response {
+    let Some(req) = parse(&body) else { return not_json() };
+    let texts = match inputs(&req["input"], &app.limits) {
+        Ok(t) => t,
+        Err(m) => return error(StatusCode::BAD_REQUEST, &m, "invalid_input"),
+    };
+    let name = req["model"].as_str().unwrap_or_default();
+    let live = app.svc.live();
+    if live.find(name).is_none() {
+        let msg = format!(
+            "the model `{name}` does not exist here; this server has {} (default {})",
+            live.names().join(", "),
+            live.default.name()
+        );
+        return error(StatusCode::NOT_FOUND, &msg, "model_not_found");
+    }
+    let base64 = match req["encoding_format"].as_str() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(other) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                &format!("`encoding_format` {other:?}: use float or base64"),
+                "invalid_encoding",
+            );
+        }
+    };
+    let done = match app.svc.embed(name, texts, true).await {
+        Ok(d) => d,
+        Err(e) => return failed(&e),
+    };
+    let dim = done.vectors.first().map_or(0, Vec::len);
+    if let Some(d) = req["dimensions"].as_u64()
+        && d as usize != dim
+    {
+        let msg = format!("`dimensions` {d}: this retriever's vectors are {dim} wide and are not shortened");
+        return error(StatusCode::BAD_REQUEST, &msg, "invalid_dimensions");
+    }
+    let data: Vec<Value> = done
+        .vectors
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let embedding = if base64 { Value::String(to_base64(v)) } else { json!(v) };
+            json!({ "object": "embedding", "index": i, "embedding": embedding })
+        })
+        .collect();
+    let body = json!({
+        "object": "list",
+        "data": data,
+        "model": done.served.kind.name(),
+        "usage": { "prompt_tokens": done.tokens, "total_tokens": done.tokens },
+    });
+    with_model(Json(body).into_response(), &done.served.label())
+}
+
+fn to_base64(v: &[f32]) -> String {
+    use base64::Engine;
+    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+async fn models(State(app): State<App>) -> Response {
+    let live = app.svc.live();
+    let data: Vec<Value> = live
+        .retrievers
+        .iter()
+        .map(|s| {
+            json!({
+                "id": s.kind.name(),
+                "object": "model",
+                "created": s.model.as_ref().map_or(0, |m| m.created_at / 1000),
+                "owned_by": "flow",
+                "flow_model": s.label(),
+                "status": s.model.as_ref().map_or("black box", |m| m.status.as_str()),
+                "default": s.kind == live.default,
+            })
+        })
+        .collect();
+    let body = json!({ "object": "list", "data": data, "search_also": ["bm25", "hybrid"] });
+    with_model(Json(body).into_response(), &live.default_served().label())
+}
+
+async fn search(State(app): State<App>, body: Bytes) -> Response {
+    let Some(req) = parse(&body) else { return not_json() };
+    let Some(query) = req["query"].as_str().filter(|q| !q.trim().is_empty()) else {
+        return error(StatusCode::BAD_REQUEST, "the request has no `query` (a non-empty string)", "invalid_query");
+    };
+    let n = query.chars().count();
+    if n > app.limits.max_chars {
+        let msg =
+            format!("the query has {n} characters; this server takes at most {} (--max-chars)", app.limits.max_chars);
+        return error(StatusCode::BAD_REQUEST, &msg, "invalid_query");
+    }
+    let k = match &req["k"] {
+        Value::Null => 10,
+        v => match v.as_u64().filter(|&k| k >= 1 && k as usize <= app.limits.max_k) {
+            Some(k) => k as usize,
+            None => {
+                let msg = format!("`k` must be a whole number from 1 to {}", app.limits.max_k);
+                return error(StatusCode::BAD_REQUEST, &msg, "invalid_k");
+            }
+        },
+    };
+    let name = req["retriever"].as_str().unwrap_or_default();
+    let live = app.svc.live();
+    if !matches!(name, "bm25" | "hybrid") && live.find(name).is_none() {
+        let msg = format!(
+            "no retriever `{name}` here; search takes {}, bm25 or hybrid (default {})",
+            live.names().join(", "),
+            live.default.name()
+        );
+        return error(StatusCode::NOT_FOUND, &msg, "retriever_not_found");
+    }
+    match app.svc.search(name, query, k).await {
+        Ok(found) => {
+            let label = found.model.clone();
+            let body = json!({
+                "object": "list",
+                "retriever": found.retriever,
+                "model": found.model,
+                "fusion": found.fusion,
+                "data": found.hits,
+            });
+            with_model(Json(body).into_response(), &label)
+        }
+        Err(e) => failed(&e),
+    }
+}
+
+async fn healthz(State(app): State<App>) -> Response {
+    let label = app.svc.live().default_served().label();
+    with_model(Json(json!({ "status": "ok", "model": label })).into_response(), &label)
+}
+
+async fn metrics(State(app): State<App>) -> Response {
+    let text = app.svc.metrics.render(&app.svc.black_box_counts(), &app.svc.live().default_served().label());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+async fn not_found() -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        "no such endpoint: flow serve has /v1/embeddings, /v1/models, /v1/search, /healthz and /metrics",
+        "not_found",
+    )
+}
