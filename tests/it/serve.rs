@@ -487,3 +487,47 @@ fn a_key_limits_and_sigterm_are_kept() {
     assert!(status.success(), "exit {status:?}: {}", server.log());
     assert!(server.log().contains("stopped"), "{}", server.log());
 }
+
+#[test]
+fn an_api_black_box_is_asked_once_per_text_and_concurrent_requests_share_batches() {
+    let upstream = crate::openai_server::start(crate::openai_server::Config {
+        latency: Duration::from_millis(40),
+        ..Default::default()
+    });
+    let sb = Sandbox::new();
+    toy_set(&sb);
+    sb.write(
+        "wf.yaml",
+        format!(
+            "name: t\nstore: t.db\nmodels:\n  black_box: {{ provider: openai, model: test-embed, base_url: \"{}\" }}\nstages:\n  chunk:\n    kind: chunk\n    corpus: [toy/corpus.jsonl]\n    jsonl: {{ id: _id, text: text }}\n",
+            upstream.base_url()
+        ),
+    );
+    let r = sb.flow(&["run", "wf.yaml", "--quiet"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let server = Server::start(&sb, &["--batch-wait-ms", "20"], &[]);
+    let texts: Vec<String> = (0..8).map(|i| format!("w{i} w{}", i + 20)).collect();
+    let run_clients = |n: usize| {
+        let handles: Vec<_> = (0..n)
+            .map(|c| {
+                let (addr, texts) = (server.addr.clone(), texts.clone());
+                std::thread::spawn(move || {
+                    // Each client sends an overlapping half of the same eight texts.
+                    let mine: Vec<String> = texts.iter().cycle().skip(c % 8).take(4).cloned().collect();
+                    embed(&addr, "black_box", &mine).0
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect::<Vec<_>>()
+    };
+    let first = run_clients(16);
+    let paid = upstream.log.entries().len();
+    assert!((1..16).contains(&paid), "16 clients made {paid} upstream requests: they were not batched");
+    let metrics = http(&server.addr, "GET", "/metrics", None, None).body;
+    assert!(metrics.contains("flow_black_box_texts_total{source=\"computed\"} 8"), "each text once: {metrics}");
+    // Again: every vector from the cache, nothing paid, the same vectors.
+    let again = run_clients(16);
+    assert_eq!(upstream.log.entries().len(), paid, "a text already seen was paid for again");
+    assert_eq!(first, again);
+    assert_eq!(sb.db("t.db").scalar("SELECT COUNT(*) FROM embeddings"), 8);
+}
