@@ -531,3 +531,42 @@ fn an_api_black_box_is_asked_once_per_text_and_concurrent_requests_share_batches
     assert_eq!(first, again);
     assert_eq!(sb.db("t.db").scalar("SELECT COUNT(*) FROM embeddings"), 8);
 }
+
+#[test]
+fn search_follows_the_chunks_a_later_run_changes() {
+    let sb = Sandbox::new();
+    toy_set(&sb);
+    sb.write(
+        "wf.yaml",
+        "name: t\nstore: t.db\nmodels:\n  black_box: { provider: local, model: tiny }\nstages:\n  chunk:\n    kind: chunk\n    corpus: [toy/corpus.jsonl]\n    jsonl: { id: _id, text: text }\n",
+    );
+    assert_eq!(sb.flow(&["run", "wf.yaml", "--quiet"]).code, 0);
+    let server = Server::start(&sb, &[], &[]);
+    let search = |retriever: &str| {
+        let r = http(
+            &server.addr,
+            "POST",
+            "/v1/search",
+            Some(&json!({"query": "w5 w6 w7", "k": 1, "retriever": retriever})),
+            None,
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()["data"][0]["document"].as_str().unwrap().to_string()
+    };
+    for r in ["bm25", "black_box"] {
+        assert_ne!(search(r), "toy/corpus.jsonl#new", "{r}");
+    }
+    let mut corpus = std::fs::read_to_string(sb.path("toy/corpus.jsonl")).unwrap();
+    corpus.push_str("{\"_id\": \"new\", \"text\": \"w5 w6 w7\"}\n");
+    sb.write("toy/corpus.jsonl", corpus);
+    assert_eq!(sb.flow(&["run", "wf.yaml", "--quiet"]).code, 0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !server.log().contains("the chunks changed") {
+        assert!(Instant::now() < deadline, "the server never saw the new chunks: {}", server.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The new chunk is the query itself: first for both the lexical and the dense retriever.
+    for r in ["bm25", "black_box"] {
+        assert_eq!(search(r), "toy/corpus.jsonl#new", "{r}");
+    }
+}
