@@ -10,7 +10,9 @@ use clap::{Args, Parser, Subcommand};
     version,
     about = "Turn your documents into a better retriever: chunk, generate, judge, train, evaluate."
 )]
-#[command(after_help = "Exit codes: 0 success, 1 a stage or run failed, 2 bad input or configuration.")]
+#[command(
+    after_help = "Exit codes: 0 success, 1 a stage or run failed, 2 bad input or configuration, 3 a run stopped by its budget."
+)]
 pub struct Cli {
     /// No progress output; errors and results only.
     #[arg(short, long, global = true)]

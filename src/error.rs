@@ -67,6 +67,10 @@ pub enum Error {
     #[error("{what}\n  hint: {hint}")]
     Service { what: String, hint: String },
 
+    /// A request would have crossed a `budget:`; the run stops the way an interrupt stops it.
+    #[error("{what}\n  hint: raise `budget:` in the workflow and `flow resume`: nothing paid for is asked again")]
+    Budget { what: String },
+
     /// Fetching a model from a package registry failed.
     #[error("{what}\n  hint: {hint}")]
     Fetch { what: String, hint: String },

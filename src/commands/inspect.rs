@@ -12,11 +12,13 @@ async fn open(t: &Target) -> anyhow::Result<Store> {
 }
 
 /// A run left 'running' while no live process holds the store lock was killed.
-fn live_status(store: &Store, status: &str) -> String {
-    if status == "running" && !flow::engine::lock::holder_alive(&store.path) {
+/// A run's status as a person needs it: `interrupted` for one left running by a dead process,
+/// `stopped (budget)` for one a budget stopped.
+fn live_status(store: &Store, run: &runs::RunRow) -> String {
+    if run.status == "running" && !flow::engine::lock::holder_alive(&store.path) {
         "interrupted".into()
     } else {
-        status.to_string()
+        run.shown_status()
     }
 }
 
@@ -36,7 +38,7 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<u8> {
         )
         .into());
     };
-    let status = live_status(&store, &run.status);
+    let status = live_status(&store, &run);
     let stages = runs::stages_of(&store, run.id).await?;
     if a.json {
         let mut v = serde_json::to_value(&run)?;
@@ -58,6 +60,9 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<u8> {
         fmt_time(run.started_at),
         fmt_duration(Some(run.started_at), run.finished_at)
     )?;
+    if let Some(why) = &run.stop_reason {
+        outln!("stopped by {why}")?;
+    }
     let rows: Vec<Vec<String>> = stages
         .iter()
         .map(|s| {
@@ -148,7 +153,7 @@ pub async fn runs(a: RunsArgs) -> anyhow::Result<u8> {
             .iter()
             .map(|r| {
                 let mut v = serde_json::to_value(r).unwrap_or_default();
-                v["status"] = live_status(&store, &r.status).into();
+                v["status"] = live_status(&store, r).into();
                 v
             })
             .collect();
@@ -160,7 +165,7 @@ pub async fn runs(a: RunsArgs) -> anyhow::Result<u8> {
         .map(|r| {
             vec![
                 r.id.to_string(),
-                live_status(&store, &r.status),
+                live_status(&store, r),
                 fmt_time(r.started_at),
                 fmt_duration(Some(r.started_at), r.finished_at),
                 r.args.clone(),

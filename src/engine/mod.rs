@@ -6,6 +6,8 @@ pub mod shutdown;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
+
+use crate::llm::budget::{self, Spent};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -52,10 +54,32 @@ impl RunReport {
     pub fn exit_code(&self) -> u8 {
         match (self.status.as_str(), self.input_error) {
             ("succeeded", _) => 0,
+            (STOPPED_BUDGET, _) => 3,
             (_, true) => 2,
             _ => 1,
         }
     }
+}
+
+/// The status of a run a budget stopped (stored as `interrupted` with its `stop_reason`).
+pub const STOPPED_BUDGET: &str = "stopped (budget)";
+
+/// A run's usage so far as a ledger's starting point.
+fn spent_of(u: runs::UsageSnapshot) -> Spent {
+    Spent {
+        requests: u.calls,
+        prompt_tokens: u.prompt_tokens,
+        completion_tokens: u.completion_tokens,
+        usd: u.cost.unwrap_or(0.0),
+    }
+}
+
+/// How a stage's turn ended when it did not succeed.
+enum Failed {
+    Input,
+    Other,
+    /// A budget refused a request: the run stops.
+    Budget(String),
 }
 
 /// Starts a new run of `wf`.
@@ -155,14 +179,30 @@ async fn execute(
         progress.log(n);
     }
     let state = initial_states(&wf, &store, &opts, &finished).await?;
+    let earlier = runs::stages_of(&store, run_id).await?.into_iter().map(|s| spent_of(s.all_attempts()));
+    let total = earlier.fold(Spent::default(), |mut acc, s| {
+        acc.add(&s);
+        acc
+    });
+    budget::open(run_id, None, wf.budget.unwrap_or_default(), total);
     // Building resolves models and paths: a bad setting stops the run before anything starts.
     let mut built: HashMap<String, Arc<dyn Stage>> = HashMap::new();
     for name in wf.order.iter().filter(|n| matches!(state[*n], State::Waiting)) {
         built.insert(name.clone(), Arc::from(crate::stages::build(&wf.stages[name], &wf)?));
     }
     let forced = forced_stages(&wf, &opts);
-    let mut dag =
-        Runner { wf, store, run_id, progress, forced, state, built, tasks: JoinSet::new(), input_error: false };
+    let mut dag = Runner {
+        wf,
+        store,
+        run_id,
+        progress,
+        forced,
+        state,
+        built,
+        tasks: JoinSet::new(),
+        input_error: false,
+        budget_stop: None,
+    };
     let interrupted = loop {
         dag.start_ready().await?;
         if dag.tasks.is_empty() {
@@ -172,8 +212,20 @@ async fn execute(
             break true;
         }
     };
-    let Runner { wf, store, state, mut tasks, input_error, .. } = dag;
-    let status = if interrupted {
+    let Runner { wf, store, state, mut tasks, input_error, budget_stop, .. } = dag;
+    let mut stop_reason = None;
+    let status = if let Some(why) = budget_stop.filter(|_| !interrupted) {
+        // Requests already sent are paid for: their answers are stored before the run ends.
+        for l in budget::of_run(run_id) {
+            let _ = tokio::time::timeout(Duration::from_secs(300), l.idle()).await;
+        }
+        notes.push(format!(
+            "{STOPPED_BUDGET}: {why}; raise `budget:` in {} and `flow resume` continues without paying twice",
+            wf.path.display()
+        ));
+        stop_reason = Some(format!("budget: {why}"));
+        "interrupted"
+    } else if interrupted {
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
         runs::mark_interrupted(&store).await?;
@@ -184,7 +236,9 @@ async fn execute(
     } else {
         "failed"
     };
-    runs::finish(&store, run_id, status).await?;
+    runs::finish(&store, run_id, status, stop_reason.as_deref()).await?;
+    budget::close(run_id);
+    let status = if stop_reason.is_some() { STOPPED_BUDGET } else { status };
     let mut stages = runs::stages_of(&store, run_id).await?;
     stages.sort_by_key(|s| wf.order.iter().position(|n| *n == s.stage));
     store.close().await;
@@ -244,13 +298,18 @@ struct Runner {
     forced: BTreeSet<String>,
     state: HashMap<String, State>,
     built: HashMap<String, Arc<dyn Stage>>,
-    tasks: JoinSet<(String, Result<String, bool>)>,
+    tasks: JoinSet<(String, Result<String, Failed>)>,
     input_error: bool,
+    /// Why a budget stopped the run: no further stage starts.
+    budget_stop: Option<String>,
 }
 
 impl Runner {
     /// Starts every waiting stage whose needs all succeeded; blocks those with a need that failed.
     async fn start_ready(&mut self) -> Result<()> {
+        if self.budget_stop.is_some() {
+            return Ok(());
+        }
         let wf = self.wf.clone();
         for name in &wf.order {
             if !matches!(self.state[name], State::Waiting) {
@@ -308,8 +367,14 @@ impl Runner {
                 let (name, res) = joined.expect("tasks not empty").map_err(Error::task("a stage task"))?;
                 match res {
                     Ok(fp) => self.state.insert(name, State::Good(fp)),
-                    Err(bad_input) => {
-                        self.input_error |= bad_input;
+                    Err(failed) => {
+                        match failed {
+                            Failed::Input => self.input_error = true,
+                            Failed::Budget(why) => {
+                                self.budget_stop.get_or_insert(why);
+                            }
+                            Failed::Other => {}
+                        }
                         self.state.insert(name, State::Bad)
                     }
                 };
@@ -339,10 +404,14 @@ struct Job {
 impl Job {
     /// Ok(fingerprint) when the stage succeeded or was up to date; Err(whether the input was bad)
     /// when it failed.
-    async fn run(self) -> Result<String, bool> {
+    async fn run(self) -> Result<String, Failed> {
         let mut recorded = false;
         match self.attempt(&mut recorded).await {
             Ok(fp) => Ok(fp),
+            Err(Error::Budget { what }) => {
+                self.progress.log(&format!("[{}] stopped: {what}", self.name));
+                Err(Failed::Budget(what))
+            }
             Err(e) => {
                 self.progress.log(&format!("[{}] failed: {e}", self.name));
                 if !recorded {
@@ -354,7 +423,7 @@ impl Job {
                             runs::finish_stage(&self.store, id, "failed", Counts::default(), None, Some(&msg)).await;
                     }
                 }
-                Err(e.exit_code() == 2)
+                Err(if e.exit_code() == 2 { Failed::Input } else { Failed::Other })
             }
         }
     }
@@ -386,6 +455,14 @@ impl Job {
             return Ok(fp);
         }
         let id = runs::set_stage(&self.store, self.run_id, &self.name, &spec.kind, &fp, "running").await?;
+        // What earlier attempts of this stage in this run spent counts against its budget.
+        let earlier = runs::stages_of(&self.store, self.run_id)
+            .await?
+            .into_iter()
+            .find(|s| s.id == id)
+            .map(|s| spent_of(s.all_attempts()))
+            .unwrap_or_default();
+        let ledger = budget::open(self.run_id, Some(&self.name), spec.budget.unwrap_or_default(), earlier);
         let ctx = StageCtx {
             run_id: self.run_id,
             stage_run_id: id,
@@ -419,6 +496,24 @@ impl Job {
                     None => Ok(fp),
                     Some(f) => Err(Error::Stage { stage: self.name.clone(), message: f }),
                 }
+            }
+            Err(e @ Error::Budget { .. }) => {
+                // The stage returned at the refusal: its requests in flight still land in the cache,
+                // and what this attempt spent is on record for the budget of a resume.
+                let _ = tokio::time::timeout(Duration::from_secs(300), ledger.idle()).await;
+                let s = ledger.spent();
+                let usage = runs::UsageSnapshot {
+                    calls: s.requests.saturating_sub(earlier.requests),
+                    cached: 0,
+                    failures: 0,
+                    prompt_tokens: s.prompt_tokens.saturating_sub(earlier.prompt_tokens),
+                    completion_tokens: s.completion_tokens.saturating_sub(earlier.completion_tokens),
+                    cost: Some((s.usd - earlier.usd).max(0.0)),
+                };
+                runs::set_llm_usage(&self.store, id, &usage).await?;
+                runs::finish_stage(&self.store, id, "interrupted", counts, None, Some(&e.to_string())).await?;
+                ctx.progress.finish(STOPPED_BUDGET);
+                Err(e)
             }
             Err(e) => {
                 runs::finish_stage(&self.store, id, "failed", counts, None, Some(&e.to_string())).await?;

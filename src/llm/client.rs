@@ -43,6 +43,11 @@ pub struct LlmFailure {
     pub attempts: u32,
 }
 
+/// A request refused because it would cross a `budget:`: not an item's failure but the run's stop.
+fn budget_stop(why: String) -> crate::Error {
+    crate::Error::Budget { what: why }
+}
+
 /// The run id of calls made outside any run (`flow serve`, `flow embed`): stored with no run.
 pub const OUTSIDE_RUN: i64 = 0;
 
@@ -54,6 +59,13 @@ pub struct LlmClient {
     usage: Usage,
     run_id: i64,
     stage: String,
+    ledgers: super::budget::Ledgers,
+}
+
+/// Why `attempts` gave no answer: the calls failed, or a budget refused to send one.
+enum NoAnswer {
+    Failed(LlmFailure),
+    Budget(String),
 }
 
 impl LlmClient {
@@ -65,7 +77,29 @@ impl LlmClient {
         run_id: i64,
         stage: &str,
     ) -> LlmClient {
-        LlmClient { limiter, retry, store, price, usage: Usage::default(), run_id, stage: stage.to_string() }
+        LlmClient {
+            limiter,
+            retry,
+            store,
+            price,
+            usage: Usage::default(),
+            run_id,
+            stage: stage.to_string(),
+            ledgers: Default::default(),
+        }
+    }
+
+    /// Counts every request against these budgets (the run's and the stage's).
+    pub fn with_ledgers(mut self, ledgers: super::budget::Ledgers) -> LlmClient {
+        self.ledgers = ledgers;
+        self
+    }
+
+    fn spent(&self, prompt: u64, completion: u64) -> super::budget::Spent {
+        let usd = self
+            .price
+            .map_or(0.0, |p| (prompt as f64 * p.prompt_per_mtok + completion as f64 * p.completion_per_mtok) / 1e6);
+        super::budget::Spent { requests: 1, prompt_tokens: prompt, completion_tokens: completion, usd }
     }
 
     pub fn usage(&self) -> UsageSnapshot {
@@ -116,10 +150,17 @@ impl LlmClient {
             };
             return Ok(Ok(ChatDone { answer, call_id: row.id, cached: true, attempts: 0 }));
         }
-        let est = req.messages.iter().map(|m| estimate_tokens(&m.content)).sum::<u64>()
-            + u64::from(req.params.max_tokens.unwrap_or(256));
+        let est = (
+            req.messages.iter().map(|m| estimate_tokens(&m.content)).sum::<u64>(),
+            u64::from(req.params.max_tokens.unwrap_or(256)),
+        );
         let outcome =
-            self.attempts(est, |a: &ChatAnswer| a.prompt_tokens + a.completion_tokens, || provider.send(&body)).await;
+            self.attempts(est, |a: &ChatAnswer| (a.prompt_tokens, a.completion_tokens), || provider.send(&body)).await;
+        let outcome = match outcome {
+            Err(NoAnswer::Budget(why)) => return Err(budget_stop(why)),
+            Err(NoAnswer::Failed(f)) => Err(f),
+            Ok(x) => Ok(x),
+        };
         let (answer, attempts, latency) = match outcome {
             Ok(x) => x,
             Err(f) => return Ok(Err(f)),
@@ -168,11 +209,12 @@ impl LlmClient {
             self.usage.cached.fetch_add(1, Ordering::Relaxed);
             return Ok(Ok(v));
         }
-        let est: u64 = texts.iter().map(|t| estimate_tokens(t)).sum();
-        let outcome = self.attempts(est, |r: &(Vec<Vec<f32>>, u64, Value)| r.1, || provider.send(&body)).await;
+        let est = (texts.iter().map(|t| estimate_tokens(t)).sum(), 0);
+        let outcome = self.attempts(est, |r: &(Vec<Vec<f32>>, u64, Value)| (r.1, 0), || provider.send(&body)).await;
         let ((vectors, tokens, _raw), attempts, latency) = match outcome {
             Ok(x) => x,
-            Err(f) => return Ok(Err(f)),
+            Err(NoAnswer::Failed(f)) => return Ok(Err(f)),
+            Err(NoAnswer::Budget(why)) => return Err(budget_stop(why)),
         };
         llm_calls::insert(
             &self.store,
@@ -202,20 +244,23 @@ impl LlmClient {
     }
 
     /// Attempts until success, a fatal error, the attempt cap or the deadline.
+    /// Each attempt is reserved against the budgets when it is sent and settled when it returns.
     async fn attempts<T, F, Fut>(
         &self,
-        est: u64,
-        used: impl Fn(&T) -> u64,
+        est: (u64, u64),
+        used: impl Fn(&T) -> (u64, u64),
         send: F,
-    ) -> Result<(T, u32, Duration), LlmFailure>
+    ) -> Result<(T, u32, Duration), NoAnswer>
     where
         F: Fn() -> Fut,
         Fut: Future<Output = Result<T, AttemptError>>,
     {
         let started = Instant::now();
         let mut attempt = 0u32;
+        let reserved = self.spent(est.0, est.1);
         loop {
-            let permit = self.limiter.acquire(est).await;
+            let permit = self.limiter.acquire(est.0 + est.1).await;
+            self.ledgers.reserve(&reserved).map_err(NoAnswer::Budget)?;
             let t0 = Instant::now();
             self.usage.calls.fetch_add(1, Ordering::Relaxed);
             let res = send().await;
@@ -223,14 +268,18 @@ impl LlmClient {
             attempt += 1;
             let err = match res {
                 Ok(v) => {
-                    self.limiter.reconcile(est, used(&v)).await;
+                    let (p, c) = used(&v);
+                    self.ledgers.settle(&reserved, &self.spent(p, c));
+                    self.limiter.reconcile(est.0 + est.1, p + c).await;
                     return Ok((v, attempt, t0.elapsed()));
                 }
                 Err(e) => e,
             };
+            // A failed request was sent and counts as one; it used no tokens.
+            self.ledgers.settle(&reserved, &self.spent(0, 0));
             let give_up = |message: String| {
                 self.usage.failures.fetch_add(1, Ordering::Relaxed);
-                LlmFailure { message, attempts: attempt }
+                NoAnswer::Failed(LlmFailure { message, attempts: attempt })
             };
             match err {
                 AttemptError::Fatal { message } => return Err(give_up(message)),

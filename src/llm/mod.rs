@@ -1,6 +1,7 @@
 //! LLM access for stages: chat and embeddings behind one client that checks the request cache,
 //! waits on the shared rate limits, retries what is worth retrying, and records every call.
 
+pub mod budget;
 pub mod client;
 pub mod embed;
 pub mod gguf;
@@ -191,7 +192,8 @@ pub fn client(
         &format!("{}|{}|{}", identity.provider, identity.base_url, identity.model),
         &spec.limits,
     );
-    Ok(LlmClient::new(limiter, spec.retry.clone(), spec.price, store.clone(), run_id, stage))
+    Ok(LlmClient::new(limiter, spec.retry.clone(), spec.price, store.clone(), run_id, stage)
+        .with_ledgers(budget::of(run_id, stage)))
 }
 
 pub fn model_spec<'a>(wf: &'a crate::workflow::Workflow, key: &str) -> crate::Result<&'a crate::workflow::ModelSpec> {

@@ -15,6 +15,18 @@ pub struct RunRow {
     pub pid: Option<i64>,
     pub started_at: i64,
     pub finished_at: Option<i64>,
+    /// `budget: ...` when a budget stopped it.
+    pub stop_reason: Option<String>,
+}
+
+impl RunRow {
+    /// `stopped (budget)` for a run a budget stopped, else the stored status.
+    pub fn shown_status(&self) -> String {
+        match (&*self.status, &self.stop_reason) {
+            ("interrupted", Some(r)) if r.starts_with("budget") => "stopped (budget)".into(),
+            (s, _) => s.to_string(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, FromRow, serde::Serialize)]
@@ -103,7 +115,7 @@ pub async fn create(store: &Store, workflow: &str, path: &str, args: &str) -> Re
 }
 
 pub async fn reopen(store: &Store, id: i64) -> Result<()> {
-    sqlx::query("UPDATE runs SET status = 'running', pid = ?, finished_at = NULL WHERE id = ?")
+    sqlx::query("UPDATE runs SET status = 'running', pid = ?, finished_at = NULL, stop_reason = NULL WHERE id = ?")
         .bind(std::process::id() as i64)
         .bind(id)
         .execute(&store.pool)
@@ -111,10 +123,11 @@ pub async fn reopen(store: &Store, id: i64) -> Result<()> {
     Ok(())
 }
 
-pub async fn finish(store: &Store, id: i64, status: &str) -> Result<()> {
-    sqlx::query("UPDATE runs SET status = ?, finished_at = ? WHERE id = ?")
+pub async fn finish(store: &Store, id: i64, status: &str, stop_reason: Option<&str>) -> Result<()> {
+    sqlx::query("UPDATE runs SET status = ?, finished_at = ?, stop_reason = ? WHERE id = ?")
         .bind(status)
         .bind(now_ms())
+        .bind(stop_reason)
         .bind(id)
         .execute(&store.pool)
         .await?;

@@ -1,6 +1,7 @@
 //! What a workflow file says, checked: schema, `${VAR}`, each stage's parameters (by its kind), the DAG.
 //! Loading is pure apart from reading the file and the environment; the kinds are handed in from above.
 
+pub mod budget;
 pub mod cron;
 mod models;
 pub mod yaml;
@@ -30,6 +31,8 @@ pub struct Workflow {
     /// IANA time zone of `schedule` (UTC when absent).
     pub timezone: Option<String>,
     pub models: BTreeMap<String, ModelSpec>,
+    /// What the whole run may spend.
+    pub budget: Option<budget::Budget>,
     pub stages: BTreeMap<String, StageSpec>,
     /// Stage names, each after everything it needs.
     pub order: Vec<String>,
@@ -40,6 +43,8 @@ pub struct StageSpec {
     pub name: String,
     pub kind: String,
     pub needs: Vec<String>,
+    /// What this stage may spend in a run (besides the run's own budget).
+    pub budget: Option<budget::Budget>,
     /// The stage's parameters as its kind checked them, every default filled in: what the stage
     /// fingerprint hashes, so a default that changes between versions of flow redoes the work.
     pub params: Value,
@@ -129,6 +134,8 @@ struct TopLevel {
     timezone: Option<String>,
     #[serde(default)]
     models: BTreeMap<String, ModelSpec>,
+    #[serde(default)]
+    budget: Option<budget::Budget>,
     stages: BTreeMap<String, Value>,
 }
 
@@ -212,6 +219,10 @@ fn check(root: &Node, abs: &Path, kinds: &dyn Kinds, diags: &mut Vec<Diagnostic>
             Diagnostic::new(span, format!("`timezone`: unknown time zone {tz:?}"))
                 .hint("an IANA name such as Europe/Berlin, America/New_York or UTC"),
         );
+    }
+    if let Some(problem) = top.budget.as_ref().and_then(budget::Budget::problem) {
+        let span = root.get("budget").map(Node::span).unwrap_or_default();
+        diags.push(Diagnostic::new(span, format!("`budget`: {problem}")));
     }
     for (name, spec) in &top.models {
         let at = |key: &str| {
@@ -300,6 +311,7 @@ fn check(root: &Node, abs: &Path, kinds: &dyn Kinds, diags: &mut Vec<Diagnostic>
         schedule: top.schedule,
         timezone: top.timezone,
         models: top.models,
+        budget: top.budget,
         stages,
         order,
     })
@@ -351,6 +363,26 @@ fn check_stage(
             Vec::new()
         }
     };
+    let budget = match params.remove("budget") {
+        None | Some(Value::Null) => None,
+        Some(v) => {
+            let span = node.get("budget").map(Node::span).unwrap_or(key_span);
+            match serde_json::from_value::<budget::Budget>(v) {
+                Ok(b) if b.problem().is_none() => Some(b),
+                Ok(b) => {
+                    diags.push(Diagnostic::new(span, format!("stage `{name}`: {}", b.problem().unwrap_or_default())));
+                    None
+                }
+                Err(e) => {
+                    diags.push(
+                        Diagnostic::new(span, format!("stage `{name}`: `budget`: {e}"))
+                            .hint("e.g. `budget: { max_usd: 2.5, max_requests: 1000, max_tokens: 2000000 }`"),
+                    );
+                    None
+                }
+            }
+        }
+    };
     let params = Value::Object(params);
     let cx = CheckCtx { stage: name, node, params, models };
     let Some(verdict) = kinds.check(&kind_name, &cx) else {
@@ -364,7 +396,7 @@ fn check_stage(
         return None;
     };
     match verdict {
-        Ok(params) => Some(StageSpec { name: name.to_string(), kind: kind_name, needs, params }),
+        Ok(params) => Some(StageSpec { name: name.to_string(), kind: kind_name, needs, budget, params }),
         Err(found) => {
             diags.extend(found);
             None

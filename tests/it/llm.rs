@@ -328,3 +328,54 @@ fn a_workflow_of_name_store_llm_and_four_stage_lines_runs_on_built_in_prompts() 
     assert_eq!(db.scalar("SELECT COUNT(*) FROM llm_calls WHERE request LIKE '%You write short search queries%'"), 40);
     assert!(db.scalar("SELECT COUNT(*) FROM llm_calls") > calls + 40 - 1);
 }
+
+#[test]
+fn a_budget_of_n_requests_pays_exactly_n_and_a_resume_with_a_larger_one_finishes_the_rest() {
+    let srv = server::start(Config { latency: Duration::from_millis(30), ..Config::default() });
+    let sb = Sandbox::new();
+    corpus(&sb, 30);
+    sb.write("wf.yaml", workflow(&srv.base_url(), "", ", budget: { max_requests: 7 }"));
+    let r = sb.flow(&["run", "wf.yaml"]);
+    assert_eq!(r.code, 3, "a budget stop exits 3: {}", r.all());
+    assert!(r.all().contains("stopped (budget)"), "{}", r.all());
+    // Requests in flight counted when sent: exactly seven reached the server, none after.
+    assert_eq!(srv.log.entries().len(), 7);
+    let db = sb.db("t.db");
+    let why = db.text("SELECT stop_reason FROM runs");
+    assert!(why.starts_with("budget: the budget of stage `generate` (max_requests 7)"), "{why}");
+    assert_eq!(db.scalar("SELECT llm_calls FROM stage_runs WHERE stage = 'generate'"), 7);
+    let s = status(&sb);
+    assert_eq!(s["status"], "stopped (budget)");
+    assert_eq!(stage(&s, "generate")["status"], "interrupted");
+    assert!(s["stages"].as_array().unwrap().iter().all(|x| x["stage"] != "judge"), "judge never started");
+
+    // Seven is still the cap: a resume spends nothing more and stops again at once.
+    let again = sb.flow(&["resume", "-w", "wf.yaml"]);
+    assert_eq!(again.code, 3, "{}", again.all());
+    assert_eq!(srv.log.entries().len(), 7, "the earlier attempt's requests count against the budget");
+
+    sb.write("wf.yaml", workflow(&srv.base_url(), "", ", budget: { max_requests: 1000 }"));
+    let done = sb.flow(&["resume", "-w", "wf.yaml"]);
+    assert_eq!(done.code, 0, "{}", done.all());
+    assert_eq!(db.scalar("SELECT COUNT(*) FROM generations WHERE status = 'done'"), 30);
+    let log = srv.log.entries();
+    let distinct: std::collections::HashSet<u64> = log.iter().map(|e| e.hash).collect();
+    assert_eq!(distinct.len(), log.len(), "a request was paid for twice");
+    // Every generate request of the run in the totals, across its three attempts.
+    assert_eq!(db.scalar("SELECT llm_calls + earlier_calls FROM stage_runs WHERE stage = 'generate'"), 30);
+}
+
+#[test]
+fn a_run_level_token_budget_stops_before_crossing_it() {
+    let srv = server::start(Config::default());
+    let sb = Sandbox::new();
+    corpus(&sb, 30);
+    let wf = workflow(&srv.base_url(), "", "").replace("stages:\n", "budget: { max_tokens: 4000 }\nstages:\n");
+    sb.write("wf.yaml", wf);
+    let r = sb.flow(&["run", "wf.yaml"]);
+    assert_eq!(r.code, 3, "{}", r.all());
+    let db = sb.db("t.db");
+    assert!(db.text("SELECT stop_reason FROM runs").contains("the run (max_tokens 4000)"));
+    let used = db.scalar("SELECT SUM(prompt_tokens + completion_tokens) FROM stage_runs");
+    assert!(used > 0 && used <= 4000, "{used} tokens against a cap of 4000");
+}
