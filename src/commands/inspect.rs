@@ -120,7 +120,8 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<u8> {
     }
     for s in &stages {
         if let Some(e) = &s.error {
-            outln!("\n{} failed: {e}", s.stage)?;
+            // `failed`, `blocked`, or `interrupted` (a budget's stop names the budget).
+            outln!("\n{} {}: {e}", s.stage, s.status)?;
         }
         let Some(summary) = s.summary.as_deref().and_then(|x| serde_json::from_str::<serde_json::Value>(x).ok()) else {
             continue;
@@ -148,12 +149,15 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<u8> {
 pub async fn runs(a: RunsArgs) -> anyhow::Result<u8> {
     let store = open(&a.target).await?;
     let rows = runs::list(&store, a.limit).await?;
+    let costs = runs::costs(&store).await?;
+    let cost_of = |id: i64| costs.get(&id).copied().flatten();
     if a.json {
         let v: Vec<serde_json::Value> = rows
             .iter()
             .map(|r| {
                 let mut v = serde_json::to_value(r).unwrap_or_default();
                 v["status"] = live_status(&store, r).into();
+                v["cost"] = cost_of(r.id).into();
                 v
             })
             .collect();
@@ -168,11 +172,12 @@ pub async fn runs(a: RunsArgs) -> anyhow::Result<u8> {
                 live_status(&store, r),
                 fmt_time(r.started_at),
                 fmt_duration(Some(r.started_at), r.finished_at),
+                cost_of(r.id).map_or_else(|| "-".into(), |c| format!("${c:.4}")),
                 r.args.clone(),
             ]
         })
         .collect();
-    outln!("{}", table(&["RUN", "STATUS", "STARTED", "TIME", "OPTIONS"], &table_rows))?;
+    outln!("{}", table(&["RUN", "STATUS", "STARTED", "TIME", "COST", "OPTIONS"], &table_rows))?;
     Ok(0)
 }
 

@@ -338,3 +338,14 @@ pub async fn set_llm_usage(store: &Store, id: i64, u: &UsageSnapshot) -> Result<
     .await?;
     Ok(())
 }
+
+/// Each run's LLM cost over every attempt of its stages; None where no call had a `price:`.
+pub async fn costs(store: &Store) -> Result<std::collections::HashMap<i64, Option<f64>>> {
+    let rows: Vec<(i64, f64, i64)> = sqlx::query_as(
+        "SELECT run_id, TOTAL(COALESCE(cost, 0) + COALESCE(earlier_cost, 0)), COUNT(cost) + COUNT(earlier_cost)
+         FROM stage_runs GROUP BY run_id",
+    )
+    .fetch_all(&store.pool)
+    .await?;
+    Ok(rows.into_iter().map(|(id, cost, priced)| (id, (priced > 0).then_some(cost))).collect())
+}

@@ -348,6 +348,12 @@ fn a_budget_of_n_requests_pays_exactly_n_and_a_resume_with_a_larger_one_finishes
     assert_eq!(s["status"], "stopped (budget)");
     assert_eq!(stage(&s, "generate")["status"], "interrupted");
     assert!(s["stages"].as_array().unwrap().iter().all(|x| x["stage"] != "judge"), "judge never started");
+    let runs = sb.flow(&["runs", "-w", "wf.yaml", "--json"]);
+    let runs: serde_json::Value = serde_json::from_str(&runs.stdout).unwrap();
+    assert_eq!(runs[0]["status"], "stopped (budget)");
+    assert!(runs[0]["cost"].as_f64().unwrap() > 0.0, "the run's cost is shown: {runs}");
+    let text = sb.flow(&["status", "-w", "wf.yaml"]).stdout;
+    assert!(text.contains("generate interrupted: the budget of stage `generate`"), "{text}");
 
     // Seven is still the cap: a resume spends nothing more and stops again at once.
     let again = sb.flow(&["resume", "-w", "wf.yaml"]);
