@@ -6,8 +6,6 @@ pub mod shutdown;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
-
-use crate::llm::budget::{self, Spent};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -16,6 +14,7 @@ use tokio::task::JoinSet;
 use crate::dag;
 use crate::digest::sha256_hex;
 use crate::error::{Error, Result};
+use crate::llm::budget::{self, Spent};
 use crate::progress::Progress;
 use crate::stages::{Stage, StageCtx};
 use crate::store::Store;
@@ -498,20 +497,7 @@ impl Job {
                 }
             }
             Err(e @ Error::Budget { .. }) => {
-                // The stage returned at the refusal: its requests in flight still land in the cache,
-                // and what this attempt spent is on record for the budget of a resume.
-                let _ = tokio::time::timeout(Duration::from_secs(300), ledger.idle()).await;
-                let s = ledger.spent();
-                let usage = runs::UsageSnapshot {
-                    calls: s.requests.saturating_sub(earlier.requests),
-                    cached: 0,
-                    failures: 0,
-                    prompt_tokens: s.prompt_tokens.saturating_sub(earlier.prompt_tokens),
-                    completion_tokens: s.completion_tokens.saturating_sub(earlier.completion_tokens),
-                    cost: Some((s.usd - earlier.usd).max(0.0)),
-                };
-                runs::set_llm_usage(&self.store, id, &usage).await?;
-                runs::finish_stage(&self.store, id, "interrupted", counts, None, Some(&e.to_string())).await?;
+                stopped_by_budget(&self.store, id, counts, &ledger, earlier, &e).await?;
                 ctx.progress.finish(STOPPED_BUDGET);
                 Err(e)
             }
@@ -522,6 +508,30 @@ impl Job {
             }
         }
     }
+}
+
+/// A stage a budget stopped: it returned at the refusal, so its requests in flight are awaited (their
+/// answers land in the cache) and what this attempt spent is put on record for the budget of a resume.
+async fn stopped_by_budget(
+    store: &Store,
+    id: i64,
+    counts: Counts,
+    ledger: &budget::Ledger,
+    earlier: Spent,
+    e: &Error,
+) -> Result<()> {
+    let _ = tokio::time::timeout(Duration::from_secs(300), ledger.idle()).await;
+    let s = ledger.spent();
+    let usage = runs::UsageSnapshot {
+        calls: s.requests.saturating_sub(earlier.requests),
+        cached: 0,
+        failures: 0,
+        prompt_tokens: s.prompt_tokens.saturating_sub(earlier.prompt_tokens),
+        completion_tokens: s.completion_tokens.saturating_sub(earlier.completion_tokens),
+        cost: Some((s.usd - earlier.usd).max(0.0)),
+    };
+    runs::set_llm_usage(store, id, &usage).await?;
+    runs::finish_stage(store, id, "interrupted", counts, None, Some(&e.to_string())).await
 }
 
 /// sha256 over the kind, the parameters (keys sorted), the stage's own inputs and its upstream fingerprints.
