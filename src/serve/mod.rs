@@ -241,11 +241,19 @@ impl Service {
     /// (else the newest). A model that cannot be served is left out with a logged reason.
     async fn load(&self, old: Option<&Live>) -> Result<Live> {
         let (models_stamp, all) = self.models_stamp().await?;
+        // Chunk rows carry over only while the chunks are the ones they were built over.
+        let corpus = OnceCell::new();
+        if let Some(c) = old.and_then(|o| o.corpus.get())
+            && documents::live_stamp(&self.store).await? == c.stamp
+        {
+            let _ = corpus.set(c.clone());
+        }
+        let rows_from = old.filter(|_| corpus.initialized());
         let mut retrievers = vec![Arc::new(Served {
             kind: Kind::BlackBox,
             model: None,
             augment: None,
-            dense: reuse_dense(old, Kind::BlackBox, None),
+            dense: reuse_dense(rows_from, Kind::BlackBox, None),
         })];
         let mut default = (Kind::BlackBox, None::<i64>);
         for (kind, r) in [(Kind::Mafin, Retriever::Mafin), (Kind::AugmentOnly, Retriever::AugmentOnly)] {
@@ -278,30 +286,11 @@ impl Service {
                 kind,
                 model: Some(m.clone()),
                 augment: Some(augment),
-                dense: reuse_dense(old, kind, Some(m.id)),
+                dense: reuse_dense(rows_from, kind, Some(m.id)),
             }));
         }
         if !retrievers.iter().any(|s| s.kind == default.0) {
             default.0 = Kind::BlackBox;
-        }
-        let corpus = OnceCell::new();
-        if let Some(c) = old.and_then(|o| o.corpus.get())
-            && documents::live_stamp(&self.store).await? == c.stamp
-        {
-            let _ = corpus.set(c.clone());
-        } else {
-            // New chunks: every retriever's rows must be rebuilt over them.
-            retrievers = retrievers
-                .into_iter()
-                .map(|s| {
-                    Arc::new(Served {
-                        kind: s.kind,
-                        model: s.model.clone(),
-                        augment: s.augment.clone(),
-                        dense: OnceCell::new(),
-                    })
-                })
-                .collect();
         }
         Ok(Live { retrievers, default: default.0, models_stamp, corpus })
     }

@@ -2,6 +2,9 @@
 //! with the models' `price:`), requests sent and tokens. A budget changes no result, so no fingerprint holds it.
 
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::diag::{Diagnostic, Span};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -23,5 +26,28 @@ impl Budget {
         self.max_usd
             .filter(|u| !(u.is_finite() && *u >= 0.0))
             .map(|u| format!("`max_usd` must be a number of dollars of at least 0, not {u}"))
+    }
+}
+
+/// A stage's `budget:` value, checked; a problem becomes a diagnostic at `span`.
+pub fn of_stage(v: Value, stage: &str, span: Span, diags: &mut Vec<Diagnostic>) -> Option<Budget> {
+    if v.is_null() {
+        return None;
+    }
+    match serde_json::from_value::<Budget>(v) {
+        Ok(b) => match b.problem() {
+            None => Some(b),
+            Some(p) => {
+                diags.push(Diagnostic::new(span, format!("stage `{stage}`: {p}")));
+                None
+            }
+        },
+        Err(e) => {
+            diags.push(
+                Diagnostic::new(span, format!("stage `{stage}`: `budget`: {e}"))
+                    .hint("e.g. `budget: { max_usd: 2.5, max_requests: 1000, max_tokens: 2000000 }`"),
+            );
+            None
+        }
     }
 }

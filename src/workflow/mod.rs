@@ -363,26 +363,10 @@ fn check_stage(
             Vec::new()
         }
     };
-    let budget = match params.remove("budget") {
-        None | Some(Value::Null) => None,
-        Some(v) => {
-            let span = node.get("budget").map(Node::span).unwrap_or(key_span);
-            match serde_json::from_value::<budget::Budget>(v) {
-                Ok(b) if b.problem().is_none() => Some(b),
-                Ok(b) => {
-                    diags.push(Diagnostic::new(span, format!("stage `{name}`: {}", b.problem().unwrap_or_default())));
-                    None
-                }
-                Err(e) => {
-                    diags.push(
-                        Diagnostic::new(span, format!("stage `{name}`: `budget`: {e}"))
-                            .hint("e.g. `budget: { max_usd: 2.5, max_requests: 1000, max_tokens: 2000000 }`"),
-                    );
-                    None
-                }
-            }
-        }
-    };
+    let budget = params.remove("budget").and_then(|v| {
+        let span = node.get("budget").map(Node::span).unwrap_or(key_span);
+        budget::of_stage(v, name, span, diags)
+    });
     let params = Value::Object(params);
     let cx = CheckCtx { stage: name, node, params, models };
     let Some(verdict) = kinds.check(&kind_name, &cx) else {
