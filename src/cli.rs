@@ -28,6 +28,9 @@ pub enum Command {
     Run(RunArgs),
     /// Continue a failed or interrupted run, doing only the items that have no stored result.
     Resume(ResumeArgs),
+    /// Show what a run would do and cost, without calling a model: per stage, the items left after
+    /// the cache and up-to-date checks, requests, prompt and completion tokens, and cost.
+    Plan(PlanArgs),
     /// Check workflow files and report every problem (exit 2 if any).
     Validate(ValidateArgs),
     /// Show a run's stages: status, item counts, durations (default: the latest run).
@@ -119,6 +122,19 @@ pub struct EmbedArgs {
 pub struct RunArgs {
     /// The workflow YAML file.
     pub workflow: PathBuf,
+    #[command(flatten)]
+    pub pick: Pick,
+    /// Print the plan (`flow plan`) instead of running.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// With --dry-run: the plan as JSON.
+    #[arg(long, requires = "dry_run")]
+    pub json: bool,
+}
+
+/// Which stages a run runs, beyond those not up to date.
+#[derive(Args, Debug)]
+pub struct Pick {
     /// Run this stage even if it is up to date (repeatable).
     #[arg(long, value_name = "STAGE")]
     pub force: Vec<String>,
@@ -128,6 +144,16 @@ pub struct RunArgs {
     /// Run this stage and everything downstream of it, even if up to date.
     #[arg(long, value_name = "STAGE")]
     pub from: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct PlanArgs {
+    /// The workflow YAML file.
+    pub workflow: PathBuf,
+    #[command(flatten)]
+    pub pick: Pick,
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Which workflow's store an inspection command reads.

@@ -1,6 +1,7 @@
 //! `flow status`, `flow runs`, `flow pairs`, `flow answers` and `flow report`: read the store and
 //! show it.
 
+use flow::llm::plan::Estimate;
 use flow::store::{Store, pairs, rag_answers, runs};
 
 use super::{fmt_duration, fmt_time, table};
@@ -80,7 +81,7 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<u8> {
         })
         .collect();
     outln!("{}", table(&["STAGE", "KIND", "STATUS", "TOTAL", "DONE", "STORED", "SKIPPED", "FAILED", "TIME"], &rows))?;
-    let usage_row = |name: String, u: &flow::store::runs::UsageSnapshot, last: String| {
+    let usage_row = |name: String, u: &flow::store::runs::UsageSnapshot, est: Option<&Estimate>, last: String| {
         vec![
             name,
             u.calls.to_string(),
@@ -89,10 +90,18 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<u8> {
             u.prompt_tokens.to_string(),
             u.completion_tokens.to_string(),
             u.cost.map(|c| format!("${c:.4}")).unwrap_or_else(|| "-".into()),
+            est.map_or_else(
+                || "-".into(),
+                |e| format!("{} calls, {} tok", e.requests, e.prompt_tokens + e.completion_tokens()),
+            ),
+            est.and_then(Estimate::shown_usd).unwrap_or_else(|| "-".into()),
             last,
         ]
     };
-    let used: Vec<_> = stages.iter().filter(|s| s.all_attempts().calls + s.all_attempts().cached > 0).collect();
+    let used: Vec<_> = stages
+        .iter()
+        .filter(|s| s.all_attempts().calls + s.all_attempts().cached > 0 || s.estimate.is_some())
+        .collect();
     if !used.is_empty() {
         let mut rows: Vec<Vec<String>> = used
             .iter()
@@ -104,16 +113,30 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<u8> {
                         format!("{} calls, {} tok (attempt {n})", l.calls, l.prompt_tokens + l.completion_tokens)
                     }
                 };
-                usage_row(s.stage.clone(), &s.all_attempts(), last)
+                usage_row(s.stage.clone(), &s.all_attempts(), Estimate::of(s).as_ref(), last)
             })
             .collect();
         let run_total = stages.iter().map(|s| s.all_attempts()).fold(Default::default(), |a, b| a + b);
-        rows.push(usage_row("(run)".into(), &run_total, String::new()));
-        outln!("\nLLM calls over every attempt (calls include retries; cached answers cost nothing)")?;
+        let run_estimate = Estimate::of_run(&stages);
+        rows.push(usage_row("(run)".into(), &run_total, run_estimate.as_ref(), String::new()));
+        outln!(
+            "\nLLM calls over every attempt (calls include retries; cached answers cost nothing), beside the plan's estimate at each stage's start"
+        )?;
         outln!(
             "{}",
             table(
-                &["STAGE", "CALLS", "CACHED", "FAILED", "PROMPT TOK", "COMPLETION TOK", "COST", "LAST ATTEMPT"],
+                &[
+                    "STAGE",
+                    "CALLS",
+                    "CACHED",
+                    "FAILED",
+                    "PROMPT TOK",
+                    "COMPLETION TOK",
+                    "COST",
+                    "ESTIMATE",
+                    "EST. COST",
+                    "LAST ATTEMPT"
+                ],
                 &rows
             )
         )?;
@@ -151,6 +174,10 @@ pub async fn runs(a: RunsArgs) -> anyhow::Result<u8> {
     let rows = runs::list(&store, a.limit).await?;
     let costs = runs::costs(&store).await?;
     let cost_of = |id: i64| costs.get(&id).copied().flatten();
+    let mut estimates = std::collections::HashMap::new();
+    for r in &rows {
+        estimates.insert(r.id, Estimate::of_run(&runs::stages_of(&store, r.id).await?));
+    }
     if a.json {
         let v: Vec<serde_json::Value> = rows
             .iter()
@@ -158,6 +185,7 @@ pub async fn runs(a: RunsArgs) -> anyhow::Result<u8> {
                 let mut v = serde_json::to_value(r).unwrap_or_default();
                 v["status"] = live_status(&store, r).into();
                 v["cost"] = cost_of(r.id).into();
+                v["estimate"] = serde_json::to_value(&estimates[&r.id]).unwrap_or_default();
                 v
             })
             .collect();
@@ -173,11 +201,12 @@ pub async fn runs(a: RunsArgs) -> anyhow::Result<u8> {
                 fmt_time(r.started_at),
                 fmt_duration(Some(r.started_at), r.finished_at),
                 cost_of(r.id).map_or_else(|| "-".into(), |c| format!("${c:.4}")),
+                estimates[&r.id].as_ref().and_then(Estimate::shown_usd).unwrap_or_else(|| "-".into()),
                 r.args.clone(),
             ]
         })
         .collect();
-    outln!("{}", table(&["RUN", "STATUS", "STARTED", "TIME", "COST", "OPTIONS"], &table_rows))?;
+    outln!("{}", table(&["RUN", "STATUS", "STARTED", "TIME", "COST", "EST. COST", "OPTIONS"], &table_rows))?;
     Ok(0)
 }
 

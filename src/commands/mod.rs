@@ -14,6 +14,7 @@ macro_rules! errln {
 
 mod inspect;
 mod models;
+mod plan;
 mod run;
 mod schedule;
 mod serve;
@@ -25,6 +26,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Run(a) => run::run(a, cli.quiet).await,
         Command::Resume(a) => run::resume(a, cli.quiet).await,
+        Command::Plan(a) => plan::plan(a).await,
         Command::Validate(a) => validate::validate(a),
         Command::Status(a) => inspect::status(a).await,
         Command::Runs(a) => inspect::runs(a).await,

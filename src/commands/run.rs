@@ -4,13 +4,21 @@ use flow::engine::{self, RunOptions, RunReport};
 use flow::progress::Progress;
 
 use super::{fmt_duration, table};
-use crate::cli::{ResumeArgs, RunArgs};
+use crate::cli::{Pick, ResumeArgs, RunArgs};
 
 pub async fn run(a: RunArgs, quiet: bool) -> anyhow::Result<u8> {
     let wf = flow::stages::load_workflow(&a.workflow)?;
-    let opts = RunOptions { force: a.force, only: a.only, from: a.from, scheduled_for: None };
+    let opts = options(a.pick);
+    if a.dry_run {
+        return super::plan::show(&wf, &opts, a.json).await;
+    }
     let report = engine::run(wf, opts, Progress::new(quiet)).await?;
     Ok(finish(&report, quiet))
+}
+
+/// The run options of `--force`, `--only` and `--from`.
+pub fn options(p: Pick) -> RunOptions {
+    RunOptions { force: p.force, only: p.only, from: p.from, scheduled_for: None }
 }
 
 pub async fn resume(a: ResumeArgs, quiet: bool) -> anyhow::Result<u8> {

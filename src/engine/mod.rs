@@ -2,6 +2,7 @@
 //! independent stages, failure isolation, resume of a failed or killed run, and the run lock.
 
 pub mod lock;
+pub mod plan;
 pub mod shutdown;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -454,6 +455,7 @@ impl Job {
             return Ok(fp);
         }
         let id = runs::set_stage(&self.store, self.run_id, &self.name, &spec.kind, &fp, "running").await?;
+        self.record_estimate(id).await;
         // What earlier attempts of this stage in this run spent counts against its budget.
         let earlier = runs::stages_of(&self.store, self.run_id)
             .await?
@@ -506,6 +508,25 @@ impl Job {
                 ctx.progress.finish("failed");
                 Err(e)
             }
+        }
+    }
+}
+
+impl Job {
+    /// Records what the plan expects this stage to send, to show beside what it spent. A plan that
+    /// cannot be made costs the run nothing but the figure.
+    async fn record_estimate(&self, id: i64) {
+        let spec = &self.wf.stages[&self.name];
+        let none = BTreeMap::new();
+        let cx =
+            crate::stages::PlanCtx { store: &self.store, spec, workflow: &self.wf, upstream: &none, forecast: false };
+        match self.stage.plan(&cx).await {
+            Ok(p) => {
+                if let Some(e) = p.llm {
+                    let _ = runs::set_estimate(&self.store, id, &serde_json::to_string(&e).unwrap_or_default()).await;
+                }
+            }
+            Err(e) => self.progress.log(&format!("[{}] no cost estimate: {e}", self.name)),
         }
     }
 }

@@ -22,22 +22,32 @@ pub struct LocalChat {
     jobs: mpsc::Sender<Job>,
     /// Ask for the stage's JSON shape and check answers against it (models that can write JSON).
     json: bool,
+    counter: Counter,
 }
 
 /// Attempts per request when the answer must be JSON: the first as asked, then sampled ones.
 const JSON_ATTEMPTS: u32 = 3;
 
 impl LocalChat {
-    /// Loads the GGUF at `path` and starts its worker thread.
+    /// Checks the GGUF at `path` (header, tokenizer, chat template, weights all present) and starts
+    /// its worker thread, which loads the weights on the first request: `flow plan` and a run whose
+    /// items are all cached never pay for loading them.
     pub fn load(path: &Path, name: &str, device: crate::workflow::Device, json: bool) -> Result<LocalChat> {
-        let engine = Engine::load(path, &crate::models::device(device)?)?;
+        let counter = Counter::read(path)?;
+        let device = crate::models::device(device)?;
         let (tx, rx) = mpsc::channel::<Job>();
+        let file = path.to_path_buf();
         std::thread::Builder::new()
             .name("flow-local-llm".into())
             .spawn(move || {
-                let mut engine = engine;
+                let mut engine: Option<std::result::Result<Engine, String>> = None;
                 while let Ok((body, reply)) = rx.recv() {
-                    let _ = reply.send(engine.answer(&body).map_err(|message| AttemptError::Fatal { message }));
+                    let loaded = engine.get_or_insert_with(|| Engine::load(&file, &device).map_err(|e| e.to_string()));
+                    let answer = match loaded {
+                        Ok(engine) => engine.answer(&body),
+                        Err(e) => Err(e.clone()),
+                    };
+                    let _ = reply.send(answer.map_err(|message| AttemptError::Fatal { message }));
                 }
             })
             .map_err(Error::io("the local LLM worker thread"))?;
@@ -47,7 +57,70 @@ impl LocalChat {
             id: Identity { provider: "local".into(), base_url: format!("gguf:{size}"), model: name.to_string() },
             jobs: tx,
             json,
+            counter,
         })
+    }
+}
+
+/// A GGUF's tokenizer and chat template: what counts a prompt's tokens without the weights.
+struct Counter {
+    tokenizer: Tokenizer,
+    template: ChatTemplate,
+}
+
+impl Counter {
+    fn read(path: &Path) -> Result<Counter> {
+        let h = Header::read(path)?;
+        // A file cut short (an interrupted copy) is named now, not at the first request.
+        let end = h.content.tensor_infos.values().map(|t| {
+            let blocks = t.shape.elem_count() / t.ggml_dtype.block_size();
+            t.offset + (blocks * t.ggml_dtype.type_size()) as u64
+        });
+        let need = h.content.tensor_data_offset + end.max().unwrap_or(0);
+        let have = h.file.metadata().map_err(Error::io(path))?.len();
+        if have < need {
+            return Err(Error::bad_input(
+                format!("{}: the file is cut short ({have} of the {need} bytes its header names)", path.display()),
+                "the download or copy was interrupted: run `flow models pull` again",
+            ));
+        }
+        Ok(Counter { tokenizer: h.tokenizer, template: h.template })
+    }
+
+    fn count(&self, messages: &[Message]) -> Option<u64> {
+        let prompt = self.template.render(messages).ok()?;
+        Some(self.tokenizer.encode(prompt, false).ok()?.len() as u64)
+    }
+}
+
+/// A GGUF's header: its metadata, tokenizer and chat template, checked, with the file to read weights from.
+struct Header {
+    content: candle_core::quantized::gguf_file::Content,
+    file: std::fs::File,
+    arch: String,
+    tokenizer: Tokenizer,
+    template: ChatTemplate,
+}
+
+impl Header {
+    fn read(path: &Path) -> Result<Header> {
+        let (content, file) = gguf::read(path)?;
+        let arch = content.metadata.get("general.architecture").and_then(|v| v.to_string().ok()).cloned();
+        let arch = match arch.as_deref() {
+            Some(a @ ("llama" | "qwen2")) => a.to_string(),
+            other => {
+                return Err(Error::bad_input(
+                    format!(
+                        "{}: architecture {other:?} is not supported by the local LLM (llama and qwen2 are)",
+                        path.display()
+                    ),
+                    "use a llama or qwen2 GGUF such as smollm2-135m-instruct or qwen2.5-coder-0.5b-instruct (`flow models pull NAME`)",
+                ));
+            }
+        };
+        let tokenizer = gguf::tokenizer(&content, path)?;
+        let template = ChatTemplate::from_gguf(&content, path, &tokenizer)?;
+        Ok(Header { content, file, arch, tokenizer, template })
     }
 }
 
@@ -74,6 +147,11 @@ impl ChatProvider for LocalChat {
             .send((body.clone(), tx))
             .map_err(|_| AttemptError::Fatal { message: "the local LLM thread has stopped".into() })?;
         rx.await.map_err(|_| AttemptError::Fatal { message: "the local LLM thread has stopped".into() })?
+    }
+
+    /// The first attempt's prompt as the engine tokenizes it (retries for JSON add more).
+    fn count_prompt(&self, req: &ChatRequest) -> Option<(u64, &str)> {
+        self.counter.count(&req.messages).map(|n| (n, "the model's own tokenizer"))
     }
 }
 
@@ -105,22 +183,7 @@ pub struct Engine {
 
 impl Engine {
     pub fn load(path: &Path, device: &Device) -> Result<Engine> {
-        let (content, mut file) = gguf::read(path)?;
-        let arch = content.metadata.get("general.architecture").and_then(|v| v.to_string().ok()).cloned();
-        let arch = match arch.as_deref() {
-            Some(a @ ("llama" | "qwen2")) => a.to_string(),
-            other => {
-                return Err(Error::bad_input(
-                    format!(
-                        "{}: architecture {other:?} is not supported by the local LLM (llama and qwen2 are)",
-                        path.display()
-                    ),
-                    "use a llama or qwen2 GGUF such as smollm2-135m-instruct or qwen2.5-coder-0.5b-instruct (`flow models pull NAME`)",
-                ));
-            }
-        };
-        let tokenizer = gguf::tokenizer(&content, path)?;
-        let template = ChatTemplate::from_gguf(&content, path, &tokenizer)?;
+        let Header { content, mut file, arch, tokenizer, template } = Header::read(path)?;
         let mut stop: Vec<u32> = gguf::token_id(&content, "tokenizer.ggml.eos_token_id").into_iter().collect();
         for t in ["<|im_end|>", "<|endoftext|>", "<|eot_id|>"] {
             if let Some(id) = tokenizer.token_to_id(t) {

@@ -8,6 +8,7 @@ pub mod gguf;
 pub mod limiter;
 pub mod local;
 pub mod openai;
+pub mod plan;
 pub mod qwen2;
 pub mod retry;
 
@@ -103,6 +104,11 @@ pub trait ChatProvider: Send + Sync {
     fn identity(&self) -> &Identity;
     fn body(&self, req: &ChatRequest) -> Value;
     async fn send(&self, body: &Value) -> Result<ChatAnswer, AttemptError>;
+    /// The prompt tokens of `req` as this model counts them, and with what, where flow has the
+    /// model's tokenizer (for `flow plan`); None leaves an estimate to the caller.
+    fn count_prompt(&self, _req: &ChatRequest) -> Option<(u64, &str)> {
+        None
+    }
 }
 
 /// An embeddings backend: one request for a batch of texts.

@@ -41,6 +41,28 @@ pub struct OpenAi {
     id: Identity,
     client: async_openai::Client<OpenAIConfig>,
     json_schema: bool,
+    /// The encoding OpenAI counts this model's tokens with, where tiktoken knows the model name.
+    encoding: Option<(&'static tiktoken_rs::CoreBPE, &'static str)>,
+}
+
+/// tiktoken's encoding of an OpenAI chat model by name (`gpt-4o-mini` is o200k_base); None for
+/// names it does not know, such as a vLLM or Ollama model.
+fn chat_encoding(model: &str) -> Option<(&'static tiktoken_rs::CoreBPE, &'static str)> {
+    use tiktoken_rs::tokenizer::Tokenizer;
+    let (t, name) = match tiktoken_rs::tokenizer::get_tokenizer(model)? {
+        t @ Tokenizer::O200kBase => (t, "tiktoken o200k_base"),
+        t @ Tokenizer::Cl100kBase => (t, "tiktoken cl100k_base"),
+        _ => return None,
+    };
+    Some((tiktoken_rs::bpe_for_tokenizer(t).ok()?, name))
+}
+
+/// Prompt tokens of a chat request the way OpenAI bills them: each message's role and content,
+/// 3 tokens of framing per message and 3 that prime the reply (OpenAI's cookbook,
+/// "How to count tokens with tiktoken").
+pub fn chat_tokens(bpe: &tiktoken_rs::CoreBPE, messages: &[super::Message]) -> u64 {
+    let count = |s: &str| bpe.encode_ordinary(s).len() as u64;
+    3 + messages.iter().map(|m| 3 + count(&m.role) + count(&m.content)).sum::<u64>()
 }
 
 impl OpenAi {
@@ -71,6 +93,7 @@ impl OpenAi {
             id: Identity { provider: "openai".into(), base_url: ep.base_url.clone(), model: ep.model.clone() },
             client,
             json_schema: ep.json_schema,
+            encoding: chat_encoding(&ep.model),
         })
     }
 }
@@ -119,6 +142,10 @@ impl ChatProvider for OpenAi {
             completion_tokens: usage("completion_tokens"),
             raw,
         })
+    }
+
+    fn count_prompt(&self, req: &ChatRequest) -> Option<(u64, &str)> {
+        self.encoding.map(|(bpe, name)| (chat_tokens(bpe, &req.messages), name))
     }
 }
 
@@ -253,4 +280,21 @@ fn server_message(body: &str) -> String {
 fn excerpt(s: &str) -> String {
     let s: String = s.chars().take(300).collect();
     s.replace('\n', " ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{chat_encoding, chat_tokens};
+    use crate::llm::Message;
+
+    #[test]
+    fn chat_tokens_count_as_openai_bills_them() {
+        let (bpe, name) = chat_encoding("gpt-4o-mini").unwrap();
+        assert_eq!(name, "tiktoken o200k_base");
+        // "hello world" is 2 tokens and "user" 1: 3 framing + 1 + 2, and 3 priming the reply.
+        assert_eq!(chat_tokens(bpe, &[Message::user("hello world")]), 9);
+        let two = [Message::system("hello world"), Message::user("hello world")];
+        assert_eq!(chat_tokens(bpe, &two), 3 + 2 * 3 + 1 + 1 + 2 * 2);
+        assert!(chat_encoding("Qwen/Qwen2.5-7B-Instruct").is_none(), "a name tiktoken does not know");
+    }
 }

@@ -97,6 +97,7 @@ pub async fn build(store: &Store, run_id: i64) -> Result<String> {
                 all.prompt_tokens.to_string(),
                 all.completion_tokens.to_string(),
                 all.cost.map(|c| format!("${c:.4}")).unwrap_or_else(|| "-".into()),
+                crate::llm::plan::Estimate::of(s).and_then(|e| e.shown_usd()).unwrap_or_else(|| "-".into()),
                 duration(s.started_at, s.finished_at),
             ]
         })
@@ -114,6 +115,7 @@ pub async fn build(store: &Store, run_id: i64) -> Result<String> {
             "prompt tokens",
             "completion tokens",
             "cost",
+            "estimated cost",
             "time",
         ],
         &rows,

@@ -9,11 +9,12 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
-use super::{Kind, Outcome, Stage, StageCtx};
+use super::{Forecast, Kind, Outcome, PlanCtx, Stage, StageCtx, StagePlan};
 use crate::corpus::{self, Document, JsonlFields, split::split};
 use crate::digest::sha256_hex;
 use crate::error::{Error, Result};
 use crate::store::documents::{self, DocState, DocWrite};
+use crate::store::queries::InputChunk;
 use crate::workflow::{CheckCtx, Checked, Diagnostic, ModelSpec, Provider, StageSpec, Workflow, check_typed, checked};
 
 pub const KIND: Kind = Kind {
@@ -356,6 +357,57 @@ impl Stage for Chunk {
             "skipped": skipped.iter().map(|(p, r)| serde_json::json!({"path": p, "reason": r})).collect::<Vec<_>>(),
         });
         Ok(Outcome { summary, failure: None })
+    }
+
+    async fn plan(&self, cx: &PlanCtx<'_>) -> Result<StagePlan> {
+        self.plan_impl(cx).await
+    }
+}
+
+impl Chunk {
+    /// The chunks a run would leave, cut in memory: every live document's (the stages after it
+    /// check the cache for each), with how many documents are new or changed.
+    async fn plan_impl(&self, cx: &PlanCtx<'_>) -> Result<StagePlan> {
+        if !cx.forecast {
+            return Ok(StagePlan::default());
+        }
+        let files = self.files()?;
+        let known = documents::state(cx.store, &self.stage).await?;
+        let (tx, _rx) = tokio::sync::mpsc::channel(1);
+        let worker = Worker {
+            queue: Default::default(),
+            known: Default::default(),
+            tokenizer: self.tokenizer.clone(),
+            params: self.params.clone(),
+            chunk_config: self.chunk_config.clone(),
+            tx,
+        };
+        let cut = tokio::task::spawn_blocking(move || {
+            let (mut chunks, mut docs, mut changed) = (Vec::new(), 0u64, 0u64);
+            for (rel, path) in files {
+                for w in worker.file(&rel, &path, None).writes {
+                    let Ok(cs) = w.chunks else { continue };
+                    docs += 1;
+                    let current = known.get(&w.path).is_some_and(|d| {
+                        d.content_hash == w.content_hash && d.chunk_config == w.chunk_config && d.status == "active"
+                    });
+                    changed += u64::from(!current);
+                    for c in cs {
+                        let id = -(chunks.len() as i64) - 1;
+                        chunks.push(InputChunk { id, text: c.text, title: w.title.clone(), path: w.path.clone() });
+                    }
+                }
+            }
+            (chunks, docs, changed)
+        });
+        let (chunks, docs, changed) = cut.await.map_err(Error::task("cutting the corpus for the plan"))?;
+        Ok(StagePlan {
+            items: docs,
+            todo: changed,
+            llm: None,
+            notes: vec![format!("{} chunks", chunks.len())],
+            forecast: Some(Forecast::Chunks(chunks)),
+        })
     }
 }
 

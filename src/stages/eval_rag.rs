@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use super::eval_recall::{check_set, retrieve_ctx};
 use super::llm::{Chat, Prompted, UsageWriter, check_model, failure_verdict, llm_params, prompt};
-use super::{Kind, Outcome, Stage, StageCtx};
+use super::{Kind, Outcome, PlanCtx, Stage, StageCtx, StagePlan};
 use crate::error::Result;
 use crate::eval::hybrid::HybridParams;
 use crate::eval::retrieve::{self, Choice, Kind as Retriever, PassageMode, Passages, Plan};
@@ -273,6 +273,21 @@ impl Stage for EvalRag {
             failure: failure_verdict(failed, total, p.llm().max_failures, first_error, &ctx.progress),
         })
     }
+
+    /// Not estimated: each prompt holds the passages a retriever (maybe one this run trains first)
+    /// picks. The count is bounded, and the plan says so.
+    async fn plan(&self, _cx: &PlanCtx<'_>) -> Result<StagePlan> {
+        let p = &self.params;
+        let max = p.eval_set.max_queries.map_or(p.max_questions, |m| m.min(p.max_questions));
+        let n = self.plan.retrievers.len();
+        Ok(StagePlan {
+            notes: vec![format!(
+                "not planned: up to {} requests (an answer and a grade for each of up to {max} questions and {n} retrievers), whose prompts hold passages the retrievers pick at run time",
+                2 * max * n
+            )],
+            ..Default::default()
+        })
+    }
 }
 
 /// One item's answer: the text and its call, or why there is none.
@@ -337,7 +352,7 @@ impl EvalRag {
             accept: |text| parse_answer(text).is_some(),
         };
         let mut answers: Vec<Answer> = vec![None; items.len()];
-        let mut rx = chat.send(requests, &how, 64)?;
+        let mut rx = chat.launch(super::llm::requests(requests, &how, chat.json)?, 64);
         let mut usage = UsageWriter::default();
         while let Some((i, r)) = rx.recv().await {
             answers[i as usize] = Some(match r? {
@@ -383,7 +398,7 @@ impl EvalRag {
             accept: |text| parse_grade(text).is_some(),
         };
         let mut graded = vec![false; items.len()];
-        let mut rx = chat.send(requests, &how, 64)?;
+        let mut rx = chat.launch(super::llm::requests(requests, &how, chat.json)?, 64);
         while let Some((i, r)) = rx.recv().await {
             let i = i as usize;
             graded[i] = true;

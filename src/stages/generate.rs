@@ -7,10 +7,11 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde_json::json;
 
-use super::llm::{Chat, ChatResult, Prompted, UsageWriter, failure_verdict, llm_params, prompt, settings_key};
-use super::{Kind, Outcome, Stage, StageCtx};
+use super::llm::{Chat, Prompted, UsageWriter, estimate, failure_verdict, llm_params, prompt, requests, settings_key};
+use super::{Forecast, Kind, Outcome, PlanCtx, Stage, StageCtx, StagePlan};
 use crate::error::Result;
-use crate::llm::{self, ChatDone, ChatProvider, LlmFailure};
+use crate::llm::plan::Planned;
+use crate::llm::{self, ChatDone, ChatProvider, ChatRequest, LlmFailure};
 use crate::prompt::Template;
 use crate::store::queries::{self, Generation, NewQuery};
 use crate::text::{DupIndex, extract_questions, first_json, question_list, rule_violation};
@@ -144,7 +145,7 @@ impl Stage for Generate {
         for q in queries::kept_texts(&ctx.store, &self.name).await? {
             dups.check_and_add(&q);
         }
-        let mut results = self.ask(&chat, todo)?;
+        let mut results = chat.launch(self.requests(todo, chat.json)?, 256);
         let mut tally = Tally::default();
         let mut usage = UsageWriter::default();
         while let Some((chunk_id, outcome)) = results.recv().await {
@@ -180,11 +181,73 @@ impl Stage for Generate {
             failure: failure_verdict(failed, chunks.len() as u64, max_failures, first_error, &ctx.progress),
         })
     }
+
+    async fn plan(&self, cx: &PlanCtx<'_>) -> Result<StagePlan> {
+        self.plan_impl(cx).await
+    }
 }
 
+/// Tokens of a question not yet written, where no kept question gives a measure (a one-line question).
+const QUESTION_TOKENS: u64 = 16;
+
 impl Generate {
-    /// Starts one request per chunk.
-    fn ask(&self, chat: &Chat, todo: Vec<queries::InputChunk>) -> Result<tokio::sync::mpsc::Receiver<ChatResult>> {
+    /// What a run would ask now: the chunks in the store (or those an upstream chunk stage would
+    /// cut) that have no result under these settings and whose request the cache does not answer.
+    async fn plan_impl(&self, cx: &PlanCtx<'_>) -> Result<StagePlan> {
+        let settings = settings_key(&self.params, &["sample"], &self.template, self.provider.identity());
+        let mut notes = Vec::new();
+        let forecast: Vec<_> = cx
+            .forecasts()
+            .filter_map(|f| match f {
+                Forecast::Chunks(c) => Some(c.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        let (chunks, done) = if forecast.is_empty() {
+            let chunks = queries::input_chunks(cx.store, &self.inputs_from).await?;
+            (chunks, queries::done_chunks(cx.store, &self.name, &settings).await?)
+        } else {
+            notes.push("its chunks are the ones the chunk stage before it would cut now".into());
+            (forecast, Default::default())
+        };
+        let chunks = sampled(chunks, self.params.sample);
+        let todo: Vec<_> = chunks.iter().filter(|c| !done.contains(&c.id)).cloned().collect();
+        let json = llm::writes_json(&self.wf, &self.params.model)?;
+        let reqs = self.requests(todo.clone(), json)?;
+        let planned: Vec<Planned> = reqs.into_iter().map(|(_, r)| Planned::known(r)).collect();
+        let est = estimate(cx, &self.params.model, self.provider.as_ref(), &planned).await?;
+        // The judge after this stage sees at most per_chunk questions of each chunk asked.
+        let per = self.params.per_chunk as usize;
+        let about = todo
+            .iter()
+            .filter(|_| cx.forecast)
+            .flat_map(|c| {
+                let q = crate::store::judgments::JudgeInput {
+                    query_id: 0,
+                    query: String::new(),
+                    chunk: c.text.clone(),
+                    title: c.title.clone(),
+                    path: c.path.clone(),
+                };
+                std::iter::repeat_n(q, per)
+            })
+            .collect();
+        let (query_tokens, basis) = match queries::kept_mean_chars(cx.store, &self.name).await? {
+            Some(chars) => ((chars / 4.0).ceil() as u64, "the mean length of this stage's kept questions".to_string()),
+            None => (QUESTION_TOKENS, format!("{QUESTION_TOKENS} tokens a question (no questions yet to measure)")),
+        };
+        Ok(StagePlan {
+            items: chunks.len() as u64,
+            todo: todo.len() as u64,
+            llm: Some(est),
+            notes,
+            forecast: Some(Forecast::Questions { stage: self.name.clone(), settings, about, query_tokens, basis }),
+        })
+    }
+
+    /// One request per chunk; `json`: whether the model is asked for JSON.
+    fn requests(&self, todo: Vec<queries::InputChunk>, json: bool) -> Result<Vec<(i64, ChatRequest)>> {
         let p = &self.params;
         let llm = p.llm();
         let gen_params = llm.gen_params(None);
@@ -210,7 +273,7 @@ impl Generate {
             schema: ("queries", &schema),
             accept: answer_parses,
         };
-        chat.send(items, &how, 256)
+        requests(items, &how, json)
     }
 
     /// One chunk's result: its questions, each kept or dropped with the reason, or why it failed.

@@ -7,10 +7,11 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde_json::{Value, json};
 
-use super::llm::{Chat, ChatResult, Prompted, UsageWriter, failure_verdict, llm_params, prompt, settings_key};
-use super::{Kind, Outcome, Stage, StageCtx};
+use super::llm::{Chat, Prompted, UsageWriter, estimate, failure_verdict, llm_params, prompt, requests, settings_key};
+use super::{Forecast, Kind, Outcome, PlanCtx, Stage, StageCtx, StagePlan};
 use crate::error::Result;
-use crate::llm::{self, ChatDone, ChatProvider, LlmFailure};
+use crate::llm::plan::Planned;
+use crate::llm::{self, ChatDone, ChatProvider, ChatRequest, LlmFailure};
 use crate::prompt::Template;
 use crate::store::judgments::{self, Judgment};
 use crate::text::first_json;
@@ -137,7 +138,7 @@ impl Stage for Judge {
         ctx.progress.cached(decided as u64);
 
         let chat = Chat::start(&self.wf, &self.params.model, self.provider.clone(), ctx)?;
-        let mut results = self.ask(&chat, todo)?;
+        let mut results = chat.launch(self.requests(todo, chat.json)?, 256);
         let model = self.provider.identity().model.clone();
         let (mut failed, mut accepted, mut rejected, mut first_error) = (0u64, 0u64, 0u64, None::<String>);
         let mut usage = UsageWriter::default();
@@ -183,11 +184,46 @@ impl Stage for Judge {
         let max_failures = self.params.llm().max_failures;
         Ok(Outcome { summary, failure: failure_verdict(failed, total, max_failures, first_error, &ctx.progress) })
     }
+
+    async fn plan(&self, cx: &PlanCtx<'_>) -> Result<StagePlan> {
+        self.plan_impl(cx).await
+    }
 }
 
 impl Judge {
-    /// Starts one request per question.
-    fn ask(&self, chat: &Chat, todo: Vec<judgments::JudgeInput>) -> Result<tokio::sync::mpsc::Receiver<ChatResult>> {
+    /// What a run would ask now: the stored questions with no verdict under these settings, and
+    /// those a generate stage before it would write (at most `per_chunk` a chunk, of estimated length).
+    async fn plan_impl(&self, cx: &PlanCtx<'_>) -> Result<StagePlan> {
+        let settings = settings_key(&self.params, &["min_score"], &self.template, self.provider.identity());
+        let json = llm::writes_json(&self.wf, &self.params.model)?;
+        let (mut stored, mut unwritten, mut notes) = (Vec::new(), Vec::new(), Vec::new());
+        let mut from_store: Vec<String> = self.inputs_from.clone();
+        for f in cx.forecasts() {
+            let Forecast::Questions { stage, settings: gen_settings, about, query_tokens, basis } = f else { continue };
+            from_store.retain(|s| s != stage);
+            stored.extend(judgments::pending_after(cx.store, (stage, gen_settings), &self.name, &settings).await?);
+            if !about.is_empty() {
+                notes.push(format!(
+                    "{} questions `{stage}` has still to write are counted at most per_chunk a chunk, at {basis}",
+                    about.len()
+                ));
+            }
+            unwritten.extend(about.iter().map(|q| (q.clone(), *query_tokens)));
+        }
+        stored.extend(judgments::pending(cx.store, &from_store, &self.name, &settings).await?);
+        let decided = judgments::decided(cx.store, &from_store, &self.name, &settings).await?;
+        let todo = (stored.len() + unwritten.len()) as u64;
+        let mut planned: Vec<Planned> =
+            self.requests(stored, json)?.into_iter().map(|(_, r)| Planned::known(r)).collect();
+        let tokens: Vec<u64> = unwritten.iter().map(|(_, t)| *t).collect();
+        let reqs = self.requests(unwritten.into_iter().map(|(q, _)| q).collect(), json)?;
+        planned.extend(reqs.into_iter().zip(tokens).map(|((_, req), unknown_tokens)| Planned { req, unknown_tokens }));
+        let est = estimate(cx, &self.params.model, self.provider.as_ref(), &planned).await?;
+        Ok(StagePlan { items: todo + decided as u64, todo, llm: Some(est), notes, forecast: None })
+    }
+
+    /// One request per question; `json`: whether the model is asked for JSON.
+    fn requests(&self, todo: Vec<judgments::JudgeInput>, json: bool) -> Result<Vec<(i64, ChatRequest)>> {
         let p = &self.params;
         let llm = p.llm();
         let gen_params = llm.gen_params(None);
@@ -209,7 +245,7 @@ impl Judge {
             schema: ("judgment", &schema),
             accept: |text| parse_judgment(text).is_some(),
         };
-        chat.send(items, &how, 256)
+        requests(items, &how, json)
     }
 
     /// Verdict, score, reason and call of one answer. An answer cut off after its score still

@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::StageCtx;
+use super::{PlanCtx, StageCtx};
 use crate::error::Result;
+use crate::llm::plan::{Estimate, Planned};
 use crate::llm::{self, ChatDone, ChatProvider, ChatRequest, GenParams, LlmClient, LlmFailure, Message};
 use crate::progress::StageProgress;
 use crate::prompt::Template;
@@ -200,7 +201,7 @@ pub struct Chat {
     pub provider: Arc<dyn ChatProvider>,
     pub client: Arc<LlmClient>,
     /// Given to every prompt as `json`: whether the model is asked for JSON.
-    json: bool,
+    pub json: bool,
 }
 
 impl Chat {
@@ -209,38 +210,49 @@ impl Chat {
         Ok(Chat { provider, client: Arc::new(client), json: llm::writes_json(wf, model_key)? })
     }
 
-    /// Renders a request per item (id, template variables) and starts them, at most `window` at a
-    /// time; results arrive as they finish. A template error stops the stage before any call.
-    pub fn send(
-        &self,
-        items: Vec<(i64, Value)>,
-        how: &Prompted,
-        window: usize,
-    ) -> Result<tokio::sync::mpsc::Receiver<ChatResult>> {
-        let mut requests = Vec::with_capacity(items.len());
-        for (id, mut vars) in items {
-            if let Value::Object(m) = &mut vars {
-                m.insert("json".into(), Value::Bool(self.json));
-            }
-            let mut messages = Vec::new();
-            if let Some(s) = how.system {
-                messages.push(Message::system(s));
-            }
-            messages.push(Message::user(how.template.render(vars)?));
-            let json_schema = Some((how.schema.0.to_string(), how.schema.1.clone()));
-            let accept = Some(how.accept);
-            requests.push((id, ChatRequest { messages, params: how.params.clone(), json_schema, accept }));
-        }
+    /// Starts the requests, at most `window` at a time; results arrive as they finish.
+    pub fn launch(&self, requests: Vec<(i64, ChatRequest)>, window: usize) -> tokio::sync::mpsc::Receiver<ChatResult> {
         let (client, provider) = (self.client.clone(), self.provider.clone());
-        Ok(spawn_items(requests, window, move |(id, req): (i64, ChatRequest)| {
+        spawn_items(requests, window, move |(id, req): (i64, ChatRequest)| {
             let (client, provider) = (client.clone(), provider.clone());
             async move { (id, client.chat(provider.as_ref(), &req).await) }
-        }))
+        })
     }
 
     pub fn usage(&self) -> UsageSnapshot {
         self.client.usage()
     }
+}
+
+/// Renders a request per item (id, template variables); `json` is given to the prompt (whether
+/// the model is asked for JSON). A template error stops the stage before any call.
+pub fn requests(items: Vec<(i64, Value)>, how: &Prompted, json: bool) -> Result<Vec<(i64, ChatRequest)>> {
+    let mut requests = Vec::with_capacity(items.len());
+    for (id, mut vars) in items {
+        if let Value::Object(m) = &mut vars {
+            m.insert("json".into(), Value::Bool(json));
+        }
+        let mut messages = Vec::new();
+        if let Some(s) = how.system {
+            messages.push(Message::system(s));
+        }
+        messages.push(Message::user(how.template.render(vars)?));
+        let json_schema = Some((how.schema.0.to_string(), how.schema.1.clone()));
+        let accept = Some(how.accept);
+        requests.push((id, ChatRequest { messages, params: how.params.clone(), json_schema, accept }));
+    }
+    Ok(requests)
+}
+
+/// The estimate of a stage's planned requests to `models.<model_key>`, at its `price:`.
+pub async fn estimate(
+    cx: &PlanCtx<'_>,
+    model_key: &str,
+    provider: &dyn ChatProvider,
+    planned: &[Planned],
+) -> Result<Estimate> {
+    let price = llm::model_spec(cx.workflow, model_key)?.price;
+    llm::plan::estimate(provider, price, cx.store, &cx.spec.name, planned).await
 }
 
 /// Runs `work` on each item as its own task, at most `window` at a time, and returns the results

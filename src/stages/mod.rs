@@ -96,6 +96,56 @@ pub struct StageCtx {
     pub progress: StageProgress,
 }
 
+/// What `flow plan` hands a stage: the store as it stands, and what the upstream stages that would
+/// run first are expected to produce (their output is not in the store yet).
+pub struct PlanCtx<'a> {
+    pub store: &'a Store,
+    pub spec: &'a StageSpec,
+    pub workflow: &'a Workflow,
+    pub upstream: &'a std::collections::BTreeMap<String, Forecast>,
+    /// Whether stages after this one are planned too and need its `Forecast` (not so when a run
+    /// records its estimate at the stage's start: what came before is in the store by then).
+    pub forecast: bool,
+}
+
+impl PlanCtx<'_> {
+    /// The forecasts of the stages this one reads from (`needs`) that would run before it.
+    pub fn forecasts(&self) -> impl Iterator<Item = &Forecast> {
+        self.spec.needs.iter().filter_map(|n| self.upstream.get(n))
+    }
+}
+
+/// What a stage that would run is expected to produce, for the plans of the stages after it.
+#[derive(Debug, Clone)]
+pub enum Forecast {
+    /// Chunks, cut in memory as the run would cut them (ids are placeholders, below zero).
+    Chunks(Vec<crate::store::queries::InputChunk>),
+    /// A generate stage's questions: those it would write about these chunks, of about
+    /// `query_tokens` tokens each (their texts are not known until the model writes them), beside
+    /// those it already holds with `settings`, which its run makes the current ones.
+    Questions {
+        stage: String,
+        settings: String,
+        about: Vec<crate::store::judgments::JudgeInput>,
+        query_tokens: u64,
+        basis: String,
+    },
+}
+
+/// What a run of a stage would do, as `flow plan` shows it.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct StagePlan {
+    /// Items the stage has in all, and those with no result yet (the work a run does).
+    pub items: u64,
+    pub todo: u64,
+    /// Its chat requests, where it calls a model.
+    pub llm: Option<crate::llm::plan::Estimate>,
+    /// What the figures rest on, where that is not plain (estimates, upper bounds).
+    pub notes: Vec<String>,
+    #[serde(skip)]
+    pub forecast: Option<Forecast>,
+}
+
 /// What a stage hands back when it ends without error.
 #[derive(Debug, Default)]
 pub struct Outcome {
@@ -119,4 +169,9 @@ pub trait Stage: Send + Sync {
 
     /// Does the work, storing each item as it finishes and skipping items already stored.
     async fn run(&self, ctx: &StageCtx) -> Result<Outcome>;
+
+    /// What `run` would do now, without calling a model or writing to the store: for `flow plan`.
+    async fn plan(&self, _cx: &PlanCtx<'_>) -> Result<StagePlan> {
+        Ok(StagePlan { notes: vec!["calls no chat model".into()], ..Default::default() })
+    }
 }

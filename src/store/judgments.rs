@@ -55,11 +55,33 @@ pub async fn pending(
     judge_stage: &str,
     settings: &str,
 ) -> Result<Vec<JudgeInput>> {
+    pending_of(store, generate_stages, None, judge_stage, settings).await
+}
+
+/// What `pending` will return once the generate stage has run with `generate_settings`, which
+/// makes its questions of those settings the current ones: for `flow plan`.
+pub async fn pending_after(
+    store: &Store,
+    (generate_stage, generate_settings): (&str, &str),
+    judge_stage: &str,
+    settings: &str,
+) -> Result<Vec<JudgeInput>> {
+    pending_of(store, &[generate_stage.to_string()], Some(generate_settings), judge_stage, settings).await
+}
+
+async fn pending_of(
+    store: &Store,
+    generate_stages: &[String],
+    generate_settings: Option<&str>,
+    judge_stage: &str,
+    settings: &str,
+) -> Result<Vec<JudgeInput>> {
     let stages = serde_json::to_string(generate_stages).expect("strings serialise");
     Ok(sqlx::query_as(
         "SELECT q.id AS query_id, q.text AS query, c.text AS chunk, d.title, d.path
          FROM queries q JOIN chunks c ON c.id = q.chunk_id JOIN documents d ON d.id = c.document_id
-         WHERE q.stage IN (SELECT value FROM json_each(?1)) AND q.status = 'kept' AND q.superseded_at IS NULL
+         WHERE q.stage IN (SELECT value FROM json_each(?1)) AND q.status = 'kept'
+           AND (CASE WHEN ?4 IS NULL THEN q.superseded_at IS NULL ELSE q.settings = ?4 END)
            AND c.retired_at IS NULL
            AND NOT EXISTS (SELECT 1 FROM judgments j WHERE j.query_id = q.id AND j.stage = ?2 AND j.settings = ?3
                            AND j.verdict IN ('accepted', 'rejected'))
@@ -68,6 +90,7 @@ pub async fn pending(
     .bind(stages)
     .bind(judge_stage)
     .bind(settings)
+    .bind(generate_settings)
     .fetch_all(&store.pool)
     .await?)
 }

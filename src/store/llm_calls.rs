@@ -98,3 +98,18 @@ pub async fn insert(store: &Store, c: &NewCall<'_>) -> Result<i64> {
             .await?),
     }
 }
+
+/// The mean completion tokens of `stage`'s usable chat answers from this model, and how many
+/// answers that is; None before its first.
+pub async fn completion_mean(store: &Store, stage: &str, provider: &str, model: &str) -> Result<Option<(f64, u64)>> {
+    let (mean, n): (Option<f64>, i64) = sqlx::query_as(
+        "SELECT AVG(completion_tokens), COUNT(*) FROM llm_calls
+         WHERE kind = 'chat' AND usable = 1 AND stage = ? AND provider = ? AND model = ?",
+    )
+    .bind(stage)
+    .bind(provider)
+    .bind(model)
+    .fetch_one(&store.pool)
+    .await?;
+    Ok(mean.map(|m| (m, n as u64)))
+}

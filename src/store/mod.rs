@@ -86,6 +86,25 @@ impl Store {
     }
 }
 
+impl Store {
+    /// An empty, migrated store in memory: what `flow plan` reads for a workflow never run.
+    pub async fn in_memory() -> Result<Store> {
+        let path = Path::new(":memory:");
+        let opts = SqliteConnectOptions::from_str("sqlite::memory:")
+            .map_err(|e| Error::Store { path: path.into(), source: e })?;
+        // One connection: each connection to `:memory:` would be a database of its own.
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_with(opts)
+            .await
+            .map_err(|e| damaged_or(path, e))?;
+        MIGRATOR.run(&pool).await.map_err(|source| Error::Migrate { path: path.into(), source })?;
+        Ok(Store { pool, path: path.into() })
+    }
+}
+
 fn options(path: &Path) -> Result<SqliteConnectOptions> {
     Ok(SqliteConnectOptions::from_str("sqlite://")
         .map_err(|e| Error::Store { path: path.into(), source: e })?

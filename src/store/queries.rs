@@ -84,6 +84,16 @@ pub async fn kept_texts(store: &Store, stage: &str) -> Result<Vec<String>> {
     .await?)
 }
 
+/// The mean length in characters of `stage`'s kept questions; None before its first.
+pub async fn kept_mean_chars(store: &Store, stage: &str) -> Result<Option<f64>> {
+    Ok(sqlx::query_scalar(
+        "SELECT AVG(LENGTH(text)) FROM queries WHERE stage = ? AND status = 'kept' AND superseded_at IS NULL",
+    )
+    .bind(stage)
+    .fetch_one(&store.pool)
+    .await?)
+}
+
 #[derive(Debug, Clone)]
 pub struct NewQuery {
     pub text: String,

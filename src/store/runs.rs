@@ -60,6 +60,8 @@ pub struct StageRunRow {
     pub earlier_prompt_tokens: i64,
     pub earlier_completion_tokens: i64,
     pub earlier_cost: Option<f64>,
+    /// The plan's estimate of the stage's LLM use when it first started in this run (JSON).
+    pub estimate: Option<String>,
 }
 
 impl StageRunRow {
@@ -336,6 +338,16 @@ pub async fn set_llm_usage(store: &Store, id: i64, u: &UsageSnapshot) -> Result<
     .bind(id)
     .execute(&store.pool)
     .await?;
+    Ok(())
+}
+
+/// Records the plan's estimate of a stage run; a resumed attempt keeps the first one.
+pub async fn set_estimate(store: &Store, id: i64, estimate: &str) -> Result<()> {
+    sqlx::query("UPDATE stage_runs SET estimate = COALESCE(estimate, ?) WHERE id = ?")
+        .bind(estimate)
+        .bind(id)
+        .execute(&store.pool)
+        .await?;
     Ok(())
 }
 

@@ -8,7 +8,7 @@ use crate::harness::{Sandbox, prose};
 use crate::openai_server::{self as server, Config};
 
 /// A corpus of `n` one-paragraph records: one chunk each.
-fn corpus(sb: &Sandbox, n: usize) {
+pub fn corpus(sb: &Sandbox, n: usize) {
     let lines: Vec<String> = (0..n)
         .map(|i| {
             serde_json::json!({"id": format!("r{i}"), "title": format!("Note {i}"), "text": prose(500 + i as u64, 1)})

@@ -10,6 +10,7 @@ mod llm;
 mod local;
 #[path = "../support/openai_server.rs"]
 mod openai_server;
+mod plan;
 mod pull;
 mod qwen;
 mod robust;

@@ -230,9 +230,27 @@ async fn chat(State(s): State<Arc<Shared>>, _headers: HeaderMap, body: Bytes) ->
         "object": "chat.completion",
         "model": req["model"],
         "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}],
-        "usage": {"prompt_tokens": body.len() / 4, "completion_tokens": content.len() / 4, "total_tokens": body.len() / 4 + content.len() / 4},
+        "usage": usage(&req, body.len(), &content),
     }))
     .into_response()
+}
+
+/// Token counts as OpenAI reports them: for a model tiktoken knows (`gpt-4o-mini`), each
+/// message's role and content with 3 tokens of framing a message and 3 priming the reply (the
+/// cookbook's count); for other names, four bytes of the body a token.
+fn usage(req: &Value, body_len: usize, content: &str) -> Value {
+    let model = req["model"].as_str().unwrap_or_default();
+    let (prompt, completion) = match tiktoken_rs::bpe_for_model(model) {
+        Ok(bpe) => {
+            let n = |s: &str| bpe.encode_ordinary(s).len();
+            let messages = req["messages"].as_array().cloned().unwrap_or_default();
+            let text = |m: &Value, k: &str| m[k].as_str().unwrap_or_default().to_string();
+            let prompt = 3 + messages.iter().map(|m| 3 + n(&text(m, "role")) + n(&text(m, "content"))).sum::<usize>();
+            (prompt, n(content))
+        }
+        Err(_) => (body_len / 4, content.len() / 4),
+    };
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
 }
 
 /// Deterministic answers: questions for the generate schema, a score for the judge schema; for RAG,
