@@ -2,7 +2,7 @@
 //! show it.
 
 use flow::llm::plan::Estimate;
-use flow::store::{Store, pairs, rag_answers, runs};
+use flow::store::{Store, batches, pairs, rag_answers, runs};
 
 use super::{fmt_duration, fmt_time, table};
 use crate::cli::{AnswersArgs, PairsArgs, ReportArgs, RunsArgs, StatusArgs, Target};
@@ -41,9 +41,11 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<u8> {
     };
     let status = live_status(&store, &run);
     let stages = runs::stages_of(&store, run.id).await?;
+    let sent = batches::of_run(&store, run.id).await?;
     if a.json {
         let mut v = serde_json::to_value(&run)?;
         v["status"] = status.into();
+        v["batches"] = serde_json::to_value(&sent)?;
         v["stages"] = serde_json::to_value(&stages)?;
         for s in v["stages"].as_array_mut().into_iter().flatten() {
             if let Some(summary) = s["summary"].as_str().and_then(|x| serde_json::from_str::<serde_json::Value>(x).ok())
@@ -140,6 +142,24 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<u8> {
                 &rows
             )
         )?;
+    }
+    if !sent.is_empty() {
+        let rows: Vec<Vec<String>> = sent
+            .iter()
+            .map(|b| {
+                vec![
+                    b.stage.clone(),
+                    b.batch_id.clone().unwrap_or_else(|| "-".into()),
+                    b.status.clone(),
+                    format!("{}/{}", b.completed, b.requests),
+                    b.failed.to_string(),
+                    if b.ingested_at.is_some() { "yes" } else { "no" }.into(),
+                    b.error.clone().unwrap_or_default(),
+                ]
+            })
+            .collect();
+        outln!("\nBatches (the Batch API)")?;
+        outln!("{}", table(&["STAGE", "BATCH", "STATE", "DONE", "FAILED", "READ", "ERROR"], &rows))?;
     }
     for s in &stages {
         if let Some(e) = &s.error {

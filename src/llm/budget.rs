@@ -107,6 +107,12 @@ impl Ledger {
         }
     }
 
+    /// Adds what a request this ledger did not reserve used (a batch sent by a killed process): it
+    /// is paid for, so it counts, and it is never refused.
+    fn record(&self, actual: &Spent) {
+        self.lock().spent.add(actual);
+    }
+
     /// What was settled so far (this process's requests and what `earlier` said).
     pub fn spent(&self) -> Spent {
         self.lock().spent
@@ -149,6 +155,12 @@ impl Ledgers {
     pub fn settle(&self, est: &Spent, actual: &Spent) {
         for l in &self.0 {
             l.settle(est, actual);
+        }
+    }
+
+    pub fn record(&self, actual: &Spent) {
+        for l in &self.0 {
+            l.record(actual);
         }
     }
 }

@@ -25,6 +25,9 @@ pub struct Usage {
     pub failures: AtomicU64,
     pub prompt_tokens: AtomicU64,
     pub completion_tokens: AtomicU64,
+    /// Tokens of answers that came through the Batch API (priced at `batch_price`).
+    pub batch_prompt_tokens: AtomicU64,
+    pub batch_completion_tokens: AtomicU64,
 }
 
 /// A chat call that produced an answer (maybe from the cache).
@@ -48,6 +51,23 @@ fn budget_stop(why: String) -> crate::Error {
     crate::Error::Budget { what: why }
 }
 
+/// A chat answer on its way to the cache.
+struct StoredAnswer<'a> {
+    hash: &'a str,
+    request: &'a str,
+    answer: &'a ChatAnswer,
+    latency_ms: i64,
+    attempts: u32,
+    usable: bool,
+}
+
+/// One request's cost at `price` (0 without one).
+fn spent_at(price: Option<Price>, prompt: u64, completion: u64) -> super::budget::Spent {
+    let usd =
+        price.map_or(0.0, |p| (prompt as f64 * p.prompt_per_mtok + completion as f64 * p.completion_per_mtok) / 1e6);
+    super::budget::Spent { requests: 1, prompt_tokens: prompt, completion_tokens: completion, usd }
+}
+
 /// The run id of calls made outside any run (`flow serve`, `flow embed`): stored with no run.
 pub const OUTSIDE_RUN: i64 = 0;
 
@@ -56,10 +76,14 @@ pub struct LlmClient {
     retry: RetryPolicy,
     store: Store,
     price: Option<Price>,
+    batch_price: Option<Price>,
     usage: Usage,
     run_id: i64,
     stage: String,
     ledgers: super::budget::Ledgers,
+    /// Requests this client read from a batch: counted as calls when read, so their replay from
+    /// the cache is not counted again.
+    batched: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// Why `attempts` gave no answer: the calls failed, or a budget refused to send one.
@@ -82,11 +106,31 @@ impl LlmClient {
             retry,
             store,
             price,
+            batch_price: price,
             usage: Usage::default(),
             run_id,
             stage: stage.to_string(),
             ledgers: Default::default(),
+            batched: Default::default(),
         }
+    }
+
+    /// Prices answers read from the Batch API at `price` (default: the live price).
+    pub fn with_batch_price(mut self, price: Option<Price>) -> LlmClient {
+        self.batch_price = price.or(self.price);
+        self
+    }
+
+    pub fn run_id(&self) -> i64 {
+        self.run_id
+    }
+
+    pub fn stage(&self) -> &str {
+        &self.stage
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
     }
 
     /// Counts every request against these budgets (the run's and the stage's).
@@ -96,22 +140,68 @@ impl LlmClient {
     }
 
     fn spent(&self, prompt: u64, completion: u64) -> super::budget::Spent {
-        let usd = self
-            .price
-            .map_or(0.0, |p| (prompt as f64 * p.prompt_per_mtok + completion as f64 * p.completion_per_mtok) / 1e6);
-        super::budget::Spent { requests: 1, prompt_tokens: prompt, completion_tokens: completion, usd }
+        spent_at(self.price, prompt, completion)
+    }
+
+    /// Reserves one request sent in a batch against the budgets, at the batch price.
+    pub fn reserve_batched(&self, prompt: u64, completion: u64) -> std::result::Result<super::budget::Spent, String> {
+        let est = spent_at(self.batch_price, prompt, completion);
+        self.ledgers.reserve(&est)?;
+        Ok(est)
+    }
+
+    /// Lets go of a batch request's reservation that needs no settling (already answered).
+    pub fn release_batched(&self, reserved: &super::budget::Spent) {
+        self.ledgers.settle(reserved, &super::budget::Spent::default());
+    }
+
+    /// Stores an answer read from a batch the way a live one is stored (the cache, the usage at the
+    /// batch price, the budgets: settling `reserved`, or counting it outright for a batch a killed
+    /// process sent). None for a request the batch did not answer.
+    pub async fn ingest(
+        &self,
+        id: &Identity,
+        (hash, request): (&str, &str),
+        answer: Option<(&ChatAnswer, bool)>,
+        reserved: Option<&super::budget::Spent>,
+        latency_ms: i64,
+    ) -> Result<()> {
+        let used = match answer {
+            Some((a, _)) => spent_at(self.batch_price, a.prompt_tokens, a.completion_tokens),
+            None => spent_at(self.batch_price, 0, 0),
+        };
+        match reserved {
+            Some(r) => self.ledgers.settle(r, &used),
+            None => self.ledgers.record(&used),
+        }
+        self.usage.calls.fetch_add(1, Ordering::Relaxed);
+        let Some((answer, usable)) = answer else {
+            self.usage.failures.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        };
+        let stored = StoredAnswer { hash, request, answer, latency_ms, attempts: 1, usable };
+        self.store_answer(id, &stored).await?;
+        self.usage.batch_prompt_tokens.fetch_add(answer.prompt_tokens, Ordering::Relaxed);
+        self.usage.batch_completion_tokens.fetch_add(answer.completion_tokens, Ordering::Relaxed);
+        self.batched.lock().unwrap_or_else(|p| p.into_inner()).insert(hash.to_string());
+        Ok(())
     }
 
     pub fn usage(&self) -> UsageSnapshot {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let (p, c) = (g(&self.usage.prompt_tokens), g(&self.usage.completion_tokens));
+        let (bp, bc) = (g(&self.usage.batch_prompt_tokens), g(&self.usage.batch_completion_tokens));
+        let cost = match (self.price, self.batch_price) {
+            (None, None) => None,
+            (live, batch) => Some(spent_at(live, p, c).usd + spent_at(batch, bp, bc).usd),
+        };
         UsageSnapshot {
             calls: g(&self.usage.calls),
             cached: g(&self.usage.cached),
             failures: g(&self.usage.failures),
-            prompt_tokens: p,
-            completion_tokens: c,
-            cost: self.price.map(|pr| (p as f64 * pr.prompt_per_mtok + c as f64 * pr.completion_per_mtok) / 1e6),
+            prompt_tokens: p + bp,
+            completion_tokens: c + bc,
+            cost,
         }
     }
 
@@ -139,7 +229,10 @@ impl LlmClient {
             && row.usable
             && parses(&row)
         {
-            self.usage.cached.fetch_add(1, Ordering::Relaxed);
+            // An answer this client read from a batch was counted then.
+            if !self.batched.lock().unwrap_or_else(|p| p.into_inner()).remove(&hash) {
+                self.usage.cached.fetch_add(1, Ordering::Relaxed);
+            }
             let answer = ChatAnswer {
                 text: row.text.unwrap_or_default(),
                 finish_reason: row.finish_reason,
@@ -165,32 +258,41 @@ impl LlmClient {
             Ok(x) => x,
             Err(f) => return Ok(Err(f)),
         };
-        let call_id = llm_calls::insert(
+        let request = body.to_string();
+        let usable = req.accept.is_none_or(|accept| accept(&answer.text));
+        let latency_ms = latency.as_millis() as i64;
+        let stored = StoredAnswer { hash: &hash, request: &request, answer: &answer, latency_ms, attempts, usable };
+        let call_id = self.store_answer(id, &stored).await?;
+        self.usage.prompt_tokens.fetch_add(answer.prompt_tokens, Ordering::Relaxed);
+        self.usage.completion_tokens.fetch_add(answer.completion_tokens, Ordering::Relaxed);
+        Ok(Ok(ChatDone { answer, call_id, cached: false, attempts }))
+    }
+
+    /// Writes a chat answer to the cache: its row id.
+    async fn store_answer(&self, id: &Identity, a: &StoredAnswer<'_>) -> Result<i64> {
+        llm_calls::insert(
             &self.store,
             &NewCall {
-                request_hash: &hash,
+                request_hash: a.hash,
                 kind: "chat",
                 provider: &id.provider,
                 base_url: &id.base_url,
                 model: &id.model,
-                request: &body.to_string(),
-                response: &answer.raw.to_string(),
-                text: Some(&answer.text),
-                finish_reason: answer.finish_reason.as_deref(),
-                response_id: answer.response_id.as_deref(),
-                prompt_tokens: answer.prompt_tokens as i64,
-                completion_tokens: answer.completion_tokens as i64,
-                latency_ms: latency.as_millis() as i64,
-                attempts: attempts as i64,
+                request: a.request,
+                response: &a.answer.raw.to_string(),
+                text: Some(&a.answer.text),
+                finish_reason: a.answer.finish_reason.as_deref(),
+                response_id: a.answer.response_id.as_deref(),
+                prompt_tokens: a.answer.prompt_tokens as i64,
+                completion_tokens: a.answer.completion_tokens as i64,
+                latency_ms: a.latency_ms,
+                attempts: i64::from(a.attempts),
                 run_id: (self.run_id != OUTSIDE_RUN).then_some(self.run_id),
                 stage: Some(&self.stage),
-                usable: req.accept.is_none_or(|accept| accept(&answer.text)),
+                usable: a.usable,
             },
         )
-        .await?;
-        self.usage.prompt_tokens.fetch_add(answer.prompt_tokens, Ordering::Relaxed);
-        self.usage.completion_tokens.fetch_add(answer.completion_tokens, Ordering::Relaxed);
-        Ok(Ok(ChatDone { answer, call_id, cached: false, attempts }))
+        .await
     }
 
     /// Embeds a batch of texts in one request (cached like chat calls).

@@ -1,6 +1,7 @@
 //! LLM access for stages: chat and embeddings behind one client that checks the request cache,
 //! waits on the shared rate limits, retries what is worth retrying, and records every call.
 
+pub mod batch;
 pub mod budget;
 pub mod client;
 pub mod embed;
@@ -109,6 +110,10 @@ pub trait ChatProvider: Send + Sync {
     fn count_prompt(&self, _req: &ChatRequest) -> Option<(u64, &str)> {
         None
     }
+    /// Its Batch API (`/v1/files`, `/v1/batches`), where it has one.
+    fn batch_api(&self) -> Option<&dyn batch::BatchApi> {
+        None
+    }
 }
 
 /// An embeddings backend: one request for a batch of texts.
@@ -199,7 +204,8 @@ pub fn client(
         &spec.limits,
     );
     Ok(LlmClient::new(limiter, spec.retry.clone(), spec.price, store.clone(), run_id, stage)
-        .with_ledgers(budget::of(run_id, stage)))
+        .with_ledgers(budget::of(run_id, stage))
+        .with_batch_price(spec.batch_price))
 }
 
 pub fn model_spec<'a>(wf: &'a crate::workflow::Workflow, key: &str) -> crate::Result<&'a crate::workflow::ModelSpec> {

@@ -9,6 +9,7 @@ use async_openai::middleware::{HttpRequestFactory, ReqwestService};
 use async_trait::async_trait;
 use serde_json::{Value, json};
 
+use super::batch::BatchApi;
 use super::{AttemptError, ChatAnswer, ChatProvider, ChatRequest, EmbeddingProvider, Identity};
 use crate::error::{Error, Result};
 
@@ -128,24 +129,72 @@ impl ChatProvider for OpenAi {
 
     async fn send(&self, body: &Value) -> Result<ChatAnswer, AttemptError> {
         let raw: Value = self.client.chat().create_byot(body).await.map_err(classify)?;
-        let choice = raw.get("choices").and_then(|c| c.get(0)).ok_or_else(|| AttemptError::Retryable {
-            message: format!("reply has no choices: {}", excerpt(&raw.to_string())),
-            retry_after: None,
-        })?;
-        let text = choice.pointer("/message/content").and_then(Value::as_str).unwrap_or_default().to_string();
-        let usage = |k: &str| raw.pointer(&format!("/usage/{k}")).and_then(Value::as_u64).unwrap_or(0);
-        Ok(ChatAnswer {
-            text,
-            finish_reason: choice.get("finish_reason").and_then(Value::as_str).map(str::to_string),
-            response_id: raw.get("id").and_then(Value::as_str).map(str::to_string),
-            prompt_tokens: usage("prompt_tokens"),
-            completion_tokens: usage("completion_tokens"),
-            raw,
-        })
+        answer_of(raw)
     }
 
     fn count_prompt(&self, req: &ChatRequest) -> Option<(u64, &str)> {
         self.encoding.map(|(bpe, name)| (chat_tokens(bpe, &req.messages), name))
+    }
+
+    fn batch_api(&self) -> Option<&dyn BatchApi> {
+        Some(self)
+    }
+}
+
+/// A chat completion's answer: its text, finish reason and usage (a live reply, or a batch's line).
+pub fn answer_of(raw: Value) -> Result<ChatAnswer, AttemptError> {
+    let choice = raw.get("choices").and_then(|c| c.get(0)).ok_or_else(|| AttemptError::Retryable {
+        message: format!("reply has no choices: {}", excerpt(&raw.to_string())),
+        retry_after: None,
+    })?;
+    let text = choice.pointer("/message/content").and_then(Value::as_str).unwrap_or_default().to_string();
+    let usage = |k: &str| raw.pointer(&format!("/usage/{k}")).and_then(Value::as_u64).unwrap_or(0);
+    Ok(ChatAnswer {
+        text,
+        finish_reason: choice.get("finish_reason").and_then(Value::as_str).map(str::to_string),
+        response_id: raw.get("id").and_then(Value::as_str).map(str::to_string),
+        prompt_tokens: usage("prompt_tokens"),
+        completion_tokens: usage("completion_tokens"),
+        raw,
+    })
+}
+
+#[async_trait]
+impl BatchApi for OpenAi {
+    async fn upload(&self, jsonl: Vec<u8>) -> Result<String, AttemptError> {
+        use async_openai::types::InputSource;
+        use async_openai::types::files::{CreateFileRequest, FileInput, FilePurpose};
+        let source = InputSource::VecU8 { filename: "flow-batch.jsonl".into(), vec: jsonl };
+        let req = CreateFileRequest { file: FileInput { source }, purpose: FilePurpose::Batch, expires_after: None };
+        let file: Value = self.client.files().create_byot(req).await.map_err(classify)?;
+        file["id"].as_str().map(str::to_string).ok_or_else(|| AttemptError::Fatal {
+            message: format!("the file upload's reply has no id: {}", excerpt(&file.to_string())),
+        })
+    }
+
+    async fn create(&self, input_file_id: &str, window: &str, note: &str) -> Result<Value, AttemptError> {
+        let body = json!({
+            "input_file_id": input_file_id, "endpoint": "/v1/chat/completions",
+            "completion_window": window, "metadata": { "flow": note },
+        });
+        self.client.batches().create_byot(body).await.map_err(classify)
+    }
+
+    async fn get(&self, batch_id: &str) -> Result<Value, AttemptError> {
+        self.client.batches().retrieve_byot(batch_id).await.map_err(classify)
+    }
+
+    async fn list(&self, after: Option<&str>) -> Result<Value, AttemptError> {
+        use async_openai::traits::RequestOptionsBuilder;
+        let mut q = vec![("limit", "100".to_string())];
+        if let Some(a) = after {
+            q.push(("after", a.to_string()));
+        }
+        self.client.batches().query(&q).map_err(classify)?.list_byot().await.map_err(classify)
+    }
+
+    async fn content(&self, file_id: &str) -> Result<Vec<u8>, AttemptError> {
+        Ok(self.client.files().content(file_id).await.map_err(classify)?.to_vec())
     }
 }
 

@@ -352,7 +352,7 @@ impl EvalRag {
             accept: |text| parse_answer(text).is_some(),
         };
         let mut answers: Vec<Answer> = vec![None; items.len()];
-        let mut rx = chat.launch(super::llm::requests(requests, &how, chat.json)?, 64);
+        let mut rx = chat.launch(super::llm::requests(requests, &how, chat.json)?, 64).await?;
         let mut usage = UsageWriter::default();
         while let Some((i, r)) = rx.recv().await {
             answers[i as usize] = Some(match r? {
@@ -398,7 +398,7 @@ impl EvalRag {
             accept: |text| parse_grade(text).is_some(),
         };
         let mut graded = vec![false; items.len()];
-        let mut rx = chat.launch(super::llm::requests(requests, &how, chat.json)?, 64);
+        let mut rx = chat.launch(super::llm::requests(requests, &how, chat.json)?, 64).await?;
         while let Some((i, r)) = rx.recv().await {
             let i = i as usize;
             graded[i] = true;

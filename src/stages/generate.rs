@@ -145,7 +145,7 @@ impl Stage for Generate {
         for q in queries::kept_texts(&ctx.store, &self.name).await? {
             dups.check_and_add(&q);
         }
-        let mut results = chat.launch(self.requests(todo, chat.json)?, 256);
+        let mut results = chat.launch(self.requests(todo, chat.json)?, 256).await?;
         let mut tally = Tally::default();
         let mut usage = UsageWriter::default();
         while let Some((chunk_id, outcome)) = results.recv().await {

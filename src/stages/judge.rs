@@ -138,7 +138,7 @@ impl Stage for Judge {
         ctx.progress.cached(decided as u64);
 
         let chat = Chat::start(&self.wf, &self.params.model, self.provider.clone(), ctx)?;
-        let mut results = chat.launch(self.requests(todo, chat.json)?, 256);
+        let mut results = chat.launch(self.requests(todo, chat.json)?, 256).await?;
         let model = self.provider.identity().model.clone();
         let (mut failed, mut accepted, mut rejected, mut first_error) = (0u64, 0u64, 0u64, None::<String>);
         let mut usage = UsageWriter::default();

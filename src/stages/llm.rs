@@ -202,21 +202,40 @@ pub struct Chat {
     pub client: Arc<LlmClient>,
     /// Given to every prompt as `json`: whether the model is asked for JSON.
     pub json: bool,
+    /// The model's Batch API settings, when its requests go through batches.
+    batch: Option<crate::workflow::BatchSpec>,
+    progress: crate::progress::StageProgress,
 }
 
 impl Chat {
     pub fn start(wf: &Workflow, model_key: &str, provider: Arc<dyn ChatProvider>, ctx: &StageCtx) -> Result<Chat> {
         let client = llm::client(wf, model_key, provider.identity(), &ctx.store, ctx.run_id, &ctx.spec.name)?;
-        Ok(Chat { provider, client: Arc::new(client), json: llm::writes_json(wf, model_key)? })
+        Ok(Chat {
+            provider,
+            client: Arc::new(client),
+            json: llm::writes_json(wf, model_key)?,
+            batch: llm::model_spec(wf, model_key)?.batched().cloned(),
+            progress: ctx.progress.clone(),
+        })
     }
 
-    /// Starts the requests, at most `window` at a time; results arrive as they finish.
-    pub fn launch(&self, requests: Vec<(i64, ChatRequest)>, window: usize) -> tokio::sync::mpsc::Receiver<ChatResult> {
+    /// Starts the requests, at most `window` at a time; results arrive as they finish. With the
+    /// model's `batch:` on, the Batch API answers them first (this waits for its batches), and what
+    /// they left unanswered is sent live.
+    pub async fn launch(
+        &self,
+        requests: Vec<(i64, ChatRequest)>,
+        window: usize,
+    ) -> Result<tokio::sync::mpsc::Receiver<ChatResult>> {
+        if let Some(spec) = &self.batch {
+            let reqs: Vec<&ChatRequest> = requests.iter().map(|(_, r)| r).collect();
+            llm::batch::answer(&self.client, self.provider.as_ref(), spec, &reqs, &self.progress).await?;
+        }
         let (client, provider) = (self.client.clone(), self.provider.clone());
-        spawn_items(requests, window, move |(id, req): (i64, ChatRequest)| {
+        Ok(spawn_items(requests, window, move |(id, req): (i64, ChatRequest)| {
             let (client, provider) = (client.clone(), provider.clone());
             async move { (id, client.chat(provider.as_ref(), &req).await) }
-        })
+        }))
     }
 
     pub fn usage(&self) -> UsageSnapshot {
@@ -251,7 +270,12 @@ pub async fn estimate(
     provider: &dyn ChatProvider,
     planned: &[Planned],
 ) -> Result<Estimate> {
-    let price = llm::model_spec(cx.workflow, model_key)?.price;
+    let spec = llm::model_spec(cx.workflow, model_key)?;
+    // Requests that go through batches are billed at the batch price.
+    let price = match spec.batched() {
+        Some(_) => spec.batch_price.or(spec.price),
+        None => spec.price,
+    };
     llm::plan::estimate(provider, price, cx.store, &cx.spec.name, planned).await
 }
 

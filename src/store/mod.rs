@@ -1,6 +1,7 @@
 //! The SQLite store: one file per workflow, opened with WAL, a busy timeout and foreign keys,
 //! migrated on open. Each table's SQL lives in one submodule.
 
+pub mod batches;
 pub mod documents;
 pub mod embeddings;
 pub mod eval_results;

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 pub use crate::diag::{Diagnostic, Diagnostics, did_you_mean};
-pub use models::{DEFAULT_EMBEDDER, Device, Limits, ModelSpec, Price, Provider, RetryPolicy};
+pub use models::{BatchSpec, DEFAULT_EMBEDDER, Device, Fallback, Limits, ModelSpec, Price, Provider, RetryPolicy};
 use yaml::{Node, Span};
 
 use crate::dag;
@@ -225,25 +225,10 @@ fn check(root: &Node, abs: &Path, kinds: &dyn Kinds, diags: &mut Vec<Diagnostic>
         diags.push(Diagnostic::new(span, format!("`budget`: {problem}")));
     }
     for (name, spec) in &top.models {
-        let at = |key: &str| {
-            let entry = root.get("models").and_then(|m| m.get(name));
-            entry.and_then(|e| e.get(key)).or(entry).map(Node::span).unwrap_or_default()
-        };
-        if spec.model.is_none() && spec.init.is_none() {
-            let span = root.get("models").and_then(|m| m.key_span(name)).unwrap_or_default();
-            diags.push(
-                Diagnostic::new(span, format!("model `{name}` names no model"))
-                    .hint("add `model: <name or folder>` (or `init:` for a trainable model)"),
-            );
-        }
-        if let Some(url) = &spec.base_url
-            && let Err(e) = check_base_url(url)
-        {
-            diags.push(
-                Diagnostic::new(at("base_url"), format!("`models.{name}.base_url` {url:?}: {e}"))
-                    .hint("a full http(s) URL of the API root, e.g. http://localhost:8000/v1"),
-            );
-        }
+        let entry = root.get("models").and_then(|m| m.get(name));
+        let at = |key: &str| entry.and_then(|e| e.get(key)).or(entry).map(Node::span).unwrap_or_default();
+        let key = root.get("models").and_then(|m| m.key_span(name)).unwrap_or_default();
+        models::check(name, spec, (key, &at), diags);
     }
 
     let stages_node = root.get("stages")?;
@@ -386,18 +371,6 @@ fn check_stage(
             None
         }
     }
-}
-
-/// An OpenAI-compatible endpoint's root must be an absolute http(s) URL with a host.
-fn check_base_url(url: &str) -> std::result::Result<(), String> {
-    let u = reqwest::Url::parse(url).map_err(|e| e.to_string())?;
-    if !matches!(u.scheme(), "http" | "https") {
-        return Err(format!("the scheme is `{}`, not http or https", u.scheme()));
-    }
-    if u.host_str().is_none_or(str::is_empty) {
-        return Err("it has no host".into());
-    }
-    Ok(())
 }
 
 fn kinds_hint(kinds: &dyn Kinds) -> String {

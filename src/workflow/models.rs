@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::diag::{Diagnostic, Span};
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Provider {
@@ -37,6 +39,12 @@ pub struct ModelSpec {
     pub json_schema: Option<bool>,
     /// Dollars per million prompt / completion tokens, for cost accounting.
     pub price: Option<Price>,
+    /// Send stages' requests to this model through the Batch API: `true`, or its settings.
+    #[serde(default, deserialize_with = "batch_from_yaml")]
+    pub batch: Option<BatchSpec>,
+    /// Dollars per million tokens of requests answered through the Batch API (default: `price`;
+    /// OpenAI bills batches at half its list price, which the user states here).
+    pub batch_price: Option<Price>,
     /// Where a local model runs (default auto); ignored for API models.
     #[serde(default)]
     pub device: Device,
@@ -70,6 +78,119 @@ impl Default for RetryPolicy {
     fn default() -> Self {
         RetryPolicy { attempts: 6, base_ms: 500, max_ms: 30_000, deadline_s: 300.0 }
     }
+}
+
+/// How a model's requests go through the Batch API (`/v1/files`, `/v1/batches`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchSpec {
+    /// Whether batches are used (`batch: false` turns them off and keeps the settings).
+    pub enabled: bool,
+    /// Seconds between looks at a batch's state.
+    pub poll_s: f64,
+    /// Requests per batch at most (OpenAI's limit is 50,000).
+    pub max_requests: usize,
+    /// Bytes of a batch's input file at most (OpenAI's limit is 200 MB).
+    pub max_bytes: usize,
+    /// What becomes of requests a failed or expired batch did not answer: `live` calls, or a new `batch`.
+    pub fallback: Fallback,
+    /// The batch's `completion_window`.
+    pub window: String,
+}
+
+impl Default for BatchSpec {
+    fn default() -> Self {
+        BatchSpec {
+            enabled: true,
+            poll_s: 60.0,
+            max_requests: 50_000,
+            max_bytes: 190 << 20,
+            fallback: Fallback::Live,
+            window: "24h".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Fallback {
+    Live,
+    Batch,
+}
+
+/// `batch: true` / `batch: false` are the default settings, on or off.
+pub(super) fn batch_from_yaml<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<BatchSpec>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Given {
+        On(bool),
+        With(BatchSpec),
+    }
+    Ok(match Option::<Given>::deserialize(d)? {
+        None => None,
+        Some(Given::On(enabled)) => Some(BatchSpec { enabled, ..BatchSpec::default() }),
+        Some(Given::With(b)) => Some(b),
+    })
+}
+
+impl ModelSpec {
+    /// The Batch API settings when batches are on.
+    pub fn batched(&self) -> Option<&BatchSpec> {
+        self.batch.as_ref().filter(|b| b.enabled)
+    }
+}
+
+/// Checks one `models:` entry: it names a model, its `batch:` and `base_url` make sense. `key` is
+/// the entry's name span, `at` the span of one of its keys.
+pub(super) fn check(
+    name: &str,
+    spec: &ModelSpec,
+    (key, at): (Span, &dyn Fn(&str) -> Span),
+    diags: &mut Vec<Diagnostic>,
+) {
+    if spec.model.is_none() && spec.init.is_none() {
+        diags.push(
+            Diagnostic::new(key, format!("model `{name}` names no model"))
+                .hint("add `model: <name or folder>` (or `init:` for a trainable model)"),
+        );
+    }
+    if let Some(b) = spec.batched() {
+        if spec.provider == Some(Provider::Local) {
+            diags.push(
+                Diagnostic::new(at("batch"), format!("`models.{name}.batch`: a local model has no Batch API"))
+                    .hint("batches are for OpenAI-compatible servers (`provider: openai`); remove `batch:`"),
+            );
+        }
+        if b.poll_s.is_nan() || b.poll_s <= 0.0 || b.max_requests == 0 || b.max_bytes < 1024 {
+            diags.push(
+                Diagnostic::new(
+                    at("batch"),
+                    format!("`models.{name}.batch`: poll_s, max_requests and max_bytes must be positive (max_bytes at least 1024)"),
+                )
+                .hint("`batch: true` takes OpenAI's limits: 50000 requests, 190 MB, a look every 60 s"),
+            );
+        }
+    }
+    if let Some(url) = &spec.base_url
+        && let Err(e) = check_base_url(url)
+    {
+        diags.push(
+            Diagnostic::new(at("base_url"), format!("`models.{name}.base_url` {url:?}: {e}"))
+                .hint("a full http(s) URL of the API root, e.g. http://localhost:8000/v1"),
+        );
+    }
+}
+
+/// An OpenAI-compatible endpoint's root must be an absolute http(s) URL with a host.
+fn check_base_url(url: &str) -> std::result::Result<(), String> {
+    let u = reqwest::Url::parse(url).map_err(|e| e.to_string())?;
+    if !matches!(u.scheme(), "http" | "https") {
+        return Err(format!("the scheme is `{}`, not http or https", u.scheme()));
+    }
+    if u.host_str().is_none_or(str::is_empty) {
+        return Err("it has no host".into());
+    }
+    Ok(())
 }
 
 /// Dollars per million tokens, from the workflow's optional price table.

@@ -1,6 +1,7 @@
 //! Integration tests: most run the real `flow` binary on a temporary folder; some call the library
 //! directly (local models, the loopback server), and `layers` reads the source.
 
+mod batch;
 mod chunk;
 mod engine;
 mod eval;

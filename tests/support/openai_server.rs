@@ -33,6 +33,13 @@ pub struct Config {
     /// The first answer to some requests is cut off mid-JSON but reported complete (a 200 with
     /// `finish_reason: stop`); asked again, they are answered in full.
     pub truncate_first: bool,
+    /// How long a batch is in progress after it is created.
+    pub batch_delay: Duration,
+    /// Requests of a batch whose body hash is a multiple of this fail (a 500 in the error file).
+    pub batch_fail_every: u64,
+    /// The first batch expires when its delay is up: the first half of its requests are answered,
+    /// the rest are `batch_expired` in its error file.
+    pub batch_expire_first: bool,
 }
 
 impl Default for Config {
@@ -44,6 +51,9 @@ impl Default for Config {
             slow: Duration::from_secs(3),
             prose: false,
             truncate_first: false,
+            batch_delay: Duration::from_millis(300),
+            batch_fail_every: 0,
+            batch_expire_first: false,
         }
     }
 }
@@ -62,11 +72,23 @@ pub struct Entry {
 pub struct Log {
     pub entries: Mutex<Vec<Entry>>,
     seen: Mutex<HashMap<u64, u32>>,
+    files: Mutex<HashMap<String, Vec<u8>>>,
+    batches: Mutex<Vec<Value>>,
 }
 
 impl Log {
     pub fn entries(&self) -> Vec<Entry> {
         self.entries.lock().unwrap().clone()
+    }
+
+    /// How many requests reached `path` ("chat", "files", "batches.create", ...).
+    pub fn count(&self, path: &str) -> usize {
+        self.entries.lock().unwrap().iter().filter(|e| e.path == path).count()
+    }
+
+    /// Every batch the server holds, as its API shows them.
+    pub fn batches(&self) -> Vec<Value> {
+        self.batches.lock().unwrap().clone()
     }
 }
 
@@ -104,6 +126,10 @@ pub fn start_on(addr: &str, cfg: Config) -> Server {
             let app = Router::new()
                 .route("/v1/chat/completions", post(chat))
                 .route("/v1/embeddings", post(embeddings))
+                .route("/v1/files", post(upload))
+                .route("/v1/files/{id}/content", get(file_content))
+                .route("/v1/batches", post(create_batch).get(list_batches))
+                .route("/v1/batches/{id}", get(get_batch))
                 .route("/stats", get(stats))
                 .with_state(shared);
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
@@ -216,9 +242,7 @@ async fn chat(State(s): State<Arc<Shared>>, _headers: HeaderMap, body: Bytes) ->
         return r;
     }
     tokio::time::sleep(s.cfg.latency).await;
-    let schema = req.pointer("/response_format/json_schema/name").and_then(Value::as_str).unwrap_or("");
-    let prompt = req["messages"].as_array().and_then(|m| m.last()).and_then(|m| m["content"].as_str()).unwrap_or("");
-    let content = answer(schema, prompt, h, s.cfg.prose);
+    let content = answer_to(&req, h, s.cfg.prose);
     let half = |c: &str| c.chars().take(c.chars().count() / 2).collect::<String>();
     let (content, finish) = match what {
         Some("length") => (half(&content), "length"),
@@ -251,6 +275,13 @@ fn usage(req: &Value, body_len: usize, content: &str) -> Value {
         Err(_) => (body_len / 4, content.len() / 4),
     };
     json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+}
+
+/// The answer to a chat request body.
+fn answer_to(req: &Value, h: u64, prose: bool) -> String {
+    let schema = req.pointer("/response_format/json_schema/name").and_then(Value::as_str).unwrap_or("");
+    let prompt = req["messages"].as_array().and_then(|m| m.last()).and_then(|m| m["content"].as_str()).unwrap_or("");
+    answer(schema, prompt, h, prose)
 }
 
 /// Deterministic answers: questions for the generate schema, a score for the judge schema; for RAG,
@@ -330,4 +361,148 @@ async fn stats(State(s): State<Arc<Shared>>) -> Response {
     let ms: Vec<f64> =
         s.log.entries().iter().map(|e| e.received.duration_since(s.started).as_secs_f64() * 1000.0).collect();
     axum::Json(json!({ "count": ms.len(), "received_ms": ms })).into_response()
+}
+
+/// `POST /v1/files`: a multipart upload; the part named `file` is kept.
+async fn upload(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+    log(&s, hash(&body), "files", "ok", Instant::now());
+    let ct = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default();
+    let Some(boundary) = ct.split("boundary=").nth(1).map(|b| format!("--{}", b.trim_matches('"'))) else {
+        return (StatusCode::BAD_REQUEST, "not multipart").into_response();
+    };
+    let file = split(&body, boundary.as_bytes()).into_iter().find_map(|part| {
+        let head_end = find(part, b"\r\n\r\n")?;
+        let head = String::from_utf8_lossy(&part[..head_end]);
+        head.contains("name=\"file\"").then(|| part[head_end + 4..part.len().saturating_sub(2)].to_vec())
+    });
+    let Some(file) = file else { return (StatusCode::BAD_REQUEST, "no file part").into_response() };
+    let mut files = s.log.files.lock().unwrap();
+    let id = format!("file-{}", files.len() + 1);
+    let bytes = file.len();
+    files.insert(id.clone(), file);
+    axum::Json(json!({"id": id, "object": "file", "bytes": bytes, "filename": "batch.jsonl", "purpose": "batch", "created_at": 0}))
+        .into_response()
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+fn split<'a>(body: &'a [u8], boundary: &[u8]) -> Vec<&'a [u8]> {
+    let mut parts = Vec::new();
+    let mut rest = body;
+    while let Some(i) = find(rest, boundary) {
+        parts.push(&rest[..i]);
+        rest = &rest[i + boundary.len()..];
+    }
+    parts
+}
+
+async fn file_content(State(s): State<Arc<Shared>>, axum::extract::Path(id): axum::extract::Path<String>) -> Response {
+    log(&s, hash(id.as_bytes()), "files.content", "ok", Instant::now());
+    match s.log.files.lock().unwrap().get(&id) {
+        Some(b) => (StatusCode::OK, b.clone()).into_response(),
+        None => (StatusCode::NOT_FOUND, axum::Json(json!({"error": {"message": "no such file"}}))).into_response(),
+    }
+}
+
+async fn create_batch(State(s): State<Arc<Shared>>, body: Bytes) -> Response {
+    log(&s, hash(&body), "batches.create", "ok", Instant::now());
+    let req: Value = serde_json::from_slice(&body).unwrap_or_default();
+    let file = req["input_file_id"].as_str().unwrap_or_default().to_string();
+    let Some(input) = s.log.files.lock().unwrap().get(&file).cloned() else {
+        return (StatusCode::BAD_REQUEST, axum::Json(json!({"error": {"message": "no such input file"}})))
+            .into_response();
+    };
+    let total = String::from_utf8_lossy(&input).lines().filter(|l| !l.trim().is_empty()).count();
+    let mut batches = s.log.batches.lock().unwrap();
+    let b = json!({
+        "id": format!("batch_{}", batches.len() + 1), "object": "batch", "endpoint": req["endpoint"],
+        "input_file_id": file, "completion_window": req["completion_window"], "status": "validating",
+        "output_file_id": null, "error_file_id": null, "metadata": req["metadata"],
+        "created_ms": s.started.elapsed().as_millis() as u64, "expire": s.cfg.batch_expire_first && batches.is_empty(),
+        "request_counts": {"total": total, "completed": 0, "failed": 0},
+    });
+    batches.push(b.clone());
+    axum::Json(b).into_response()
+}
+
+async fn list_batches(State(s): State<Arc<Shared>>) -> Response {
+    log(&s, 0, "batches.list", "ok", Instant::now());
+    let ids: Vec<String> =
+        s.log.batches.lock().unwrap().iter().rev().map(|b| b["id"].as_str().unwrap().to_string()).collect();
+    let data: Vec<Value> = ids.iter().filter_map(|id| advance(&s, id)).collect();
+    axum::Json(json!({"object": "list", "data": data, "has_more": false})).into_response()
+}
+
+async fn get_batch(State(s): State<Arc<Shared>>, axum::extract::Path(id): axum::extract::Path<String>) -> Response {
+    log(&s, hash(id.as_bytes()), "batches.get", "ok", Instant::now());
+    match advance(&s, &id) {
+        Some(b) => axum::Json(b).into_response(),
+        None => (StatusCode::NOT_FOUND, axum::Json(json!({"error": {"message": "no such batch"}}))).into_response(),
+    }
+}
+
+/// The batch as it stands now: in progress until its delay is up, then completed (or expired),
+/// with its output and error files written once.
+fn advance(s: &Shared, id: &str) -> Option<Value> {
+    let mut batches = s.log.batches.lock().unwrap();
+    let b = batches.iter_mut().find(|b| b["id"] == id)?;
+    if b["output_file_id"].is_string() || b["status"] == "expired" {
+        return Some(b.clone());
+    }
+    let age = s.started.elapsed().as_millis() as u64 - b["created_ms"].as_u64().unwrap_or(0);
+    if age < s.cfg.batch_delay.as_millis() as u64 {
+        b["status"] = "in_progress".into();
+        return Some(b.clone());
+    }
+    let input =
+        s.log.files.lock().unwrap().get(b["input_file_id"].as_str().unwrap_or_default()).cloned().unwrap_or_default();
+    let lines: Vec<Value> =
+        String::from_utf8_lossy(&input).lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let expire = b["expire"] == true;
+    let (mut out, mut err) = (String::new(), String::new());
+    let (mut done, mut failed) = (0, 0);
+    for (i, line) in lines.iter().enumerate() {
+        let body = &line["body"];
+        let bytes = serde_json::to_vec(body).unwrap();
+        let h = hash(&bytes);
+        let custom_id = &line["custom_id"];
+        if expire && i >= lines.len() / 2 {
+            let e = json!({"id": format!("batch_req_{i}"), "custom_id": custom_id, "response": null,
+                "error": {"code": "batch_expired", "message": "This request could not be executed before the completion window expired."}});
+            err.push_str(&format!("{e}\n"));
+            failed += 1;
+            continue;
+        }
+        if s.cfg.batch_fail_every > 0 && h.is_multiple_of(s.cfg.batch_fail_every) {
+            let e = json!({"id": format!("batch_req_{i}"), "custom_id": custom_id,
+                "response": {"status_code": 500, "request_id": "r", "body": {"error": {"message": "internal error", "type": "server_error"}}}, "error": null});
+            err.push_str(&format!("{e}\n"));
+            failed += 1;
+            continue;
+        }
+        let content = answer_to(body, h, s.cfg.prose);
+        let completion = json!({
+            "id": format!("chatcmpl-batch-{h:016x}"), "object": "chat.completion", "model": body["model"],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+            "usage": usage(body, bytes.len(), &content),
+        });
+        let o = json!({"id": format!("batch_req_{i}"), "custom_id": custom_id,
+            "response": {"status_code": 200, "request_id": "r", "body": completion}, "error": null});
+        out.push_str(&format!("{o}\n"));
+        done += 1;
+    }
+    let mut files = s.log.files.lock().unwrap();
+    let n = files.len();
+    let (out_id, err_id) = (format!("file-{}", n + 1), format!("file-{}", n + 2));
+    files.insert(out_id.clone(), out.into_bytes());
+    b["output_file_id"] = out_id.into();
+    if failed > 0 {
+        files.insert(err_id.clone(), err.into_bytes());
+        b["error_file_id"] = err_id.into();
+    }
+    b["status"] = if expire { "expired" } else { "completed" }.into();
+    b["request_counts"] = json!({"total": lines.len(), "completed": done, "failed": failed});
+    Some(b.clone())
 }
