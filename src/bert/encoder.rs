@@ -201,6 +201,11 @@ impl SentenceEncoder {
 
     /// Embeds texts in batches of `batch_size`, longest first so padding stays small; the output
     /// is in the input order.
+    /// Where it runs.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
     pub fn embed(&self, texts: &[String], batch_size: usize) -> Result<Vec<Vec<f32>>> {
         let encodings = self
             .tokenizer

@@ -81,6 +81,19 @@ impl Ctx<'_> {
     }
 }
 
+impl Ctx<'_> {
+    /// Where the retrievers embedded (the black box, once loaded; the trained models' device), for
+    /// the stage's log and summary: `device: auto` picks the GPU of a CUDA build where there is one.
+    pub fn devices(&self) -> serde_json::Value {
+        let black_box = self.black_box_model.get().map(|b| match b.encoder() {
+            Some(e) => crate::models::device_name(e.device()),
+            None => "api".to_string(),
+        });
+        let trained = crate::models::device(self.device).map(|d| crate::models::device_name(&d)).ok();
+        serde_json::json!({ "black_box": black_box, "trained": trained, "chosen": self.device.to_string() })
+    }
+}
+
 /// A retriever's ranking of the set: each query's best (document index, score), and for hybrid
 /// the alpha it fused with.
 pub struct Ranked {

@@ -28,6 +28,15 @@ pub fn device(choice: Device) -> Result<candle_core::Device> {
     }
 }
 
+/// `cpu`, `cuda:0`: where a tensor lives, as logs and the store name it.
+pub fn device_name(d: &candle_core::Device) -> String {
+    match d.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
 /// `$FLOW_MODELS`, else `~/.cache/flow/models`.
 pub fn models_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("FLOW_MODELS").filter(|v| !v.is_empty()) {

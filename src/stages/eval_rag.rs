@@ -269,7 +269,10 @@ impl Stage for EvalRag {
         let usage = UsageWriter::default().finish(ctx, usage).await?;
         let summary = self.report(ctx, &usage).await?;
         Ok(Outcome {
-            summary: json!({ "eval_set": set.key, "questions": set.queries.len(), "top_k": p.top_k, "retrievers": summary }),
+            summary: json!({
+                "eval_set": set.key, "questions": set.queries.len(), "top_k": p.top_k, "retrievers": summary,
+                "devices": retrieve_ctx(&self.plan, ctx, &black_box, false).devices(),
+            }),
             failure: failure_verdict(failed, total, p.llm().max_failures, first_error, &ctx.progress),
         })
     }

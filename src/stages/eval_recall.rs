@@ -292,10 +292,13 @@ impl Stage for EvalRecall {
             crate::store::runs::set_llm_usage(&ctx.store, ctx.stage_run_id, &usage).await?;
         }
         let relevant: usize = set.relevant.iter().map(HashSet::len).sum();
+        let devices = cx.devices();
+        ctx.progress
+            .log(&format!("embedded on: black box {}, trained models {}", devices["black_box"], devices["trained"]));
         Ok(Outcome {
             summary: json!({
                 "eval_set": set.key, "queries": set.queries.len(), "corpus": set.docs.len(),
-                "relevant": relevant, "retrievers": summary, "gate": gate,
+                "relevant": relevant, "retrievers": summary, "gate": gate, "devices": devices,
             }),
             failure: None,
         })

@@ -204,7 +204,7 @@ impl Stage for Train {
 
         let choice = p.device.unwrap_or(self.augment_device);
         let device = crate::models::device(choice)?;
-        ctx.progress.log(&format!("training on {} (device: {choice})", device_name(&device)));
+        ctx.progress.log(&format!("training on {} (device: {choice})", crate::models::device_name(&device)));
         let cfg = self.config(&device);
         let trained_weight = cfg.weight;
         let start = self.start_from(ctx).await?;
@@ -270,7 +270,7 @@ impl Stage for Train {
                 "improved": improved, "weight": weight, "alpha": outcome.state.best_alpha,
                 "black_box_alpha": outcome.state.black_box_alpha,
                 "pairs_per_s": if outcome.step_seconds > 0.0 { outcome.step_pairs as f64 / outcome.step_seconds } else { 0.0 },
-                "wall_seconds": secs, "pairs_trained": pairs_seen, "device": device_name(&device),
+                "wall_seconds": secs, "pairs_trained": pairs_seen, "device": crate::models::device_name(&device),
             }),
             failure: None,
         })
@@ -425,14 +425,6 @@ impl Train {
         let store_dir = self.wf.store.parent().map(PathBuf::from).unwrap_or_default();
         let stem = self.wf.store.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "flow".into());
         store_dir.join(format!("{stem}.models")).join(&self.name).join(&fingerprint[..12])
-    }
-}
-
-fn device_name(d: &candle_core::Device) -> String {
-    match d.location() {
-        candle_core::DeviceLocation::Cpu => "cpu".into(),
-        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
-        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
     }
 }
 

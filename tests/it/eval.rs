@@ -166,6 +166,10 @@ fn an_api_black_box_is_paid_once_and_its_calls_are_accounted() {
     // Every embedding request shows in the stage's accounting, as generate's and judge's calls do.
     assert_eq!(db.scalar("SELECT llm_calls FROM stage_runs WHERE stage = 'eval'"), requests);
     assert!(db.scalar("SELECT prompt_tokens FROM stage_runs WHERE stage = 'eval'") > 0);
+    // Where it embedded is logged and stored: the API black box, and the trained models on this CPU.
+    let summary = db.text("SELECT summary FROM stage_runs WHERE stage = 'eval'");
+    assert!(summary.contains(r#""devices":{"black_box":"api","chosen":"auto","trained":"cpu"}"#), "{summary}");
+    assert!(r.stderr.contains("embedded on: black box \"api\", trained models \"cpu\""), "{}", r.stderr);
 
     // Forced again: every vector comes from the store.
     let again = sb.flow(&["run", "wf.yaml", "--force", "eval"]);
