@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use serde_json::{Value, json};
 
-use super::{AttemptError, ChatProvider, ChatRequest, LlmClient, estimate_tokens};
+use super::{AttemptError, ChatProvider, ChatRequest, Identity, LlmClient};
 use crate::error::{Error, Result};
 use crate::progress::StageProgress;
 use crate::store::batches::{self, BatchRow, NewBatch, Seen};
@@ -55,13 +55,13 @@ pub async fn answer(
     for req in requests {
         let body = provider.body(req);
         let hash = LlmClient::request_hash(id, &body);
-        if !needed.contains_key(&hash) && !answered(client, &hash, req).await? {
+        if !needed.contains_key(&hash) && !LlmClient::has_answer(client.store(), &hash, req).await? {
             needed.insert(hash, Pending { body, req });
         }
     }
-    let run = Run { client, api, spec, progress, base_url: &id.base_url, model: &id.model };
+    let run = Run { client, api, spec, progress, id };
     // Batches sent before (by a killed run) that hold any of these requests are awaited, not sent again.
-    let open = batches::open(client.store(), client.stage(), run.base_url, run.model).await?;
+    let open = batches::open(client.store(), client.stage(), &id.base_url, &id.model).await?;
     let mut attached = Vec::new();
     for row in open {
         let hashes = batches::hashes(client.store(), row.id).await?;
@@ -96,20 +96,13 @@ pub async fn answer(
     Ok(())
 }
 
-/// Whether the cache holds a usable answer to this request that parses.
-async fn answered(client: &LlmClient, hash: &str, req: &ChatRequest) -> Result<bool> {
-    Ok(llm_calls::lookup(client.store(), hash).await?.is_some_and(|row| {
-        row.usable && req.accept.is_none_or(|accept| accept(row.text.as_deref().unwrap_or_default()))
-    }))
-}
-
 async fn unanswered<'a>(
     client: &LlmClient,
     needed: BTreeMap<String, Pending<'a>>,
 ) -> Result<BTreeMap<String, Pending<'a>>> {
     let mut left = BTreeMap::new();
     for (hash, p) in needed {
-        if !answered(client, &hash, p.req).await? {
+        if !LlmClient::has_answer(client.store(), &hash, p.req).await? {
             left.insert(hash, p);
         }
     }
@@ -129,8 +122,7 @@ struct Run<'a> {
     api: &'a dyn BatchApi,
     spec: &'a BatchSpec,
     progress: &'a StageProgress,
-    base_url: &'a str,
-    model: &'a str,
+    id: &'a Identity,
 }
 
 /// Budget reservations of a batch this process sent, by request hash.
@@ -155,9 +147,7 @@ impl Run<'_> {
             {
                 groups.push(std::mem::take(&mut current));
             }
-            let prompt = p.req.messages.iter().map(|m| estimate_tokens(&m.content)).sum();
-            let completion = u64::from(p.req.params.max_tokens.unwrap_or(256));
-            match self.client.reserve_batched(prompt, completion) {
+            match self.client.reserve_batched(p.req) {
                 Ok(r) => {
                     current.0.extend_from_slice(&line);
                     current.1.insert(hash.clone(), r);
@@ -180,8 +170,8 @@ impl Run<'_> {
                 &NewBatch {
                     run_id: (c.run_id() != super::client::OUTSIDE_RUN).then_some(c.run_id()),
                     stage: c.stage(),
-                    base_url: self.base_url,
-                    model: self.model,
+                    base_url: &self.id.base_url,
+                    model: &self.id.model,
                     hashes: &hashes,
                     bytes: jsonl.len() as i64,
                 },
@@ -189,11 +179,7 @@ impl Run<'_> {
             .await?;
             let file = self.call("upload the batch file", || self.api.upload(jsonl.clone())).await?;
             batches::set_uploaded(c.store(), row, &file).await?;
-            let row = batches::open(c.store(), c.stage(), self.base_url, self.model)
-                .await?
-                .into_iter()
-                .find(|r| r.id == row)
-                .ok_or_else(|| Error::internal(format!("batch row {row} vanished")))?;
+            let row = batches::get(c.store(), row).await?;
             self.progress.log(&format!(
                 "batch #{} of {} requests ({} bytes) uploaded as {file}",
                 row.id,
@@ -337,9 +323,7 @@ impl Run<'_> {
         needed: &BTreeMap<String, Pending<'_>>,
         started: Instant,
     ) -> Result<()> {
-        let c = self.client;
-        let id =
-            super::Identity { provider: "openai".into(), base_url: self.base_url.into(), model: self.model.into() };
+        let (c, id) = (self.client, self.id);
         let mut lines: HashMap<String, Value> = HashMap::new();
         for file in [&row.error_file_id, &row.output_file_id].into_iter().flatten() {
             let bytes = self.call("download the batch's results", || self.api.content(file)).await?;
@@ -356,7 +340,7 @@ impl Run<'_> {
         let latency = started.elapsed().as_millis() as i64;
         for hash in batches::hashes(c.store(), row.id).await? {
             let reservation = reserved.and_then(|r| r.get(&hash));
-            if answered_hash(c, &hash).await? {
+            if llm_calls::lookup(c.store(), &hash).await?.is_some_and(|r| r.usable) {
                 // Read by an earlier attempt: its reservation is let go, nothing is counted twice.
                 if let Some(r) = reservation {
                     c.release_batched(r);
@@ -373,12 +357,12 @@ impl Run<'_> {
             let request = needed.get(&hash).map(|p| p.body.to_string()).unwrap_or_default();
             match &answer {
                 Some(a) => {
-                    let usable = needed.get(&hash).is_none_or(|p| p.req.accept.is_none_or(|accept| accept(&a.text)));
-                    c.ingest(&id, (&hash, &request), Some((a, usable)), reservation, latency).await?;
+                    let usable = needed.get(&hash).is_none_or(|p| p.req.accepts(Some(&a.text)));
+                    c.ingest(id, (&hash, &request), Some((a, usable)), reservation, latency).await?;
                     ok += 1;
                 }
                 None => {
-                    c.ingest(&id, (&hash, &request), None, reservation, latency).await?;
+                    c.ingest(id, (&hash, &request), None, reservation, latency).await?;
                     failed += 1;
                 }
             }
@@ -413,16 +397,11 @@ impl Run<'_> {
                         stage: self.client.stage().to_string(),
                         message: format!(
                             "the Batch API at {} would not {what}: {message}; `flow resume` attaches to the batches already sent",
-                            self.base_url
+                            self.id.base_url
                         ),
                     });
                 }
             }
         }
     }
-}
-
-/// Whether a request hash has a usable answer in the cache (a line read by an earlier attempt).
-async fn answered_hash(client: &LlmClient, hash: &str) -> Result<bool> {
-    Ok(llm_calls::lookup(client.store(), hash).await?.is_some_and(|r| r.usable))
 }

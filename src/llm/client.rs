@@ -63,8 +63,7 @@ struct StoredAnswer<'a> {
 
 /// One request's cost at `price` (0 without one).
 fn spent_at(price: Option<Price>, prompt: u64, completion: u64) -> super::budget::Spent {
-    let usd =
-        price.map_or(0.0, |p| (prompt as f64 * p.prompt_per_mtok + completion as f64 * p.completion_per_mtok) / 1e6);
+    let usd = price.map_or(0.0, |p| p.usd(prompt, completion));
     super::budget::Spent { requests: 1, prompt_tokens: prompt, completion_tokens: completion, usd }
 }
 
@@ -115,10 +114,16 @@ impl LlmClient {
         }
     }
 
-    /// Prices answers read from the Batch API at `price` (default: the live price).
+    /// Prices answers read from the Batch API at `price`.
     pub fn with_batch_price(mut self, price: Option<Price>) -> LlmClient {
-        self.batch_price = price.or(self.price);
+        self.batch_price = price;
         self
+    }
+
+    /// Whether the cache holds an answer to `req` (by its `hash`) that would be replayed: usable,
+    /// and one the request accepts.
+    pub async fn has_answer(store: &Store, hash: &str, req: &ChatRequest) -> Result<bool> {
+        Ok(llm_calls::lookup(store, hash).await?.is_some_and(|row| row.usable && req.accepts(row.text.as_deref())))
     }
 
     pub fn run_id(&self) -> i64 {
@@ -144,7 +149,8 @@ impl LlmClient {
     }
 
     /// Reserves one request sent in a batch against the budgets, at the batch price.
-    pub fn reserve_batched(&self, prompt: u64, completion: u64) -> std::result::Result<super::budget::Spent, String> {
+    pub fn reserve_batched(&self, req: &ChatRequest) -> std::result::Result<super::budget::Spent, String> {
+        let (prompt, completion) = req.estimated_tokens();
         let est = spent_at(self.batch_price, prompt, completion);
         self.ledgers.reserve(&est)?;
         Ok(est)
@@ -217,8 +223,7 @@ impl LlmClient {
         // Only an answer that parsed into a result is replayed; one that did not is asked again
         // (a row stored before flow checked this is marked now, so the new answer replaces it).
         let cached = llm_calls::lookup(&self.store, &hash).await?;
-        let parses =
-            |row: &llm_calls::CallRow| req.accept.is_none_or(|accept| accept(row.text.as_deref().unwrap_or_default()));
+        let parses = |row: &llm_calls::CallRow| req.accepts(row.text.as_deref());
         if let Some(row) = &cached
             && row.usable
             && !parses(row)
@@ -243,10 +248,7 @@ impl LlmClient {
             };
             return Ok(Ok(ChatDone { answer, call_id: row.id, cached: true, attempts: 0 }));
         }
-        let est = (
-            req.messages.iter().map(|m| estimate_tokens(&m.content)).sum::<u64>(),
-            u64::from(req.params.max_tokens.unwrap_or(256)),
-        );
+        let est = req.estimated_tokens();
         let outcome =
             self.attempts(est, |a: &ChatAnswer| (a.prompt_tokens, a.completion_tokens), || provider.send(&body)).await;
         let outcome = match outcome {

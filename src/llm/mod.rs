@@ -63,6 +63,20 @@ pub struct ChatRequest {
     pub accept: Option<fn(&str) -> bool>,
 }
 
+impl ChatRequest {
+    /// Tokens before a call: the prompt at about four characters a token, and `max_tokens` of
+    /// completion (reconciled with the usage after).
+    pub fn estimated_tokens(&self) -> (u64, u64) {
+        let prompt = self.messages.iter().map(|m| estimate_tokens(&m.content)).sum();
+        (prompt, u64::from(self.params.max_tokens.unwrap_or(256)))
+    }
+
+    /// Whether the cached answer `text` is one this request accepts (it parsed into a result).
+    pub fn accepts(&self, text: Option<&str>) -> bool {
+        self.accept.is_none_or(|accept| accept(text.unwrap_or_default()))
+    }
+}
+
 /// A chat answer as the provider returned it.
 #[derive(Debug, Clone)]
 pub struct ChatAnswer {
@@ -205,7 +219,7 @@ pub fn client(
     );
     Ok(LlmClient::new(limiter, spec.retry.clone(), spec.price, store.clone(), run_id, stage)
         .with_ledgers(budget::of(run_id, stage))
-        .with_batch_price(spec.batch_price))
+        .with_batch_price(spec.batch_price()))
 }
 
 pub fn model_spec<'a>(wf: &'a crate::workflow::Workflow, key: &str) -> crate::Result<&'a crate::workflow::ModelSpec> {

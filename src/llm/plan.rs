@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{ChatProvider, ChatRequest, LlmClient, estimate_tokens};
+use super::{ChatProvider, ChatRequest, LlmClient};
 use crate::error::Result;
 use crate::store::Store;
 use crate::store::llm_calls;
@@ -106,16 +106,13 @@ pub async fn estimate(
     let id = provider.identity();
     let mut e = Estimate::default();
     for p in planned {
-        if p.unknown_tokens == 0 {
-            let hash = LlmClient::request_hash(id, &provider.body(&p.req));
-            if let Some(row) = llm_calls::lookup(store, &hash).await?
-                && row.usable
-                && p.req.accept.is_none_or(|accept| accept(row.text.as_deref().unwrap_or_default()))
-            {
-                e.cached += 1;
-                continue;
-            }
+        if p.unknown_tokens == 0
+            && LlmClient::has_answer(store, &LlmClient::request_hash(id, &provider.body(&p.req)), &p.req).await?
+        {
+            e.cached += 1;
+            continue;
         }
+        let (estimated, completion_max) = p.req.estimated_tokens();
         let prompt = match provider.count_prompt(&p.req) {
             Some((n, by)) => {
                 e.counted_by = by.to_string();
@@ -123,23 +120,20 @@ pub async fn estimate(
             }
             None => {
                 e.counted_by = "estimate: 4 bytes a token".into();
-                p.req.messages.iter().map(|m| estimate_tokens(&m.content)).sum()
+                estimated
             }
         };
         e.requests += 1;
         e.prompt_tokens += prompt + p.unknown_tokens;
-        e.completion_tokens_max += u64::from(p.req.params.max_tokens.unwrap_or(256));
+        e.completion_tokens_max += completion_max;
     }
     if let Some((mean, n)) = llm_calls::completion_mean(store, stage, &id.provider, &id.model).await? {
         e.observed_calls = n;
         e.completion_tokens_expected = Some((mean * e.requests as f64).round() as u64);
     }
     if let Some(pr) = price {
-        let usd = |completion: u64| {
-            (e.prompt_tokens as f64 * pr.prompt_per_mtok + completion as f64 * pr.completion_per_mtok) / 1e6
-        };
-        e.usd = Some(usd(e.completion_tokens()));
-        e.usd_max = Some(usd(e.completion_tokens_max));
+        e.usd = Some(pr.usd(e.prompt_tokens, e.completion_tokens()));
+        e.usd_max = Some(pr.usd(e.prompt_tokens, e.completion_tokens_max));
     }
     Ok(e)
 }

@@ -286,14 +286,7 @@ impl Stage for Chunk {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<FileResult>(64);
         let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
         for _ in 0..workers {
-            let job = Worker {
-                queue: queue.clone(),
-                known: known.clone(),
-                tokenizer: self.tokenizer.clone(),
-                params: self.params.clone(),
-                chunk_config: self.chunk_config.clone(),
-                tx: tx.clone(),
-            };
+            let job = Worker { queue: queue.clone(), cutter: self.cutter(known.clone()), tx: tx.clone() };
             tokio::task::spawn_blocking(move || job.run());
         }
         drop(tx);
@@ -365,6 +358,15 @@ impl Stage for Chunk {
 }
 
 impl Chunk {
+    fn cutter(&self, known: Arc<HashMap<String, DocState>>) -> Cutter {
+        Cutter {
+            known,
+            tokenizer: self.tokenizer.clone(),
+            params: self.params.clone(),
+            chunk_config: self.chunk_config.clone(),
+        }
+    }
+
     /// The chunks a run would leave, cut in memory: every live document's (the stages after it
     /// check the cache for each), with how many documents are new or changed.
     async fn plan_impl(&self, cx: &PlanCtx<'_>) -> Result<StagePlan> {
@@ -373,19 +375,12 @@ impl Chunk {
         }
         let files = self.files()?;
         let known = documents::state(cx.store, &self.stage).await?;
-        let (tx, _rx) = tokio::sync::mpsc::channel(1);
-        let worker = Worker {
-            queue: Default::default(),
-            known: Default::default(),
-            tokenizer: self.tokenizer.clone(),
-            params: self.params.clone(),
-            chunk_config: self.chunk_config.clone(),
-            tx,
-        };
+        // Knowing no document, the cutter cuts them all: the stages after it need every chunk.
+        let cutter = self.cutter(Default::default());
         let cut = tokio::task::spawn_blocking(move || {
             let (mut chunks, mut docs, mut changed) = (Vec::new(), 0u64, 0u64);
             for (rel, path) in files {
-                for w in worker.file(&rel, &path, None).writes {
+                for w in cutter.file(&rel, &path, None).writes {
                     let Ok(cs) = w.chunks else { continue };
                     docs += 1;
                     let current = known.get(&w.path).is_some_and(|d| {
@@ -438,13 +433,19 @@ struct FileResult {
     known_skips: Vec<(String, String)>,
 }
 
+/// One reader thread: takes files off the queue and sends what each became.
 struct Worker {
     queue: Arc<Mutex<VecDeque<FileJob>>>,
+    cutter: Cutter,
+    tx: tokio::sync::mpsc::Sender<FileResult>,
+}
+
+/// Reads a corpus file into documents and chunks, skipping those the store holds unchanged.
+struct Cutter {
     known: Arc<HashMap<String, DocState>>,
     tokenizer: Arc<Tokenizer>,
     params: Params,
     chunk_config: String,
-    tx: tokio::sync::mpsc::Sender<FileResult>,
 }
 
 impl Worker {
@@ -453,13 +454,15 @@ impl Worker {
             let Some((rel, path, hash)) = self.queue.lock().expect("queue lock").pop_front() else {
                 return;
             };
-            let res = self.file(&rel, &path, hash);
+            let res = self.cutter.file(&rel, &path, hash);
             if self.tx.blocking_send(res).is_err() {
                 return;
             }
         }
     }
+}
 
+impl Cutter {
     fn is_current(&self, key: &str, hash: &str) -> Option<&DocState> {
         self.known
             .get(key)

@@ -196,32 +196,40 @@ impl Generate {
     async fn plan_impl(&self, cx: &PlanCtx<'_>) -> Result<StagePlan> {
         let settings = settings_key(&self.params, &["sample"], &self.template, self.provider.identity());
         let mut notes = Vec::new();
-        let forecast: Vec<_> = cx
+        let cut: Vec<_> = cx
             .forecasts()
-            .filter_map(|f| match f {
-                Forecast::Chunks(c) => Some(c.clone()),
-                _ => None,
+            .flat_map(|f| match f {
+                Forecast::Chunks(c) => c.as_slice(),
+                _ => &[],
             })
-            .flatten()
+            .cloned()
             .collect();
-        let (chunks, done) = if forecast.is_empty() {
+        let (chunks, done) = if cut.is_empty() {
             let chunks = queries::input_chunks(cx.store, &self.inputs_from).await?;
             (chunks, queries::done_chunks(cx.store, &self.name, &settings).await?)
         } else {
             notes.push("its chunks are the ones the chunk stage before it would cut now".into());
-            (forecast, Default::default())
+            (cut, Default::default())
         };
         let chunks = sampled(chunks, self.params.sample);
         let todo: Vec<_> = chunks.iter().filter(|c| !done.contains(&c.id)).cloned().collect();
+        let forecast = match cx.forecast {
+            true => Some(self.forecast(cx, &todo, settings).await?),
+            false => None,
+        };
+        let n_todo = todo.len() as u64;
         let json = llm::writes_json(&self.wf, &self.params.model)?;
-        let reqs = self.requests(todo.clone(), json)?;
-        let planned: Vec<Planned> = reqs.into_iter().map(|(_, r)| Planned::known(r)).collect();
+        let planned: Vec<Planned> = self.requests(todo, json)?.into_iter().map(|(_, r)| Planned::known(r)).collect();
         let est = estimate(cx, &self.params.model, self.provider.as_ref(), &planned).await?;
-        // The judge after this stage sees at most per_chunk questions of each chunk asked.
+        Ok(StagePlan { items: chunks.len() as u64, todo: n_todo, llm: Some(est), notes, forecast })
+    }
+
+    /// The questions a run would write, for the judge after it: at most per_chunk of each chunk
+    /// asked, of the length its kept questions have.
+    async fn forecast(&self, cx: &PlanCtx<'_>, todo: &[queries::InputChunk], settings: String) -> Result<Forecast> {
         let per = self.params.per_chunk as usize;
         let about = todo
             .iter()
-            .filter(|_| cx.forecast)
             .flat_map(|c| {
                 let q = crate::store::judgments::JudgeInput {
                     query_id: 0,
@@ -237,13 +245,7 @@ impl Generate {
             Some(chars) => ((chars / 4.0).ceil() as u64, "the mean length of this stage's kept questions".to_string()),
             None => (QUESTION_TOKENS, format!("{QUESTION_TOKENS} tokens a question (no questions yet to measure)")),
         };
-        Ok(StagePlan {
-            items: chunks.len() as u64,
-            todo: todo.len() as u64,
-            llm: Some(est),
-            notes,
-            forecast: Some(Forecast::Questions { stage: self.name.clone(), settings, about, query_tokens, basis }),
-        })
+        Ok(Forecast::Questions { stage: self.name.clone(), settings, about, query_tokens, basis })
     }
 
     /// One request per chunk; `json`: whether the model is asked for JSON.

@@ -263,19 +263,14 @@ pub fn requests(items: Vec<(i64, Value)>, how: &Prompted, json: bool) -> Result<
     Ok(requests)
 }
 
-/// The estimate of a stage's planned requests to `models.<model_key>`, at its `price:`.
+/// The estimate of a stage's planned requests to `models.<model_key>`, at the price they are billed at.
 pub async fn estimate(
     cx: &PlanCtx<'_>,
     model_key: &str,
     provider: &dyn ChatProvider,
     planned: &[Planned],
 ) -> Result<Estimate> {
-    let spec = llm::model_spec(cx.workflow, model_key)?;
-    // Requests that go through batches are billed at the batch price.
-    let price = match spec.batched() {
-        Some(_) => spec.batch_price.or(spec.price),
-        None => spec.price,
-    };
+    let price = llm::model_spec(cx.workflow, model_key)?.billed_price();
     llm::plan::estimate(provider, price, cx.store, &cx.spec.name, planned).await
 }
 

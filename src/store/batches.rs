@@ -91,6 +91,10 @@ pub async fn open(store: &Store, stage: &str, base_url: &str, model: &str) -> Re
     .await?)
 }
 
+pub async fn get(store: &Store, row: i64) -> Result<BatchRow> {
+    Ok(sqlx::query_as("SELECT * FROM batches WHERE id = ?").bind(row).fetch_one(&store.pool).await?)
+}
+
 pub async fn hashes(store: &Store, row: i64) -> Result<Vec<String>> {
     Ok(sqlx::query_scalar("SELECT request_hash FROM batch_requests WHERE batch_row = ? ORDER BY request_hash")
         .bind(row)

@@ -85,9 +85,7 @@ impl Store {
         quick_check(&pool, path).await?;
         Ok(Store { pool, path: path.into() })
     }
-}
 
-impl Store {
     /// An empty, migrated store in memory: what `flow plan` reads for a workflow never run.
     pub async fn in_memory() -> Result<Store> {
         let path = Path::new(":memory:");

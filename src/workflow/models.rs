@@ -138,6 +138,16 @@ impl ModelSpec {
     pub fn batched(&self) -> Option<&BatchSpec> {
         self.batch.as_ref().filter(|b| b.enabled)
     }
+
+    /// The price of answers that come through the Batch API: `batch_price`, else `price`.
+    pub fn batch_price(&self) -> Option<Price> {
+        self.batch_price.or(self.price)
+    }
+
+    /// The price this model's requests are billed at: the batch price where batches are on.
+    pub fn billed_price(&self) -> Option<Price> {
+        if self.batched().is_some() { self.batch_price() } else { self.price }
+    }
 }
 
 /// Checks one `models:` entry: it names a model, its `batch:` and `base_url` make sense. `key` is
@@ -199,6 +209,12 @@ fn check_base_url(url: &str) -> std::result::Result<(), String> {
 pub struct Price {
     pub prompt_per_mtok: f64,
     pub completion_per_mtok: f64,
+}
+
+impl Price {
+    pub fn usd(&self, prompt_tokens: u64, completion_tokens: u64) -> f64 {
+        (prompt_tokens as f64 * self.prompt_per_mtok + completion_tokens as f64 * self.completion_per_mtok) / 1e6
+    }
 }
 
 /// Where a model runs: `auto` (a CUDA GPU when the build has CUDA and one is present, else the
