@@ -72,6 +72,19 @@ fn bad_line(path: &Path, line: usize, what: impl std::fmt::Display, hint: &str) 
     Error::bad_input(format!("{}:{line}: {what}", path.display()), hint)
 }
 
+/// A line read from a BEIR file; bytes that are not UTF-8 (a binary file) are bad input at that line.
+fn text_line(path: &Path, n: usize, line: std::io::Result<String>) -> Result<String> {
+    line.map_err(|e| match e.kind() {
+        std::io::ErrorKind::InvalidData => bad_line(
+            path,
+            n + 1,
+            "is not UTF-8 text",
+            "BEIR files are UTF-8 text: check that this is the right file (not a binary one), or convert it with iconv",
+        ),
+        _ => Error::io(path)(e),
+    })
+}
+
 /// Ids, texts and answers of a jsonl file, and each id's position.
 type Texts = (Vec<String>, Vec<String>, Vec<Option<String>>, HashMap<String, usize>);
 
@@ -79,7 +92,7 @@ type Texts = (Vec<String>, Vec<String>, Vec<Option<String>>, HashMap<String, usi
 fn read_jsonl(path: &Path, with_title: bool) -> Result<Texts> {
     let (mut ids, mut texts, mut answers, mut index) = (Vec::new(), Vec::new(), Vec::new(), HashMap::new());
     for (n, line) in open(path)?.lines().enumerate() {
-        let line = line.map_err(Error::io(path))?;
+        let line = text_line(path, n, line)?;
         if line.trim().is_empty() {
             continue;
         }
@@ -114,7 +127,7 @@ pub fn load(dir: &Path, split: &str) -> Result<Beir> {
     let mut qrels = Vec::new();
     let hint = "qrels lines are `query-id<TAB>corpus-id<TAB>score` after a header line";
     for (n, line) in open(&path)?.lines().enumerate() {
-        let line = line.map_err(Error::io(&path))?;
+        let line = text_line(&path, n, line)?;
         let cols: Vec<&str> = line.split('\t').map(str::trim).collect();
         if line.trim().is_empty() || (n == 0 && cols.first().is_some_and(|c| c.eq_ignore_ascii_case("query-id"))) {
             continue;
@@ -178,5 +191,12 @@ mod tests {
         write(t.path(), "queries.jsonl", "{\"_id\": \"q1\", \"text\": \"what?\"}\nnot json\n");
         let e = load(t.path(), "train").unwrap_err().to_string();
         assert!(e.contains("queries.jsonl:2"), "{e}");
+
+        write(t.path(), "queries.jsonl", "{\"_id\": \"q1\", \"text\": \"what?\"}\n");
+        std::fs::write(t.path().join("qrels/bin.tsv"), b"query-id\tcorpus-id\tscore\nq1\td1\t1\n\xff\xfe\x00\x01\n")
+            .unwrap();
+        let e = load(t.path(), "bin").unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        assert!(e.to_string().contains("bin.tsv:3: is not UTF-8"), "{e}");
     }
 }

@@ -49,9 +49,10 @@ impl fmt::Display for Diagnostics {
             if let Some(line) = d.span.line.checked_sub(1).and_then(|i| lines.get(i)) {
                 let num = d.span.line.to_string();
                 let pad = " ".repeat(num.len());
+                let (shown, caret) = window(line, d.span.col.saturating_sub(1));
                 writeln!(f, "{pad} |")?;
-                writeln!(f, "{num} | {line}")?;
-                writeln!(f, "{pad} | {}^", " ".repeat(d.span.col.saturating_sub(1)))?;
+                writeln!(f, "{num} | {shown}")?;
+                writeln!(f, "{pad} | {}^", " ".repeat(caret))?;
             }
             if let Some(h) = &d.hint {
                 writeln!(f, "  = hint: {h}")?;
@@ -60,6 +61,31 @@ impl fmt::Display for Diagnostics {
         let n = self.items.len();
         write!(f, "{} problem{} in {}", n, if n == 1 { "" } else { "s" }, self.file.display())
     }
+}
+
+/// Characters of a source line shown around the column of a problem.
+const SHOWN: usize = 100;
+
+/// The part of `line` shown for a problem at character `col` (all of it when short; else a window
+/// around `col` with `…` where it was cut), and where the caret goes in it.
+fn window(line: &str, col: usize) -> (String, usize) {
+    let chars: Vec<char> = line.chars().collect();
+    if chars.len() <= SHOWN {
+        return (line.to_string(), col);
+    }
+    let col = col.min(chars.len());
+    let start = col.saturating_sub(SHOWN / 2).min(chars.len().saturating_sub(SHOWN));
+    let end = (start + SHOWN).min(chars.len());
+    let mut shown: String = chars[start..end].iter().collect();
+    let mut caret = col - start;
+    if start > 0 {
+        shown.insert(0, '…');
+        caret += 1;
+    }
+    if end < chars.len() {
+        shown.push('…');
+    }
+    (shown, caret)
 }
 
 /// Levenshtein distance, for "did you mean" hints on misspelt keys.
@@ -89,6 +115,17 @@ pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_long_line_is_shown_around_the_problem_only() {
+        assert_eq!(window("stages: x", 8), ("stages: x".to_string(), 8));
+        let long = format!("{}X{}", "[".repeat(5000), "]".repeat(5000));
+        let (shown, caret) = window(&long, 5000);
+        assert!(shown.chars().count() <= SHOWN + 2, "{}", shown.len());
+        assert_eq!(shown.chars().nth(caret), Some('X'));
+        let (shown, caret) = window(&long, 9_999_999);
+        assert!(shown.ends_with(']') && caret <= shown.chars().count());
+    }
 
     #[test]
     fn distances() {

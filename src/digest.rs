@@ -3,10 +3,9 @@
 
 use std::path::Path;
 
-/// The sha256 of a file's contents, or "unreadable: why" (so a fingerprint still changes when a
-/// file becomes unreadable, and the stage that reads it reports the error).
-pub fn sha256_file(path: &Path) -> String {
-    std::fs::read(path).map(|b| sha256_hex(&b)).unwrap_or_else(|e| format!("unreadable: {e}"))
+/// The sha256 of a file's contents, read in blocks.
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    sha256_reader(std::fs::File::open(path)?)
 }
 
 /// Hex sha256, the content hash used throughout the store.

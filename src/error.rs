@@ -41,9 +41,6 @@ pub enum Error {
     )]
     DamagedStore { path: PathBuf, what: String },
 
-    #[error("store: {0}")]
-    Sql(#[from] sqlx::Error),
-
     #[error("store {path}: could not apply migrations: {source}")]
     Migrate { path: PathBuf, source: sqlx::migrate::MigrateError },
 
@@ -56,6 +53,12 @@ pub enum Error {
         "{what}: {source}\n  hint: if memory ran out, lower `batch_size` (or `max_seq_length`); on a GPU, try `device: cpu`"
     )]
     Tensor { what: String, source: candle_core::Error },
+
+    /// A model's tokenizer could not do its job (a broken or mismatched tokenizer.json, or text it refuses).
+    #[error(
+        "{what}: {message}\n  hint: check that the model folder's tokenizer.json belongs to the model (`flow models pull` restores the catalogue's)"
+    )]
+    Tokenizer { what: String, message: String },
 
     /// One of flow's own background tasks panicked or was cancelled.
     #[error(
@@ -70,6 +73,10 @@ pub enum Error {
     /// A request would have crossed a `budget:`; the run stops the way an interrupt stops it.
     #[error("{what}\n  hint: raise `budget:` in the workflow and `flow resume`: nothing paid for is asked again")]
     Budget { what: String },
+
+    /// A signal (SIGINT, SIGTERM) stopped the run: nothing new is sent, what is in flight is stored.
+    #[error("interrupted by a signal\n  hint: `flow resume` continues; answers already paid for are in the store")]
+    Interrupted,
 
     /// Fetching a model from a package registry failed.
     #[error("{what}\n  hint: {hint}")]
@@ -88,6 +95,7 @@ impl Error {
             | Error::BadInput { .. }
             | Error::ModelNotFound { .. }
             | Error::Locked { .. }
+            | Error::Tokenizer { .. }
             | Error::DamagedStore { .. } => 2,
             _ => 1,
         }
@@ -107,6 +115,12 @@ impl Error {
     pub fn task(what: impl Into<String>) -> impl FnOnce(tokio::task::JoinError) -> Error {
         let what = what.into();
         move |e| Error::Task { what, message: e.to_string() }
+    }
+
+    /// For `map_err` on a tokenizer call.
+    pub fn tokenizer<E: std::fmt::Display>(what: impl Into<String>) -> impl FnOnce(E) -> Error {
+        let what = what.into();
+        move |e| Error::Tokenizer { what, message: e.to_string() }
     }
 
     pub fn internal(what: impl Into<String>) -> Self {

@@ -16,6 +16,7 @@ pub mod progress;
 pub mod prompt;
 pub mod rank;
 pub mod report;
+pub mod retriever;
 pub mod schedule;
 pub mod serve;
 pub mod stages;

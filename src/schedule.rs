@@ -132,7 +132,7 @@ async fn fire(e: &Entry, firing: DateTime<Utc>, opts: &DaemonOptions) {
         log(opts.quiet, &format!("{}: starting the run for {}", e.name, firing.with_timezone(&e.schedule.tz)));
         match engine::run(wf.clone(), run_opts.clone(), Progress::new(opts.quiet)).await {
             Ok(r) => {
-                log(opts.quiet, &format!("{}: run {} {}", e.name, r.run_id, r.status));
+                log(opts.quiet, &format!("{}: run {} {}", e.name, r.run_id, r.shown_status()));
                 return;
             }
             Err(Error::Locked { holder, .. }) if opts.when_busy == WhenBusy::Wait => {

@@ -46,22 +46,39 @@ const CONTEXT_PHRASES: &[&str] = &[
     "this paragraph",
 ];
 
+/// What became of a generated query: kept, or why it was dropped (stored in `queries.status` as
+/// the same snake_case text it serialises to).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize, sqlx::Type)]
+#[serde(rename_all = "snake_case")]
+#[sqlx(rename_all = "snake_case")]
+pub enum QueryStatus {
+    Kept,
+    TooShort,
+    TooLong,
+    RefersToContext,
+    NotAQuestion,
+    Duplicate,
+    NearDuplicate,
+    /// More questions than were asked for: the first ones are kept.
+    OverQuota,
+}
+
 /// Why a candidate query is dropped by the cheap rules, if it is.
-pub fn rule_violation(q: &str) -> Option<&'static str> {
+pub fn rule_violation(q: &str) -> Option<QueryStatus> {
     let n = normalise(q);
     let words: Vec<&str> = n.split(' ').filter(|w| !w.is_empty()).collect();
     if words.len() < 3 {
-        return Some("too_short");
+        return Some(QueryStatus::TooShort);
     }
     if words.len() > 60 {
-        return Some("too_long");
+        return Some(QueryStatus::TooLong);
     }
     let padded = format!(" {n} ");
     if CONTEXT_PHRASES.iter().any(|p| padded.contains(&format!(" {p} "))) {
-        return Some("refers_to_context");
+        return Some(QueryStatus::RefersToContext);
     }
     if !q.trim_end().ends_with('?') && !QUESTION_WORDS.contains(&words[0]) {
-        return Some("not_a_question");
+        return Some(QueryStatus::NotAQuestion);
     }
     None
 }
@@ -96,10 +113,10 @@ impl DupIndex {
     }
 
     /// `None` if new (and now remembered), else the reason it is a duplicate.
-    pub fn check_and_add(&mut self, q: &str) -> Option<&'static str> {
+    pub fn check_and_add(&mut self, q: &str) -> Option<QueryStatus> {
         let n = normalise(q);
         if self.exact.contains(&n) {
-            return Some("duplicate");
+            return Some(QueryStatus::Duplicate);
         }
         let words = content_words(&n);
         let keys = band_keys(&words);
@@ -107,7 +124,7 @@ impl DupIndex {
         for key in &keys {
             for &i in self.buckets.get(key).into_iter().flatten() {
                 if seen.insert(i) && jaccard(&words, &self.sets[i]) >= self.threshold {
-                    return Some("near_duplicate");
+                    return Some(QueryStatus::NearDuplicate);
                 }
             }
         }
@@ -327,18 +344,24 @@ mod tests {
     fn rules() {
         assert_eq!(rule_violation("What was Northwind's 2025 cloud revenue?"), None);
         assert_eq!(rule_violation("How did margins change in fiscal 2025"), None);
-        assert_eq!(rule_violation("Revenue in 2025 was strong."), Some("not_a_question"));
-        assert_eq!(rule_violation("What does the passage say about revenue?"), Some("refers_to_context"));
-        assert_eq!(rule_violation("According to this document, what is the debt?"), Some("refers_to_context"));
-        assert_eq!(rule_violation("Revenue?"), Some("too_short"));
+        assert_eq!(rule_violation("Revenue in 2025 was strong."), Some(QueryStatus::NotAQuestion));
+        assert_eq!(rule_violation("What does the passage say about revenue?"), Some(QueryStatus::RefersToContext));
+        assert_eq!(rule_violation("According to this document, what is the debt?"), Some(QueryStatus::RefersToContext));
+        assert_eq!(rule_violation("Revenue?"), Some(QueryStatus::TooShort));
     }
 
     #[test]
     fn duplicates_exact_and_near() {
         let mut ix = DupIndex::new(0.8);
         assert_eq!(ix.check_and_add("What was the 2025 operating margin of the Cloud segment?"), None);
-        assert_eq!(ix.check_and_add("what was the 2025 operating margin of the cloud segment"), Some("duplicate"));
-        assert_eq!(ix.check_and_add("What was the Cloud segment's 2025 operating margin?"), Some("near_duplicate"));
+        assert_eq!(
+            ix.check_and_add("what was the 2025 operating margin of the cloud segment"),
+            Some(QueryStatus::Duplicate)
+        );
+        assert_eq!(
+            ix.check_and_add("What was the Cloud segment's 2025 operating margin?"),
+            Some(QueryStatus::NearDuplicate)
+        );
         assert_eq!(ix.check_and_add("What was the 2024 operating margin of the Hardware segment?"), None);
         // Many queries sharing common words stay distinct.
         for i in 0..2000 {
@@ -375,6 +398,6 @@ mod tests {
             extract_questions("What is the answer to this question? What was 2025 revenue?"),
             ["What is the answer to this question?", "What was 2025 revenue?"]
         );
-        assert_eq!(rule_violation("What is the answer to this question?"), Some("refers_to_context"));
+        assert_eq!(rule_violation("What is the answer to this question?"), Some(QueryStatus::RefersToContext));
     }
 }

@@ -210,7 +210,7 @@ impl SentenceEncoder {
         let encodings = self
             .tokenizer
             .encode_batch(texts.iter().map(String::as_str).collect::<Vec<_>>(), true)
-            .map_err(|e| Error::internal(format!("tokenizing a batch: {e}")))?;
+            .map_err(Error::tokenizer("tokenizing a batch of texts"))?;
         let mut order: Vec<usize> = (0..texts.len()).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(encodings[i].get_ids().len()));
         let mut out = vec![Vec::new(); texts.len()];

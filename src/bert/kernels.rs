@@ -4,7 +4,22 @@
 use candle_transformers::models::bert::HiddenAct;
 use rayon::prelude::*;
 
-use super::packed::{ROWS_PER_TASK, SharedMut};
+/// Rows handed to one task in the element-wise passes: big enough to amortise scheduling.
+pub(crate) const ROWS_PER_TASK: usize = 64;
+
+/// A raw pointer that tasks writing disjoint parts of one buffer may share.
+#[derive(Clone, Copy)]
+pub(crate) struct SharedMut(pub(crate) *mut f32);
+// SAFETY: every task writes a disjoint (rows x columns) block; see `attention`.
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    // A method, so closures capture the whole Sync wrapper rather than its raw-pointer field.
+    pub(crate) fn at(self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
+}
 
 pub(crate) fn activate(x: &mut [f32], act: HiddenAct) {
     x.par_chunks_mut(4096).for_each(|c| match act {

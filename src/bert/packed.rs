@@ -9,7 +9,7 @@ use rayon::prelude::*;
 
 use super::dropout::{Dropout, ROW_SPAN, Site};
 use super::kernels::softmax;
-pub(crate) use super::kernels::{activate, erf, exp, layer_norm_rows};
+pub(crate) use super::kernels::{ROWS_PER_TASK, SharedMut, activate, erf, exp, layer_norm_rows};
 
 pub(crate) struct Layer {
     /// Query, key and value projections stacked: [3H, H].
@@ -179,9 +179,6 @@ impl CpuBert {
     }
 }
 
-/// Rows handed to one task in the element-wise passes: big enough to amortise scheduling.
-pub(crate) const ROWS_PER_TASK: usize = 64;
-
 /// y = x W^T + b for x [t, k] and W [n, k]; y is [t, n].
 pub(crate) fn linear(x: &[f32], k: usize, w: &[f32], b: &[f32], y: &mut [f32]) {
     let n = b.len();
@@ -258,20 +255,6 @@ pub(crate) unsafe fn matmul(
             false,
             p,
         )
-    }
-}
-
-/// A raw pointer that tasks writing disjoint parts of one buffer may share.
-#[derive(Clone, Copy)]
-pub(crate) struct SharedMut(pub(crate) *mut f32);
-// SAFETY: every task writes a disjoint (rows x columns) block; see `attention`.
-unsafe impl Send for SharedMut {}
-unsafe impl Sync for SharedMut {}
-
-impl SharedMut {
-    // A method, so closures capture the whole Sync wrapper rather than its raw-pointer field.
-    pub(crate) fn at(self, offset: usize) -> *mut f32 {
-        self.0.wrapping_add(offset)
     }
 }
 

@@ -17,7 +17,7 @@ impl Splitter {
     /// For a tokenizer that truncates at `max_seq_length`.
     pub fn new(tokenizer: &Tokenizer, max_seq_length: usize) -> Result<Splitter> {
         let mut tokenizer = tokenizer.clone();
-        tokenizer.with_truncation(None).map_err(|e| Error::internal(format!("tokenizer without truncation: {e}")))?;
+        tokenizer.with_truncation(None).map_err(Error::tokenizer("turning off the tokenizer's truncation"))?;
         let specials = tokenizer.encode("", true).map(|e| e.len()).unwrap_or(2);
         Ok(Splitter { tokenizer, window: max_seq_length.saturating_sub(specials).max(1) })
     }
@@ -43,7 +43,7 @@ impl Splitter {
 /// `text` as passages of at most `window` content tokens, neighbours sharing `overlap` tokens; a
 /// text that fits is one passage, itself. `tokenizer` must not truncate.
 pub fn split(tokenizer: &Tokenizer, text: &str, window: usize, overlap: usize) -> Result<Vec<String>> {
-    let enc = tokenizer.encode(text, false).map_err(|e| Error::internal(format!("tokenizing a document: {e}")))?;
+    let enc = tokenizer.encode(text, false).map_err(Error::tokenizer("tokenizing a document"))?;
     let offsets = enc.get_offsets();
     let n = offsets.len();
     let window = window.max(1);

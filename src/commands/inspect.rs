@@ -2,6 +2,7 @@
 //! show it.
 
 use flow::llm::plan::Estimate;
+use flow::store::states::RunStatus;
 use flow::store::{Store, batches, pairs, rag_answers, runs};
 
 use super::{fmt_duration, fmt_time, table};
@@ -16,7 +17,7 @@ async fn open(t: &Target) -> anyhow::Result<Store> {
 /// A run's status as a person needs it: `interrupted` for one left running by a dead process,
 /// `stopped (budget)` for one a budget stopped.
 fn live_status(store: &Store, run: &runs::RunRow) -> String {
-    if run.status == "running" && !flow::engine::lock::holder_alive(&store.path) {
+    if run.status == RunStatus::Running && !flow::engine::lock::holder_alive(&store.path) {
         "interrupted".into()
     } else {
         run.shown_status()
@@ -43,17 +44,7 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<u8> {
     let stages = runs::stages_of(&store, run.id).await?;
     let sent = batches::of_run(&store, run.id).await?;
     if a.json {
-        let mut v = serde_json::to_value(&run)?;
-        v["status"] = status.into();
-        v["batches"] = serde_json::to_value(&sent)?;
-        v["stages"] = serde_json::to_value(&stages)?;
-        for s in v["stages"].as_array_mut().into_iter().flatten() {
-            if let Some(summary) = s["summary"].as_str().and_then(|x| serde_json::from_str::<serde_json::Value>(x).ok())
-            {
-                s["summary"] = summary;
-            }
-        }
-        outln!("{}", serde_json::to_string_pretty(&v)?)?;
+        status_json(&run, &status, &stages, &sent)?;
         return Ok(0);
     }
     outln!(
@@ -72,7 +63,7 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<u8> {
             vec![
                 s.stage.clone(),
                 s.kind.clone(),
-                s.status.clone(),
+                s.status.to_string(),
                 s.items_total.to_string(),
                 s.items_done.to_string(),
                 s.items_cached.to_string(),
@@ -83,6 +74,40 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<u8> {
         })
         .collect();
     outln!("{}", table(&["STAGE", "KIND", "STATUS", "TOTAL", "DONE", "STORED", "SKIPPED", "FAILED", "TIME"], &rows))?;
+    usage_table(&stages)?;
+    batch_table(&sent)?;
+    stage_notes(&stages)?;
+    let report = flow::report::default_path(&store.path, run.id);
+    if report.exists() {
+        outln!("\nreport: {}", report.display())?;
+    } else {
+        outln!("\nreport: {} (not written yet: `flow report -w {}`)", report.display(), a.target.workflow.display())?;
+    }
+    Ok(0)
+}
+
+/// `flow status --json`: the run row with its shown status, batches and stages (summaries as JSON).
+fn status_json(
+    run: &runs::RunRow,
+    status: &str,
+    stages: &[runs::StageRunRow],
+    sent: &[batches::BatchRow],
+) -> anyhow::Result<()> {
+    let mut v = serde_json::to_value(run)?;
+    v["status"] = status.into();
+    v["batches"] = serde_json::to_value(sent)?;
+    v["stages"] = serde_json::to_value(stages)?;
+    for s in v["stages"].as_array_mut().into_iter().flatten() {
+        if let Some(summary) = s["summary"].as_str().and_then(|x| serde_json::from_str::<serde_json::Value>(x).ok()) {
+            s["summary"] = summary;
+        }
+    }
+    outln!("{}", serde_json::to_string_pretty(&v)?)?;
+    Ok(())
+}
+
+/// The LLM calls of each stage over every attempt, beside the plan's estimate, and the run's total.
+fn usage_table(stages: &[runs::StageRunRow]) -> anyhow::Result<()> {
     let usage_row = |name: String, u: &flow::store::runs::UsageSnapshot, est: Option<&Estimate>, last: String| {
         vec![
             name,
@@ -104,64 +129,71 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<u8> {
         .iter()
         .filter(|s| s.all_attempts().calls + s.all_attempts().cached > 0 || s.estimate.is_some())
         .collect();
-    if !used.is_empty() {
-        let mut rows: Vec<Vec<String>> = used
-            .iter()
-            .map(|s| {
-                let last = match s.attempts {
-                    1 => "-".to_string(),
-                    n => {
-                        let l = s.last_attempt();
-                        format!("{} calls, {} tok (attempt {n})", l.calls, l.prompt_tokens + l.completion_tokens)
-                    }
-                };
-                usage_row(s.stage.clone(), &s.all_attempts(), Estimate::of(s).as_ref(), last)
-            })
-            .collect();
-        let run_total = stages.iter().map(|s| s.all_attempts()).fold(Default::default(), |a, b| a + b);
-        let run_estimate = Estimate::of_run(&stages);
-        rows.push(usage_row("(run)".into(), &run_total, run_estimate.as_ref(), String::new()));
-        outln!(
-            "\nLLM calls over every attempt (calls include retries; cached answers cost nothing), beside the plan's estimate at each stage's start"
-        )?;
-        outln!(
-            "{}",
-            table(
-                &[
-                    "STAGE",
-                    "CALLS",
-                    "CACHED",
-                    "FAILED",
-                    "PROMPT TOK",
-                    "COMPLETION TOK",
-                    "COST",
-                    "ESTIMATE",
-                    "EST. COST",
-                    "LAST ATTEMPT"
-                ],
-                &rows
-            )
-        )?;
+    if used.is_empty() {
+        return Ok(());
     }
-    if !sent.is_empty() {
-        let rows: Vec<Vec<String>> = sent
-            .iter()
-            .map(|b| {
-                vec![
-                    b.stage.clone(),
-                    b.batch_id.clone().unwrap_or_else(|| "-".into()),
-                    b.status.clone(),
-                    format!("{}/{}", b.completed, b.requests),
-                    b.failed.to_string(),
-                    if b.ingested_at.is_some() { "yes" } else { "no" }.into(),
-                    b.error.clone().unwrap_or_default(),
-                ]
-            })
-            .collect();
-        outln!("\nBatches (the Batch API)")?;
-        outln!("{}", table(&["STAGE", "BATCH", "STATE", "DONE", "FAILED", "READ", "ERROR"], &rows))?;
+    let mut rows: Vec<Vec<String>> = used
+        .iter()
+        .map(|s| {
+            let last = match s.attempts {
+                1 => "-".to_string(),
+                n => {
+                    let l = s.last_attempt();
+                    format!("{} calls, {} tok (attempt {n})", l.calls, l.prompt_tokens + l.completion_tokens)
+                }
+            };
+            usage_row(s.stage.clone(), &s.all_attempts(), Estimate::of(s).as_ref(), last)
+        })
+        .collect();
+    let run_total = stages.iter().map(|s| s.all_attempts()).fold(Default::default(), |a, b| a + b);
+    let run_estimate = Estimate::of_run(stages);
+    rows.push(usage_row("(run)".into(), &run_total, run_estimate.as_ref(), String::new()));
+    outln!(
+        "\nLLM calls over every attempt (calls include retries; cached answers cost nothing), beside the plan's estimate at each stage's start"
+    )?;
+    let header = [
+        "STAGE",
+        "CALLS",
+        "CACHED",
+        "FAILED",
+        "PROMPT TOK",
+        "COMPLETION TOK",
+        "COST",
+        "ESTIMATE",
+        "EST. COST",
+        "LAST ATTEMPT",
+    ];
+    outln!("{}", table(&header, &rows))?;
+    Ok(())
+}
+
+/// The run's Batch API batches, if it sent any.
+fn batch_table(sent: &[batches::BatchRow]) -> anyhow::Result<()> {
+    if sent.is_empty() {
+        return Ok(());
     }
-    for s in &stages {
+    let rows: Vec<Vec<String>> = sent
+        .iter()
+        .map(|b| {
+            vec![
+                b.stage.clone(),
+                b.batch_id.clone().unwrap_or_else(|| "-".into()),
+                b.status.to_string(),
+                format!("{}/{}", b.completed, b.requests),
+                b.failed.to_string(),
+                if b.ingested_at.is_some() { "yes" } else { "no" }.into(),
+                b.error.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    outln!("\nBatches (the Batch API)")?;
+    outln!("{}", table(&["STAGE", "BATCH", "STATE", "DONE", "FAILED", "READ", "ERROR"], &rows))?;
+    Ok(())
+}
+
+/// Each stage's error, the figures of its summary and the files it skipped.
+fn stage_notes(stages: &[runs::StageRunRow]) -> anyhow::Result<()> {
+    for s in stages {
         if let Some(e) = &s.error {
             // `failed`, `blocked`, or `interrupted` (a budget's stop names the budget).
             outln!("\n{} {}: {e}", s.stage, s.status)?;
@@ -180,13 +212,7 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<u8> {
             outln!("  skipped {}: {}", skip["path"].as_str().unwrap_or("?"), skip["reason"].as_str().unwrap_or("?"))?;
         }
     }
-    let report = flow::report::default_path(&store.path, run.id);
-    if report.exists() {
-        outln!("\nreport: {}", report.display())?;
-    } else {
-        outln!("\nreport: {} (not written yet: `flow report -w {}`)", report.display(), a.target.workflow.display())?;
-    }
-    Ok(0)
+    Ok(())
 }
 
 pub async fn runs(a: RunsArgs) -> anyhow::Result<u8> {

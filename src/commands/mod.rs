@@ -79,6 +79,11 @@ pub fn fmt_time(ms: i64) -> String {
         .unwrap_or_default()
 }
 
+/// The run options of `--force`, `--only` and `--from`.
+pub fn run_options(p: crate::cli::Pick) -> flow::engine::RunOptions {
+    flow::engine::RunOptions { force: p.force, only: p.only, from: p.from, scheduled_for: None }
+}
+
 pub fn fmt_duration(start: Option<i64>, end: Option<i64>) -> String {
     match (start, end) {
         (Some(s), Some(e)) => format!("{:.1}s", (e - s) as f64 / 1000.0),

@@ -149,7 +149,7 @@ async fn list_trained(wf: &std::path::Path, json: bool) -> anyhow::Result<u8> {
                 m.id.to_string(),
                 m.stage.clone(),
                 m.retriever.clone(),
-                m.status.clone(),
+                m.status.to_string(),
                 m.parent_id.map(|p| format!("model {p}")).unwrap_or_else(|| "base".into()),
                 val(m),
                 improved(m.improved).into(),

@@ -9,7 +9,7 @@ use crate::cli::PlanArgs;
 
 pub async fn plan(a: PlanArgs) -> anyhow::Result<u8> {
     let wf = flow::stages::load_workflow(&a.workflow)?;
-    let opts = super::run::options(a.pick);
+    let opts = super::run_options(a.pick);
     show(&wf, &opts, a.json).await
 }
 

@@ -1,24 +1,20 @@
 //! `flow run` and `flow resume`: start or continue a run and print what each stage did.
 
-use flow::engine::{self, RunOptions, RunReport};
+use flow::engine::{self, RunReport};
 use flow::progress::Progress;
 
 use super::{fmt_duration, table};
-use crate::cli::{Pick, ResumeArgs, RunArgs};
+use crate::cli::{ResumeArgs, RunArgs};
+use flow::store::states::RunStatus;
 
 pub async fn run(a: RunArgs, quiet: bool) -> anyhow::Result<u8> {
     let wf = flow::stages::load_workflow(&a.workflow)?;
-    let opts = options(a.pick);
+    let opts = super::run_options(a.pick);
     if a.dry_run {
         return super::plan::show(&wf, &opts, a.json).await;
     }
     let report = engine::run(wf, opts, Progress::new(quiet)).await?;
     Ok(finish(&report, quiet))
-}
-
-/// The run options of `--force`, `--only` and `--from`.
-pub fn options(p: Pick) -> RunOptions {
-    RunOptions { force: p.force, only: p.only, from: p.from, scheduled_for: None }
 }
 
 pub async fn resume(a: ResumeArgs, quiet: bool) -> anyhow::Result<u8> {
@@ -44,7 +40,7 @@ fn print(r: &RunReport) -> anyhow::Result<()> {
             .map(|s| {
                 vec![
                     s.stage.clone(),
-                    s.status.clone(),
+                    s.status.to_string(),
                     format!("{}/{}", s.items_done + s.items_cached + s.items_skipped + s.items_failed, s.items_total),
                     s.items_done.to_string(),
                     s.items_cached.to_string(),
@@ -54,14 +50,14 @@ fn print(r: &RunReport) -> anyhow::Result<()> {
                 ]
             })
             .collect();
-        outln!("run {} {}", r.run_id, r.status)?;
+        outln!("run {} {}", r.run_id, r.shown_status())?;
         outln!("{}", table(&["STAGE", "STATUS", "ITEMS", "DONE", "STORED", "SKIPPED", "FAILED", "TIME"], &rows))?;
         for s in &r.stages {
             if let Some(e) = &s.error {
                 outln!("{}: {e}", s.stage)?;
             }
         }
-        if r.status != "succeeded" {
+        if r.status != RunStatus::Succeeded {
             outln!("continue with: flow resume -w <workflow> {}", r.run_id)?;
         }
     }

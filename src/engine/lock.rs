@@ -23,17 +23,16 @@ pub fn lock_path(store: &Path) -> PathBuf {
 
 impl RunLock {
     pub fn acquire(store: &Path) -> Result<RunLock> {
+        crate::store::check_location(store)?;
         let path = lock_path(store);
+        let unusable = |e: std::io::Error| {
+            crate::store::unusable_location(store, &format!("its lock file {}: {e}", path.display()))
+        };
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
+            std::fs::create_dir_all(dir).map_err(unusable)?;
         }
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(Error::io(&path))?;
+        let mut file =
+            OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(unusable)?;
         let mut previous = String::new();
         let _ = file.read_to_string(&mut previous);
         match file.try_lock() {

@@ -15,11 +15,12 @@ use tokio::task::JoinSet;
 use crate::dag;
 use crate::digest::sha256_hex;
 use crate::error::{Error, Result};
-use crate::llm::budget::{self, Spent};
+use crate::llm::budget::{self, Budgets, Spent};
 use crate::progress::Progress;
 use crate::stages::{Stage, StageCtx};
 use crate::store::Store;
 use crate::store::runs::{self, Counts, StageRunRow};
+use crate::store::states::{RunStatus, StageStatus};
 use crate::workflow::Workflow;
 use lock::RunLock;
 
@@ -43,7 +44,9 @@ pub struct RunOptions {
 #[derive(Debug)]
 pub struct RunReport {
     pub run_id: i64,
-    pub status: String,
+    pub status: RunStatus,
+    /// A budget stopped the run (its status is `interrupted`).
+    pub budget_stopped: bool,
     pub stages: Vec<StageRunRow>,
     pub notes: Vec<String>,
     /// A stage failed on bad input (a malformed eval set, a missing model): exit code 2, not 1.
@@ -52,12 +55,17 @@ pub struct RunReport {
 
 impl RunReport {
     pub fn exit_code(&self) -> u8 {
-        match (self.status.as_str(), self.input_error) {
-            ("succeeded", _) => 0,
-            (STOPPED_BUDGET, _) => 3,
-            (_, true) => 2,
+        match (self.status, self.budget_stopped, self.input_error) {
+            (RunStatus::Succeeded, _, _) => 0,
+            (_, true, _) => 3,
+            (_, _, true) => 2,
             _ => 1,
         }
+    }
+
+    /// `stopped (budget)` for a run a budget stopped, else its status.
+    pub fn shown_status(&self) -> &'static str {
+        if self.budget_stopped { STOPPED_BUDGET } else { self.status.as_str() }
     }
 }
 
@@ -113,7 +121,7 @@ pub async fn resume(store_path: &std::path::Path, run_id: Option<i64>, progress:
             )
         })?,
     };
-    if row.status == "succeeded" {
+    if row.status == RunStatus::Succeeded {
         return Err(Error::bad_input(
             format!("run {} already succeeded; there is nothing to resume", row.id),
             "start a new run with `flow run WORKFLOW`",
@@ -123,7 +131,7 @@ pub async fn resume(store_path: &std::path::Path, run_id: Option<i64>, progress:
     let opts: RunOptions = serde_json::from_str(&row.args).unwrap_or_default();
     let mut finished = BTreeMap::new();
     for s in runs::stages_of(&store, row.id).await? {
-        if matches!(s.status.as_str(), "succeeded" | "up_to_date") && wf.stages.contains_key(&s.stage) {
+        if s.status.is_good() && wf.stages.contains_key(&s.stage) {
             finished.insert(s.stage.clone(), s.fingerprint.clone());
         }
     }
@@ -184,7 +192,7 @@ async fn execute(
         acc.add(&s);
         acc
     });
-    budget::open(run_id, None, wf.budget.unwrap_or_default(), total);
+    let budgets = Arc::new(Budgets::new(wf.budget.unwrap_or_default(), total));
     // Building resolves models and paths: a bad setting stops the run before anything starts.
     let mut built: HashMap<String, Arc<dyn Stage>> = HashMap::new();
     for name in wf.order.iter().filter(|n| matches!(state[*n], State::Waiting)) {
@@ -202,6 +210,7 @@ async fn execute(
         tasks: JoinSet::new(),
         input_error: false,
         budget_stop: None,
+        budgets: budgets.clone(),
     };
     let interrupted = loop {
         dag.start_ready().await?;
@@ -212,11 +221,11 @@ async fn execute(
             break true;
         }
     };
-    let Runner { wf, store, state, mut tasks, input_error, budget_stop, .. } = dag;
+    let Runner { wf, store, state, mut tasks, input_error, budget_stop, progress, .. } = dag;
     let mut stop_reason = None;
     let status = if let Some(why) = budget_stop.filter(|_| !interrupted) {
         // Requests already sent are paid for: their answers are stored before the run ends.
-        for l in budget::of_run(run_id) {
+        for l in budgets.all() {
             let _ = tokio::time::timeout(Duration::from_secs(300), l.idle()).await;
         }
         notes.push(format!(
@@ -224,25 +233,38 @@ async fn execute(
             wf.path.display()
         ));
         stop_reason = Some(format!("budget: {why}"));
-        "interrupted"
+        RunStatus::Interrupted
     } else if interrupted {
+        // As a budget stop: nothing new is sent, and the requests already sent (paid for) are
+        // awaited, each bounded by its timeout, so their answers are in the store before it ends.
+        budgets.interrupt();
+        progress.log("stopping: no new requests; waiting for those in flight (a second signal exits at once)");
+        let bound = in_flight_bound(&wf);
+        for l in budgets.all() {
+            let _ = tokio::time::timeout(bound, l.idle()).await;
+        }
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
         runs::mark_interrupted(&store).await?;
         notes.push("interrupted: `flow resume` continues where this stopped".into());
-        "interrupted"
+        RunStatus::Interrupted
     } else if state.values().all(|s| matches!(s, State::Good(_))) {
-        "succeeded"
+        RunStatus::Succeeded
     } else {
-        "failed"
+        RunStatus::Failed
     };
     runs::finish(&store, run_id, status, stop_reason.as_deref()).await?;
-    budget::close(run_id);
-    let status = if stop_reason.is_some() { STOPPED_BUDGET } else { status };
     let mut stages = runs::stages_of(&store, run_id).await?;
     stages.sort_by_key(|s| wf.order.iter().position(|n| *n == s.stage));
     store.close().await;
-    Ok(RunReport { run_id, status: status.to_string(), stages, notes, input_error })
+    Ok(RunReport { run_id, status, budget_stopped: stop_reason.is_some(), stages, notes, input_error })
+}
+
+/// How long a request already sent may take to come back: the longest timeout of the workflow's
+/// models (a local model's answer takes well under a minute), and a little more.
+fn in_flight_bound(wf: &Workflow) -> Duration {
+    let longest = wf.models.values().filter_map(|m| m.timeout_s).fold(60.0, f64::max);
+    Duration::from_secs_f64(longest + 5.0)
 }
 
 /// `--force`d stages, and with `--from` that stage and everything downstream of it.
@@ -302,6 +324,8 @@ struct Runner {
     input_error: bool,
     /// Why a budget stopped the run: no further stage starts.
     budget_stop: Option<String>,
+    /// What the run and each of its stages has spent against its `budget:`.
+    budgets: Arc<Budgets>,
 }
 
 impl Runner {
@@ -341,6 +365,7 @@ impl Runner {
                 upstream,
                 force: self.forced.contains(name),
                 progress: self.progress.clone(),
+                budgets: self.budgets.clone(),
             };
             self.tasks.spawn(async move {
                 let name = job.name.clone();
@@ -352,9 +377,9 @@ impl Runner {
 
     /// Records a stage that cannot start because a stage it needs did not succeed.
     async fn block(&mut self, name: &str, kind: &str, failed: &[&str]) -> Result<()> {
-        let id = runs::set_stage(&self.store, self.run_id, name, kind, "", "blocked").await?;
+        let id = runs::set_stage(&self.store, self.run_id, name, kind, "", StageStatus::Blocked).await?;
         let why = format!("not started: {} failed", failed.join(", "));
-        runs::finish_stage(&self.store, id, "blocked", Counts::default(), None, Some(&why)).await?;
+        runs::finish_stage(&self.store, id, StageStatus::Blocked, Counts::default(), None, Some(&why)).await?;
         self.progress.log(&format!("[{name}] not started: it needs {}, which did not succeed", failed.join(", ")));
         self.state.insert(name.to_string(), State::Bad);
         Ok(())
@@ -399,6 +424,7 @@ struct Job {
     upstream: Vec<(String, String)>,
     force: bool,
     progress: Progress,
+    budgets: Arc<Budgets>,
 }
 
 impl Job {
@@ -412,15 +438,28 @@ impl Job {
                 self.progress.log(&format!("[{}] stopped: {what}", self.name));
                 Err(Failed::Budget(what))
             }
+            Err(Error::Interrupted) => {
+                self.progress.log(&format!("[{}] stopped by a signal", self.name));
+                Err(Failed::Other)
+            }
             Err(e) => {
                 self.progress.log(&format!("[{}] failed: {e}", self.name));
                 if !recorded {
                     // Failed before it started (reading its inputs): still on record, with the reason.
                     let kind = &self.wf.stages[&self.name].kind;
-                    if let Ok(id) = runs::set_stage(&self.store, self.run_id, &self.name, kind, "", "failed").await {
+                    if let Ok(id) =
+                        runs::set_stage(&self.store, self.run_id, &self.name, kind, "", StageStatus::Failed).await
+                    {
                         let msg = e.to_string();
-                        let _ =
-                            runs::finish_stage(&self.store, id, "failed", Counts::default(), None, Some(&msg)).await;
+                        let _ = runs::finish_stage(
+                            &self.store,
+                            id,
+                            StageStatus::Failed,
+                            Counts::default(),
+                            None,
+                            Some(&msg),
+                        )
+                        .await;
                     }
                 }
                 Err(if e.exit_code() == 2 { Failed::Input } else { Failed::Other })
@@ -441,11 +480,12 @@ impl Job {
             previous = None;
         }
         if let Some(prev) = previous {
-            let id = runs::set_stage(&self.store, self.run_id, &self.name, &spec.kind, &fp, "up_to_date").await?;
+            let id =
+                runs::set_stage(&self.store, self.run_id, &self.name, &spec.kind, &fp, StageStatus::UpToDate).await?;
             runs::finish_stage(
                 &self.store,
                 id,
-                "up_to_date",
+                StageStatus::UpToDate,
                 Counts::default(),
                 Some(&format!("{{\"same_as_run\":{prev}}}")),
                 None,
@@ -454,7 +494,7 @@ impl Job {
             self.progress.log(&format!("[{}] up to date (same inputs as run {prev})", self.name));
             return Ok(fp);
         }
-        let id = runs::set_stage(&self.store, self.run_id, &self.name, &spec.kind, &fp, "running").await?;
+        let id = runs::set_stage(&self.store, self.run_id, &self.name, &spec.kind, &fp, StageStatus::Running).await?;
         self.record_estimate(id).await;
         // What earlier attempts of this stage in this run spent counts against its budget.
         let earlier = runs::stages_of(&self.store, self.run_id)
@@ -463,7 +503,7 @@ impl Job {
             .find(|s| s.id == id)
             .map(|s| spent_of(s.all_attempts()))
             .unwrap_or_default();
-        let ledger = budget::open(self.run_id, Some(&self.name), spec.budget.unwrap_or_default(), earlier);
+        let (ledger, ledgers) = self.budgets.open_stage(&self.name, spec.budget.unwrap_or_default(), earlier);
         let ctx = StageCtx {
             run_id: self.run_id,
             stage_run_id: id,
@@ -471,6 +511,7 @@ impl Job {
             workflow: self.wf.clone(),
             store: self.store.clone(),
             progress: self.progress.stage(&self.name),
+            ledgers,
         };
         // Counts reach the store every two seconds so `flow status` can watch a live run.
         let ticker = {
@@ -490,9 +531,9 @@ impl Job {
         match result {
             Ok(out) => {
                 let summary = (!out.summary.is_null()).then(|| out.summary.to_string());
-                let status = if out.failure.is_some() { "failed" } else { "succeeded" };
+                let status = if out.failure.is_some() { StageStatus::Failed } else { StageStatus::Succeeded };
                 runs::finish_stage(&self.store, id, status, counts, summary.as_deref(), out.failure.as_deref()).await?;
-                ctx.progress.finish(status);
+                ctx.progress.finish(status.as_str());
                 match out.failure {
                     None => Ok(fp),
                     Some(f) => Err(Error::Stage { stage: self.name.clone(), message: f }),
@@ -503,9 +544,14 @@ impl Job {
                 ctx.progress.finish(STOPPED_BUDGET);
                 Err(e)
             }
+            Err(Error::Interrupted) => {
+                runs::finish_stage(&self.store, id, StageStatus::Interrupted, counts, None, None).await?;
+                ctx.progress.finish(StageStatus::Interrupted.as_str());
+                Err(Error::Interrupted)
+            }
             Err(e) => {
-                runs::finish_stage(&self.store, id, "failed", counts, None, Some(&e.to_string())).await?;
-                ctx.progress.finish("failed");
+                runs::finish_stage(&self.store, id, StageStatus::Failed, counts, None, Some(&e.to_string())).await?;
+                ctx.progress.finish(StageStatus::Failed.as_str());
                 Err(e)
             }
         }
@@ -552,7 +598,7 @@ async fn stopped_by_budget(
         cost: Some((s.usd - earlier.usd).max(0.0)),
     };
     runs::set_llm_usage(store, id, &usage).await?;
-    runs::finish_stage(store, id, "interrupted", counts, None, Some(&e.to_string())).await
+    runs::finish_stage(store, id, StageStatus::Interrupted, counts, None, Some(&e.to_string())).await
 }
 
 /// sha256 over the kind, the parameters (keys sorted), the stage's own inputs and its upstream fingerprints.

@@ -1,5 +1,6 @@
-//! SIGINT and SIGTERM as one shutdown request, seen by every run and by the scheduler: a run stops
-//! at its next await (committed items stay), is marked interrupted, and the process exits cleanly.
+//! SIGINT and SIGTERM as one shutdown request, seen by every run and by the scheduler: a run sends
+//! nothing new, stores the answers in flight, is marked interrupted, and the process exits cleanly.
+//! A second signal exits at once (what was committed stays; answers still in flight may be lost).
 
 use std::sync::OnceLock;
 
@@ -12,28 +13,36 @@ fn receiver() -> watch::Receiver<bool> {
         .get_or_init(|| {
             let (tx, rx) = watch::channel(false);
             tokio::spawn(async move {
-                #[cfg(unix)]
-                {
-                    use tokio::signal::unix::{SignalKind, signal};
-                    match signal(SignalKind::terminate()) {
-                        Ok(mut term) => {
-                            tokio::select! {
-                                _ = tokio::signal::ctrl_c() => {}
-                                _ = term.recv() => {}
-                            }
-                        }
-                        Err(_) => {
-                            let _ = tokio::signal::ctrl_c().await;
-                        }
-                    }
-                }
-                #[cfg(not(unix))]
-                let _ = tokio::signal::ctrl_c().await;
+                next_signal().await;
                 let _ = tx.send(true);
+                next_signal().await;
+                crate::progress::stderr_line("a second signal: exiting now (`flow resume` continues)");
+                std::process::exit(130);
             });
             rx
         })
         .clone()
+}
+
+/// Waits for SIGINT or SIGTERM.
+async fn next_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
 }
 
 /// Starts listening (call early, so a signal is never the default kill).

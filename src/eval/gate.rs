@@ -3,10 +3,12 @@
 
 use serde_json::{Value, json};
 
-use super::retrieve::{self, Ctx, Kind};
+use super::retrieve::{self, Ctx};
 use super::set::EvalSet;
 use crate::error::Result;
+use crate::retriever::Kind;
 use crate::store::models::{self as models_table, ModelRow};
+use crate::store::states::ModelStatus;
 
 pub struct Gate<'a> {
     pub metric: &'a str,
@@ -33,7 +35,7 @@ impl Gate<'_> {
             models_table::keep_candidate(cx.store, candidate.id, &reason, &decision.to_string()).await?;
             return Ok(decision);
         }
-        if candidate.status == "promoted" {
+        if candidate.status == ModelStatus::Promoted {
             cx.progress.log(&format!("gate: model {} is the promoted {r} model already", candidate.id));
             decision["outcome"] = "already promoted".into();
             return Ok(decision);

@@ -3,60 +3,26 @@
 
 use std::path::Path;
 
-use serde::{Deserialize, Serialize};
-
-use super::hybrid::{Chosen, Hybrid, HybridParams};
 use super::set::EvalSet;
 use crate::error::{Error, Result};
 use crate::llm::embed::BlackBox;
 use crate::progress::StageProgress;
 use crate::rank::search::{BLOCK, TopK};
+use crate::retriever::hybrid::{Chosen, Hybrid};
+use crate::retriever::params::RetrievalParams;
+use crate::retriever::{self, ALL, Kind, PassageMode, Passages, Upstream, combine, trained_beside};
 use crate::store::Store;
-use crate::store::models::{self as models_table, ModelRow};
-use crate::train::{self, Retriever};
+use crate::store::models::ModelRow;
+use crate::train::Retriever;
 use crate::workflow::Workflow;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Kind {
-    Bm25,
-    BlackBox,
-    AugmentOnly,
-    Mafin,
-    /// BM25 fused with a dense retriever (see `hybrid`).
-    Hybrid,
-}
-
-pub const ALL: [Kind; 5] = [Kind::Bm25, Kind::BlackBox, Kind::AugmentOnly, Kind::Mafin, Kind::Hybrid];
-
-impl Kind {
-    pub fn name(self) -> &'static str {
-        match self {
-            Kind::Bm25 => "bm25",
-            Kind::BlackBox => "black_box",
-            Kind::AugmentOnly => "augment_only",
-            Kind::Mafin => "mafin",
-            Kind::Hybrid => "hybrid",
-        }
-    }
-
-    /// The training retriever whose model this one needs, if any (hybrid: see `Plan::trained_of`).
-    pub fn trained(self) -> Option<Retriever> {
-        match self {
-            Kind::AugmentOnly => Some(Retriever::AugmentOnly),
-            Kind::Mafin => Some(Retriever::Mafin),
-            _ => None,
-        }
-    }
-}
 
 /// What the retrievers of one eval stage share: the workflow, the store and where to account for
 /// embedding calls.
 pub struct Ctx<'a> {
     pub wf: &'a Workflow,
     pub store: &'a Store,
-    pub run_id: i64,
-    pub stage: &'a str,
+    /// Who the black box's calls are made for.
+    pub account: &'a crate::llm::Account,
     pub progress: &'a StageProgress,
     /// `models:` key of the black box, and the black box itself once a retriever has needed it
     /// (loaded once per stage run: its weights are read and hashed on load).
@@ -112,7 +78,7 @@ pub async fn rank(cx: &Ctx<'_>, set: &EvalSet, kind: Kind, model: Option<&ModelR
             let lexical = bm25(&Ctx { count_items: false, ..*cx }, set, crate::rank::fuse::DEPTH);
             let dense_model = model.filter(|_| h.dense.trained().is_some());
             let dense = dense(cx, set, h.dense, dense_model, crate::rank::fuse::DEPTH).await?;
-            let (hits, chosen) = super::hybrid::fuse(h, model, &lexical, &dense, &set.relevant, k)?;
+            let (hits, chosen) = crate::retriever::hybrid::fuse(h, model, &lexical, &dense, &set.relevant, k)?;
             cx.progress.log(&chosen.label());
             Ok(Ranked { hits, hybrid: Some(chosen) })
         }
@@ -162,11 +128,11 @@ async fn dense(
     let weight = model.map_or(0.5, |m| m.weight);
     let rows = async |texts: &[String]| -> Result<Vec<f32>> {
         let bb = match &black_box {
-            Some(b) => Some(b.embed(cx.wf, cx.store, cx.run_id, cx.stage, texts).await?),
+            Some(b) => Some(b.embed(cx.wf, cx.store, cx.account, texts).await?),
             None => None,
         };
         let aug = match &augment {
-            Some(a) => Some(a.embed(cx.wf, cx.store, cx.run_id, cx.stage, texts).await?),
+            Some(a) => Some(a.embed(cx.wf, cx.store, cx.account, texts).await?),
             None => None,
         };
         combine(kind, bb, aug, weight)
@@ -220,90 +186,8 @@ async fn dense(
     Ok(top.finish())
 }
 
-/// A dense retriever's rows from its encoders' vectors: the black box's and the augment model's, each
-/// normalised, then (for mafin) weighted and joined. What eval stages score and `flow serve` returns.
-pub fn combine(kind: Kind, bb: Option<Vec<Vec<f32>>>, aug: Option<Vec<Vec<f32>>>, weight: f64) -> Result<Vec<f32>> {
-    Ok(match (kind, bb, aug) {
-        (Kind::Mafin, Some(bb), Some(aug)) => train::retriever_rows(Retriever::Mafin, &aug, Some(&bb), weight),
-        (_, _, Some(aug)) => train::retriever_rows(Retriever::AugmentOnly, &aug, None, weight),
-        (_, Some(bb), None) => bb.iter().flat_map(|v| train::normalized(v)).collect(),
-        _ => return Err(Error::internal(format!("retriever {} was scored without its model", kind.name()))),
-    })
-}
-
-/// A mafin model is only meaningful beside the black box it was trained with (`key` names it).
-pub fn trained_beside(m: &ModelRow, bb: &BlackBox, key: &str) -> Result<()> {
-    match m.black_box.as_deref() {
-        Some(trained) if trained != bb.identity => Err(Error::bad_input(
-            format!(
-                "model {} was trained beside the black box {trained}, but `models.{key}` is now {}",
-                m.id, bb.identity
-            ),
-            "point `black_box:` at the black box it was trained with, or retrain",
-        )),
-        _ => Ok(()),
-    }
-}
-
-/// How documents longer than the encoder's window are scored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PassageMode {
-    /// By their best overlapping passage.
-    #[default]
-    Maxp,
-    /// By their first window only (the rest is cut off).
-    First,
-}
-
-/// The long-document settings of an eval stage.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
-pub struct Passages {
-    pub mode: PassageMode,
-    /// Tokens neighbouring passages share (default a quarter of the window).
-    pub stride: Option<usize>,
-}
-
 fn search_error(e: candle_core::Error) -> Error {
     Error::Tensor { what: "search".into(), source: e }
-}
-
-/// What the train stages an eval stage needs (directly or further up) tell it: their names, the
-/// retrievers they train, and the first one's validation split (seed, val_fraction).
-pub struct Upstream {
-    pub train_stages: Vec<String>,
-    pub trained: Vec<Kind>,
-    pub split: Option<(u64, f64)>,
-    /// Where the trained models embed: the (first) upstream train stage's device.
-    pub device: crate::workflow::Device,
-}
-
-fn upstream(spec: &crate::workflow::StageSpec, wf: &Workflow) -> Upstream {
-    use crate::train::params::{KIND_NAME, Params};
-    let mut up = Upstream { train_stages: Vec::new(), trained: Vec::new(), split: None, device: Default::default() };
-    let mut todo = spec.needs.clone();
-    let mut seen = std::collections::HashSet::new();
-    while let Some(name) = todo.pop() {
-        let Some(s) = wf.stages.get(&name).filter(|_| seen.insert(name.clone())) else { continue };
-        todo.extend(s.needs.iter().cloned());
-        // Read with the train stage's own parameter type, so its defaults are the ones used here.
-        let Some(p) = (s.kind == KIND_NAME).then(|| s.params::<Params>().ok()).flatten() else {
-            continue;
-        };
-        up.trained.push(match p.retriever {
-            Retriever::Mafin => Kind::Mafin,
-            Retriever::AugmentOnly => Kind::AugmentOnly,
-        });
-        up.train_stages.push(name);
-        if up.split.is_none() {
-            up.split = Some((p.seed, p.val_fraction));
-            up.device = p.device.or_else(|| wf.models.get(&p.augment).map(|m| m.device)).unwrap_or_default();
-        }
-    }
-    up.train_stages.sort();
-    up.trained.sort();
-    up.trained.dedup();
-    up
 }
 
 /// What an eval stage resolves when it is built: where its set comes from, the retrievers it
@@ -317,14 +201,6 @@ pub struct Plan {
     pub passages: Passages,
 }
 
-/// What an eval stage's YAML says about its retrievers.
-pub struct Choice<'a> {
-    pub listed: &'a Option<Vec<Kind>>,
-    pub black_box: &'a str,
-    pub hybrid: &'a HybridParams,
-    pub passages: Passages,
-}
-
 impl Plan {
     /// `listed` retrievers, else bm25, black_box, what upstream trains, and hybrid when there is a
     /// train stage upstream (its alpha is chosen on that stage's validation split).
@@ -332,12 +208,13 @@ impl Plan {
         spec: &crate::workflow::StageSpec,
         wf: &Workflow,
         set: &super::set::SetParams,
-        c: Choice,
+        pairs: crate::store::pairs::PairSource,
+        c: RetrievalParams,
     ) -> Result<Plan> {
-        let up = upstream(spec, wf);
-        let source = super::set::Source::new(set, &wf.dir, up.split)?;
-        let hybrid = Hybrid::new(c.hybrid, &up.trained);
-        let retrievers = match c.listed {
+        let up = Upstream::of(wf, Some(&spec.name));
+        let source = super::set::Source::new(set, &wf.dir, up.split, pairs)?;
+        let hybrid = Hybrid::new(&c.hybrid, &up.trained);
+        let retrievers = match &c.retrievers {
             Some(l) => l.clone(),
             None => ALL
                 .into_iter()
@@ -347,15 +224,12 @@ impl Plan {
                 })
                 .collect(),
         };
-        Ok(Plan { up, source, retrievers, black_box: c.black_box.to_string(), hybrid, passages: c.passages })
+        Ok(Plan { up, source, retrievers, black_box: c.black_box, hybrid, passages: c.passages })
     }
 
     /// The training retriever whose models `kind` uses (hybrid: its dense side's).
     pub fn trained_of(&self, kind: Kind) -> Option<Retriever> {
-        match kind {
-            Kind::Hybrid => self.hybrid.dense.trained(),
-            k => k.trained(),
-        }
+        self.hybrid.trained_of(kind)
     }
 
     /// The part of the stage's fingerprint the plan decides: the set's files, the retrievers and the
@@ -364,7 +238,7 @@ impl Plan {
         let src = self.source.clone();
         let digest = tokio::task::spawn_blocking(move || src.files_digest())
             .await
-            .map_err(Error::task("hashing the eval set"))?;
+            .map_err(Error::task("hashing the eval set"))??;
         let bb = wf
             .models
             .get(&self.black_box)
@@ -379,9 +253,9 @@ impl Plan {
         let mut out = Vec::new();
         for &k in &self.retrievers {
             let m = match (k, self.trained_of(k)) {
-                (_, Some(r)) => models_table::latest(store, &self.up.train_stages, r.name()).await?,
+                (_, Some(r)) => retriever::newest(store, &self.up.train_stages, Kind::of_trained(r)).await?,
                 // Hybrid over the black box: the newest upstream model holds the black box's alpha.
-                (Kind::Hybrid, None) => self.alpha_holder(store).await?,
+                (Kind::Hybrid, None) => retriever::alpha_holder(store, &self.up).await?,
                 _ => None,
             };
             if self.trained_of(k).is_some() && m.is_none() {
@@ -395,7 +269,7 @@ impl Plan {
                 ));
             }
             if let Some(m) = m.as_ref().filter(|_| self.trained_of(k).is_some())
-                && !Path::new(&m.path).join("model.safetensors").exists()
+                && !retriever::model_on_disk(m)
             {
                 return Err(Error::bad_input(
                     format!("stage `{stage}`: model {} ({}) is missing from {}", m.id, k.name(), m.path),
@@ -405,20 +279,6 @@ impl Plan {
             out.push(m);
         }
         Ok(out)
-    }
-
-    /// The newest model of the upstream train stages, whatever its retriever.
-    async fn alpha_holder(&self, store: &Store) -> Result<Option<ModelRow>> {
-        let mut newest: Option<ModelRow> = None;
-        for k in &self.up.trained {
-            if let Some(r) = k.trained()
-                && let Some(m) = models_table::latest(store, &self.up.train_stages, r.name()).await?
-                && newest.as_ref().is_none_or(|n| m.id > n.id)
-            {
-                newest = Some(m);
-            }
-        }
-        Ok(newest)
     }
 }
 

@@ -8,7 +8,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::digest::{sha256_file, sha256_hex};
 use crate::error::{Error, Result};
-use crate::store::{Store, documents, pairs};
+use crate::store::pairs::{self, PairSource};
+use crate::store::{Store, documents};
 use crate::train::data::{self, Example};
 
 /// `eval_set:` of an eval stage. No `beir:` means the synthetic held-out pairs.
@@ -66,13 +67,22 @@ pub struct EvalSet {
 /// Where the set comes from, resolved against the workflow folder.
 #[derive(Debug, Clone)]
 pub enum Source {
-    Beir { dir: PathBuf, split: String },
-    Synthetic { verdicts: Vec<String>, seed: u64, fraction: f64 },
+    Beir {
+        dir: PathBuf,
+        split: String,
+    },
+    /// The held-out pairs of the judges and generators `from` names.
+    Synthetic {
+        verdicts: Vec<String>,
+        seed: u64,
+        fraction: f64,
+        from: PairSource,
+    },
 }
 
 impl Source {
     /// `train_split` is (seed, val_fraction) of the train stage this eval follows, if any.
-    pub fn new(p: &SetParams, wf_dir: &Path, train_split: Option<(u64, f64)>) -> Result<Source> {
+    pub fn new(p: &SetParams, wf_dir: &Path, train_split: Option<(u64, f64)>, from: PairSource) -> Result<Source> {
         if let Some(b) = &p.beir {
             // Canonical, so the set's key (and the change column) does not depend on how it was named.
             let dir = wf_dir.join(b);
@@ -95,21 +105,21 @@ impl Source {
             verdicts: p.verdicts.clone(),
             seed: p.seed.unwrap_or(seed),
             fraction: p.val_fraction.unwrap_or(fraction),
+            from,
         })
     }
 
     /// A digest of the files a BEIR set is read from (part of the stage fingerprint).
-    pub fn files_digest(&self) -> String {
+    pub fn files_digest(&self) -> Result<String> {
         match self {
             Source::Beir { dir, split } => {
-                let parts: Vec<String> =
-                    ["corpus.jsonl".to_string(), "queries.jsonl".into(), format!("qrels/{split}.tsv")]
-                        .iter()
-                        .map(|f| sha256_file(&dir.join(f)))
-                        .collect();
-                sha256_hex(parts.join("|").as_bytes())
+                let parts = ["corpus.jsonl".to_string(), "queries.jsonl".into(), format!("qrels/{split}.tsv")]
+                    .iter()
+                    .map(|f| sha256_file(&dir.join(f)).map_err(Error::io(dir.join(f))))
+                    .collect::<Result<Vec<String>>>()?;
+                Ok(sha256_hex(parts.join("|").as_bytes()))
             }
-            Source::Synthetic { .. } => String::new(),
+            Source::Synthetic { .. } => Ok(String::new()),
         }
     }
 
@@ -117,7 +127,7 @@ impl Source {
         let mut set = match self {
             Source::Beir { dir, split } => {
                 let (d, s) = (dir.clone(), split.clone());
-                let digest = self.files_digest();
+                let digest = self.files_digest()?;
                 let b = tokio::task::spawn_blocking(move || crate::beir::load(&d, &s))
                     .await
                     .map_err(Error::task("reading the BEIR set"))??;
@@ -125,7 +135,9 @@ impl Source {
                 set.key = format!("beir|{}|{split}|{}", dir.display(), &digest[..12]);
                 set
             }
-            Source::Synthetic { verdicts, seed, fraction } => synthetic(store, verdicts, *seed, *fraction).await?,
+            Source::Synthetic { verdicts, seed, fraction, from } => {
+                synthetic(store, from, verdicts, *seed, *fraction).await?
+            }
         };
         if let Some(n) = max_queries.filter(|&n| n < set.queries.len()) {
             set.query_ids.truncate(n);
@@ -180,8 +192,8 @@ fn from_beir(b: crate::beir::Beir) -> EvalSet {
 
 /// Pairs from the documents the train stage holds out (its seeded split of the accepted pairs),
 /// searched over every live chunk.
-async fn synthetic(store: &Store, verdicts: &[String], seed: u64, fraction: f64) -> Result<EvalSet> {
-    let all = pairs::all(store).await?;
+async fn synthetic(store: &Store, from: &PairSource, verdicts: &[String], seed: u64, fraction: f64) -> Result<EvalSet> {
+    let all = pairs::all(store, from).await?;
     let accepted: Vec<Example> = all
         .iter()
         .filter(|p| p.verdict == "accepted")

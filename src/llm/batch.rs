@@ -6,28 +6,15 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use serde_json::{Value, json};
 
-use super::{AttemptError, ChatProvider, ChatRequest, Identity, LlmClient};
+use super::{AttemptError, BatchApi, ChatProvider, ChatRequest, Identity, LlmClient};
 use crate::error::{Error, Result};
 use crate::progress::StageProgress;
 use crate::store::batches::{self, BatchRow, NewBatch, Seen};
 use crate::store::llm_calls;
+use crate::store::states::BatchState;
 use crate::workflow::{BatchSpec, Fallback};
-
-/// The endpoints of a Batch API, as an OpenAI-compatible server has them.
-#[async_trait]
-pub trait BatchApi: Send + Sync {
-    /// Uploads a JSONL input file (`purpose: batch`); its id.
-    async fn upload(&self, jsonl: Vec<u8>) -> Result<String, AttemptError>;
-    /// Creates a batch over an uploaded file; the batch object.
-    async fn create(&self, input_file_id: &str, window: &str, note: &str) -> Result<Value, AttemptError>;
-    async fn get(&self, batch_id: &str) -> Result<Value, AttemptError>;
-    /// A page of batches (`data`, `has_more`, `last_id`), newest first, after the batch `after`.
-    async fn list(&self, after: Option<&str>) -> Result<Value, AttemptError>;
-    async fn content(&self, file_id: &str) -> Result<Vec<u8>, AttemptError>;
-}
 
 /// Rounds of batches at most when `fallback: batch` sends what a batch left unanswered again.
 const ROUNDS: usize = 3;
@@ -152,10 +139,11 @@ impl Run<'_> {
                     current.0.extend_from_slice(&line);
                     current.1.insert(hash.clone(), r);
                 }
-                Err(why) => {
+                Err(super::budget::Stop::Budget(why)) => {
                     self.progress.log(&format!("the budget leaves the remaining requests out of the batch: {why}"));
                     break;
                 }
+                Err(super::budget::Stop::Interrupted) => return Err(Error::Interrupted),
             }
         }
         if !current.1.is_empty() {
@@ -207,18 +195,18 @@ impl Run<'_> {
                 if row.closed() {
                     continue;
                 }
-                match row.status.as_str() {
-                    "preparing" => {
+                match row.status {
+                    BatchState::Preparing => {
                         // Killed before its upload was on record: nothing was created from it.
                         self.progress.log(&format!(
                             "batch #{} was never created (its upload is not on record): its requests go again",
                             row.id
                         ));
                         batches::abandon(c.store(), row.id).await?;
-                        row.status = "abandoned".into();
+                        row.status = BatchState::Abandoned;
                         continue;
                     }
-                    "uploaded" => self.create(row).await?,
+                    BatchState::Uploaded => self.create(row).await?,
                     _ if !row.finished() => self.poll(row).await?,
                     _ => {}
                 }
@@ -272,9 +260,9 @@ impl Run<'_> {
     async fn poll(&self, row: &mut BatchRow) -> Result<()> {
         let id = row.batch_id.clone().unwrap_or_default();
         let b = self.call("look at the batch", || self.api.get(&id)).await?;
-        let before = (row.status.clone(), row.completed);
+        let before = (row.status, row.completed);
         self.seen(row, &b).await?;
-        if (row.status.clone(), row.completed) != before {
+        if (row.status, row.completed) != before {
             self.progress.log(&format!(
                 "batch {}: {}, {} of {} done, {} failed",
                 row.label(),
@@ -296,7 +284,7 @@ impl Run<'_> {
             .map(|e| e.iter().filter_map(|x| x["message"].as_str()).collect::<Vec<_>>().join("; "));
         let s = Seen {
             batch_id: text("id").unwrap_or_default(),
-            status: text("status").unwrap_or_else(|| "in_progress".into()),
+            status: text("status").map_or(BatchState::InProgress, |s| BatchState::from_api(&s)),
             output_file_id: text("output_file_id"),
             error_file_id: text("error_file_id"),
             completed: b.pointer("/request_counts/completed").and_then(Value::as_i64).unwrap_or(0),
@@ -327,13 +315,30 @@ impl Run<'_> {
         let mut lines: HashMap<String, Value> = HashMap::new();
         for file in [&row.error_file_id, &row.output_file_id].into_iter().flatten() {
             let bytes = self.call("download the batch's results", || self.api.content(file)).await?;
-            for line in String::from_utf8_lossy(&bytes).lines().filter(|l| !l.trim().is_empty()) {
-                let v: Value = serde_json::from_str(line).map_err(|e| {
-                    Error::internal(format!("batch {}: a result line is not JSON ({e}): {line:.200}", row.label()))
-                })?;
-                if let Some(h) = v["custom_id"].as_str() {
-                    lines.insert(h.to_string(), v);
+            let kept = keep_raw(c.store(), row.id, file, &bytes);
+            let mut unreadable = Vec::new();
+            for (n, line) in String::from_utf8_lossy(&bytes).lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+                // A line the provider garbled answers nothing: its request counts as unanswered (the
+                // fallback asks it again), and the good lines around it are stored.
+                match serde_json::from_str::<Value>(line).ok().filter(|v| v["custom_id"].is_string()) {
+                    Some(v) => {
+                        lines.insert(v["custom_id"].as_str().unwrap_or_default().to_string(), v);
+                    }
+                    None => unreadable.push(n + 1),
                 }
+            }
+            if !unreadable.is_empty() {
+                let first: Vec<String> = unreadable.iter().take(5).map(usize::to_string).collect();
+                self.progress.log(&format!(
+                    "batch {}: {} line(s) of {} from {} are not result JSON (line {}{}); their requests count as unanswered; the file is kept{}",
+                    row.label(),
+                    unreadable.len(),
+                    file,
+                    id.provider,
+                    first.join(", "),
+                    if unreadable.len() > 5 { ", ..." } else { "" },
+                    kept.map(|p| format!(" at {}", p.display())).unwrap_or_default(),
+                ));
             }
         }
         let (mut ok, mut failed) = (0, 0);
@@ -393,15 +398,30 @@ impl Run<'_> {
                     tokio::time::sleep(policy.backoff(attempt - 1, retry_after)).await;
                 }
                 Err(AttemptError::Retryable { message, .. } | AttemptError::Fatal { message }) => {
-                    return Err(Error::Stage {
-                        stage: self.client.stage().to_string(),
-                        message: format!(
-                            "the Batch API at {} would not {what}: {message}; `flow resume` attaches to the batches already sent",
+                    return Err(Error::Service {
+                        what: format!(
+                            "stage `{}`: the Batch API at {} would not {what}: {message}",
+                            self.client.stage(),
                             self.id.base_url
                         ),
+                        hint: "`flow resume` attaches to the batches already sent and pays for nothing twice".into(),
                     });
                 }
             }
         }
     }
+}
+
+/// Keeps a batch result file beside the store (`<store>.batches/`), so what the provider sent can be
+/// read after flow has taken its answers; None where it could not be written (that costs nothing else).
+fn keep_raw(store: &crate::store::Store, row: i64, file: &str, bytes: &[u8]) -> Option<std::path::PathBuf> {
+    let mut dir = store.path.clone().into_os_string();
+    dir.push(".batches");
+    let dir = std::path::PathBuf::from(dir);
+    let safe: String =
+        file.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
+    let path = dir.join(format!("batch-{row}-{safe}.jsonl"));
+    std::fs::create_dir_all(&dir).ok()?;
+    std::fs::write(&path, bytes).ok()?;
+    Some(path)
 }

@@ -40,6 +40,15 @@ impl Spent {
     }
 }
 
+/// Why a ledger sends no more requests.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Stop {
+    /// A cap would be crossed: what was reached and what was spent.
+    Budget(String),
+    /// A signal asked the run to stop.
+    Interrupted,
+}
+
 #[derive(Default)]
 struct State {
     /// Settled: requests that came back (or failed), with what they used.
@@ -48,7 +57,7 @@ struct State {
     reserved: Spent,
     in_flight: u64,
     /// Why the ledger refused a request; once set, every later request is refused too.
-    stopped: Option<String>,
+    stopped: Option<Stop>,
 }
 
 pub struct Ledger {
@@ -69,8 +78,8 @@ impl Ledger {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Reserves `est` (one request) or says which cap it would cross.
-    fn reserve(&self, est: &Spent) -> Result<(), String> {
+    /// Reserves `est` (one request) or says why it may not be sent (the cap it would cross).
+    fn reserve(&self, est: &Spent) -> Result<(), Stop> {
         let mut s = self.lock();
         if let Some(why) = &s.stopped {
             return Err(why.clone());
@@ -89,8 +98,8 @@ impl Ledger {
             used.add(&s.reserved);
             let why =
                 format!("the budget of {} ({cap}) is reached: {} spent or in flight", self.scope, used.describe());
-            s.stopped = Some(why.clone());
-            return Err(why);
+            s.stopped = Some(Stop::Budget(why.clone()));
+            return Err(Stop::Budget(why));
         }
         s.reserved.add(est);
         s.in_flight += 1;
@@ -118,8 +127,17 @@ impl Ledger {
         self.lock().spent
     }
 
+    /// Why a cap stopped this ledger, if one did.
     pub fn stopped(&self) -> Option<String> {
-        self.lock().stopped.clone()
+        match &self.lock().stopped {
+            Some(Stop::Budget(why)) => Some(why.clone()),
+            _ => None,
+        }
+    }
+
+    /// Refuses every request from now on (a signal stopped the run); those in flight settle as usual.
+    pub fn interrupt(&self) {
+        self.lock().stopped.get_or_insert(Stop::Interrupted);
     }
 
     /// Completes once no request is in flight: their answers are stored before the run ends.
@@ -140,7 +158,7 @@ pub struct Ledgers(pub Vec<Arc<Ledger>>);
 
 impl Ledgers {
     /// Reserves `est` on every ledger, or on none: the refusal says which budget.
-    pub fn reserve(&self, est: &Spent) -> Result<(), String> {
+    pub fn reserve(&self, est: &Spent) -> Result<(), Stop> {
         for (i, l) in self.0.iter().enumerate() {
             if let Err(why) = l.reserve(est) {
                 for done in &self.0[..i] {
@@ -165,39 +183,39 @@ impl Ledgers {
     }
 }
 
-type Key = (i64, Option<String>);
-
-fn registry() -> &'static Mutex<HashMap<Key, Arc<Ledger>>> {
-    static R: std::sync::OnceLock<Mutex<HashMap<Key, Arc<Ledger>>>> = std::sync::OnceLock::new();
-    R.get_or_init(Default::default)
+/// The ledgers of one run: the run's own and one per stage that has started. Owned by the run and
+/// handed to each stage through its context, so nothing outlives the run or is shared between runs.
+pub struct Budgets {
+    run: Arc<Ledger>,
+    stages: Mutex<HashMap<String, Arc<Ledger>>>,
 }
 
-/// Opens the ledger of a run (`stage` None) or of one stage in it; it replaces any earlier one.
-pub fn open(run_id: i64, stage: Option<&str>, caps: Budget, earlier: Spent) -> Arc<Ledger> {
-    let scope = match stage {
-        Some(s) => format!("stage `{s}`"),
-        None => "the run".to_string(),
-    };
-    let l = Arc::new(Ledger::new(&scope, caps, earlier));
-    registry().lock().unwrap_or_else(|p| p.into_inner()).insert((run_id, stage.map(str::to_string)), l.clone());
-    l
-}
+impl Budgets {
+    /// The run's ledger at `caps`, starting from what earlier attempts of the run spent.
+    pub fn new(caps: Budget, earlier: Spent) -> Budgets {
+        Budgets { run: Arc::new(Ledger::new("the run", caps, earlier)), stages: Mutex::default() }
+    }
 
-/// The ledgers a client of `stage` in `run_id` counts against.
-pub fn of(run_id: i64, stage: &str) -> Ledgers {
-    let r = registry().lock().unwrap_or_else(|p| p.into_inner());
-    Ledgers([(run_id, None), (run_id, Some(stage.to_string()))].iter().filter_map(|k| r.get(k).cloned()).collect())
-}
+    /// Opens the ledger of `stage` (replacing any earlier one of this run) and returns the ledgers
+    /// its requests count against: the run's and its own.
+    pub fn open_stage(&self, stage: &str, caps: Budget, earlier: Spent) -> (Arc<Ledger>, Ledgers) {
+        let l = Arc::new(Ledger::new(&format!("stage `{stage}`"), caps, earlier));
+        self.stages.lock().unwrap_or_else(|p| p.into_inner()).insert(stage.to_string(), l.clone());
+        (l.clone(), Ledgers(vec![self.run.clone(), l]))
+    }
 
-/// Every ledger of the run (to wait for their requests in flight, or to read why one stopped).
-pub fn of_run(run_id: i64) -> Vec<Arc<Ledger>> {
-    let r = registry().lock().unwrap_or_else(|p| p.into_inner());
-    r.iter().filter(|(k, _)| k.0 == run_id).map(|(_, l)| l.clone()).collect()
-}
+    /// Sends no more requests: every ledger of the run refuses from now on.
+    pub fn interrupt(&self) {
+        for l in self.all() {
+            l.interrupt();
+        }
+    }
 
-/// Forgets the run's ledgers once it ends.
-pub fn close(run_id: i64) {
-    registry().lock().unwrap_or_else(|p| p.into_inner()).retain(|k, _| k.0 != run_id);
+    /// Every ledger of the run (to wait for their requests in flight).
+    pub fn all(&self) -> Vec<Arc<Ledger>> {
+        let stages = self.stages.lock().unwrap_or_else(|p| p.into_inner());
+        std::iter::once(self.run.clone()).chain(stages.values().cloned()).collect()
+    }
 }
 
 #[cfg(test)]
@@ -214,7 +232,7 @@ mod tests {
         // One request settled earlier (a resume), two in flight: the fourth would cross max_requests 3.
         assert!(l.reserve(&one(10)).is_ok());
         assert!(l.reserve(&one(10)).is_ok());
-        let err = l.reserve(&one(10)).unwrap_err();
+        let Stop::Budget(err) = l.reserve(&one(10)).unwrap_err() else { panic!("a budget refusal") };
         assert!(err.contains("max_requests 3") && err.contains("3 requests"), "{err}");
         l.settle(&one(10), &one(4));
         assert!(l.reserve(&one(1)).is_err(), "a stopped ledger stays stopped");
@@ -223,12 +241,33 @@ mod tests {
     }
 
     #[test]
+    fn a_stage_counts_against_the_run_and_itself_and_the_run_owns_both() {
+        let run = Budgets::new(Budget { max_requests: Some(2), ..Default::default() }, Spent::default());
+        let (_, a) = run.open_stage("a", Budget::default(), Spent::default());
+        let (_, b) = run.open_stage("b", Budget { max_requests: Some(1), ..Default::default() }, Spent::default());
+        assert!(b.reserve(&one(1)).is_ok());
+        let refused = |r: Result<(), Stop>, what: &str| matches!(r, Err(Stop::Budget(w)) if w.contains(what));
+        assert!(refused(b.reserve(&one(1)), "stage `b`"), "the stage's own cap");
+        assert!(a.reserve(&one(1)).is_ok());
+        assert!(refused(a.reserve(&one(1)), "the run"), "two requests in flight reach the run's cap");
+        assert_eq!(run.all().len(), 3);
+        // A signal: nothing more is sent, and what is in flight still settles.
+        let fresh = Budgets::new(Budget::default(), Spent::default());
+        let (ledger, c) = fresh.open_stage("c", Budget::default(), Spent::default());
+        assert!(c.reserve(&one(1)).is_ok());
+        fresh.interrupt();
+        assert_eq!(c.reserve(&one(1)), Err(Stop::Interrupted));
+        c.settle(&one(1), &one(2));
+        assert_eq!(ledger.spent().prompt_tokens, 2);
+    }
+
+    #[test]
     fn tokens_and_dollars_are_capped_on_the_estimate() {
         let l = Ledger::new("stage `g`", Budget { max_tokens: Some(100), ..Default::default() }, Spent::default());
         assert!(l.reserve(&one(60)).is_ok());
-        assert!(l.reserve(&one(60)).unwrap_err().contains("max_tokens 100"));
+        assert!(matches!(l.reserve(&one(60)).unwrap_err(), Stop::Budget(w) if w.contains("max_tokens 100")));
         let d = Ledger::new("the run", Budget { max_usd: Some(0.05), ..Default::default() }, Spent::default());
         assert!(d.reserve(&one(40)).is_ok());
-        assert!(d.reserve(&one(20)).unwrap_err().contains("max_usd 0.05"));
+        assert!(matches!(d.reserve(&one(20)).unwrap_err(), Stop::Budget(w) if w.contains("max_usd 0.05")));
     }
 }

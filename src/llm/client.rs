@@ -46,9 +46,13 @@ pub struct LlmFailure {
     pub attempts: u32,
 }
 
-/// A request refused because it would cross a `budget:`: not an item's failure but the run's stop.
-fn budget_stop(why: String) -> crate::Error {
-    crate::Error::Budget { what: why }
+/// A request refused because it would cross a `budget:` or because a signal stopped the run: not an
+/// item's failure but the run's stop.
+fn refused(why: super::budget::Stop) -> crate::Error {
+    match why {
+        super::budget::Stop::Budget(what) => crate::Error::Budget { what },
+        super::budget::Stop::Interrupted => crate::Error::Interrupted,
+    }
 }
 
 /// A chat answer on its way to the cache.
@@ -85,10 +89,20 @@ pub struct LlmClient {
     batched: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
-/// Why `attempts` gave no answer: the calls failed, or a budget refused to send one.
+/// Why `attempts` gave no answer: the calls failed, or a budget (or a signal) refused to send one.
 enum NoAnswer {
     Failed(LlmFailure),
-    Budget(String),
+    Refused(super::budget::Stop),
+}
+
+/// A reply that came back: what it holds, the attempts it took, its latency, and its reservation on
+/// the budgets, settled once the reply is stored (so a run waiting for its requests in flight
+/// finds every paid answer in the store).
+struct Reply<T> {
+    value: T,
+    attempts: u32,
+    latency: Duration,
+    reserved: super::budget::Spent,
 }
 
 impl LlmClient {
@@ -149,7 +163,7 @@ impl LlmClient {
     }
 
     /// Reserves one request sent in a batch against the budgets, at the batch price.
-    pub fn reserve_batched(&self, req: &ChatRequest) -> std::result::Result<super::budget::Spent, String> {
+    pub fn reserve_batched(&self, req: &ChatRequest) -> std::result::Result<super::budget::Spent, super::budget::Stop> {
         let (prompt, completion) = req.estimated_tokens();
         let est = spent_at(self.batch_price, prompt, completion);
         self.ledgers.reserve(&est)?;
@@ -248,26 +262,38 @@ impl LlmClient {
             };
             return Ok(Ok(ChatDone { answer, call_id: row.id, cached: true, attempts: 0 }));
         }
-        let est = req.estimated_tokens();
-        let outcome =
-            self.attempts(est, |a: &ChatAnswer| (a.prompt_tokens, a.completion_tokens), || provider.send(&body)).await;
-        let outcome = match outcome {
-            Err(NoAnswer::Budget(why)) => return Err(budget_stop(why)),
-            Err(NoAnswer::Failed(f)) => Err(f),
-            Ok(x) => Ok(x),
-        };
-        let (answer, attempts, latency) = match outcome {
-            Ok(x) => x,
-            Err(f) => return Ok(Err(f)),
-        };
         let request = body.to_string();
-        let usable = req.accept.is_none_or(|accept| accept(&answer.text));
-        let latency_ms = latency.as_millis() as i64;
-        let stored = StoredAnswer { hash: &hash, request: &request, answer: &answer, latency_ms, attempts, usable };
-        let call_id = self.store_answer(id, &stored).await?;
-        self.usage.prompt_tokens.fetch_add(answer.prompt_tokens, Ordering::Relaxed);
-        self.usage.completion_tokens.fetch_add(answer.completion_tokens, Ordering::Relaxed);
-        Ok(Ok(ChatDone { answer, call_id, cached: false, attempts }))
+        let started = Instant::now();
+        let mut tries = 0u32;
+        // An answer that does not parse is stored (unusable, never replayed) and asked again under the
+        // model's retry policy: each attempt is sent, counted and paid like any other.
+        loop {
+            let reply = self.attempts(
+                req.estimated_tokens(),
+                |a: &ChatAnswer| (a.prompt_tokens, a.completion_tokens),
+                || provider.send(&body),
+            );
+            let Reply { value: answer, attempts, latency, reserved } = match reply.await {
+                Ok(r) => r,
+                Err(NoAnswer::Refused(why)) => return Err(refused(why)),
+                Err(NoAnswer::Failed(f)) => return Ok(Err(LlmFailure { attempts: f.attempts + tries, ..f })),
+            };
+            tries += attempts;
+            let usable = req.accept.is_none_or(|accept| accept(&answer.text));
+            let latency_ms = latency.as_millis() as i64;
+            let stored = StoredAnswer { hash: &hash, request: &request, answer: &answer, latency_ms, attempts, usable };
+            let call_id = self.store_answer(id, &stored).await;
+            self.ledgers.settle(&reserved, &self.spent(answer.prompt_tokens, answer.completion_tokens));
+            let call_id = call_id?;
+            self.usage.prompt_tokens.fetch_add(answer.prompt_tokens, Ordering::Relaxed);
+            self.usage.completion_tokens.fetch_add(answer.completion_tokens, Ordering::Relaxed);
+            let wait = self.retry.backoff(tries.saturating_sub(1), None);
+            let out_of_tries = tries >= self.retry.attempts || started.elapsed() + wait > self.retry.deadline();
+            if usable || out_of_tries || answer.finish_reason.as_deref() == Some("length") {
+                return Ok(Ok(ChatDone { answer, call_id, cached: false, attempts: tries }));
+            }
+            tokio::time::sleep(wait).await;
+        }
     }
 
     /// Writes a chat answer to the cache: its row id.
@@ -277,7 +303,7 @@ impl LlmClient {
             &NewCall {
                 request_hash: a.hash,
                 kind: "chat",
-                provider: &id.provider,
+                provider: id.provider,
                 base_url: &id.base_url,
                 model: &id.model,
                 request: a.request,
@@ -315,17 +341,17 @@ impl LlmClient {
         }
         let est = (texts.iter().map(|t| estimate_tokens(t)).sum(), 0);
         let outcome = self.attempts(est, |r: &(Vec<Vec<f32>>, u64, Value)| (r.1, 0), || provider.send(&body)).await;
-        let ((vectors, tokens, _raw), attempts, latency) = match outcome {
+        let Reply { value: (vectors, tokens, _raw), attempts, latency, reserved } = match outcome {
             Ok(x) => x,
             Err(NoAnswer::Failed(f)) => return Ok(Err(f)),
-            Err(NoAnswer::Budget(why)) => return Err(budget_stop(why)),
+            Err(NoAnswer::Refused(why)) => return Err(refused(why)),
         };
-        llm_calls::insert(
+        let stored = llm_calls::insert(
             &self.store,
             &NewCall {
                 request_hash: &hash,
                 kind: "embeddings",
-                provider: &id.provider,
+                provider: id.provider,
                 base_url: &id.base_url,
                 model: &id.model,
                 request: &body.to_string(),
@@ -342,19 +368,22 @@ impl LlmClient {
                 usable: true,
             },
         )
-        .await?;
+        .await;
+        self.ledgers.settle(&reserved, &self.spent(tokens, 0));
+        stored?;
         self.usage.prompt_tokens.fetch_add(tokens, Ordering::Relaxed);
         Ok(Ok(vectors))
     }
 
     /// Attempts until success, a fatal error, the attempt cap or the deadline.
-    /// Each attempt is reserved against the budgets when it is sent and settled when it returns.
+    /// Each attempt is reserved against the budgets when it is sent; a failed one is settled when it
+    /// returns, a reply by the caller once it is stored.
     async fn attempts<T, F, Fut>(
         &self,
         est: (u64, u64),
         used: impl Fn(&T) -> (u64, u64),
         send: F,
-    ) -> Result<(T, u32, Duration), NoAnswer>
+    ) -> Result<Reply<T>, NoAnswer>
     where
         F: Fn() -> Fut,
         Fut: Future<Output = Result<T, AttemptError>>,
@@ -364,7 +393,7 @@ impl LlmClient {
         let reserved = self.spent(est.0, est.1);
         loop {
             let permit = self.limiter.acquire(est.0 + est.1).await;
-            self.ledgers.reserve(&reserved).map_err(NoAnswer::Budget)?;
+            self.ledgers.reserve(&reserved).map_err(NoAnswer::Refused)?;
             let t0 = Instant::now();
             self.usage.calls.fetch_add(1, Ordering::Relaxed);
             let res = send().await;
@@ -373,9 +402,8 @@ impl LlmClient {
             let err = match res {
                 Ok(v) => {
                     let (p, c) = used(&v);
-                    self.ledgers.settle(&reserved, &self.spent(p, c));
                     self.limiter.reconcile(est.0 + est.1, p + c).await;
-                    return Ok((v, attempt, t0.elapsed()));
+                    return Ok(Reply { value: v, attempts: attempt, latency: t0.elapsed(), reserved });
                 }
                 Err(e) => e,
             };

@@ -104,8 +104,7 @@ impl BlackBox {
         &self,
         wf: &Workflow,
         store: &Store,
-        run_id: i64,
-        stage: &str,
+        account: &super::Account,
         texts: &[String],
     ) -> Result<Vec<Vec<f32>>> {
         let hashes: Vec<String> = texts.iter().map(|t| sha256_hex(t.as_bytes())).collect();
@@ -124,7 +123,7 @@ impl BlackBox {
             && self.client.get().is_none()
             && !missing.is_empty()
         {
-            let _ = self.client.set(super::client(wf, &self.key, p.identity(), store, run_id, stage)?);
+            let _ = self.client.set(super::client(wf, &self.key, p.identity(), store, account)?);
         }
         let client = self.client.get();
         let found = texts.len() - missing.len();

@@ -54,7 +54,11 @@ impl LocalChat {
         // The file's size and a hash of its metadata identify the weights in the request cache.
         let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
         Ok(LocalChat {
-            id: Identity { provider: "local".into(), base_url: format!("gguf:{size}"), model: name.to_string() },
+            id: Identity {
+                provider: crate::workflow::Provider::Local,
+                base_url: format!("gguf:{size}"),
+                model: name.to_string(),
+            },
             jobs: tx,
             json,
             counter,

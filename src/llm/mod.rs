@@ -108,7 +108,7 @@ impl std::fmt::Display for AttemptError {
 /// Which endpoint answers: part of every request hash.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Identity {
-    pub provider: String,
+    pub provider: crate::workflow::Provider,
     pub base_url: String,
     pub model: String,
 }
@@ -125,9 +125,22 @@ pub trait ChatProvider: Send + Sync {
         None
     }
     /// Its Batch API (`/v1/files`, `/v1/batches`), where it has one.
-    fn batch_api(&self) -> Option<&dyn batch::BatchApi> {
+    fn batch_api(&self) -> Option<&dyn BatchApi> {
         None
     }
+}
+
+/// The endpoints of a Batch API, as an OpenAI-compatible server has them.
+#[async_trait]
+pub trait BatchApi: Send + Sync {
+    /// Uploads a JSONL input file (`purpose: batch`); its id.
+    async fn upload(&self, jsonl: Vec<u8>) -> Result<String, AttemptError>;
+    /// Creates a batch over an uploaded file; the batch object.
+    async fn create(&self, input_file_id: &str, window: &str, note: &str) -> Result<Value, AttemptError>;
+    async fn get(&self, batch_id: &str) -> Result<Value, AttemptError>;
+    /// A page of batches (`data`, `has_more`, `last_id`), newest first, after the batch `after`.
+    async fn list(&self, after: Option<&str>) -> Result<Value, AttemptError>;
+    async fn content(&self, file_id: &str) -> Result<Vec<u8>, AttemptError>;
 }
 
 /// An embeddings backend: one request for a batch of texts.
@@ -203,22 +216,36 @@ pub fn embedding_provider(
     Ok(std::sync::Arc::new(openai::OpenAi::new(&endpoint(spec)?)?))
 }
 
+/// Who a call is made for: the run and stage it is recorded under, and the budgets it counts against.
+#[derive(Clone, Default)]
+pub struct Account {
+    pub run_id: i64,
+    pub stage: String,
+    pub ledgers: budget::Ledgers,
+}
+
+impl Account {
+    /// Calls made outside any run (`flow serve`, `flow embed`): recorded under `what`, no budget.
+    pub fn outside(what: &str) -> Account {
+        Account { run_id: client::OUTSIDE_RUN, stage: what.to_string(), ledgers: Default::default() }
+    }
+}
+
 /// The client for one stage run, sharing its endpoint's limiter with every other user in the process.
 pub fn client(
     wf: &crate::workflow::Workflow,
     key: &str,
     identity: &Identity,
     store: &crate::store::Store,
-    run_id: i64,
-    stage: &str,
+    account: &Account,
 ) -> crate::Result<LlmClient> {
     let spec = model_spec(wf, key)?;
     let limiter = limiter::Limiter::shared(
         &format!("{}|{}|{}", identity.provider, identity.base_url, identity.model),
         &spec.limits,
     );
-    Ok(LlmClient::new(limiter, spec.retry.clone(), spec.price, store.clone(), run_id, stage)
-        .with_ledgers(budget::of(run_id, stage))
+    Ok(LlmClient::new(limiter, spec.retry.clone(), spec.price, store.clone(), account.run_id, &account.stage)
+        .with_ledgers(account.ledgers.clone())
         .with_batch_price(spec.batch_price()))
 }
 

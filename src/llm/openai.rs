@@ -9,8 +9,7 @@ use async_openai::middleware::{HttpRequestFactory, ReqwestService};
 use async_trait::async_trait;
 use serde_json::{Value, json};
 
-use super::batch::BatchApi;
-use super::{AttemptError, ChatAnswer, ChatProvider, ChatRequest, EmbeddingProvider, Identity};
+use super::{AttemptError, BatchApi, ChatAnswer, ChatProvider, ChatRequest, EmbeddingProvider, Identity};
 use crate::error::{Error, Result};
 
 pub const DEFAULT_BASE_URL: &str = "https://api.openai.com/v1";
@@ -68,6 +67,13 @@ pub fn chat_tokens(bpe: &tiktoken_rs::CoreBPE, messages: &[super::Message]) -> u
 
 impl OpenAi {
     pub fn new(ep: &Endpoint) -> Result<OpenAi> {
+        // `flow validate` checks a base URL from the workflow; one from OPENAI_BASE_URL is checked here.
+        if let Err((what, hint)) = crate::workflow::check_base_url(&ep.base_url) {
+            return Err(Error::bad_input(
+                format!("the API base URL {}: {what}", crate::workflow::shown_url(&ep.base_url)),
+                hint,
+            ));
+        }
         // Local servers (llama.cpp, Ollama, vLLM) take any key; OpenAI itself needs one.
         let key = std::env::var(&ep.api_key_env).ok().filter(|k| !k.is_empty());
         let key = match key {
@@ -80,6 +86,23 @@ impl OpenAi {
             }
             None => "none".to_string(),
         };
+        // A key that cannot be an HTTP header (a trailing \r from a Windows-edited env file, a newline)
+        // would make every request fail in the HTTP library: refuse it here, naming the variable only.
+        if reqwest::header::HeaderValue::from_str(&format!("Bearer {key}")).is_err() {
+            let what = match key.chars().find(|c| c.is_control()) {
+                Some('\r') => "a carriage return (\\r: a file edited on Windows?)".to_string(),
+                Some('\n') => "a line break".to_string(),
+                Some(c) => format!("the control character U+{:04X}", c as u32),
+                None => "a character an HTTP header cannot carry".to_string(),
+            };
+            return Err(Error::bad_input(
+                format!("the API key in ${} holds {what}, so it cannot be sent", ep.api_key_env),
+                format!(
+                    "set {} again without it (e.g. `export {}=\"$(printf %s \"${}\" | tr -d '\\r\\n')\"`)",
+                    ep.api_key_env, ep.api_key_env, ep.api_key_env
+                ),
+            ));
+        }
         let http = reqwest::Client::builder()
             .timeout(ep.timeout)
             .connect_timeout(Duration::from_secs(10))
@@ -91,7 +114,11 @@ impl OpenAi {
             .with_http_client(http.clone())
             .with_http_service(StatusAware { inner: ReqwestService::new(http) });
         Ok(OpenAi {
-            id: Identity { provider: "openai".into(), base_url: ep.base_url.clone(), model: ep.model.clone() },
+            id: Identity {
+                provider: crate::workflow::Provider::Openai,
+                base_url: ep.base_url.clone(),
+                model: ep.model.clone(),
+            },
             client,
             json_schema: ep.json_schema,
             encoding: chat_encoding(&ep.model),

@@ -127,7 +127,7 @@ pub async fn estimate(
         e.prompt_tokens += prompt + p.unknown_tokens;
         e.completion_tokens_max += completion_max;
     }
-    if let Some((mean, n)) = llm_calls::completion_mean(store, stage, &id.provider, &id.model).await? {
+    if let Some((mean, n)) = llm_calls::completion_mean(store, stage, id.provider, &id.model).await? {
         e.observed_calls = n;
         e.completion_tokens_expected = Some((mean * e.requests as f64).round() as u64);
     }

@@ -53,9 +53,23 @@ pub fn pull(names: &[String], index: &Index, log: &dyn Fn(&str)) -> Result<Vec<P
     chosen.into_iter().map(|m| pull_into(m, &root, index, log)).collect()
 }
 
-/// Pulls one model into `root/<name>`, unless it is there and checks out.
+/// Pulls one model into `root/<name>`, unless it is there and checks out. Two flow processes pulling
+/// the same model (two workflows starting on a fresh machine) take turns: the second waits for the
+/// first's lock, then finds the model there.
 pub fn pull_into(m: &'static Known, root: &Path, index: &Index, log: &dyn Fn(&str)) -> Result<Pulled> {
     let dir = root.join(m.name);
+    std::fs::create_dir_all(root).map_err(Error::io(root))?;
+    let lock_path = root.join(format!(".pull-{}.lock", m.name));
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(Error::io(&lock_path))?;
+    if lock.try_lock().is_err() {
+        log(&format!("another flow process is pulling {}: waiting for it", m.name));
+        lock.lock().map_err(Error::io(&lock_path))?;
+    }
     if verify(m, &dir).is_ok() {
         // Slices left by a pull killed after its join are not needed any more.
         let _ = std::fs::remove_dir_all(root.join(format!(".parts-{}", m.name)));

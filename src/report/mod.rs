@@ -68,13 +68,32 @@ pub async fn build(store: &Store, run_id: i64) -> Result<String> {
          <p>{status}, started {start}, took {took}. Written by flow {v} from {store}.</p>",
         w = escape(&run.workflow),
         id = run.id,
-        status = escape(&run.status),
+        status = escape(run.status.as_str()),
         start = fmt_ms(run.started_at),
         took = duration(Some(run.started_at), run.finished_at),
         v = env!("CARGO_PKG_VERSION"),
         store = escape(&store.path.display().to_string()),
     );
 
+    stages_section(&mut b, &stages);
+    for s in stages.iter().filter(|s| s.kind == "eval_recall") {
+        retrieval_section(&mut b, store, &s.stage, run_id).await?;
+    }
+    for s in stages.iter().filter(|s| s.kind == "eval_rag") {
+        rag_section(&mut b, store, &s.stage, run_id).await?;
+    }
+    for s in stages.iter().filter(|s| s.kind == "train") {
+        train_section(&mut b, store, &s.stage, run_id).await?;
+    }
+
+    models_section(&mut b, store).await?;
+    pairs_section(&mut b, store).await?;
+    b.push_str("</body></html>\n");
+    Ok(b)
+}
+
+/// Each stage of the run: status, items, LLM use over every attempt, cost, time, and its error.
+fn stages_section(b: &mut String, stages: &[runs::StageRunRow]) {
     b.push_str("<h2>Stages</h2>");
     let rows: Vec<Vec<String>> = stages
         .iter()
@@ -88,7 +107,7 @@ pub async fn build(store: &Store, run_id: i64) -> Result<String> {
             vec![
                 escape(&s.stage),
                 escape(&s.kind),
-                escape(&s.status),
+                escape(s.status.as_str()),
                 s.items_total.to_string(),
                 s.items_done.to_string(),
                 s.items_cached.to_string(),
@@ -128,17 +147,10 @@ pub async fn build(store: &Store, run_id: i64) -> Result<String> {
             escape(s.error.as_deref().unwrap_or(""))
         );
     }
+}
 
-    for s in stages.iter().filter(|s| s.kind == "eval_recall") {
-        retrieval_section(&mut b, store, &s.stage, run_id).await?;
-    }
-    for s in stages.iter().filter(|s| s.kind == "eval_rag") {
-        rag_section(&mut b, store, &s.stage, run_id).await?;
-    }
-    for s in stages.iter().filter(|s| s.kind == "train") {
-        train_section(&mut b, store, &s.stage, run_id).await?;
-    }
-
+/// The newest trained models of the store with their lineage, validation and status.
+async fn models_section(b: &mut String, store: &Store) -> Result<()> {
     let trained = models::list(store).await?;
     if !trained.is_empty() {
         b.push_str("<h2>Trained models</h2>");
@@ -151,7 +163,7 @@ pub async fn build(store: &Store, run_id: i64) -> Result<String> {
                     m.id.to_string(),
                     escape(&m.stage),
                     escape(&m.retriever),
-                    escape(&m.status),
+                    escape(m.status.as_str()),
                     m.parent_id.map(|p| format!("model {p}")).unwrap_or_else(|| "base".into()),
                     m.run_id.map(|r| r.to_string()).unwrap_or_default(),
                     match m.improved {
@@ -171,6 +183,11 @@ pub async fn build(store: &Store, run_id: i64) -> Result<String> {
         ));
     }
 
+    Ok(())
+}
+
+/// Ten accepted and ten rejected pairs, to read what the judge let through.
+async fn pairs_section(b: &mut String, store: &Store) -> Result<()> {
     b.push_str("<h2>Sample pairs</h2>");
     for verdict in ["accepted", "rejected"] {
         let sample = pairs::list(store, None, Some(verdict), 10).await?;
@@ -197,8 +214,7 @@ pub async fn build(store: &Store, run_id: i64) -> Result<String> {
                 .replace("<td>", "<td class=\"text\">"),
         );
     }
-    b.push_str("</body></html>\n");
-    Ok(b)
+    Ok(())
 }
 
 async fn retrieval_section(b: &mut String, store: &Store, stage: &str, run_id: i64) -> Result<()> {

@@ -41,6 +41,48 @@ fn label(v: f64) -> String {
     }
 }
 
+/// The plotting area of a chart: the data's bounds and the scales from them to the picture.
+struct Frame {
+    x: (f64, f64),
+    y: (f64, f64),
+    pw: f64,
+    ph: f64,
+}
+
+impl Frame {
+    /// The bounds of every point (padded, or `y_range` for y); None without points.
+    fn of(series: &[(String, Vec<(f64, f64)>)], y_range: Option<(f64, f64)>) -> Option<Frame> {
+        let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+        for &(x, y) in series.iter().flat_map(|s| s.1.iter()) {
+            x0 = x0.min(x);
+            x1 = x1.max(x);
+            y0 = y0.min(y);
+            y1 = y1.max(y);
+        }
+        if x0 > x1 {
+            return None;
+        }
+        if let Some((a, b)) = y_range {
+            (y0, y1) = (a, b);
+        } else {
+            let pad = ((y1 - y0) * 0.05).max(1e-6);
+            (y0, y1) = (y0 - pad, y1 + pad);
+        }
+        if x1 - x0 < 1e-12 {
+            (x0, x1) = (x0 - 1.0, x1 + 1.0);
+        }
+        Some(Frame { x: (x0, x1), y: (y0, y1), pw: W - LEFT - RIGHT, ph: H - TOP - BOTTOM })
+    }
+
+    fn sx(&self, x: f64) -> f64 {
+        LEFT + (x - self.x.0) / (self.x.1 - self.x.0) * self.pw
+    }
+
+    fn sy(&self, y: f64) -> f64 {
+        TOP + self.ph - (y - self.y.0) / (self.y.1 - self.y.0) * self.ph
+    }
+}
+
 /// A line chart of named series of (x, y) points. `x_ticks` labels chosen x positions (e.g. the
 /// k of Recall@k); without them round values are used. `y_range` fixes the y axis.
 pub fn line_chart(
@@ -51,29 +93,9 @@ pub fn line_chart(
     x_ticks: Option<&[(f64, String)]>,
     y_range: Option<(f64, f64)>,
 ) -> String {
-    let pts = series.iter().flat_map(|s| s.1.iter());
-    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
-    for &(x, y) in pts {
-        x0 = x0.min(x);
-        x1 = x1.max(x);
-        y0 = y0.min(y);
-        y1 = y1.max(y);
-    }
-    if x0 > x1 {
+    let Some(f) = Frame::of(series, y_range) else {
         return format!("<p class=\"empty\">{}: no data</p>", escape(title));
-    }
-    if let Some((a, b)) = y_range {
-        (y0, y1) = (a, b);
-    } else {
-        let pad = ((y1 - y0) * 0.05).max(1e-6);
-        (y0, y1) = (y0 - pad, y1 + pad);
-    }
-    if x1 - x0 < 1e-12 {
-        (x0, x1) = (x0 - 1.0, x1 + 1.0);
-    }
-    let (pw, ph) = (W - LEFT - RIGHT, H - TOP - BOTTOM);
-    let sx = |x: f64| LEFT + (x - x0) / (x1 - x0) * pw;
-    let sy = |y: f64| TOP + ph - (y - y0) / (y1 - y0) * ph;
+    };
     let mut s = String::new();
     let _ = write!(
         s,
@@ -81,8 +103,17 @@ pub fn line_chart(
          <title>{t}</title><text x=\"{LEFT}\" y=\"18\" class=\"title\">{t}</text>",
         t = escape(title)
     );
-    for t in ticks(y0, y1) {
-        let y = sy(t);
+    axes(&mut s, &f, x_ticks, (x_label, y_label));
+    lines(&mut s, &f, series);
+    s.push_str("</svg>");
+    s
+}
+
+/// Grid lines and labels of both axes, the frame and the axis titles.
+fn axes(s: &mut String, f: &Frame, x_ticks: Option<&[(f64, String)]>, (x_label, y_label): (&str, &str)) {
+    let (pw, ph) = (f.pw, f.ph);
+    for t in ticks(f.y.0, f.y.1) {
+        let y = f.sy(t);
         let _ = write!(
             s,
             "<line x1=\"{LEFT}\" x2=\"{:.1}\" y1=\"{y:.1}\" y2=\"{y:.1}\" class=\"grid\"/>\
@@ -95,10 +126,10 @@ pub fn line_chart(
     }
     let xt: Vec<(f64, String)> = match x_ticks {
         Some(t) => t.to_vec(),
-        None => ticks(x0, x1).into_iter().map(|t| (t, label(t))).collect(),
+        None => ticks(f.x.0, f.x.1).into_iter().map(|t| (t, label(t))).collect(),
     };
     for (t, l) in xt {
-        let x = sx(t);
+        let x = f.sx(t);
         let _ = write!(
             s,
             "<line x1=\"{x:.1}\" x2=\"{x:.1}\" y1=\"{:.1}\" y2=\"{:.1}\" class=\"axis\"/>\
@@ -120,13 +151,17 @@ pub fn line_chart(
         TOP + ph / 2.0,
         escape(y_label)
     );
+}
+
+/// Each series as a line (with its points when there are few) and its entry in the legend.
+fn lines(s: &mut String, f: &Frame, series: &[(String, Vec<(f64, f64)>)]) {
     for (i, (name, points)) in series.iter().enumerate() {
         let c = COLORS[i % COLORS.len()];
-        let path: Vec<String> = points.iter().map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y))).collect();
+        let path: Vec<String> = points.iter().map(|&(x, y)| format!("{:.1},{:.1}", f.sx(x), f.sy(y))).collect();
         let _ = write!(s, "<polyline points=\"{}\" fill=\"none\" stroke=\"{c}\" stroke-width=\"2\"/>", path.join(" "));
         if points.len() <= 40 {
             for &(x, y) in points {
-                let _ = write!(s, "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{c}\"/>", sx(x), sy(y));
+                let _ = write!(s, "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{c}\"/>", f.sx(x), f.sy(y));
             }
         }
         let ly = TOP + 10.0 + i as f64 * 18.0;
@@ -134,15 +169,13 @@ pub fn line_chart(
             s,
             "<line x1=\"{:.1}\" x2=\"{:.1}\" y1=\"{ly:.1}\" y2=\"{ly:.1}\" stroke=\"{c}\" stroke-width=\"3\"/>\
              <text x=\"{:.1}\" y=\"{:.1}\">{}</text>",
-            LEFT + pw + 12.0,
-            LEFT + pw + 30.0,
-            LEFT + pw + 36.0,
+            LEFT + f.pw + 12.0,
+            LEFT + f.pw + 30.0,
+            LEFT + f.pw + 36.0,
             ly + 4.0,
             escape(name)
         );
     }
-    s.push_str("</svg>");
-    s
 }
 
 /// Horizontal bars of proportions with their intervals: (name, value, low, high), all in 0..1.

@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 use super::metrics::Metrics;
-use crate::llm::client::OUTSIDE_RUN;
+use crate::llm::Account;
 use crate::llm::embed::BlackBox;
 use crate::store::Store;
 use crate::workflow::Workflow;
@@ -89,7 +89,7 @@ async fn work(encoder: Arc<BlackBox>, name: &'static str, window: Window, shared
         }
         let texts: Vec<String> = jobs.iter().flat_map(|j| j.texts.iter().cloned()).collect();
         shared.metrics.batch(name, texts.len());
-        let result = encoder.embed(&shared.wf, &shared.store, OUTSIDE_RUN, "serve", &texts).await;
+        let result = encoder.embed(&shared.wf, &shared.store, &Account::outside("serve"), &texts).await;
         match result {
             Ok(mut vectors) => {
                 // Hand each job its own rows, first job first.

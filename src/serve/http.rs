@@ -35,6 +35,10 @@ pub const MODEL_HEADER: &str = "x-flow-model";
 /// Request bodies larger than this are refused before parsing (413).
 const BODY_LIMIT: usize = 64 << 20;
 
+/// After a request with more text than this, freed memory is handed back to the OS (tokenizing a
+/// few hundred long inputs leaves hundreds of MB free in the allocator's arenas otherwise).
+const RELEASE_AFTER_BYTES: usize = 1 << 20;
+
 #[derive(Clone)]
 struct App {
     svc: Arc<Service>,
@@ -87,8 +91,49 @@ async fn guard(State(app): State<App>, req: Request, next: Next) -> Response {
         ),
         _ => next.run(req).await,
     };
+    // The body limit's refusal comes as plain text from axum: clients expect OpenAI's error shape.
+    let response = match response.status() {
+        StatusCode::PAYLOAD_TOO_LARGE if !is_json(&response) => error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!("the request body is over {} MiB; send fewer or shorter inputs", BODY_LIMIT >> 20),
+            "request_too_large",
+        ),
+        _ => response,
+    };
     app.svc.metrics.answered(route, response.status().as_u16(), start.elapsed().as_secs_f64());
     response
+}
+
+fn is_json(r: &Response) -> bool {
+    r.headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"))
+}
+
+/// A field that must be a string when present (`model`, `encoding_format`, `retriever`); the 400
+/// to answer with when it is not.
+fn string_field<'a>(req: &'a Value, key: &str) -> std::result::Result<Option<&'a str>, Box<Response>> {
+    match &req[key] {
+        Value::Null => Ok(None),
+        Value::String(s) => Ok(Some(s)),
+        other => Err(Box::new(error(
+            StatusCode::BAD_REQUEST,
+            &format!("`{key}` must be a string, not {}", type_name(other)),
+            &format!("invalid_{key}"),
+        ))),
+    }
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
 }
 
 fn authorized(req: &Request, key: &str) -> bool {
@@ -177,7 +222,20 @@ async fn embeddings(State(app): State<App>, body: Bytes) -> Response {
         Ok(t) => t,
         Err(m) => return error(StatusCode::BAD_REQUEST, &m, "invalid_input"),
     };
-    let name = req["model"].as_str().unwrap_or_default();
+    let name = match string_field(&req, "model") {
+        Ok(n) => n.unwrap_or_default(),
+        Err(r) => return *r,
+    };
+    let dimensions = match &req["dimensions"] {
+        Value::Null => None,
+        v => match v.as_u64().filter(|&d| d >= 1) {
+            Some(d) => Some(d as usize),
+            None => {
+                let msg = format!("`dimensions` must be a whole number of at least 1, not {v}");
+                return error(StatusCode::BAD_REQUEST, &msg, "invalid_dimensions");
+            }
+        },
+    };
     let live = app.svc.live();
     if live.find(name).is_none() {
         let msg = format!(
@@ -187,7 +245,11 @@ async fn embeddings(State(app): State<App>, body: Bytes) -> Response {
         );
         return error(StatusCode::NOT_FOUND, &msg, "model_not_found");
     }
-    let base64 = match req["encoding_format"].as_str() {
+    let format = match string_field(&req, "encoding_format") {
+        Ok(f) => f,
+        Err(r) => return *r,
+    };
+    let base64 = match format {
         None | Some("float") => false,
         Some("base64") => true,
         Some(other) => {
@@ -198,13 +260,18 @@ async fn embeddings(State(app): State<App>, body: Bytes) -> Response {
             );
         }
     };
-    let done = match app.svc.embed(name, texts, true).await {
+    let chars: usize = texts.iter().map(String::len).sum();
+    let done = app.svc.embed(name, texts, true).await;
+    if chars > RELEASE_AFTER_BYTES {
+        super::release_free_memory();
+    }
+    let done = match done {
         Ok(d) => d,
         Err(e) => return failed(&e),
     };
     let dim = done.vectors.first().map_or(0, Vec::len);
-    if let Some(d) = req["dimensions"].as_u64()
-        && d as usize != dim
+    if let Some(d) = dimensions
+        && d != dim
     {
         let msg = format!("`dimensions` {d}: this retriever's vectors are {dim} wide and are not shortened");
         return error(StatusCode::BAD_REQUEST, &msg, "invalid_dimensions");
@@ -275,9 +342,13 @@ async fn search(State(app): State<App>, body: Bytes) -> Response {
             }
         },
     };
-    let name = req["retriever"].as_str().unwrap_or_default();
+    let name = match string_field(&req, "retriever") {
+        Ok(n) => n.unwrap_or_default(),
+        Err(r) => return *r,
+    };
     let live = app.svc.live();
-    if !matches!(name, "bm25" | "hybrid") && live.find(name).is_none() {
+    let lexical = crate::retriever::Kind::parse(name).is_some_and(|k| !k.is_dense());
+    if !lexical && live.find(name).is_none() {
         let msg = format!(
             "no retriever `{name}` here; search takes {}, bm25 or hybrid (default {})",
             live.names().join(", "),

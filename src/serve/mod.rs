@@ -17,13 +17,13 @@ use self::batch::{Batcher, Shared, Window};
 use self::index::{Corpus, Dense};
 use self::metrics::{BlackBoxCounts, Metrics};
 use crate::error::{Error, Result};
-use crate::eval::retrieve::{self, Kind};
-use crate::llm::client::OUTSIDE_RUN;
+use crate::llm::Account;
 use crate::llm::embed::BlackBox;
 use crate::rank::fuse::{self, Fusion};
+use crate::retriever::hybrid::validated_alpha;
+use crate::retriever::{self, Kind, TRAINED_DENSE, Upstream};
 use crate::store::models::{self as models_table, ModelRow};
 use crate::store::{Store, documents};
-use crate::train::Retriever;
 use crate::workflow::{Device, Workflow};
 
 /// Where a trained retriever's vectors come from: its model folder behind its own queue.
@@ -136,7 +136,9 @@ pub struct Found {
 impl Service {
     /// Loads the workflow's black box and its newest promoted (else newest) trained models.
     pub async fn start(wf: Workflow, store: Store, opts: Options) -> Result<Arc<Service>> {
-        let (train_stages, black_box_key, device) = train_stages(&wf);
+        let up = Upstream::of(&wf, None);
+        let (train_stages, device) = (up.train_stages, up.device);
+        let black_box_key = up.black_box.unwrap_or_else(crate::retriever::params::default_black_box);
         let black_box = Arc::new(BlackBox::load(&wf, &black_box_key)?);
         let wf = Arc::new(wf);
         let metrics = Arc::new(Metrics::default());
@@ -256,21 +258,17 @@ impl Service {
             dense: reuse_dense(rows_from, Kind::BlackBox, None),
         })];
         let mut default = (Kind::BlackBox, None::<i64>);
-        for (kind, r) in [(Kind::Mafin, Retriever::Mafin), (Kind::AugmentOnly, Retriever::AugmentOnly)] {
-            let of_kind: Vec<&ModelRow> = all.iter().filter(|m| m.retriever == r.name()).collect();
-            let promoted = of_kind.iter().rev().find(|m| m.status == "promoted").copied();
-            let Some(m) = promoted.or(of_kind.last().copied()) else { continue };
-            if let Some(id) = promoted.map(|p| p.id)
-                && default.1.is_none_or(|d| id > d)
-            {
-                default = (kind, Some(id));
+        for kind in TRAINED_DENSE {
+            let Some((m, promoted)) = retriever::served_model(&all, kind) else { continue };
+            if promoted && default.1.is_none_or(|d| m.id > d) {
+                default = (kind, Some(m.id));
             }
-            if !Path::new(&m.path).join("model.safetensors").exists() {
+            if !retriever::model_on_disk(m) {
                 log(&format!("{} is not served: model {}'s folder {} is gone", kind.name(), m.id, m.path));
                 continue;
             }
             if kind == Kind::Mafin
-                && let Err(e) = retrieve::trained_beside(m, &self.black_box, &self.black_box_key)
+                && let Err(e) = retriever::trained_beside(m, &self.black_box, &self.black_box_key)
             {
                 log(&format!("mafin is not served: {e}"));
                 continue;
@@ -313,7 +311,7 @@ impl Service {
             what: format!("the {what} failed: {e}"),
             hint: "check the black box (`models.<black box>`) and the store; stored vectors are kept".into(),
         };
-        let uses_bb = matches!(served.kind, Kind::BlackBox | Kind::Mafin);
+        let uses_bb = served.kind.uses_black_box();
         let bb = async {
             match (uses_bb, batched) {
                 (false, _) => Ok(None),
@@ -321,7 +319,7 @@ impl Service {
                     self.bb_batch.embed(texts.to_vec()).await.map(Some).map_err(|e| upstream("black box", e))
                 }
                 (true, false) => {
-                    self.black_box.embed(&self.wf, &self.store, OUTSIDE_RUN, "serve", texts).await.map(Some)
+                    self.black_box.embed(&self.wf, &self.store, &Account::outside("serve"), texts).await.map(Some)
                 }
             }
         };
@@ -331,11 +329,13 @@ impl Service {
                 (Some(a), true) => {
                     a.batch.embed(texts.to_vec()).await.map(Some).map_err(|e| upstream("trained model", e))
                 }
-                (Some(a), false) => a.encoder.embed(&self.wf, &self.store, OUTSIDE_RUN, "serve", texts).await.map(Some),
+                (Some(a), false) => {
+                    a.encoder.embed(&self.wf, &self.store, &Account::outside("serve"), texts).await.map(Some)
+                }
             }
         };
         let (bb, aug) = tokio::try_join!(bb, aug)?;
-        retrieve::combine(served.kind, bb, aug, served.weight())
+        retriever::combine(served.kind, bb, aug, served.weight())
     }
 
     /// Vectors of `texts` under the retriever `name` (default: the promoted one).
@@ -379,7 +379,7 @@ impl Service {
             .get_or_try_init(|| async {
                 let texts: Vec<String> = corpus.chunks.iter().map(|c| c.text.clone()).collect();
                 // MaxP with the smallest window among the encoders the rows are made of.
-                let uses_bb = matches!(served.kind, Kind::BlackBox | Kind::Mafin);
+                let uses_bb = served.kind.uses_black_box();
                 let splitter = [
                     self.black_box.encoder().filter(|_| uses_bb),
                     served.augment.as_ref().and_then(|a| a.encoder.encoder()),
@@ -414,26 +414,29 @@ impl Service {
         let live = self.live();
         let corpus = self.corpus(&live).await?;
         let k = k.max(1);
-        let (retriever, model, fusion, hits) = match name {
-            "bm25" => ("bm25", "bm25".to_string(), None, self.bm25(&corpus, query, k).await?),
-            "hybrid" => {
+        let kind = match name {
+            "" | "default" => live.default,
+            n => Kind::parse(n).ok_or_else(|| unknown_retriever(n, &live))?,
+        };
+        let (model, fusion, hits) = match kind {
+            Kind::Bm25 => ("bm25".to_string(), None, self.bm25(&corpus, query, k).await?),
+            Kind::Hybrid => {
                 // The dense side: the best trained retriever served, else the black box.
-                let dense = [Kind::Mafin, Kind::AugmentOnly]
-                    .into_iter()
-                    .find_map(|k| live.find(k.name()))
-                    .unwrap_or(live.default_served());
+                let dense =
+                    TRAINED_DENSE.into_iter().find_map(|k| live.find(k.name())).unwrap_or(live.default_served());
                 let lexical = self.bm25(&corpus, query, fuse::DEPTH).await?;
                 let semantic = self.dense_hits(dense, &corpus, query, fuse::DEPTH).await?;
                 let (fusion, alpha, label) = hybrid_alpha(dense, &live);
                 let hits = fuse::fuse(&lexical, &semantic, fusion, alpha, k);
-                ("hybrid", dense.label(), Some(label), hits)
+                (dense.label(), Some(label), hits)
             }
-            n => {
-                let served = live.find(n).cloned().ok_or_else(|| unknown_retriever(n, &live))?;
+            dense => {
+                let served = live.find(dense.name()).cloned().ok_or_else(|| unknown_retriever(name, &live))?;
                 let hits = self.dense_hits(&served, &corpus, query, k).await?;
-                (served.kind.name(), served.label(), None, hits)
+                (served.label(), None, hits)
             }
         };
+        let retriever = kind.name();
         let hits = hits
             .into_iter()
             .enumerate()
@@ -482,16 +485,12 @@ fn reuse_dense(old: Option<&Live>, kind: Kind, model: Option<i64>) -> OnceCell<A
 /// Hybrid's fusion: convex with the alpha training chose on validation for this dense side (for the
 /// black box, the newest model's black-box alpha), else RRF.
 fn hybrid_alpha(dense: &Served, live: &Live) -> (Fusion, f64, String) {
-    let stored = match &dense.model {
-        Some(m) => m.alpha.map(|a| (a, m.id)),
-        None => live
-            .retrievers
-            .iter()
-            .filter_map(|s| s.model.as_ref())
-            .max_by_key(|m| m.id)
-            .and_then(|m| m.black_box_alpha.map(|a| (a, m.id))),
+    // For the black box, the newest model holds the alpha its training chose for it.
+    let holder = match &dense.model {
+        Some(m) => Some(m),
+        None => live.retrievers.iter().filter_map(|s| s.model.as_ref()).max_by_key(|m| m.id),
     };
-    match stored {
+    match validated_alpha(dense.kind, holder) {
         Some((a, id)) => (Fusion::Convex, a, format!("convex alpha {a:.2} from validation (model {id})")),
         None => (Fusion::Rrf, 0.0, format!("rrf k {}: no alpha was chosen on a validation split", fuse::RRF_K)),
     }
@@ -504,21 +503,14 @@ fn unknown_retriever(name: &str, live: &Live) -> Error {
     )
 }
 
-/// The train stages (the store's models are theirs), the black box they train beside and where
-/// their models embed.
-fn train_stages(wf: &Workflow) -> (Vec<String>, String, Device) {
-    use crate::train::params::{KIND_NAME, Params};
-    let mut stages = Vec::new();
-    let mut black_box = None;
-    let mut device = None;
-    for name in &wf.order {
-        let s = &wf.stages[name];
-        let Some(p) = (s.kind == KIND_NAME).then(|| s.params::<Params>().ok()).flatten() else { continue };
-        stages.push(name.clone());
-        black_box.get_or_insert(p.black_box.clone());
-        device.get_or_insert(p.device.or_else(|| wf.models.get(&p.augment).map(|m| m.device)).unwrap_or_default());
+/// Hands memory the allocator holds free back to the OS (glibc keeps freed heap memory in its arenas,
+/// so one large request would otherwise leave the server's resident size high for good).
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free pages; it is safe to call at any time.
+    unsafe {
+        libc::malloc_trim(0);
     }
-    (stages, black_box.unwrap_or_else(|| "black_box".into()), device.unwrap_or_default())
 }
 
 pub fn log(line: &str) {

@@ -133,7 +133,7 @@ pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
             "point `tokenizer:` at a Hugging Face tokenizer.json, or run `flow models pull`",
         )
     })?;
-    tok.with_truncation(None).map_err(|e| Error::internal(format!("turning off the tokenizer's truncation: {e}")))?;
+    tok.with_truncation(None).map_err(Error::tokenizer(format!("{}: turning off truncation", path.display())))?;
     tok.with_padding(None);
     Ok(tok)
 }
@@ -146,7 +146,7 @@ struct Chunk {
     tokenizer: Arc<Tokenizer>,
     chunk_config: String,
     /// The corpus as hashed for the fingerprint, reused by `run`.
-    listing: Mutex<Option<Vec<(String, PathBuf, String)>>>,
+    listing: Mutex<Option<Vec<FileJob>>>,
     /// What the folder walk could not read (unreadable folders, symlink loops), with the reasons.
     walk_skips: Mutex<Vec<(String, String)>>,
 }
@@ -256,9 +256,15 @@ impl Stage for Chunk {
         })
         .await
         .map_err(Error::task("reading the corpus"))?;
-        let mut digest: Vec<(&str, &str)> = hashed.iter().map(|(r, _, h)| (r.as_str(), h.as_str())).collect();
+        // An unreadable file still changes the fingerprint (the stage then reports it as skipped).
+        let mut digest: Vec<(String, String)> = hashed
+            .iter()
+            .map(|(r, _, h)| (r.clone(), h.as_ref().map_or_else(|e| format!("unreadable: {e}"), Clone::clone)))
+            .collect();
         let walk_skips = self.walk_skips.lock().expect("skips lock").clone();
-        digest.extend(walk_skips.iter().map(|(r, why)| (r.as_str(), why.as_str())));
+        digest.extend(walk_skips);
+        let hashed: Vec<(String, PathBuf, Option<String>)> =
+            hashed.into_iter().map(|(r, p, h)| (r, p, h.ok())).collect();
         let d = sha256_hex(serde_json::to_string(&digest).expect("serialise").as_bytes());
         *self.listing.lock().expect("listing lock") = Some(hashed);
         Ok(format!("{d}:{}", self.chunk_config))
@@ -267,9 +273,7 @@ impl Stage for Chunk {
     async fn run(&self, ctx: &StageCtx) -> Result<Outcome> {
         // The fingerprint already hashed every file: workers reuse those hashes instead of hashing again.
         let files: Vec<FileJob> = match self.listing.lock().expect("listing lock").take() {
-            Some(l) => {
-                l.into_iter().map(|(r, p, h)| (r, p, Some(h).filter(|h| !h.starts_with("unreadable")))).collect()
-            }
+            Some(l) => l,
             None => self.files()?.into_iter().map(|(r, p)| (r, p, None)).collect(),
         };
         let known = Arc::new(documents::state(&ctx.store, &self.stage).await?);
@@ -291,39 +295,12 @@ impl Stage for Chunk {
         }
         drop(tx);
 
-        let mut seen: HashSet<String> = HashSet::new();
-        let mut pending: Vec<DocWrite> = Vec::new();
-        let mut pending_bytes = 0;
-        let (mut written_docs, mut unchanged, mut bytes) = (0u64, 0u64, 0u64);
+        let mut got = Gathered { skipped, ..Default::default() };
         while let Some(res) = rx.recv().await {
-            if res.docs > 1 {
-                let c = ctx.progress.counts();
-                ctx.progress.set_total(c.total as u64 + res.docs as u64 - 1);
-            }
-            bytes += res.bytes;
-            unchanged += res.unchanged.len() as u64;
-            ctx.progress.cached(res.unchanged.len() as u64);
-            seen.extend(res.unchanged);
-            for w in res.writes {
-                seen.insert(w.path.clone());
-                if let Err(reason) = &w.chunks {
-                    ctx.progress.log(&format!("skipped {}: {reason}", w.path));
-                    skipped.push((w.path.clone(), reason.clone()));
-                }
-                pending_bytes += w.chunks.as_ref().map(|c| c.iter().map(|c| c.text.len()).sum()).unwrap_or(0);
-                pending.push(w);
-            }
-            for (key, reason) in res.known_skips {
-                seen.insert(key.clone());
-                skipped.push((key, reason));
-                ctx.progress.skipped(1);
-            }
-            if pending.len() >= BATCH_DOCS || pending_bytes >= BATCH_BYTES {
-                written_docs += flush(ctx, &self.stage, &mut pending).await?;
-                pending_bytes = 0;
-            }
+            got.take(ctx, &self.stage, res).await?;
         }
-        written_docs += flush(ctx, &self.stage, &mut pending).await?;
+        got.written += flush(ctx, &self.stage, &mut got.pending).await?;
+        let Gathered { seen, mut skipped, written: written_docs, unchanged, bytes, .. } = got;
 
         let gone: Vec<i64> =
             known.values().filter(|d| d.status != "gone" && !seen.contains(&d.path)).map(|d| d.id).collect();
@@ -352,24 +329,9 @@ impl Stage for Chunk {
         Ok(Outcome { summary, failure: None })
     }
 
-    async fn plan(&self, cx: &PlanCtx<'_>) -> Result<StagePlan> {
-        self.plan_impl(cx).await
-    }
-}
-
-impl Chunk {
-    fn cutter(&self, known: Arc<HashMap<String, DocState>>) -> Cutter {
-        Cutter {
-            known,
-            tokenizer: self.tokenizer.clone(),
-            params: self.params.clone(),
-            chunk_config: self.chunk_config.clone(),
-        }
-    }
-
     /// The chunks a run would leave, cut in memory: every live document's (the stages after it
     /// check the cache for each), with how many documents are new or changed.
-    async fn plan_impl(&self, cx: &PlanCtx<'_>) -> Result<StagePlan> {
+    async fn plan(&self, cx: &PlanCtx<'_>) -> Result<StagePlan> {
         if !cx.forecast {
             return Ok(StagePlan::default());
         }
@@ -406,6 +368,17 @@ impl Chunk {
     }
 }
 
+impl Chunk {
+    fn cutter(&self, known: Arc<HashMap<String, DocState>>) -> Cutter {
+        Cutter {
+            known,
+            tokenizer: self.tokenizer.clone(),
+            params: self.params.clone(),
+            chunk_config: self.chunk_config.clone(),
+        }
+    }
+}
+
 /// Commits the pending documents in one transaction; returns how many were chunked (not skipped).
 async fn flush(ctx: &StageCtx, stage: &str, pending: &mut Vec<DocWrite>) -> Result<u64> {
     if pending.is_empty() {
@@ -423,6 +396,52 @@ async fn flush(ctx: &StageCtx, stage: &str, pending: &mut Vec<DocWrite>) -> Resu
 type FileJob = (String, PathBuf, Option<String>);
 
 /// What one corpus file turned into.
+/// What the writer has gathered from the reader threads so far.
+#[derive(Default)]
+struct Gathered {
+    /// Every document key found (stored, unchanged or skipped): the others are gone.
+    seen: HashSet<String>,
+    pending: Vec<DocWrite>,
+    pending_bytes: usize,
+    written: u64,
+    unchanged: u64,
+    bytes: u64,
+    skipped: Vec<(String, String)>,
+}
+
+impl Gathered {
+    /// Takes one file's result; writes the documents pending once a transaction's worth is there.
+    async fn take(&mut self, ctx: &StageCtx, stage: &str, res: FileResult) -> Result<()> {
+        if res.docs > 1 {
+            let c = ctx.progress.counts();
+            ctx.progress.set_total(c.total as u64 + res.docs as u64 - 1);
+        }
+        self.bytes += res.bytes;
+        self.unchanged += res.unchanged.len() as u64;
+        ctx.progress.cached(res.unchanged.len() as u64);
+        self.seen.extend(res.unchanged);
+        for w in res.writes {
+            self.seen.insert(w.path.clone());
+            if let Err(reason) = &w.chunks {
+                ctx.progress.log(&format!("skipped {}: {reason}", w.path));
+                self.skipped.push((w.path.clone(), reason.clone()));
+            }
+            self.pending_bytes += w.chunks.as_ref().map(|c| c.iter().map(|c| c.text.len()).sum()).unwrap_or(0);
+            self.pending.push(w);
+        }
+        for (key, reason) in res.known_skips {
+            self.seen.insert(key.clone());
+            self.skipped.push((key, reason));
+            ctx.progress.skipped(1);
+        }
+        if self.pending.len() >= BATCH_DOCS || self.pending_bytes >= BATCH_BYTES {
+            self.written += flush(ctx, stage, &mut self.pending).await?;
+            self.pending_bytes = 0;
+        }
+        Ok(())
+    }
+}
+
 struct FileResult {
     docs: usize,
     bytes: u64,

@@ -7,15 +7,16 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde_json::{Value, json};
 
-use super::eval_recall::{check_set, retrieve_ctx};
+use super::eval_recall::{check_set, eval_plan, retrieve_ctx};
 use super::llm::{Chat, Prompted, UsageWriter, check_model, failure_verdict, llm_params, prompt};
 use super::{Kind, Outcome, PlanCtx, Stage, StageCtx, StagePlan};
 use crate::error::Result;
-use crate::eval::hybrid::HybridParams;
-use crate::eval::retrieve::{self, Choice, Kind as Retriever, PassageMode, Passages, Plan};
+use crate::eval::retrieve::{self, Plan};
 use crate::eval::set::{EvalSet, SetParams};
 use crate::llm::{self, ChatProvider};
 use crate::prompt::Template;
+use crate::retriever::Kind as Retriever;
+use crate::retriever::params::retrieval_params;
 use crate::store::rag_answers::{self, NewAnswer};
 use crate::store::runs::UsageSnapshot;
 use crate::text::first_json;
@@ -29,24 +30,11 @@ pub const KIND: Kind = Kind {
     build,
 };
 
-llm_params! {
-    defaults { temperature: 0.0, max_tokens: 256, max_failures: 0.1 }
+retrieval_params! {
+    then [llm_params] { defaults { temperature: 0.0, max_tokens: 256, max_failures: 0.1 } }
     pub struct Params {
         #[serde(default)]
         pub eval_set: SetParams,
-        #[serde(default)]
-        pub retrievers: Option<Vec<Retriever>>,
-        #[serde(default = "default_black_box")]
-        pub black_box: String,
-        /// What the `hybrid` retriever fuses (dense side, convex or rrf, alpha).
-        #[serde(default)]
-        pub hybrid: HybridParams,
-        /// Documents longer than the encoder's window: `maxp` (best overlapping passage) or `first`.
-        #[serde(default)]
-        pub passages: PassageMode,
-        /// Tokens neighbouring passages share (default a quarter of the window).
-        #[serde(default)]
-        pub stride: Option<usize>,
         /// `models:` key of the grader (default: the answering `model`).
         #[serde(default)]
         pub grader: Option<String>,
@@ -68,20 +56,6 @@ llm_params! {
     }
 }
 
-impl Params {
-    fn choice(&self) -> Choice<'_> {
-        Choice {
-            listed: &self.retrievers,
-            black_box: &self.black_box,
-            hybrid: &self.hybrid,
-            passages: Passages { mode: self.passages, stride: self.stride },
-        }
-    }
-}
-
-fn default_black_box() -> String {
-    "black_box".into()
-}
 fn default_top_k() -> usize {
     3
 }
@@ -96,7 +70,7 @@ fn check(cx: &CheckCtx) -> Checked {
     let mut diags = Vec::new();
     let Some(mut p) = check_typed::<Params>(cx.node, cx.params.clone(), &mut diags) else { return Err(diags) };
     p.fill_defaults();
-    check_set(cx, &p.eval_set, p.retrievers.as_deref(), &p.black_box, &p.hybrid, &mut diags);
+    check_set(cx, &p.eval_set, &p.retrieval(), &mut diags);
     p.llm().check(cx, &mut diags);
     if let Some(g) = &p.grader {
         check_model(cx, g, &mut diags);
@@ -126,7 +100,7 @@ fn templates(spec: &StageSpec, wf: &Workflow) -> Result<(Params, Template, Templ
 
 fn build(spec: &StageSpec, wf: &Workflow) -> Result<Box<dyn Stage>> {
     let (params, answer, grade) = templates(spec, wf)?;
-    let plan = Plan::new(spec, wf, &params.eval_set, params.choice())?;
+    let plan = eval_plan(spec, wf, &params.eval_set, params.retrieval())?;
     let answerer = llm::chat_provider(wf, &params.model)?;
     let grader_key = params.grader.clone().unwrap_or_else(|| params.model.clone());
     let grader = if grader_key == params.model { answerer.clone() } else { llm::chat_provider(wf, &grader_key)? };
@@ -235,7 +209,8 @@ impl Stage for EvalRag {
         let max = p.eval_set.max_queries.map_or(p.max_questions, |m| m.min(p.max_questions));
         let set = self.plan.source.load(&ctx.store, Some(max)).await?;
         let black_box = std::sync::OnceLock::new();
-        let (items, already) = self.items(ctx, &set, &black_box).await?;
+        let account = ctx.account();
+        let (items, already) = self.items(ctx, &set, (&account, &black_box)).await?;
         let total = items.len() as u64 + already;
         ctx.progress.set_total(total);
         ctx.progress.cached(already);
@@ -271,7 +246,7 @@ impl Stage for EvalRag {
         Ok(Outcome {
             summary: json!({
                 "eval_set": set.key, "questions": set.queries.len(), "top_k": p.top_k, "retrievers": summary,
-                "devices": retrieve_ctx(&self.plan, ctx, &black_box, false).devices(),
+                "devices": retrieve_ctx(&self.plan, ctx, (&account, &black_box), false).devices(),
             }),
             failure: failure_verdict(failed, total, p.llm().max_failures, first_error, &ctx.progress),
         })
@@ -302,7 +277,7 @@ impl EvalRag {
         &self,
         ctx: &StageCtx,
         set: &EvalSet,
-        black_box: &std::sync::OnceLock<crate::llm::embed::BlackBox>,
+        black_box: (&crate::llm::Account, &std::sync::OnceLock<crate::llm::embed::BlackBox>),
     ) -> Result<(Vec<Item>, u64)> {
         let models = self.plan.models(&ctx.store, &self.name).await?;
         let done: HashSet<(String, String)> =

@@ -5,16 +5,16 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::{Kind, Outcome, Stage, StageCtx};
 use crate::error::Result;
-use crate::eval::hybrid::HybridParams;
-use crate::eval::retrieve::{self, Choice, Kind as Retriever, PassageMode, Passages, Plan};
+use crate::eval::retrieve::{self, Plan};
 use crate::eval::set::SetParams;
 use crate::llm::embed::BlackBox;
 use crate::rank::metrics;
+use crate::retriever::Kind as Retriever;
+use crate::retriever::params::{RetrievalParams, retrieval_params};
 use crate::store::eval_results::{self, NewResult};
 use crate::workflow::{CheckCtx, Checked, Diagnostic, StageSpec, Workflow, check_typed, checked};
 
@@ -26,50 +26,22 @@ pub const KIND: Kind = Kind {
     build,
 };
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Params {
-    #[serde(default)]
-    pub eval_set: SetParams,
-    /// Default: bm25, black_box and the retrievers the upstream train stages train.
-    #[serde(default)]
-    pub retrievers: Option<Vec<Retriever>>,
-    #[serde(default = "default_black_box")]
-    pub black_box: String,
-    /// Run the promotion gate on the newest trained model (see `gate_retriever`, `gate_metric`).
-    #[serde(default = "default_true")]
-    pub promote: bool,
-    /// Whose model the gate judges (default: mafin if evaluated, else augment_only).
-    #[serde(default)]
-    pub gate_retriever: Option<Retriever>,
-    /// The metric the new model must reach against the promoted one, on this eval set.
-    #[serde(default = "default_gate_metric")]
-    pub gate_metric: String,
-    /// What the `hybrid` retriever fuses (dense side, convex or rrf, alpha).
-    #[serde(default)]
-    pub hybrid: HybridParams,
-    /// Documents longer than the encoder's window: `maxp` (best overlapping passage) or `first`.
-    #[serde(default)]
-    pub passages: PassageMode,
-    /// Tokens neighbouring passages share (default a quarter of the window).
-    #[serde(default)]
-    pub stride: Option<usize>,
-}
-
-impl Params {
-    fn choice(&self) -> Choice<'_> {
-        Choice {
-            listed: &self.retrievers,
-            black_box: &self.black_box,
-            hybrid: &self.hybrid,
-            passages: Passages { mode: self.passages, stride: self.stride },
-        }
+retrieval_params! {
+    pub struct Params {
+        #[serde(default)]
+        pub eval_set: SetParams,
+        /// Run the promotion gate on the newest trained model (see `gate_retriever`, `gate_metric`).
+        #[serde(default = "default_true")]
+        pub promote: bool,
+        /// Whose model the gate judges (default: mafin if evaluated, else augment_only).
+        #[serde(default)]
+        pub gate_retriever: Option<Retriever>,
+        /// The metric the new model must reach against the promoted one, on this eval set.
+        #[serde(default = "default_gate_metric")]
+        pub gate_metric: String,
     }
 }
 
-fn default_black_box() -> String {
-    "black_box".into()
-}
 fn default_true() -> bool {
     true
 }
@@ -80,7 +52,7 @@ fn default_gate_metric() -> String {
 fn check(cx: &CheckCtx) -> Checked {
     let mut diags = Vec::new();
     let Some(p) = check_typed::<Params>(cx.node, cx.params.clone(), &mut diags) else { return Err(diags) };
-    check_set(cx, &p.eval_set, p.retrievers.as_deref(), &p.black_box, &p.hybrid, &mut diags);
+    check_set(cx, &p.eval_set, &p.retrieval(), &mut diags);
     if !metrics::is_known(&p.gate_metric) {
         let span = cx.node.get("gate_metric").map(|n| n.span()).unwrap_or(cx.node.span());
         diags.push(
@@ -103,61 +75,26 @@ fn check(cx: &CheckCtx) -> Checked {
     checked(&p, diags)
 }
 
-/// Checks shared by the eval stages: the set's verdicts, the retriever list, the black box.
-pub fn check_set(
-    cx: &CheckCtx,
-    set: &SetParams,
-    retrievers: Option<&[Retriever]>,
-    black_box: &str,
-    hybrid: &HybridParams,
-    diags: &mut Vec<Diagnostic>,
-) {
-    let at = |key: &str| cx.node.get(key).map(|n| n.span()).unwrap_or(cx.node.span());
+/// Checks shared by the eval stages: the set's verdicts and the retrieval settings.
+pub fn check_set(cx: &CheckCtx, set: &SetParams, retrieval: &RetrievalParams, diags: &mut Vec<Diagnostic>) {
     if let Some(v) = set.verdicts.iter().find(|v| !crate::eval::set::VERDICTS.contains(&v.as_str())) {
+        let span = cx.node.get("eval_set").map(|n| n.span()).unwrap_or(cx.node.span());
         diags.push(
-            Diagnostic::new(
-                at("eval_set"),
-                format!("stage `{}`: unknown verdict {v:?} in eval_set.verdicts", cx.stage),
-            )
-            .hint("verdicts are accepted, rejected, failed and unjudged"),
+            Diagnostic::new(span, format!("stage `{}`: unknown verdict {v:?} in eval_set.verdicts", cx.stage))
+                .hint("verdicts are accepted, rejected, failed and unjudged"),
         );
     }
-    if retrievers.is_some_and(|r| r.is_empty()) {
-        diags.push(
-            Diagnostic::new(at("retrievers"), format!("stage `{}`: `retrievers:` is empty", cx.stage))
-                .hint("list some of bm25, black_box, augment_only, mafin, hybrid, or leave it out for all"),
-        );
-    }
-    let hybrid_bb = hybrid.dense.is_none_or(|d| matches!(d, Retriever::BlackBox | Retriever::Mafin));
-    let needs_bb = retrievers.is_none_or(|r| {
-        r.iter().any(|k| matches!(k, Retriever::BlackBox | Retriever::Mafin) || (*k == Retriever::Hybrid && hybrid_bb))
-    });
-    if hybrid.dense.is_some_and(|d| matches!(d, Retriever::Bm25 | Retriever::Hybrid)) {
-        diags.push(
-            Diagnostic::new(at("hybrid"), format!("stage `{}`: hybrid's `dense:` must be a dense retriever", cx.stage))
-                .hint("dense: mafin, augment_only or black_box"),
-        );
-    }
-    if hybrid.alpha.fixed().is_some_and(|a| !(0.0..=1.0).contains(&a)) {
-        diags.push(
-            Diagnostic::new(at("hybrid"), format!("stage `{}`: hybrid alpha must be from 0 to 1", cx.stage))
-                .hint("alpha is the dense side's weight: 0 is BM25 alone, 1 the dense retriever alone; or `auto`"),
-        );
-    }
-    if needs_bb && !cx.models.contains_key(black_box) {
-        diags.push(
-            Diagnostic::new(
-                at("black_box"),
-                format!("stage `{}` uses `models.{black_box}`, which is not defined", cx.stage),
-            )
-            .hint("add `black_box: { provider: local, model: all-MiniLM-L6-v2 }` under `models:`, or list only `bm25`"),
-        );
-    }
+    retrieval.check(cx, diags);
+}
+
+/// The plan of an eval stage: its set (synthetic pairs come from the judges it depends on) and retrievers.
+pub fn eval_plan(spec: &StageSpec, wf: &Workflow, set: &SetParams, retrieval: RetrievalParams) -> Result<Plan> {
+    Plan::new(spec, wf, set, super::pair_source(spec, wf), retrieval)
 }
 
 fn build(spec: &StageSpec, wf: &Workflow) -> Result<Box<dyn Stage>> {
     let params: Params = spec.params()?;
-    let plan = Plan::new(spec, wf, &params.eval_set, params.choice())?;
+    let plan = eval_plan(spec, wf, &params.eval_set, params.retrieval())?;
     Ok(Box::new(EvalRecall { name: spec.name.clone(), wf: Arc::new(wf.clone()), params, plan }))
 }
 
@@ -196,14 +133,13 @@ pub fn metric_table(rows: &[Compared]) -> String {
 pub fn retrieve_ctx<'a>(
     plan: &'a Plan,
     sc: &'a StageCtx,
-    black_box: &'a std::sync::OnceLock<BlackBox>,
+    (account, black_box): (&'a crate::llm::Account, &'a std::sync::OnceLock<BlackBox>),
     count_items: bool,
 ) -> retrieve::Ctx<'a> {
     retrieve::Ctx {
         wf: &sc.workflow,
         store: &sc.store,
-        run_id: sc.run_id,
-        stage: &sc.spec.name,
+        account,
         progress: &sc.progress,
         black_box: &plan.black_box,
         black_box_model: black_box,
@@ -211,6 +147,41 @@ pub fn retrieve_ctx<'a>(
         device: plan.up.device,
         hybrid: &plan.hybrid,
         passages: plan.passages,
+    }
+}
+
+impl EvalRecall {
+    /// One retriever's metrics on the set, stored for this run (with the alpha a hybrid fused with).
+    async fn score(
+        &self,
+        ctx: &StageCtx,
+        cx: &retrieve::Ctx<'_>,
+        set: &crate::eval::set::EvalSet,
+        kind: Retriever,
+        model: Option<&crate::store::models::ModelRow>,
+    ) -> Result<(BTreeMap<String, f64>, Option<crate::retriever::hybrid::Chosen>)> {
+        let (mut m, chosen) = retrieve::metrics_of(cx, set, kind, model).await?;
+        // Kept beside the metrics, so the report can say what the hybrid fused with.
+        if let Some(c) = &chosen {
+            m.insert("alpha".into(), c.alpha.unwrap_or(-1.0));
+            m.insert("alpha_on_eval_set".into(), if c.on_eval_set { 1.0 } else { 0.0 });
+        }
+        eval_results::upsert(
+            &ctx.store,
+            &NewResult {
+                run_id: ctx.run_id,
+                stage_run_id: ctx.stage_run_id,
+                stage: &self.name,
+                eval_set: &set.key,
+                retriever: kind.name(),
+                model_id: model.map(|m| m.id),
+                queries: set.queries.len(),
+                corpus: set.docs.len(),
+                metrics: &serde_json::to_string(&m).expect("json"),
+            },
+        )
+        .await?;
+        Ok((m, chosen))
     }
 }
 
@@ -231,34 +202,15 @@ impl Stage for EvalRecall {
         ));
         ctx.progress.set_total((set.docs.len() * self.plan.retrievers.len()) as u64);
         let black_box = std::sync::OnceLock::new();
-        let cx = retrieve_ctx(&self.plan, ctx, &black_box, true);
+        let account = ctx.account();
+        let cx = retrieve_ctx(&self.plan, ctx, (&account, &black_box), true);
         let mut rows = Vec::new();
         let mut summary = serde_json::Map::new();
         let mut scored = Vec::new();
         for (&kind, model) in self.plan.retrievers.iter().zip(&models) {
-            let (mut m, chosen) = retrieve::metrics_of(&cx, &set, kind, model.as_ref()).await?;
-            // Kept beside the metrics, so the report can say what the hybrid fused with.
-            if let Some(c) = &chosen {
-                m.insert("alpha".into(), c.alpha.unwrap_or(-1.0));
-                m.insert("alpha_on_eval_set".into(), if c.on_eval_set { 1.0 } else { 0.0 });
-            }
-            let model_id = model.as_ref().map(|m| m.id);
-            eval_results::upsert(
-                &ctx.store,
-                &NewResult {
-                    run_id: ctx.run_id,
-                    stage_run_id: ctx.stage_run_id,
-                    stage: &self.name,
-                    eval_set: &set.key,
-                    retriever: kind.name(),
-                    model_id,
-                    queries: set.queries.len(),
-                    corpus: set.docs.len(),
-                    metrics: &serde_json::to_string(&m).expect("json"),
-                },
-            )
-            .await?;
+            let (m, chosen) = self.score(ctx, &cx, &set, kind, model.as_ref()).await?;
             let prev = eval_results::previous(&ctx.store, &self.name, &set.key, kind.name(), ctx.run_id).await?;
+            let model_id = model.as_ref().map(|m| m.id);
             summary.insert(kind.name().into(), json!({ "model_id": model_id, "metrics": m, "hybrid": chosen }));
             if let Some(model) = model.as_ref().filter(|_| self.plan.trained_of(kind).is_some()) {
                 scored.push((kind, model.clone(), m.get(&self.params.gate_metric).copied().unwrap_or(0.0)));

@@ -2,19 +2,19 @@
 //! non-questions, questions that lean on "the passage" and duplicates across the corpus, and stores
 //! each kept question with its provenance. One chunk is one item; a finished chunk is never asked again.
 
-use std::sync::Arc;
-
 use async_trait::async_trait;
 use serde_json::json;
 
-use super::llm::{Chat, Prompted, UsageWriter, estimate, failure_verdict, llm_params, prompt, requests, settings_key};
+use super::llm::{
+    Chat, LlmStage, Prompted, UsageWriter, estimate, failure_verdict, llm_params, prompt, requests, settings_key,
+};
 use super::{Forecast, Kind, Outcome, PlanCtx, Stage, StageCtx, StagePlan};
 use crate::error::Result;
 use crate::llm::plan::Planned;
-use crate::llm::{self, ChatDone, ChatProvider, ChatRequest, LlmFailure};
+use crate::llm::{self, ChatDone, ChatRequest, LlmFailure};
 use crate::prompt::Template;
 use crate::store::queries::{self, Generation, NewQuery};
-use crate::text::{DupIndex, extract_questions, first_json, question_list, rule_violation};
+use crate::text::{DupIndex, QueryStatus, extract_questions, first_json, question_list, rule_violation};
 use crate::workflow::{CheckCtx, Checked, Diagnostic, StageSpec, Workflow, check_typed, checked};
 
 pub const KIND: Kind = Kind {
@@ -95,33 +95,18 @@ fn templates(spec: &StageSpec, wf: &Workflow) -> Result<(Params, Template)> {
 
 fn build(spec: &StageSpec, wf: &Workflow) -> Result<Box<dyn Stage>> {
     let (params, template) = templates(spec, wf)?;
-    let provider = llm::chat_provider(wf, &params.model)?;
-    Ok(Box::new(Generate {
-        name: spec.name.clone(),
-        wf: Arc::new(wf.clone()),
-        inputs_from: spec.needs.clone(),
-        params,
-        template: Arc::new(template),
-        provider,
-    }))
+    let model = params.model.clone();
+    LlmStage::build(spec, wf, (params, template), &model)
 }
 
-struct Generate {
-    name: String,
-    wf: Arc<Workflow>,
-    inputs_from: Vec<String>,
-    params: Params,
-    template: Arc<Template>,
-    provider: Arc<dyn ChatProvider>,
-}
+type Generate = LlmStage<Params>;
 
 const QUERIES_SCHEMA: &str = r#"{"type":"object","properties":{"queries":{"type":"array","items":{"type":"string"}}},"required":["queries"],"additionalProperties":false}"#;
 
 #[async_trait]
 impl Stage for Generate {
     async fn inputs(&self) -> Result<String> {
-        let id = self.provider.identity();
-        Ok(format!("{}|{}|{}|{}", self.template.hash, id.provider, id.base_url, id.model))
+        Ok(self.inputs_digest())
     }
 
     async fn run(&self, ctx: &StageCtx) -> Result<Outcome> {
@@ -182,18 +167,9 @@ impl Stage for Generate {
         })
     }
 
-    async fn plan(&self, cx: &PlanCtx<'_>) -> Result<StagePlan> {
-        self.plan_impl(cx).await
-    }
-}
-
-/// Tokens of a question not yet written, where no kept question gives a measure (a one-line question).
-const QUESTION_TOKENS: u64 = 16;
-
-impl Generate {
     /// What a run would ask now: the chunks in the store (or those an upstream chunk stage would
     /// cut) that have no result under these settings and whose request the cache does not answer.
-    async fn plan_impl(&self, cx: &PlanCtx<'_>) -> Result<StagePlan> {
+    async fn plan(&self, cx: &PlanCtx<'_>) -> Result<StagePlan> {
         let settings = settings_key(&self.params, &["sample"], &self.template, self.provider.identity());
         let mut notes = Vec::new();
         let cut: Vec<_> = cx
@@ -223,7 +199,12 @@ impl Generate {
         let est = estimate(cx, &self.params.model, self.provider.as_ref(), &planned).await?;
         Ok(StagePlan { items: chunks.len() as u64, todo: n_todo, llm: Some(est), notes, forecast })
     }
+}
 
+/// Tokens of a question not yet written, where no kept question gives a measure (a one-line question).
+const QUESTION_TOKENS: u64 = 16;
+
+impl Generate {
     /// The questions a run would write, for the judge after it: at most per_chunk of each chunk
     /// asked, of the length its kept questions have.
     async fn forecast(&self, cx: &PlanCtx<'_>, todo: &[queries::InputChunk], settings: String) -> Result<Forecast> {
@@ -254,7 +235,7 @@ impl Generate {
         let llm = p.llm();
         let gen_params = llm.gen_params(None);
         let mut schema: serde_json::Value = serde_json::from_str(QUERIES_SCHEMA).expect("static schema");
-        if self.provider.identity().provider == "local" {
+        if self.provider.identity().provider == crate::workflow::Provider::Local {
             // The local engine stops at this many (an API's structured output may not take maxItems).
             schema["properties"]["queries"]["maxItems"] = json!(p.per_chunk);
         }
@@ -330,14 +311,14 @@ impl Generate {
                 let mut n_kept = 0;
                 for q in extract_questions(&done.answer.text) {
                     let status = if n_kept >= p.per_chunk {
-                        Some("over_quota")
+                        Some(QueryStatus::OverQuota)
                     } else {
                         rule_violation(&q).or_else(|| dups.check_and_add(&q))
                     };
                     if status.is_none() {
                         n_kept += 1;
                     }
-                    g.queries.push(NewQuery { text: q, status: status.unwrap_or("kept").to_string() });
+                    g.queries.push(NewQuery { text: q, status: status.unwrap_or(QueryStatus::Kept) });
                 }
             }
         }
@@ -384,7 +365,7 @@ impl Tally {
             }
             None => {
                 progress.done(1);
-                let k = g.queries.iter().filter(|q| q.status == "kept").count() as u64;
+                let k = g.queries.iter().filter(|q| q.status == QueryStatus::Kept).count() as u64;
                 self.kept += k;
                 self.dropped += g.queries.len() as u64 - k;
             }

@@ -2,18 +2,19 @@
 //! (answerable from the chunk, specific to it, a real user's question) and accepts it at `min_score`.
 //! Rejected pairs stay in the store with the judge's reason.
 
-use std::sync::Arc;
-
 use async_trait::async_trait;
 use serde_json::{Value, json};
 
-use super::llm::{Chat, Prompted, UsageWriter, estimate, failure_verdict, llm_params, prompt, requests, settings_key};
+use super::llm::{
+    Chat, LlmStage, Prompted, UsageWriter, estimate, failure_verdict, llm_params, prompt, requests, settings_key,
+};
 use super::{Forecast, Kind, Outcome, PlanCtx, Stage, StageCtx, StagePlan};
 use crate::error::Result;
 use crate::llm::plan::Planned;
-use crate::llm::{self, ChatDone, ChatProvider, ChatRequest, LlmFailure};
+use crate::llm::{self, ChatDone, ChatRequest, LlmFailure};
 use crate::prompt::Template;
 use crate::store::judgments::{self, Judgment};
+use crate::store::states::Verdict;
 use crate::text::first_json;
 use crate::workflow::{CheckCtx, Checked, Diagnostic, StageSpec, Workflow, check_typed, checked};
 
@@ -67,25 +68,11 @@ fn templates(spec: &StageSpec, wf: &Workflow) -> Result<(Params, Template)> {
 
 fn build(spec: &StageSpec, wf: &Workflow) -> Result<Box<dyn Stage>> {
     let (params, template) = templates(spec, wf)?;
-    let provider = llm::chat_provider(wf, &params.model)?;
-    Ok(Box::new(Judge {
-        name: spec.name.clone(),
-        wf: Arc::new(wf.clone()),
-        inputs_from: spec.needs.clone(),
-        params,
-        template: Arc::new(template),
-        provider,
-    }))
+    let model = params.model.clone();
+    LlmStage::build(spec, wf, (params, template), &model)
 }
 
-struct Judge {
-    name: String,
-    wf: Arc<Workflow>,
-    inputs_from: Vec<String>,
-    params: Params,
-    template: Arc<Template>,
-    provider: Arc<dyn ChatProvider>,
-}
+type Judge = LlmStage<Params>;
 
 const JUDGMENT_SCHEMA: &str = r#"{"type":"object","properties":{"score":{"type":"integer"},"reason":{"type":"string"}},"required":["score","reason"],"additionalProperties":false}"#;
 
@@ -117,8 +104,7 @@ pub fn parse_judgment(text: &str) -> Option<(i64, String)> {
 #[async_trait]
 impl Stage for Judge {
     async fn inputs(&self) -> Result<String> {
-        let id = self.provider.identity();
-        Ok(format!("{}|{}|{}|{}", self.template.hash, id.provider, id.base_url, id.model))
+        Ok(self.inputs_digest())
     }
 
     async fn run(&self, ctx: &StageCtx) -> Result<Outcome> {
@@ -159,14 +145,14 @@ impl Stage for Judge {
             )
             .await?;
             match verdict {
-                "accepted" => accepted += 1,
-                "rejected" => rejected += 1,
-                _ => {
+                Verdict::Accepted => accepted += 1,
+                Verdict::Rejected => rejected += 1,
+                Verdict::Failed => {
                     failed += 1;
                     first_error.get_or_insert_with(|| reason.clone());
                 }
             }
-            if verdict == "failed" {
+            if verdict == Verdict::Failed {
                 ctx.progress.failed(1);
             } else {
                 ctx.progress.done(1);
@@ -185,15 +171,9 @@ impl Stage for Judge {
         Ok(Outcome { summary, failure: failure_verdict(failed, total, max_failures, first_error, &ctx.progress) })
     }
 
-    async fn plan(&self, cx: &PlanCtx<'_>) -> Result<StagePlan> {
-        self.plan_impl(cx).await
-    }
-}
-
-impl Judge {
     /// What a run would ask now: the stored questions with no verdict under these settings, and
     /// those a generate stage before it would write (at most `per_chunk` a chunk, of estimated length).
-    async fn plan_impl(&self, cx: &PlanCtx<'_>) -> Result<StagePlan> {
+    async fn plan(&self, cx: &PlanCtx<'_>) -> Result<StagePlan> {
         let settings = settings_key(&self.params, &["min_score"], &self.template, self.provider.identity());
         let json = llm::writes_json(&self.wf, &self.params.model)?;
         let (mut stored, mut unwritten, mut notes) = (Vec::new(), Vec::new(), Vec::new());
@@ -221,7 +201,9 @@ impl Judge {
         let est = estimate(cx, &self.params.model, self.provider.as_ref(), &planned).await?;
         Ok(StagePlan { items: todo + decided as u64, todo, llm: Some(est), notes, forecast: None })
     }
+}
 
+impl Judge {
     /// One request per question; `json`: whether the model is asked for JSON.
     fn requests(&self, todo: Vec<judgments::JudgeInput>, json: bool) -> Result<Vec<(i64, ChatRequest)>> {
         let p = &self.params;
@@ -253,22 +235,24 @@ impl Judge {
     fn verdict(
         &self,
         outcome: std::result::Result<ChatDone, LlmFailure>,
-    ) -> (&'static str, Option<i64>, String, Option<i64>) {
+    ) -> (Verdict, Option<i64>, String, Option<i64>) {
         let done = match outcome {
             Ok(done) => done,
-            Err(f) => return ("failed", None, f.message, None),
+            Err(f) => return (Verdict::Failed, None, f.message, None),
         };
         let call = Some(done.call_id);
         match (parse_judgment(&done.answer.text), done.answer.finish_reason.as_deref()) {
-            (Some((s, r)), _) => (if s >= self.params.min_score { "accepted" } else { "rejected" }, Some(s), r, call),
+            (Some((s, r)), _) => {
+                (if s >= self.params.min_score { Verdict::Accepted } else { Verdict::Rejected }, Some(s), r, call)
+            }
             (None, Some("length")) => (
-                "failed",
+                Verdict::Failed,
                 None,
                 format!("the answer was cut off at max_tokens = {}; raise max_tokens", self.params.llm().max_tokens),
                 call,
             ),
             (None, _) => (
-                "failed",
+                Verdict::Failed,
                 None,
                 format!(
                     "no score from 1 to 5 in the judge's answer: {}",

@@ -192,6 +192,49 @@ pub fn prompt(
     Ok(t)
 }
 
+/// What an LLM stage that asks one model per item is made of: its name, workflow, the stages it reads
+/// from, its checked parameters, its prompt and its model. Each such kind implements `Stage` for its
+/// own `LlmStage<Params>`.
+pub struct LlmStage<P> {
+    pub name: String,
+    pub wf: Arc<Workflow>,
+    pub inputs_from: Vec<String>,
+    pub params: P,
+    pub template: Arc<Template>,
+    pub provider: Arc<dyn ChatProvider>,
+}
+
+impl<P: Send + Sync + 'static> LlmStage<P>
+where
+    LlmStage<P>: super::Stage,
+{
+    /// The stage for `spec`, asking `models.<model_key>` with `template`.
+    pub fn build(
+        spec: &super::StageSpec,
+        wf: &Workflow,
+        (params, template): (P, Template),
+        model_key: &str,
+    ) -> Result<Box<dyn super::Stage>> {
+        let provider = llm::chat_provider(wf, model_key)?;
+        Ok(Box::new(LlmStage {
+            name: spec.name.clone(),
+            wf: Arc::new(wf.clone()),
+            inputs_from: spec.needs.clone(),
+            params,
+            template: Arc::new(template),
+            provider,
+        }))
+    }
+}
+
+impl<P> LlmStage<P> {
+    /// The stage's inputs beyond its parameters: the prompt's text and the model that answers.
+    pub fn inputs_digest(&self) -> String {
+        let id = self.provider.identity();
+        format!("{}|{}|{}|{}", self.template.hash, id.provider, id.base_url, id.model)
+    }
+}
+
 /// One chat result per item id: the answer (or why it failed), or a store error.
 pub type ChatResult = (i64, Result<std::result::Result<ChatDone, LlmFailure>>);
 
@@ -209,7 +252,7 @@ pub struct Chat {
 
 impl Chat {
     pub fn start(wf: &Workflow, model_key: &str, provider: Arc<dyn ChatProvider>, ctx: &StageCtx) -> Result<Chat> {
-        let client = llm::client(wf, model_key, provider.identity(), &ctx.store, ctx.run_id, &ctx.spec.name)?;
+        let client = llm::client(wf, model_key, provider.identity(), &ctx.store, &ctx.account())?;
         Ok(Chat {
             provider,
             client: Arc::new(client),
@@ -232,10 +275,14 @@ impl Chat {
             llm::batch::answer(&self.client, self.provider.as_ref(), spec, &reqs, &self.progress).await?;
         }
         let (client, provider) = (self.client.clone(), self.provider.clone());
-        Ok(spawn_items(requests, window, move |(id, req): (i64, ChatRequest)| {
+        let work = move |req: ChatRequest| {
             let (client, provider) = (client.clone(), provider.clone());
-            async move { (id, client.chat(provider.as_ref(), &req).await) }
-        }))
+            async move { client.chat(provider.as_ref(), &req).await }
+        };
+        // A panic while asking about one item fails that item (never counts as done).
+        let panicked =
+            |why: String| Ok(Err(LlmFailure { message: format!("flow failed on this item: {why}"), attempts: 0 }));
+        Ok(spawn_items(requests, window, work, panicked))
     }
 
     pub fn usage(&self) -> UsageSnapshot {
@@ -274,31 +321,50 @@ pub async fn estimate(
     llm::plan::estimate(provider, price, cx.store, &cx.spec.name, planned).await
 }
 
-/// Runs `work` on each item as its own task, at most `window` at a time, and returns the results
-/// in completion order. Separate tasks keep making progress (and release their store connections)
-/// while the caller awaits its own writes.
-pub fn spawn_items<I, R, F, Fut>(items: Vec<I>, window: usize, work: F) -> tokio::sync::mpsc::Receiver<R>
+/// Runs `work` on each item as its own task, at most `window` at a time, and returns each item's id
+/// with its result in completion order. Separate tasks keep making progress (and release their store
+/// connections) while the caller awaits its own writes. A task that panics still reports its item,
+/// with `panicked`'s result, so no item can vanish from a stage's count.
+pub fn spawn_items<T, R, F, Fut>(
+    items: Vec<(i64, T)>,
+    window: usize,
+    work: F,
+    panicked: fn(String) -> R,
+) -> tokio::sync::mpsc::Receiver<(i64, R)>
 where
-    I: Send + 'static,
+    T: Send + 'static,
     R: Send + 'static,
-    F: Fn(I) -> Fut + Send + Sync + 'static,
+    F: Fn(T) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = R> + Send + 'static,
 {
+    use futures::FutureExt;
     let (tx, rx) = tokio::sync::mpsc::channel(window.max(1));
     let work = Arc::new(work);
     let gate = Arc::new(tokio::sync::Semaphore::new(window.max(1)));
     tokio::spawn(async move {
-        for item in items {
+        for (id, item) in items {
             let Ok(permit) = gate.clone().acquire_owned().await else { return };
             let (tx, work) = (tx.clone(), work.clone());
             tokio::spawn(async move {
-                let r = work(item).await;
-                let _ = tx.send(r).await;
+                let r = match std::panic::AssertUnwindSafe(async { work(item).await }).catch_unwind().await {
+                    Ok(r) => r,
+                    Err(p) => panicked(panic_message(p.as_ref())),
+                };
+                let _ = tx.send((id, r)).await;
                 drop(permit);
             });
         }
     });
     rx
+}
+
+/// What a panic said, for the item's error.
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    match (p.downcast_ref::<&str>(), p.downcast_ref::<String>()) {
+        (Some(s), _) => format!("it panicked: {s}"),
+        (_, Some(s)) => format!("it panicked: {s}"),
+        _ => "it panicked".to_string(),
+    }
 }
 
 /// Writes a stage run's LLM usage so `flow status` can follow a live run: at most every 2 s while
@@ -350,6 +416,29 @@ pub fn failure_verdict(
 
 #[cfg(test)]
 mod tests {
+    #[tokio::test]
+    async fn a_panicking_item_comes_back_as_its_failure() {
+        let items: Vec<(i64, u32)> = (0..20).map(|i| (i, i as u32)).collect();
+        let work = |x: u32| async move {
+            if x % 7 == 3 {
+                panic!("item {x} is bad");
+            }
+            Ok::<u32, String>(x * 2)
+        };
+        let mut rx = super::spawn_items(items, 4, work, Err);
+        let mut got = std::collections::BTreeMap::new();
+        while let Some((id, r)) = rx.recv().await {
+            got.insert(id, r);
+        }
+        assert_eq!(got.len(), 20, "every item reports, the panicking ones too");
+        for (id, r) in got {
+            match id % 7 {
+                3 => assert!(matches!(&r, Err(e) if e.contains(&format!("item {id} is bad"))), "{id}: {r:?}"),
+                _ => assert_eq!(r, Ok(id as u32 * 2)),
+            }
+        }
+    }
+
     llm_params! {
         defaults { temperature: 0.7, max_tokens: 256, max_failures: 0.0 }
         pub struct Sample {

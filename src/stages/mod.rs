@@ -73,6 +73,21 @@ pub fn preflight(wf: &Workflow) -> Result<()> {
     Ok(())
 }
 
+/// The pairs a stage learns from or is scored on: those of the judge stages it reads from (directly
+/// or further up its `needs`) on the questions of the generate stages they judge.
+pub fn pair_source(spec: &StageSpec, wf: &Workflow) -> crate::store::pairs::PairSource {
+    let mut src = crate::store::pairs::PairSource::default();
+    for s in wf.upstream(&spec.name).into_iter().filter(|s| s.kind == judge::KIND.name) {
+        src.judges.push(s.name.clone());
+        let generators = s.needs.iter().filter(|n| wf.stages.get(*n).is_some_and(|g| g.kind == generate::KIND.name));
+        src.generators.extend(generators.cloned());
+    }
+    src.judges.sort();
+    src.generators.sort();
+    src.generators.dedup();
+    src
+}
+
 /// For kinds with nothing to check before building.
 pub fn no_preflight(_: &StageSpec, _: &Workflow) -> Result<()> {
     Ok(())
@@ -94,6 +109,15 @@ pub struct StageCtx {
     pub workflow: Arc<Workflow>,
     pub store: Store,
     pub progress: StageProgress,
+    /// The budgets its model calls count against: the run's and its own.
+    pub ledgers: crate::llm::budget::Ledgers,
+}
+
+impl StageCtx {
+    /// Who this stage's model calls are made for.
+    pub fn account(&self) -> crate::llm::Account {
+        crate::llm::Account { run_id: self.run_id, stage: self.spec.name.clone(), ledgers: self.ledgers.clone() }
+    }
 }
 
 /// What `flow plan` hands a stage: the store as it stands, and what the upstream stages that would

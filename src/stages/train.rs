@@ -85,7 +85,14 @@ fn build(spec: &StageSpec, wf: &Workflow) -> Result<Box<dyn Stage>> {
             "`beir:` names a BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv) relative to the workflow",
         ));
     }
-    let use_pairs = params.pairs.unwrap_or(!spec.needs.is_empty());
+    let pairs = super::pair_source(spec, wf);
+    let use_pairs = params.pairs.unwrap_or(!pairs.is_empty());
+    if use_pairs && pairs.is_empty() {
+        return Err(Error::bad_input(
+            format!("stage `{}` learns from accepted pairs, but no judge stage is upstream of it", spec.name),
+            "add the judge stage whose accepted pairs it should learn from to `needs:`, or set `pairs: false`",
+        ));
+    }
     if !use_pairs && beir.is_none() {
         return Err(Error::bad_input(
             format!("stage `{}` has nothing to learn from", spec.name),
@@ -101,6 +108,7 @@ fn build(spec: &StageSpec, wf: &Workflow) -> Result<Box<dyn Stage>> {
         init_dir,
         beir,
         use_pairs,
+        pairs,
         init_hash: std::sync::OnceLock::new(),
     }))
 }
@@ -115,6 +123,8 @@ struct Train {
     augment_device: crate::workflow::Device,
     beir: Option<PathBuf>,
     use_pairs: bool,
+    /// The judge and generate stages whose accepted pairs it learns from.
+    pairs: pairs::PairSource,
     init_hash: std::sync::OnceLock<String>,
 }
 
@@ -128,8 +138,8 @@ impl Train {
     async fn examples(&self, ctx: &StageCtx) -> Result<(Vec<Example>, Vec<String>)> {
         let (mut out, mut corpus) = (Vec::new(), Vec::new());
         if self.use_pairs {
-            for (query, positive, doc) in pairs::accepted(&ctx.store).await? {
-                out.push(Example { query, positive, doc, negative: None });
+            for a in pairs::accepted(&ctx.store, &self.pairs).await? {
+                out.push(Example { query: a.query, positive: a.passage, doc: a.document, negative: None });
             }
             corpus.extend(crate::store::documents::live_chunks(&ctx.store).await?.into_iter().map(|c| c.1));
         }
@@ -158,17 +168,15 @@ impl Stage for Train {
         let init = self.init_dir.join("model.safetensors");
         let beir = self.beir.clone();
         let split = self.params.split.clone();
-        let parts = tokio::task::spawn_blocking(move || {
-            let mut parts = vec![sha256_file(&init)];
+        let parts = tokio::task::spawn_blocking(move || -> Result<Vec<String>> {
+            let mut files = vec![init];
             if let Some(b) = beir {
-                for f in ["corpus.jsonl", "queries.jsonl", &format!("qrels/{split}.tsv")] {
-                    parts.push(sha256_file(&b.join(f)));
-                }
+                files.extend(["corpus.jsonl", "queries.jsonl", &format!("qrels/{split}.tsv")].map(|f| b.join(f)));
             }
-            parts
+            files.iter().map(|f| sha256_file(f).map_err(Error::io(f))).collect()
         })
         .await
-        .map_err(Error::task("hashing the training inputs"))?;
+        .map_err(Error::task("hashing the training inputs"))??;
         // The training data fingerprint needs the weights' hash again: keep it rather than re-read 90 MB.
         let _ = self.init_hash.set(parts[0].clone());
         let digest = sha256_hex(parts.join("|").as_bytes());
@@ -336,7 +344,7 @@ impl Train {
             bb.identity,
             texts.len()
         ));
-        let vectors = bb.embed(&self.wf, &ctx.store, ctx.run_id, &self.name, &texts).await?;
+        let vectors = bb.embed(&self.wf, &ctx.store, &ctx.account(), &texts).await?;
         if let Some(usage) = bb.usage() {
             crate::store::runs::set_llm_usage(&ctx.store, ctx.stage_run_id, &usage).await?;
         }
@@ -385,12 +393,15 @@ impl Train {
             Some(m) => {
                 ctx.progress.log(&format!("continuing from the promoted model {} ({})", m.id, m.path));
                 let weights = PathBuf::from(&m.path).join("model.safetensors");
-                let hash = sha256_file(&weights);
+                let hash = sha256_file(&weights).map_err(Error::io(&weights))?;
                 Start { parent: Some(m), weights, hash }
             }
             None => {
                 let weights = self.init_dir.join("model.safetensors");
-                let hash = self.init_hash.get().cloned().unwrap_or_else(|| sha256_file(&weights));
+                let hash = match self.init_hash.get() {
+                    Some(h) => h.clone(),
+                    None => sha256_file(&weights).map_err(Error::io(&weights))?,
+                };
                 Start { parent: None, weights, hash }
             }
         })

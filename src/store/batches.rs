@@ -3,7 +3,8 @@
 
 use sqlx::FromRow;
 
-use super::{Store, now_ms};
+use super::states::BatchState;
+use super::{AtStore, Store, now_ms};
 use crate::error::Result;
 
 #[derive(Debug, Clone, FromRow, serde::Serialize)]
@@ -13,7 +14,7 @@ pub struct BatchRow {
     pub stage: String,
     pub base_url: String,
     pub model: String,
-    pub status: String,
+    pub status: BatchState,
     pub input_file_id: Option<String>,
     pub batch_id: Option<String>,
     pub output_file_id: Option<String>,
@@ -31,12 +32,12 @@ pub struct BatchRow {
 impl BatchRow {
     /// Whether the API will do no more with it (its answers may still wait to be read).
     pub fn finished(&self) -> bool {
-        matches!(self.status.as_str(), "completed" | "failed" | "expired" | "cancelled")
+        self.status.finished()
     }
 
     /// Whether flow is done with it: its answers read, or nothing was ever created from it.
     pub fn closed(&self) -> bool {
-        self.ingested_at.is_some() || self.status == "abandoned"
+        self.ingested_at.is_some() || self.status == BatchState::Abandoned
     }
 }
 
@@ -51,7 +52,7 @@ pub struct NewBatch<'a> {
 }
 
 pub async fn insert(store: &Store, b: &NewBatch<'_>) -> Result<i64> {
-    let mut tx = store.pool.begin().await?;
+    let mut tx = store.pool.begin().await.at(store)?;
     let now = now_ms();
     let id: i64 = sqlx::query_scalar(
         "INSERT INTO batches (run_id, stage, base_url, model, status, requests, bytes, created_at, updated_at)
@@ -66,21 +67,23 @@ pub async fn insert(store: &Store, b: &NewBatch<'_>) -> Result<i64> {
     .bind(now)
     .bind(now)
     .fetch_one(&mut *tx)
-    .await?;
+    .await
+    .at(store)?;
     for h in b.hashes {
         sqlx::query("INSERT OR IGNORE INTO batch_requests (batch_row, request_hash) VALUES (?, ?)")
             .bind(id)
             .bind(h)
             .execute(&mut *tx)
-            .await?;
+            .await
+            .at(store)?;
     }
-    tx.commit().await?;
+    tx.commit().await.at(store)?;
     Ok(id)
 }
 
 /// Batches of this stage and endpoint whose answers are not all read yet, oldest first.
 pub async fn open(store: &Store, stage: &str, base_url: &str, model: &str) -> Result<Vec<BatchRow>> {
-    Ok(sqlx::query_as(
+    sqlx::query_as(
         "SELECT * FROM batches WHERE stage = ? AND base_url = ? AND model = ? AND ingested_at IS NULL
            AND status != 'abandoned' ORDER BY id",
     )
@@ -88,18 +91,20 @@ pub async fn open(store: &Store, stage: &str, base_url: &str, model: &str) -> Re
     .bind(base_url)
     .bind(model)
     .fetch_all(&store.pool)
-    .await?)
+    .await
+    .at(store)
 }
 
 pub async fn get(store: &Store, row: i64) -> Result<BatchRow> {
-    Ok(sqlx::query_as("SELECT * FROM batches WHERE id = ?").bind(row).fetch_one(&store.pool).await?)
+    sqlx::query_as("SELECT * FROM batches WHERE id = ?").bind(row).fetch_one(&store.pool).await.at(store)
 }
 
 pub async fn hashes(store: &Store, row: i64) -> Result<Vec<String>> {
-    Ok(sqlx::query_scalar("SELECT request_hash FROM batch_requests WHERE batch_row = ? ORDER BY request_hash")
+    sqlx::query_scalar("SELECT request_hash FROM batch_requests WHERE batch_row = ? ORDER BY request_hash")
         .bind(row)
         .fetch_all(&store.pool)
-        .await?)
+        .await
+        .at(store)
 }
 
 pub async fn set_uploaded(store: &Store, row: i64, input_file_id: &str) -> Result<()> {
@@ -108,15 +113,16 @@ pub async fn set_uploaded(store: &Store, row: i64, input_file_id: &str) -> Resul
         .bind(now_ms())
         .bind(row)
         .execute(&store.pool)
-        .await?;
+        .await
+        .at(store)?;
     Ok(())
 }
 
 /// The API's view of a batch: its id, state, files and counts.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Seen {
     pub batch_id: String,
-    pub status: String,
+    pub status: BatchState,
     pub output_file_id: Option<String>,
     pub error_file_id: Option<String>,
     pub completed: i64,
@@ -130,7 +136,7 @@ pub async fn set_seen(store: &Store, row: i64, s: &Seen) -> Result<()> {
             failed = ?, error = ?, updated_at = ? WHERE id = ?",
     )
     .bind(&s.batch_id)
-    .bind(&s.status)
+    .bind(s.status)
     .bind(&s.output_file_id)
     .bind(&s.error_file_id)
     .bind(s.completed)
@@ -139,7 +145,8 @@ pub async fn set_seen(store: &Store, row: i64, s: &Seen) -> Result<()> {
     .bind(now_ms())
     .bind(row)
     .execute(&store.pool)
-    .await?;
+    .await
+    .at(store)?;
     Ok(())
 }
 
@@ -150,7 +157,8 @@ pub async fn adopt(store: &Store, row: i64, run_id: i64) -> Result<()> {
         .bind(now_ms())
         .bind(row)
         .execute(&store.pool)
-        .await?;
+        .await
+        .at(store)?;
     Ok(())
 }
 
@@ -162,7 +170,8 @@ pub async fn set_ingested(store: &Store, row: i64) -> Result<i64> {
         .bind(now)
         .bind(row)
         .execute(&store.pool)
-        .await?;
+        .await
+        .at(store)?;
     Ok(now)
 }
 
@@ -172,11 +181,16 @@ pub async fn abandon(store: &Store, row: i64) -> Result<()> {
         .bind(now_ms())
         .bind(row)
         .execute(&store.pool)
-        .await?;
+        .await
+        .at(store)?;
     Ok(())
 }
 
 /// The batches a run sent, for `flow status`.
 pub async fn of_run(store: &Store, run_id: i64) -> Result<Vec<BatchRow>> {
-    Ok(sqlx::query_as("SELECT * FROM batches WHERE run_id = ? ORDER BY id").bind(run_id).fetch_all(&store.pool).await?)
+    sqlx::query_as("SELECT * FROM batches WHERE run_id = ? ORDER BY id")
+        .bind(run_id)
+        .fetch_all(&store.pool)
+        .await
+        .at(store)
 }

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use sqlx::FromRow;
 
-use super::{Store, now_ms};
+use super::{AtStore, Store, now_ms};
 use crate::digest::sha256_hex;
 use crate::error::Result;
 
@@ -44,14 +44,15 @@ pub async fn state(store: &Store, stage: &str) -> Result<HashMap<String, DocStat
         sqlx::query_as("SELECT id, path, content_hash, chunk_config, status FROM documents WHERE stage = ?")
             .bind(stage)
             .fetch_all(&store.pool)
-            .await?;
+            .await
+            .at(store)?;
     Ok(rows.into_iter().map(|r| (r.path.clone(), r)).collect())
 }
 
 /// Writes a batch of documents and their chunks in one transaction: a killed run keeps whole documents only.
 pub async fn write_batch(store: &Store, stage: &str, docs: &[DocWrite]) -> Result<()> {
     let now = now_ms();
-    let mut tx = store.pool.begin().await?;
+    let mut tx = store.pool.begin().await.at(store)?;
     for d in docs {
         let (status, reason) = match &d.chunks {
             Ok(_) => ("active", None),
@@ -75,13 +76,14 @@ pub async fn write_batch(store: &Store, stage: &str, docs: &[DocWrite]) -> Resul
         .bind(d.bytes)
         .bind(now)
         .fetch_one(&mut *tx)
-        .await?;
+        .await.at(store)?;
 
         let old: Vec<(i64, String)> =
             sqlx::query_as("SELECT id, content_hash FROM chunks WHERE document_id = ? AND retired_at IS NULL")
                 .bind(doc_id)
                 .fetch_all(&mut *tx)
-                .await?;
+                .await
+                .at(store)?;
         let mut reusable: HashMap<String, Vec<i64>> = HashMap::new();
         for (id, hash) in old {
             reusable.entry(hash).or_default().push(id);
@@ -96,7 +98,8 @@ pub async fn write_batch(store: &Store, stage: &str, docs: &[DocWrite]) -> Resul
                     .bind(c.end)
                     .bind(id)
                     .execute(&mut *tx)
-                    .await?;
+                    .await
+                    .at(store)?;
             } else {
                 sqlx::query(
                     "INSERT INTO chunks (document_id, ordinal, text, n_tokens, content_hash, page, start_byte, end_byte)
@@ -111,46 +114,54 @@ pub async fn write_batch(store: &Store, stage: &str, docs: &[DocWrite]) -> Resul
                 .bind(c.start)
                 .bind(c.end)
                 .execute(&mut *tx)
-                .await?;
+                .await.at(store)?;
             }
         }
         for id in reusable.into_values().flatten() {
-            sqlx::query("UPDATE chunks SET retired_at = ? WHERE id = ?").bind(now).bind(id).execute(&mut *tx).await?;
+            sqlx::query("UPDATE chunks SET retired_at = ? WHERE id = ?")
+                .bind(now)
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .at(store)?;
         }
     }
-    tx.commit().await?;
+    tx.commit().await.at(store)?;
     Ok(())
 }
 
 /// Marks documents that are no longer in the corpus as gone and retires their chunks.
 pub async fn mark_gone(store: &Store, ids: &[i64]) -> Result<()> {
     let now = now_ms();
-    let mut tx = store.pool.begin().await?;
+    let mut tx = store.pool.begin().await.at(store)?;
     for id in ids {
         sqlx::query("UPDATE documents SET status = 'gone', updated_at = ? WHERE id = ?")
             .bind(now)
             .bind(id)
             .execute(&mut *tx)
-            .await?;
+            .await
+            .at(store)?;
         sqlx::query("UPDATE chunks SET retired_at = ? WHERE document_id = ? AND retired_at IS NULL")
             .bind(now)
             .bind(id)
             .execute(&mut *tx)
-            .await?;
+            .await
+            .at(store)?;
     }
-    tx.commit().await?;
+    tx.commit().await.at(store)?;
     Ok(())
 }
 
 /// Live chunks of a chunk stage.
 pub async fn count_chunks(store: &Store, stage: &str) -> Result<i64> {
-    Ok(sqlx::query_scalar(
+    sqlx::query_scalar(
         "SELECT COUNT(*) FROM chunks c JOIN documents d ON d.id = c.document_id
          WHERE d.stage = ? AND c.retired_at IS NULL",
     )
     .bind(stage)
     .fetch_one(&store.pool)
-    .await?)
+    .await
+    .at(store)
 }
 
 #[derive(Debug, Clone, FromRow, serde::Serialize)]
@@ -160,20 +171,22 @@ pub struct SkippedDoc {
 }
 
 pub async fn skipped(store: &Store, stage: &str) -> Result<Vec<SkippedDoc>> {
-    Ok(sqlx::query_as("SELECT path, skip_reason FROM documents WHERE stage = ? AND status = 'skipped' ORDER BY path")
+    sqlx::query_as("SELECT path, skip_reason FROM documents WHERE stage = ? AND status = 'skipped' ORDER BY path")
         .bind(stage)
         .fetch_all(&store.pool)
-        .await?)
+        .await
+        .at(store)
 }
 
 /// Every live chunk of every active document as (id, text), oldest first: the synthetic eval corpus.
 pub async fn live_chunks(store: &Store) -> Result<Vec<(i64, String)>> {
-    Ok(sqlx::query_as(
+    sqlx::query_as(
         "SELECT c.id, c.text FROM chunks c JOIN documents d ON d.id = c.document_id
          WHERE d.status = 'active' AND c.retired_at IS NULL ORDER BY c.id",
     )
     .fetch_all(&store.pool)
-    .await?)
+    .await
+    .at(store)
 }
 
 /// A live chunk with where it came from: what `flow serve` searches and returns.
@@ -188,12 +201,12 @@ pub struct SourcedChunk {
 
 /// Every live chunk of every active document with its document's path, title and page, oldest first.
 pub async fn live_sourced(store: &Store) -> Result<Vec<SourcedChunk>> {
-    Ok(sqlx::query_as(
+    sqlx::query_as(
         "SELECT c.id, c.text, d.path AS document, d.title, c.page FROM chunks c JOIN documents d ON d.id = c.document_id
          WHERE d.status = 'active' AND c.retired_at IS NULL ORDER BY c.id",
     )
     .fetch_all(&store.pool)
-    .await?)
+    .await.at(store)
 }
 
 /// Changes whenever the set of live chunks does (a chunk added, retired, or its document gone).
@@ -203,6 +216,7 @@ pub async fn live_stamp(store: &Store) -> Result<String> {
                 (SELECT MAX(retired_at) FROM chunks), (SELECT MAX(updated_at) FROM documents)",
     )
     .fetch_one(&store.pool)
-    .await?;
+    .await
+    .at(store)?;
     Ok(format!("{n}|{max_id:?}|{retired:?}|{updated:?}"))
 }

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use super::{Store, now_ms};
+use super::{AtStore, Store, now_ms};
 use crate::error::Result;
 
 /// The stored vectors for those of `hashes` that have one.
@@ -17,7 +17,7 @@ pub async fn lookup(store: &Store, model: &str, hashes: &[String]) -> Result<Has
         for h in part {
             q = q.bind(h);
         }
-        for (hash, blob) in q.fetch_all(&store.pool).await? {
+        for (hash, blob) in q.fetch_all(&store.pool).await.at(store)? {
             out.insert(hash, from_blob(&blob));
         }
     }
@@ -26,7 +26,7 @@ pub async fn lookup(store: &Store, model: &str, hashes: &[String]) -> Result<Has
 
 /// Stores a batch of vectors in one transaction.
 pub async fn insert(store: &Store, model: &str, rows: &[(String, Vec<f32>)]) -> Result<()> {
-    let mut tx = store.pool.begin().await?;
+    let mut tx = store.pool.begin().await.at(store)?;
     let now = now_ms();
     for (hash, v) in rows {
         sqlx::query(
@@ -39,9 +39,10 @@ pub async fn insert(store: &Store, model: &str, rows: &[(String, Vec<f32>)]) -> 
         .bind(to_blob(v))
         .bind(now)
         .execute(&mut *tx)
-        .await?;
+        .await
+        .at(store)?;
     }
-    tx.commit().await?;
+    tx.commit().await.at(store)?;
     Ok(())
 }
 

@@ -3,7 +3,7 @@
 
 use sqlx::FromRow;
 
-use super::{Store, now_ms};
+use super::{AtStore, Store, now_ms};
 use crate::error::Result;
 
 #[derive(Debug, Clone, FromRow, serde::Serialize)]
@@ -54,7 +54,8 @@ pub async fn upsert(store: &Store, r: &NewResult<'_>) -> Result<()> {
     .bind(r.metrics)
     .bind(now_ms())
     .execute(&store.pool)
-    .await?;
+    .await
+    .at(store)?;
     Ok(())
 }
 
@@ -68,7 +69,7 @@ pub async fn previous(
     retriever: &str,
     run_id: i64,
 ) -> Result<Option<EvalRow>> {
-    Ok(sqlx::query_as(&format!(
+    sqlx::query_as(&format!(
         "SELECT {COLUMNS} FROM eval_results WHERE stage = ? AND eval_set = ? AND retriever = ? AND run_id < ?
          ORDER BY run_id DESC LIMIT 1"
     ))
@@ -77,13 +78,14 @@ pub async fn previous(
     .bind(retriever)
     .bind(run_id)
     .fetch_optional(&store.pool)
-    .await?)
+    .await
+    .at(store)
 }
 
 /// The latest result of a stage's retriever on an eval set at or before `run_id` (for the report
 /// and the promotion gate, when the eval stage was up to date in that run).
 pub async fn latest(store: &Store, stage: &str, run_id: i64) -> Result<Vec<EvalRow>> {
-    Ok(sqlx::query_as(&format!(
+    sqlx::query_as(&format!(
         "SELECT {COLUMNS} FROM eval_results WHERE stage = ?1
            AND stage_run_id = (SELECT MAX(stage_run_id) FROM eval_results WHERE stage = ?1 AND run_id <= ?2)
          ORDER BY id"
@@ -91,5 +93,6 @@ pub async fn latest(store: &Store, stage: &str, run_id: i64) -> Result<Vec<EvalR
     .bind(stage)
     .bind(run_id)
     .fetch_all(&store.pool)
-    .await?)
+    .await
+    .at(store)
 }

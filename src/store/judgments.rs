@@ -2,7 +2,8 @@
 
 use sqlx::FromRow;
 
-use super::{Store, now_ms};
+use super::states::Verdict;
+use super::{AtStore, Store, now_ms};
 use crate::error::Result;
 
 #[derive(Debug, Clone, FromRow)]
@@ -18,20 +19,22 @@ pub struct JudgeInput {
 /// them again from their stored scores at `min_score` (a threshold change costs no call). Returns
 /// how many verdicts changed.
 pub async fn activate(store: &Store, stage: &str, settings: &str, min_score: i64) -> Result<u64> {
-    let mut tx = store.pool.begin().await?;
+    let mut tx = store.pool.begin().await.at(store)?;
     sqlx::query("UPDATE judgments SET superseded_at = ? WHERE stage = ? AND settings != ? AND superseded_at IS NULL")
         .bind(now_ms())
         .bind(stage)
         .bind(settings)
         .execute(&mut *tx)
-        .await?;
+        .await
+        .at(store)?;
     sqlx::query(
         "UPDATE judgments SET superseded_at = NULL WHERE stage = ? AND settings = ? AND superseded_at IS NOT NULL",
     )
     .bind(stage)
     .bind(settings)
     .execute(&mut *tx)
-    .await?;
+    .await
+    .at(store)?;
     let changed = sqlx::query(
         "UPDATE judgments SET verdict = CASE WHEN score >= ?3 THEN 'accepted' ELSE 'rejected' END
          WHERE stage = ?1 AND settings = ?2 AND score IS NOT NULL
@@ -41,9 +44,10 @@ pub async fn activate(store: &Store, stage: &str, settings: &str, min_score: i64
     .bind(settings)
     .bind(min_score)
     .execute(&mut *tx)
-    .await?
+    .await
+    .at(store)?
     .rows_affected();
-    tx.commit().await?;
+    tx.commit().await.at(store)?;
     Ok(changed)
 }
 
@@ -77,7 +81,7 @@ async fn pending_of(
     settings: &str,
 ) -> Result<Vec<JudgeInput>> {
     let stages = serde_json::to_string(generate_stages).expect("strings serialise");
-    Ok(sqlx::query_as(
+    sqlx::query_as(
         "SELECT q.id AS query_id, q.text AS query, c.text AS chunk, d.title, d.path
          FROM queries q JOIN chunks c ON c.id = q.chunk_id JOIN documents d ON d.id = c.document_id
          WHERE q.stage IN (SELECT value FROM json_each(?1)) AND q.status = 'kept'
@@ -92,13 +96,14 @@ async fn pending_of(
     .bind(settings)
     .bind(generate_settings)
     .fetch_all(&store.pool)
-    .await?)
+    .await
+    .at(store)
 }
 
 /// Current kept queries of the given generate stages that this judge decided with these settings.
 pub async fn decided(store: &Store, generate_stages: &[String], judge_stage: &str, settings: &str) -> Result<i64> {
     let stages = serde_json::to_string(generate_stages).expect("strings serialise");
-    Ok(sqlx::query_scalar(
+    sqlx::query_scalar(
         "SELECT COUNT(*) FROM queries q JOIN chunks c ON c.id = q.chunk_id JOIN judgments j ON j.query_id = q.id
          WHERE q.stage IN (SELECT value FROM json_each(?1)) AND q.status = 'kept' AND q.superseded_at IS NULL
            AND c.retired_at IS NULL AND j.stage = ?2 AND j.settings = ?3 AND j.verdict IN ('accepted', 'rejected')",
@@ -107,7 +112,8 @@ pub async fn decided(store: &Store, generate_stages: &[String], judge_stage: &st
     .bind(judge_stage)
     .bind(settings)
     .fetch_one(&store.pool)
-    .await?)
+    .await
+    .at(store)
 }
 
 pub struct Judgment<'a> {
@@ -115,7 +121,7 @@ pub struct Judgment<'a> {
     /// Key of the judge settings that made it (its threshold left out).
     pub settings: &'a str,
     pub score: Option<i64>,
-    pub verdict: &'a str,
+    pub verdict: Verdict,
     pub reason: Option<&'a str>,
     pub model: &'a str,
     pub call_id: Option<i64>,
@@ -138,17 +144,17 @@ pub async fn write(store: &Store, stage: &str, j: &Judgment<'_>) -> Result<()> {
     .bind(j.call_id)
     .bind(now_ms())
     .execute(&store.pool)
-    .await?;
+    .await.at(store)?;
     Ok(())
 }
 
 /// Current verdicts of this judge on current queries, by verdict.
 pub async fn verdict_counts(store: &Store, stage: &str) -> Result<Vec<(String, i64)>> {
-    Ok(sqlx::query_as(
+    sqlx::query_as(
         "SELECT j.verdict, COUNT(*) FROM judgments j JOIN queries q ON q.id = j.query_id
          WHERE j.stage = ? AND j.superseded_at IS NULL AND q.superseded_at IS NULL GROUP BY j.verdict ORDER BY j.verdict",
     )
         .bind(stage)
         .fetch_all(&store.pool)
-        .await?)
+        .await.at(store)
 }

@@ -2,7 +2,7 @@
 
 use sqlx::FromRow;
 
-use super::{Store, now_ms};
+use super::{AtStore, Store, now_ms};
 use crate::error::Result;
 
 #[derive(Debug, Clone, FromRow)]
@@ -22,7 +22,7 @@ pub struct CallRow {
 pub struct NewCall<'a> {
     pub request_hash: &'a str,
     pub kind: &'a str,
-    pub provider: &'a str,
+    pub provider: crate::workflow::Provider,
     pub base_url: &'a str,
     pub model: &'a str,
     pub request: &'a str,
@@ -40,18 +40,19 @@ pub struct NewCall<'a> {
 }
 
 pub async fn lookup(store: &Store, hash: &str) -> Result<Option<CallRow>> {
-    Ok(sqlx::query_as(
+    sqlx::query_as(
         "SELECT id, response, text, finish_reason, response_id, prompt_tokens, completion_tokens, attempts, usable
          FROM llm_calls WHERE request_hash = ?",
     )
     .bind(hash)
     .fetch_optional(&store.pool)
-    .await?)
+    .await
+    .at(store)
 }
 
 /// Marks a stored answer as one that did not parse: it is no longer replayed.
 pub async fn mark_unusable(store: &Store, id: i64) -> Result<()> {
-    sqlx::query("UPDATE llm_calls SET usable = 0 WHERE id = ?").bind(id).execute(&store.pool).await?;
+    sqlx::query("UPDATE llm_calls SET usable = 0 WHERE id = ?").bind(id).execute(&store.pool).await.at(store)?;
     Ok(())
 }
 
@@ -89,19 +90,26 @@ pub async fn insert(store: &Store, c: &NewCall<'_>) -> Result<i64> {
     .bind(c.usable)
     .bind(now_ms())
     .fetch_optional(&store.pool)
-    .await?;
+    .await
+    .at(store)?;
     match id {
         Some(id) => Ok(id),
         None => Ok(sqlx::query_scalar("SELECT id FROM llm_calls WHERE request_hash = ?")
             .bind(c.request_hash)
             .fetch_one(&store.pool)
-            .await?),
+            .await
+            .at(store)?),
     }
 }
 
 /// The mean completion tokens of `stage`'s usable chat answers from this model, and how many
 /// answers that is; None before its first.
-pub async fn completion_mean(store: &Store, stage: &str, provider: &str, model: &str) -> Result<Option<(f64, u64)>> {
+pub async fn completion_mean(
+    store: &Store,
+    stage: &str,
+    provider: crate::workflow::Provider,
+    model: &str,
+) -> Result<Option<(f64, u64)>> {
     let (mean, n): (Option<f64>, i64) = sqlx::query_as(
         "SELECT AVG(completion_tokens), COUNT(*) FROM llm_calls
          WHERE kind = 'chat' AND usable = 1 AND stage = ? AND provider = ? AND model = ?",
@@ -110,6 +118,7 @@ pub async fn completion_mean(store: &Store, stage: &str, provider: &str, model: 
     .bind(provider)
     .bind(model)
     .fetch_one(&store.pool)
-    .await?;
+    .await
+    .at(store)?;
     Ok(mean.map(|m| (m, n as u64)))
 }

@@ -12,6 +12,7 @@ pub mod pairs;
 pub mod queries;
 pub mod rag_answers;
 pub mod runs;
+pub mod states;
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -20,6 +21,17 @@ use std::time::Duration;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 
 use crate::error::{Error, Result};
+
+/// Names the store in an SQL error, so `?` keeps the file the error is about.
+pub(crate) trait AtStore<T> {
+    fn at(self, store: &Store) -> Result<T>;
+}
+
+impl<T> AtStore<T> for std::result::Result<T, sqlx::Error> {
+    fn at(self, store: &Store) -> Result<T> {
+        self.map_err(|source| Error::Store { path: store.path.clone(), source })
+    }
+}
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -41,8 +53,9 @@ impl Store {
     /// Opens (creating if needed) and migrates the store at `path`. An existing file is checked
     /// first (SQLite's header, then `PRAGMA quick_check`): a damaged store is named, never rewritten.
     pub async fn open(path: &Path) -> Result<Store> {
+        check_location(path)?;
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
+            std::fs::create_dir_all(dir).map_err(|e| unusable_location(path, &e.to_string()))?;
         }
         let existed = check_header(path)?;
         let opts = options(path)?
@@ -52,8 +65,13 @@ impl Store {
             // a killed process loses nothing that was committed.
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true);
-        let pool =
-            SqlitePoolOptions::new().max_connections(4).connect_with(opts).await.map_err(|e| damaged_or(path, e))?;
+        let pool = SqlitePoolOptions::new().max_connections(4).connect_with(opts).await.map_err(|e| {
+            // SQLITE_CANTOPEN: a folder that cannot hold a database (read-only, /proc, ...).
+            match e.as_database_error().and_then(|d| d.code()).and_then(|c| c.parse::<i32>().ok()) {
+                Some(c) if c & 0xff == 14 => unusable_location(path, &e.to_string()),
+                _ => damaged_or(path, e),
+            }
+        })?;
         if existed {
             quick_check(&pool, path).await?;
         }
@@ -67,6 +85,7 @@ impl Store {
     /// Opens a store that must already exist (for the read-only commands). In a folder that cannot
     /// be written (a read-only mount), it opens read-only: `status`, `runs` and `pairs` still work.
     pub async fn open_existing(path: &Path) -> Result<Store> {
+        check_location(path)?;
         if !path.exists() {
             return Err(Error::bad_input(
                 format!("store {} does not exist yet", path.display()),
@@ -102,6 +121,26 @@ impl Store {
         MIGRATOR.run(&pool).await.map_err(|source| Error::Migrate { path: path.into(), source })?;
         Ok(Store { pool, path: path.into() })
     }
+}
+
+/// A store path that can never be a database file: empty, or an existing folder.
+pub fn check_location(path: &Path) -> Result<()> {
+    if path.as_os_str().is_empty() || path.is_dir() {
+        let what = if path.is_dir() { "is a folder" } else { "is empty" };
+        return Err(Error::bad_input(
+            format!("store {} {what}, not a database file", path.display()),
+            "set `store:` to a file name such as `finance.db` (relative to the workflow file)",
+        ));
+    }
+    Ok(())
+}
+
+/// A store that cannot be created where `store:` points.
+pub fn unusable_location(path: &Path, why: &str) -> Error {
+    Error::bad_input(
+        format!("cannot create the store {}: {why}", path.display()),
+        "point `store:` at a file in a folder you can write (relative to the workflow file)",
+    )
 }
 
 fn options(path: &Path) -> Result<SqliteConnectOptions> {

@@ -1,7 +1,8 @@
 //! SQL for `models` (trained augment models, their lineage and status) and `train_curves` (loss per
 //! step and validation metrics per epoch).
 
-use super::{Store, now_ms};
+use super::states::ModelStatus;
+use super::{AtStore, Store, now_ms};
 use crate::error::Result;
 
 pub struct NewModel<'a> {
@@ -25,7 +26,7 @@ pub struct NewModel<'a> {
 }
 
 pub async fn insert(store: &Store, m: &NewModel<'_>) -> Result<i64> {
-    Ok(sqlx::query_scalar(
+    sqlx::query_scalar(
         "INSERT INTO models (stage, run_id, stage_run_id, path, parent, retriever, black_box, weight,
             data_fingerprint, metrics, parent_id, alpha, black_box_alpha, improved, created_at)
          VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
@@ -46,7 +47,8 @@ pub async fn insert(store: &Store, m: &NewModel<'_>) -> Result<i64> {
     .bind(m.improved)
     .bind(now_ms())
     .fetch_one(&store.pool)
-    .await?)
+    .await
+    .at(store)
 }
 
 /// One point of a training curve; a repeated step (after a resume) replaces the earlier value.
@@ -69,7 +71,8 @@ pub async fn add_curve_point(
     .bind(value)
     .bind(extra.to_string())
     .execute(&store.pool)
-    .await?;
+    .await
+    .at(store)?;
     Ok(())
 }
 
@@ -85,7 +88,7 @@ pub struct ModelRow {
     pub weight: f64,
     pub data_fingerprint: String,
     pub metrics: String,
-    pub status: String,
+    pub status: ModelStatus,
     pub status_reason: Option<String>,
     pub created_at: i64,
     pub parent_id: Option<i64>,
@@ -105,12 +108,17 @@ pub async fn latest(store: &Store, stages: &[String], retriever: &str) -> Result
 
 /// The promoted model for `retriever` among `stages` (any stage when empty).
 pub async fn promoted(store: &Store, stages: &[String], retriever: &str) -> Result<Option<ModelRow>> {
-    newest(store, stages, retriever, Some("promoted")).await
+    newest(store, stages, retriever, Some(ModelStatus::Promoted)).await
 }
 
-async fn newest(store: &Store, stages: &[String], retriever: &str, status: Option<&str>) -> Result<Option<ModelRow>> {
+async fn newest(
+    store: &Store,
+    stages: &[String],
+    retriever: &str,
+    status: Option<ModelStatus>,
+) -> Result<Option<ModelRow>> {
     let stages = serde_json::to_string(stages).expect("strings serialise");
-    Ok(sqlx::query_as(&format!(
+    sqlx::query_as(&format!(
         "SELECT {MODEL_COLUMNS} FROM models WHERE retriever = ?1 AND (?3 IS NULL OR status = ?3)
            AND (json_array_length(?2) = 0 OR stage IN (SELECT value FROM json_each(?2)))
          ORDER BY id DESC LIMIT 1"
@@ -119,7 +127,8 @@ async fn newest(store: &Store, stages: &[String], retriever: &str, status: Optio
     .bind(stages)
     .bind(status)
     .fetch_optional(&store.pool)
-    .await?)
+    .await
+    .at(store)
 }
 
 /// The curve of `kind` ("loss" or "validation") from the newest run, at or before `run_id`, in
@@ -130,7 +139,7 @@ pub async fn curve(
     run_id: i64,
     kind: &str,
 ) -> Result<Vec<(i64, i64, f64, Option<String>)>> {
-    Ok(sqlx::query_as(
+    sqlx::query_as(
         "SELECT c.step, c.epoch, c.value, c.extra FROM train_curves c
          WHERE c.kind = ?3 AND c.stage_run_id = (
             SELECT MAX(s.id) FROM stage_runs s JOIN train_curves t ON t.stage_run_id = s.id
@@ -141,46 +150,51 @@ pub async fn curve(
     .bind(run_id)
     .bind(kind)
     .fetch_all(&store.pool)
-    .await?)
+    .await
+    .at(store)
 }
 
 pub async fn get(store: &Store, id: i64) -> Result<Option<ModelRow>> {
-    Ok(sqlx::query_as(&format!("SELECT {MODEL_COLUMNS} FROM models WHERE id = ?"))
+    sqlx::query_as(&format!("SELECT {MODEL_COLUMNS} FROM models WHERE id = ?"))
         .bind(id)
         .fetch_optional(&store.pool)
-        .await?)
+        .await
+        .at(store)
 }
 
 /// Every model, oldest first.
 pub async fn list(store: &Store) -> Result<Vec<ModelRow>> {
-    Ok(sqlx::query_as(&format!("SELECT {MODEL_COLUMNS} FROM models ORDER BY id")).fetch_all(&store.pool).await?)
+    sqlx::query_as(&format!("SELECT {MODEL_COLUMNS} FROM models ORDER BY id")).fetch_all(&store.pool).await.at(store)
 }
 
 /// Promotes model `id` and retires the model it replaces (the promoted one of the same stage and
 /// retriever), in one transaction.
 pub async fn promote(store: &Store, id: i64, reason: &str, gate: Option<&str>) -> Result<Option<i64>> {
-    let mut tx = store.pool.begin().await?;
+    let mut tx = store.pool.begin().await.at(store)?;
     let replaced: Option<i64> = sqlx::query_scalar(
         "SELECT o.id FROM models o JOIN models m ON m.id = ?1
          WHERE o.stage = m.stage AND o.retriever = m.retriever AND o.status = 'promoted' AND o.id != m.id",
     )
     .bind(id)
     .fetch_optional(&mut *tx)
-    .await?;
+    .await
+    .at(store)?;
     if let Some(old) = replaced {
         sqlx::query("UPDATE models SET status = 'retired', status_reason = ? WHERE id = ?")
             .bind(format!("replaced by model {id}"))
             .bind(old)
             .execute(&mut *tx)
-            .await?;
+            .await
+            .at(store)?;
     }
     sqlx::query("UPDATE models SET status = 'promoted', status_reason = ?, gate = COALESCE(?, gate) WHERE id = ?")
         .bind(reason)
         .bind(gate)
         .bind(id)
         .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
+        .await
+        .at(store)?;
+    tx.commit().await.at(store)?;
     Ok(replaced)
 }
 
@@ -191,6 +205,7 @@ pub async fn keep_candidate(store: &Store, id: i64, reason: &str, gate: &str) ->
         .bind(gate)
         .bind(id)
         .execute(&store.pool)
-        .await?;
+        .await
+        .at(store)?;
     Ok(())
 }

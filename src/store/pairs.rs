@@ -2,7 +2,7 @@
 
 use sqlx::FromRow;
 
-use super::Store;
+use super::{AtStore, Store};
 use crate::error::Result;
 
 #[derive(Debug, Clone, FromRow, serde::Serialize)]
@@ -20,7 +20,7 @@ pub struct PairRow {
 
 /// Pairs, newest first; `run` limits them to queries made during that run, `verdict` to one verdict.
 pub async fn list(store: &Store, run: Option<i64>, verdict: Option<&str>, limit: i64) -> Result<Vec<PairRow>> {
-    Ok(sqlx::query_as(
+    sqlx::query_as(
         "SELECT p.query_id, p.query, p.passage, p.document, p.page, p.score, p.verdict, p.reason, p.generator
          FROM pairs p
          WHERE (?1 IS NULL OR p.verdict = ?1)
@@ -32,14 +32,56 @@ pub async fn list(store: &Store, run: Option<i64>, verdict: Option<&str>, limit:
     .bind(run)
     .bind(limit)
     .fetch_all(&store.pool)
-    .await?)
+    .await
+    .at(store)
 }
 
-/// Every accepted pair as (query, passage, document path), oldest first: what training learns from.
-pub async fn accepted(store: &Store) -> Result<Vec<(String, String, String)>> {
-    Ok(sqlx::query_as("SELECT query, passage, document FROM pairs WHERE verdict = 'accepted' ORDER BY query_id")
-        .fetch_all(&store.pool)
-        .await?)
+/// Where a stage's pairs come from: the judge stages it depends on and the generate stages they
+/// judge. A pair belongs to a stage only through these, so two branches in one workflow never mix.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, serde::Serialize)]
+pub struct PairSource {
+    pub judges: Vec<String>,
+    pub generators: Vec<String>,
+}
+
+impl PairSource {
+    pub fn is_empty(&self) -> bool {
+        self.judges.is_empty()
+    }
+
+    fn bind(&self) -> (String, String) {
+        let json = |v: &[String]| serde_json::to_string(v).expect("strings serialise");
+        (json(&self.judges), json(&self.generators))
+    }
+}
+
+/// An accepted pair: what training learns from.
+#[derive(Debug, Clone, FromRow)]
+pub struct Accepted {
+    pub query: String,
+    pub passage: String,
+    pub chunk_id: i64,
+    pub document: String,
+}
+
+/// Every current query of `from`'s generators that one of its judges accepted, with its live chunk,
+/// oldest first.
+pub async fn accepted(store: &Store, from: &PairSource) -> Result<Vec<Accepted>> {
+    let (judges, generators) = from.bind();
+    sqlx::query_as(
+        "SELECT q.text AS query, c.text AS passage, c.id AS chunk_id, d.path AS document
+         FROM queries q JOIN chunks c ON c.id = q.chunk_id JOIN documents d ON d.id = c.document_id
+         WHERE q.status = 'kept' AND q.superseded_at IS NULL AND c.retired_at IS NULL
+           AND q.stage IN (SELECT value FROM json_each(?2))
+           AND EXISTS (SELECT 1 FROM judgments j WHERE j.query_id = q.id AND j.superseded_at IS NULL
+                       AND j.verdict = 'accepted' AND j.stage IN (SELECT value FROM json_each(?1)))
+         ORDER BY q.id",
+    )
+    .bind(judges)
+    .bind(generators)
+    .fetch_all(&store.pool)
+    .await
+    .at(store)
 }
 
 #[derive(Debug, Clone, FromRow)]
@@ -52,9 +94,24 @@ pub struct EvalPair {
     pub verdict: String,
 }
 
-/// Every live pair with its chunk and verdict, oldest first: what the synthetic eval set is drawn from.
-pub async fn all(store: &Store) -> Result<Vec<EvalPair>> {
-    Ok(sqlx::query_as("SELECT query_id, query, passage, chunk_id, document, verdict FROM pairs ORDER BY query_id")
-        .fetch_all(&store.pool)
-        .await?)
+/// Every current query of `from`'s generators on a live chunk with its verdict from `from`'s judges
+/// (`accepted` where any of them accepted it, `unjudged` where none judged it), oldest first: what
+/// the synthetic eval set is drawn from.
+pub async fn all(store: &Store, from: &PairSource) -> Result<Vec<EvalPair>> {
+    let (judges, generators) = from.bind();
+    sqlx::query_as(
+        "SELECT q.id AS query_id, q.text AS query, c.text AS passage, c.id AS chunk_id, d.path AS document,
+                COALESCE((SELECT j.verdict FROM judgments j WHERE j.query_id = q.id AND j.superseded_at IS NULL
+                            AND j.stage IN (SELECT value FROM json_each(?1))
+                          ORDER BY j.verdict = 'accepted' DESC, j.id LIMIT 1), 'unjudged') AS verdict
+         FROM queries q JOIN chunks c ON c.id = q.chunk_id JOIN documents d ON d.id = c.document_id
+         WHERE q.status = 'kept' AND q.superseded_at IS NULL AND c.retired_at IS NULL
+           AND q.stage IN (SELECT value FROM json_each(?2))
+         ORDER BY q.id",
+    )
+    .bind(judges)
+    .bind(generators)
+    .fetch_all(&store.pool)
+    .await
+    .at(store)
 }

@@ -3,7 +3,7 @@
 
 use sqlx::FromRow;
 
-use super::{Store, now_ms};
+use super::{AtStore, Store, now_ms};
 use crate::error::Result;
 
 pub struct NewAnswer<'a> {
@@ -47,17 +47,19 @@ pub async fn insert(store: &Store, a: &NewAnswer<'_>) -> Result<()> {
     .bind(a.grade_call)
     .bind(now_ms())
     .execute(&store.pool)
-    .await?;
+    .await
+    .at(store)?;
     Ok(())
 }
 
 /// (retriever, question id) of the answers a stage run already has graded: a resumed run skips them
 /// and tries the failed ones again.
 pub async fn done(store: &Store, stage_run_id: i64) -> Result<Vec<(String, String)>> {
-    Ok(sqlx::query_as("SELECT retriever, question_id FROM rag_answers WHERE stage_run_id = ? AND grade != 'failed'")
+    sqlx::query_as("SELECT retriever, question_id FROM rag_answers WHERE stage_run_id = ? AND grade != 'failed'")
         .bind(stage_run_id)
         .fetch_all(&store.pool)
-        .await?)
+        .await
+        .at(store)
 }
 
 #[derive(Debug, Clone, FromRow, serde::Serialize)]
@@ -88,14 +90,15 @@ impl Tally {
 
 /// Grade counts per retriever of a stage run.
 pub async fn tally(store: &Store, stage_run_id: i64) -> Result<Vec<Tally>> {
-    Ok(sqlx::query_as(
+    sqlx::query_as(
         "SELECT stage, retriever, SUM(grade = 'correct') AS correct, SUM(grade = 'incorrect') AS incorrect,
                 SUM(grade = 'failed') AS failed, SUM(hit) AS hits
          FROM rag_answers WHERE stage_run_id = ? GROUP BY stage, retriever ORDER BY MIN(id)",
     )
     .bind(stage_run_id)
     .fetch_all(&store.pool)
-    .await?)
+    .await
+    .at(store)
 }
 
 #[derive(Debug, Clone, FromRow, serde::Serialize)]
@@ -120,7 +123,7 @@ pub async fn list(
     grade: Option<&str>,
     limit: i64,
 ) -> Result<Vec<AnswerRow>> {
-    Ok(sqlx::query_as(
+    sqlx::query_as(
         "SELECT run_id, stage, retriever, question_id, question, passages, hit, answer, grade, reason
          FROM rag_answers
          WHERE (?1 IS NULL OR run_id = ?1) AND (?2 IS NULL OR retriever = ?2) AND (?3 IS NULL OR grade = ?3)
@@ -131,14 +134,16 @@ pub async fn list(
     .bind(grade)
     .bind(limit)
     .fetch_all(&store.pool)
-    .await?)
+    .await
+    .at(store)
 }
 
 /// The stage run of `stage`, at or before `run_id`, that answered most recently.
 pub async fn latest_stage_run(store: &Store, stage: &str, run_id: i64) -> Result<Option<i64>> {
-    Ok(sqlx::query_scalar("SELECT MAX(stage_run_id) FROM rag_answers WHERE stage = ? AND run_id <= ?")
+    sqlx::query_scalar("SELECT MAX(stage_run_id) FROM rag_answers WHERE stage = ? AND run_id <= ?")
         .bind(stage)
         .bind(run_id)
         .fetch_one(&store.pool)
-        .await?)
+        .await
+        .at(store)
 }

@@ -2,7 +2,8 @@
 
 use sqlx::FromRow;
 
-use super::{Store, now_ms};
+use super::states::{RunStatus, StageStatus};
+use super::{AtStore, Store, now_ms};
 use crate::error::Result;
 
 #[derive(Debug, Clone, FromRow, serde::Serialize)]
@@ -10,7 +11,7 @@ pub struct RunRow {
     pub id: i64,
     pub workflow: String,
     pub workflow_path: String,
-    pub status: String,
+    pub status: RunStatus,
     pub args: String,
     pub pid: Option<i64>,
     pub started_at: i64,
@@ -22,8 +23,8 @@ pub struct RunRow {
 impl RunRow {
     /// `stopped (budget)` for a run a budget stopped, else the stored status.
     pub fn shown_status(&self) -> String {
-        match (&*self.status, &self.stop_reason) {
-            ("interrupted", Some(r)) if r.starts_with("budget") => "stopped (budget)".into(),
+        match (self.status, &self.stop_reason) {
+            (RunStatus::Interrupted, Some(r)) if r.starts_with("budget") => "stopped (budget)".into(),
             (s, _) => s.to_string(),
         }
     }
@@ -36,7 +37,7 @@ pub struct StageRunRow {
     pub stage: String,
     pub kind: String,
     pub fingerprint: String,
-    pub status: String,
+    pub status: StageStatus,
     pub items_total: i64,
     pub items_done: i64,
     pub items_cached: i64,
@@ -103,15 +104,17 @@ pub struct Counts {
 
 pub async fn create(store: &Store, workflow: &str, path: &str, args: &str) -> Result<i64> {
     let id = sqlx::query(
-        "INSERT INTO runs (workflow, workflow_path, status, args, pid, started_at) VALUES (?, ?, 'running', ?, ?, ?)",
+        "INSERT INTO runs (workflow, workflow_path, status, args, pid, started_at) VALUES (?, ?, ?, ?, ?, ?)",
     )
     .bind(workflow)
     .bind(path)
+    .bind(RunStatus::Running)
     .bind(args)
     .bind(std::process::id() as i64)
     .bind(now_ms())
     .execute(&store.pool)
-    .await?
+    .await
+    .at(store)?
     .last_insert_rowid();
     Ok(id)
 }
@@ -121,60 +124,70 @@ pub async fn reopen(store: &Store, id: i64) -> Result<()> {
         .bind(std::process::id() as i64)
         .bind(id)
         .execute(&store.pool)
-        .await?;
+        .await
+        .at(store)?;
     Ok(())
 }
 
-pub async fn finish(store: &Store, id: i64, status: &str, stop_reason: Option<&str>) -> Result<()> {
+pub async fn finish(store: &Store, id: i64, status: RunStatus, stop_reason: Option<&str>) -> Result<()> {
     sqlx::query("UPDATE runs SET status = ?, finished_at = ?, stop_reason = ? WHERE id = ?")
         .bind(status)
         .bind(now_ms())
         .bind(stop_reason)
         .bind(id)
         .execute(&store.pool)
-        .await?;
+        .await
+        .at(store)?;
     Ok(())
 }
 
 /// Called with the run lock held: anything still marked running was left by a process that died.
 pub async fn mark_interrupted(store: &Store) -> Result<u64> {
-    let mut tx = store.pool.begin().await?;
+    let mut tx = store.pool.begin().await.at(store)?;
     let n = sqlx::query("UPDATE runs SET status = 'interrupted' WHERE status = 'running'")
         .execute(&mut *tx)
-        .await?
+        .await
+        .at(store)?
         .rows_affected();
     sqlx::query("UPDATE stage_runs SET status = 'interrupted' WHERE status IN ('running', 'pending')")
         .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
+        .await
+        .at(store)?;
+    tx.commit().await.at(store)?;
     Ok(n)
 }
 
 pub async fn get(store: &Store, id: i64) -> Result<Option<RunRow>> {
-    Ok(sqlx::query_as("SELECT * FROM runs WHERE id = ?").bind(id).fetch_optional(&store.pool).await?)
+    sqlx::query_as("SELECT * FROM runs WHERE id = ?").bind(id).fetch_optional(&store.pool).await.at(store)
 }
 
 pub async fn latest(store: &Store) -> Result<Option<RunRow>> {
-    Ok(sqlx::query_as("SELECT * FROM runs ORDER BY id DESC LIMIT 1").fetch_optional(&store.pool).await?)
+    sqlx::query_as("SELECT * FROM runs ORDER BY id DESC LIMIT 1").fetch_optional(&store.pool).await.at(store)
 }
 
 pub async fn latest_unfinished(store: &Store) -> Result<Option<RunRow>> {
-    Ok(sqlx::query_as(
-        "SELECT * FROM runs WHERE status IN ('failed', 'interrupted', 'running') ORDER BY id DESC LIMIT 1",
-    )
-    .fetch_optional(&store.pool)
-    .await?)
+    sqlx::query_as("SELECT * FROM runs WHERE status IN ('failed', 'interrupted', 'running') ORDER BY id DESC LIMIT 1")
+        .fetch_optional(&store.pool)
+        .await
+        .at(store)
 }
 
 pub async fn list(store: &Store, limit: i64) -> Result<Vec<RunRow>> {
-    Ok(sqlx::query_as("SELECT * FROM runs ORDER BY id DESC LIMIT ?").bind(limit).fetch_all(&store.pool).await?)
+    sqlx::query_as("SELECT * FROM runs ORDER BY id DESC LIMIT ?").bind(limit).fetch_all(&store.pool).await.at(store)
 }
 
 /// Records a stage's state in a run. A later attempt of the same run (a resume) starts its counts
 /// afresh and adds the earlier attempt's LLM usage to the `earlier_*` totals.
-pub async fn set_stage(store: &Store, run_id: i64, stage: &str, kind: &str, fp: &str, status: &str) -> Result<i64> {
+pub async fn set_stage(
+    store: &Store,
+    run_id: i64,
+    stage: &str,
+    kind: &str,
+    fp: &str,
+    status: StageStatus,
+) -> Result<i64> {
     let now = now_ms();
-    let running = status == "running";
+    let running = status == StageStatus::Running;
     let id = sqlx::query_scalar(
         "INSERT INTO stage_runs (run_id, stage, kind, fingerprint, status, started_at, finished_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
@@ -201,7 +214,8 @@ pub async fn set_stage(store: &Store, run_id: i64, stage: &str, kind: &str, fp: 
     .bind(now)
     .bind(if running { None } else { Some(now) })
     .fetch_one(&store.pool)
-    .await?;
+    .await
+    .at(store)?;
     Ok(id)
 }
 
@@ -219,14 +233,15 @@ pub async fn update_counts(store: &Store, id: i64, c: Counts) -> Result<()> {
     .bind(c.failed)
     .bind(id)
     .execute(&store.pool)
-    .await?;
+    .await
+    .at(store)?;
     Ok(())
 }
 
 pub async fn finish_stage(
     store: &Store,
     id: i64,
-    status: &str,
+    status: StageStatus,
     c: Counts,
     summary: Option<&str>,
     error: Option<&str>,
@@ -246,7 +261,8 @@ pub async fn finish_stage(
     .bind(now_ms())
     .bind(id)
     .execute(&store.pool)
-    .await?;
+    .await
+    .at(store)?;
     Ok(())
 }
 
@@ -262,7 +278,8 @@ pub async fn find_succeeded(store: &Store, stage: &str, fp: &str) -> Result<Opti
     )
     .bind(stage)
     .fetch_optional(&store.pool)
-    .await?;
+    .await
+    .at(store)?;
     let Some((newest_fp, newest_run)) = newest.filter(|(f, _)| f == fp) else { return Ok(None) };
     let made_in: Option<i64> = sqlx::query_scalar(
         "SELECT run_id FROM stage_runs WHERE stage = ? AND fingerprint = ? AND status = 'succeeded'
@@ -271,26 +288,29 @@ pub async fn find_succeeded(store: &Store, stage: &str, fp: &str) -> Result<Opti
     .bind(stage)
     .bind(&newest_fp)
     .fetch_optional(&store.pool)
-    .await?;
+    .await
+    .at(store)?;
     Ok(Some(made_in.unwrap_or(newest_run)))
 }
 
 /// The fingerprint of the newest successful (or up-to-date) result of `stage`.
 pub async fn latest_good_fingerprint(store: &Store, stage: &str) -> Result<Option<String>> {
-    Ok(sqlx::query_scalar(
+    sqlx::query_scalar(
         "SELECT fingerprint FROM stage_runs WHERE stage = ? AND status IN ('succeeded', 'up_to_date')
          ORDER BY id DESC LIMIT 1",
     )
     .bind(stage)
     .fetch_optional(&store.pool)
-    .await?)
+    .await
+    .at(store)
 }
 
 pub async fn stages_of(store: &Store, run_id: i64) -> Result<Vec<StageRunRow>> {
-    Ok(sqlx::query_as("SELECT * FROM stage_runs WHERE run_id = ? ORDER BY id")
+    sqlx::query_as("SELECT * FROM stage_runs WHERE run_id = ? ORDER BY id")
         .bind(run_id)
         .fetch_all(&store.pool)
-        .await?)
+        .await
+        .at(store)
 }
 
 /// A stage run's LLM accounting: calls made, answers from the cache, failures, tokens, cost.
@@ -337,7 +357,8 @@ pub async fn set_llm_usage(store: &Store, id: i64, u: &UsageSnapshot) -> Result<
     .bind(u.cost)
     .bind(id)
     .execute(&store.pool)
-    .await?;
+    .await
+    .at(store)?;
     Ok(())
 }
 
@@ -347,7 +368,8 @@ pub async fn set_estimate(store: &Store, id: i64, estimate: &str) -> Result<()> 
         .bind(estimate)
         .bind(id)
         .execute(&store.pool)
-        .await?;
+        .await
+        .at(store)?;
     Ok(())
 }
 
@@ -358,6 +380,7 @@ pub async fn costs(store: &Store) -> Result<std::collections::HashMap<i64, Optio
          FROM stage_runs GROUP BY run_id",
     )
     .fetch_all(&store.pool)
-    .await?;
+    .await
+    .at(store)?;
     Ok(rows.into_iter().map(|(id, cost, priced)| (id, (priced > 0).then_some(cost))).collect())
 }

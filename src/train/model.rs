@@ -204,7 +204,7 @@ pub fn tiny_folder(dir: &Path, words: &[&str]) -> Result<Folder> {
         .vocab(vocab.into_iter().collect())
         .unk_token("[UNK]".into())
         .build()
-        .map_err(|e| Error::internal(format!("building a word-level tokenizer: {e}")))?;
+        .map_err(Error::tokenizer("building a word-level tokenizer"))?;
     let mut tok = tokenizers::Tokenizer::new(model);
     tok.with_pre_tokenizer(Some(Whitespace {}));
     tok.save(dir.join("tokenizer.json"), false)

@@ -14,7 +14,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 pub use crate::diag::{Diagnostic, Diagnostics, did_you_mean};
-pub use models::{BatchSpec, DEFAULT_EMBEDDER, Device, Fallback, Limits, ModelSpec, Price, Provider, RetryPolicy};
+pub use models::{
+    BatchSpec, DEFAULT_EMBEDDER, Device, Fallback, Limits, ModelSpec, Price, Provider, RetryPolicy, check_base_url,
+    shown_url,
+};
 use yaml::{Node, Span};
 
 use crate::dag;
@@ -60,6 +63,24 @@ impl StageSpec {
                 std::any::type_name::<T>()
             ),
         })
+    }
+}
+
+impl Workflow {
+    /// Every stage `stage` reads from, directly or further up its `needs`, nearest first (each once).
+    pub fn upstream(&self, stage: &str) -> Vec<&StageSpec> {
+        let mut out: Vec<&StageSpec> = Vec::new();
+        let mut todo: std::collections::VecDeque<&str> =
+            self.stages.get(stage).map(|s| s.needs.iter().map(String::as_str).collect()).unwrap_or_default();
+        while let Some(name) = todo.pop_front() {
+            let Some(s) = self.stages.get(name) else { continue };
+            if out.iter().any(|o| o.name == s.name) {
+                continue;
+            }
+            todo.extend(s.needs.iter().map(String::as_str));
+            out.push(s);
+        }
+        out
     }
 }
 
@@ -201,6 +222,64 @@ fn check(root: &Node, abs: &Path, kinds: &dyn Kinds, diags: &mut Vec<Diagnostic>
     let mut top = top?;
     models::add_defaults(&mut top.models);
 
+    check_top(root, &top, diags);
+
+    let stages_node = root.get("stages")?;
+    let mut stages = BTreeMap::new();
+    for (name, raw) in &top.stages {
+        let node = stages_node.get(name)?;
+        let key_span = stages_node.key_span(name).unwrap_or_default();
+        if let Some(spec) = check_stage(name, raw, node, key_span, &top.models, kinds, diags) {
+            stages.insert(name.clone(), spec);
+        }
+    }
+    if top.stages.is_empty() {
+        diags.push(
+            Diagnostic::new(stages_node.span(), "`stages` is empty")
+                .hint("add a stage, e.g. `chunk: { kind: chunk, corpus: docs/ }`"),
+        );
+    }
+
+    let edges = check_needs(stages_node, &stages, &top.stages, diags);
+    let order = match dag::order(&edges) {
+        Ok(order) => order,
+        Err(cycle) => {
+            let span = stages_node.key_span(&cycle[0]).unwrap_or_default();
+            diags.push(
+                Diagnostic::new(span, format!("the stages form a cycle: {}", cycle.join(" -> ")))
+                    .hint("remove one of these `needs` so the stages can run in order"),
+            );
+            return None;
+        }
+    };
+    if !diags.is_empty() {
+        return None;
+    }
+    let dir = abs.parent().unwrap_or(Path::new("/")).to_path_buf();
+    Some(Workflow {
+        name: top.name,
+        path: abs.to_path_buf(),
+        store: dir.join(&top.store),
+        dir,
+        schedule: top.schedule,
+        timezone: top.timezone,
+        models: top.models,
+        budget: top.budget,
+        stages,
+        order,
+    })
+}
+
+/// The top-level settings besides models and stages: the cron schedule, its time zone, the run's budget;
+/// and each model entry.
+fn check_top(root: &Node, top: &TopLevel, diags: &mut Vec<Diagnostic>) {
+    if top.store.trim().is_empty() {
+        let span = root.get("store").map(Node::span).unwrap_or_default();
+        diags.push(
+            Diagnostic::new(span, "`store` is empty: it names the SQLite file the run keeps everything in")
+                .hint("e.g. `store: finance.db` (relative to this file)"),
+        );
+    }
     if let Some(expr) = &top.schedule
         && let Err(e) = cron::parse(expr, None)
     {
@@ -230,29 +309,21 @@ fn check(root: &Node, abs: &Path, kinds: &dyn Kinds, diags: &mut Vec<Diagnostic>
         let key = root.get("models").and_then(|m| m.key_span(name)).unwrap_or_default();
         models::check(name, spec, (key, &at), diags);
     }
+}
 
-    let stages_node = root.get("stages")?;
-    let mut stages = BTreeMap::new();
-    for (name, raw) in &top.stages {
-        let node = stages_node.get(name)?;
-        let key_span = stages_node.key_span(name).unwrap_or_default();
-        if let Some(spec) = check_stage(name, raw, node, key_span, &top.models, kinds, diags) {
-            stages.insert(name.clone(), spec);
-        }
-    }
-    if top.stages.is_empty() {
-        diags.push(
-            Diagnostic::new(stages_node.span(), "`stages` is empty")
-                .hint("add a stage, e.g. `chunk: { kind: chunk, corpus: docs/ }`"),
-        );
-    }
-
-    // `needs` that name no stage, then cycles among the rest.
+/// Each stage's `needs` against the stages there are (a name that is none is reported with a hint):
+/// the edges among known stages, for the cycle check.
+fn check_needs(
+    stages_node: &Node,
+    stages: &BTreeMap<String, StageSpec>,
+    all: &BTreeMap<String, Value>,
+    diags: &mut Vec<Diagnostic>,
+) -> BTreeMap<String, Vec<String>> {
     let mut edges: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for (name, spec) in &stages {
+    for (name, spec) in stages {
         let mut known = Vec::new();
         for (i, need) in spec.needs.iter().enumerate() {
-            if top.stages.contains_key(need) {
+            if all.contains_key(need) {
                 known.push(need.clone());
             } else {
                 let node = stages_node.get(name).and_then(|s| s.get("needs"));
@@ -262,44 +333,16 @@ fn check(root: &Node, abs: &Path, kinds: &dyn Kinds, diags: &mut Vec<Diagnostic>
                 }
                 .unwrap_or_default();
                 let mut d = Diagnostic::new(span, format!("stage `{name}` needs `{need}`, which is not a stage"));
-                d = match did_you_mean(need, top.stages.keys().map(String::as_str)) {
+                d = match did_you_mean(need, all.keys().map(String::as_str)) {
                     Some(s) => d.hint(format!("did you mean `{s}`?")),
-                    None => {
-                        d.hint(format!("stages here: {}", top.stages.keys().cloned().collect::<Vec<_>>().join(", ")))
-                    }
+                    None => d.hint(format!("stages here: {}", all.keys().cloned().collect::<Vec<_>>().join(", "))),
                 };
                 diags.push(d);
             }
         }
         edges.insert(name.clone(), known);
     }
-    let order = match dag::order(&edges) {
-        Ok(order) => order,
-        Err(cycle) => {
-            let span = stages_node.key_span(&cycle[0]).unwrap_or_default();
-            diags.push(
-                Diagnostic::new(span, format!("the stages form a cycle: {}", cycle.join(" -> ")))
-                    .hint("remove one of these `needs` so the stages can run in order"),
-            );
-            return None;
-        }
-    };
-    if !diags.is_empty() {
-        return None;
-    }
-    let dir = abs.parent().unwrap_or(Path::new("/")).to_path_buf();
-    Some(Workflow {
-        name: top.name,
-        path: abs.to_path_buf(),
-        store: dir.join(&top.store),
-        dir,
-        schedule: top.schedule,
-        timezone: top.timezone,
-        models: top.models,
-        budget: top.budget,
-        stages,
-        order,
-    })
+    edges
 }
 
 fn check_stage(

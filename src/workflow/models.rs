@@ -7,11 +7,29 @@ use serde::{Deserialize, Serialize};
 
 use crate::diag::{Diagnostic, Span};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+/// Who runs a model: flow itself, or an OpenAI-compatible server. Stored (in `llm_calls`) and hashed
+/// (in request keys) as the same lowercase text it is written with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize, sqlx::Type)]
 #[serde(rename_all = "lowercase")]
+#[sqlx(rename_all = "lowercase")]
 pub enum Provider {
     Local,
     Openai,
+}
+
+impl Provider {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Provider::Local => "local",
+            Provider::Openai => "openai",
+        }
+    }
+}
+
+impl std::fmt::Display for Provider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// One entry of `models:`: where an LLM or embedding comes from.
@@ -182,25 +200,48 @@ pub(super) fn check(
         }
     }
     if let Some(url) = &spec.base_url
-        && let Err(e) = check_base_url(url)
+        && let Err((e, hint)) = check_base_url(url)
     {
         diags.push(
-            Diagnostic::new(at("base_url"), format!("`models.{name}.base_url` {url:?}: {e}"))
-                .hint("a full http(s) URL of the API root, e.g. http://localhost:8000/v1"),
+            Diagnostic::new(at("base_url"), format!("`models.{name}.base_url` {}: {e}", shown_url(url))).hint(hint),
         );
     }
 }
 
-/// An OpenAI-compatible endpoint's root must be an absolute http(s) URL with a host.
-fn check_base_url(url: &str) -> std::result::Result<(), String> {
-    let u = reqwest::Url::parse(url).map_err(|e| e.to_string())?;
+/// An OpenAI-compatible endpoint's root must be an absolute http(s) URL with a host, and hold no
+/// credentials: the base URL is stored with every call (`llm_calls`) and shown in logs, a key never is.
+pub fn check_base_url(url: &str) -> std::result::Result<(), (String, &'static str)> {
+    let hint = "a full http(s) URL of the API root, e.g. http://localhost:8000/v1";
+    let u = reqwest::Url::parse(url).map_err(|e| (e.to_string(), hint))?;
     if !matches!(u.scheme(), "http" | "https") {
-        return Err(format!("the scheme is `{}`, not http or https", u.scheme()));
+        return Err((format!("the scheme is `{}`, not http or https", u.scheme()), hint));
     }
     if u.host_str().is_none_or(str::is_empty) {
-        return Err("it has no host".into());
+        return Err(("it has no host".into(), hint));
+    }
+    if !u.username().is_empty() || u.password().is_some() {
+        return Err((
+            "it holds credentials (user:password@), which would be stored with every call and shown in logs".into(),
+            "keep the key out of the URL: flow sends the key from the environment variable `api_key_env` names (default OPENAI_API_KEY)",
+        ));
     }
     Ok(())
+}
+
+/// A URL as messages may show it: without any credentials or query (where keys also hide).
+pub fn shown_url(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) => {
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            u.set_query(None);
+            format!("{:?}", u.as_str())
+        }
+        // Not a URL at all: show only its start, in case a key was pasted.
+        Err(_) => {
+            format!("{:?}", url.chars().take(24).collect::<String>() + if url.chars().count() > 24 { "…" } else { "" })
+        }
+    }
 }
 
 /// Dollars per million tokens, from the workflow's optional price table.

@@ -272,7 +272,8 @@ fn embeddings_through_the_client_with_retries_and_cache() {
     rt.block_on(async {
         let store = flow::store::Store::open(&sb.path("t.db")).await.unwrap();
         let provider = flow::llm::embedding_provider(&wf, "llm").unwrap();
-        let client = flow::llm::client(&wf, "llm", provider.identity(), &store, 0, "test").unwrap();
+        let client =
+            flow::llm::client(&wf, "llm", provider.identity(), &store, &flow::llm::Account::outside("test")).unwrap();
         let mut all = Vec::new();
         for batch in 0..20 {
             let texts: Vec<String> = (0..5).map(|i| format!("text {batch} {i}")).collect();

@@ -2,6 +2,7 @@
 //! directly (local models, the loopback server), and `layers` reads the source.
 
 mod batch;
+mod branches;
 mod chunk;
 mod engine;
 mod eval;
@@ -14,6 +15,7 @@ mod openai_server;
 mod plan;
 mod pull;
 mod qwen;
+mod reliable;
 mod robust;
 mod schedule;
 mod serve;

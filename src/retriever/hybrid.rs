@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::retrieve::Kind;
+use super::Kind;
 use crate::error::Result;
 use crate::rank::fuse::{self, Fusion};
 use crate::store::models::ModelRow;
@@ -59,9 +59,17 @@ impl Hybrid {
     /// `p` with the dense side decided from what the train stages upstream train.
     pub fn new(p: &HybridParams, trained: &[Kind]) -> Hybrid {
         let dense = p.dense.unwrap_or_else(|| {
-            [Kind::Mafin, Kind::AugmentOnly].into_iter().find(|k| trained.contains(k)).unwrap_or(Kind::BlackBox)
+            super::TRAINED_DENSE.into_iter().find(|k| trained.contains(k)).unwrap_or(Kind::BlackBox)
         });
         Hybrid { dense, fusion: p.fusion, alpha: p.alpha, alpha_from: p.alpha_from }
+    }
+
+    /// The training retriever whose models `kind` uses, with hybrid's dense side decided.
+    pub fn trained_of(&self, kind: Kind) -> Option<crate::train::Retriever> {
+        match kind {
+            Kind::Hybrid => self.dense.trained(),
+            k => k.trained(),
+        }
     }
 
     /// Whether this fusion can run without a train stage (its alpha needs no validation split).
@@ -95,6 +103,24 @@ impl Chosen {
     }
 }
 
+/// The alpha validation chose for fusing BM25 with `dense`, and the model it is stored with: `model`
+/// is the dense side's model, or for the black box the newest model of the train stages (each
+/// training also chooses the black box's alpha on its split).
+pub fn validated_alpha(dense: Kind, model: Option<&ModelRow>) -> Option<(f64, i64)> {
+    let m = model?;
+    let a = if dense == Kind::BlackBox { m.black_box_alpha } else { m.alpha };
+    a.map(|a| (a, m.id))
+}
+
+impl Chosen {
+    /// RRF in place of a convex fusion whose alpha no validation chose.
+    pub fn rrf_instead(dense: Kind, model: Option<&ModelRow>) -> Chosen {
+        let why = model.map_or("no train stage upstream".to_string(), |m| format!("model {} has none", m.id));
+        let from = format!("rrf, as no alpha was chosen on a validation split ({why})");
+        Chosen { dense: dense.name(), fusion: Fusion::Rrf, alpha: None, from, on_eval_set: false }
+    }
+}
+
 /// Fuses each query's BM25 and dense hits (each side's top `fuse::DEPTH`) into its top `k`, with the
 /// alpha `h` says; `model` is the dense side's model (or, for the black box, the train stage's newest
 /// model, which holds the black box's alpha).
@@ -112,22 +138,16 @@ pub fn fuse(
         (Fusion::Convex, Tunable::Auto, AlphaFrom::EvalSet) => {
             (Some(fuse::best_alpha(bm25, dense, relevant).0), "the eval set (tuned on the test set)".to_string())
         }
-        (Fusion::Convex, Tunable::Auto, AlphaFrom::Validation) => {
-            let stored = model.and_then(|m| if h.dense == Kind::BlackBox { m.black_box_alpha } else { m.alpha });
-            match (stored, model) {
-                (Some(a), Some(m)) => (Some(a), format!("validation (model {})", m.id)),
-                // No validation split chose one (too few pairs to hold any out, or no train stage):
-                // RRF needs no alpha, and the label says it was used instead.
-                (_, m) => {
-                    let why = m.map_or("no train stage upstream".to_string(), |m| format!("model {} has none", m.id));
-                    let hits = fuse::fuse_all(bm25, dense, Fusion::Rrf, 0.0, k);
-                    let from = format!("rrf, as no alpha was chosen on a validation split ({why})");
-                    let chosen =
-                        Chosen { dense: h.dense.name(), fusion: Fusion::Rrf, alpha: None, from, on_eval_set: false };
-                    return Ok((hits, chosen));
-                }
+        (Fusion::Convex, Tunable::Auto, AlphaFrom::Validation) => match validated_alpha(h.dense, model) {
+            Some((a, id)) => (Some(a), format!("validation (model {id})")),
+            // No validation split chose one (too few pairs to hold any out, or no train stage):
+            // RRF needs no alpha, and the label says it was used instead.
+            None => {
+                let hits = fuse::fuse_all(bm25, dense, Fusion::Rrf, 0.0, k);
+                let chosen = Chosen::rrf_instead(h.dense, model);
+                return Ok((hits, chosen));
             }
-        }
+        },
     };
     let hits = fuse::fuse_all(bm25, dense, h.fusion, alpha.unwrap_or(0.0), k);
     let on_eval_set = alpha.is_some() && h.alpha == Tunable::Auto && h.alpha_from == AlphaFrom::EvalSet;
