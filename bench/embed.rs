@@ -1,4 +1,5 @@
-//! Local embedding throughput: `cargo run --release --example embed -- TEXTS.json OUT.f32 [--batch 32] [--max-seq 256] [--model DIR]`
+//! Local embedding throughput: `cargo run --release --example embed -- TEXTS.json OUT.f32 [--batch 32] [--max-seq 256]
+//! [--model DIR] [--precision auto|f32|bf16]`
 //! reads a JSON list of strings, embeds them with the local all-MiniLM-L6-v2 and writes the vectors
 //! (little-endian f32) so the Python side can compare them with sentence-transformers.
 
@@ -18,7 +19,13 @@ fn main() {
         Some(d) => std::path::PathBuf::from(d),
         None => flow::models::models_dir().join("all-MiniLM-L6-v2"),
     };
-    let enc = flow::bert::SentenceEncoder::load(&dir, Some(max_seq), &candle_core::Device::Cpu).unwrap();
+    let precision = match args.iter().position(|a| a == "--precision").and_then(|i| args.get(i + 1)) {
+        Some(p) => serde_json::from_value(serde_json::json!(p)).expect("auto, f32 or bf16"),
+        None => flow::workflow::Precision::Auto,
+    };
+    let products = flow::bert::Products::of(precision).unwrap();
+    eprintln!("products: {}", products.name());
+    let enc = flow::bert::SentenceEncoder::load(&dir, Some(max_seq), &candle_core::Device::Cpu, products).unwrap();
     // Warm-up on one batch, as sentence-transformers' first call also pays its set-up.
     enc.embed(&texts[..batch.min(texts.len())], batch).unwrap();
     let t = Instant::now();

@@ -63,21 +63,60 @@ pub enum QueryStatus {
     OverQuota,
 }
 
-/// Why a candidate query is dropped by the cheap rules, if it is.
+/// The kinds of query generate can ask for: how people search differs, and a retriever trained on
+/// one kind alone learns only that one.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize, sqlx::Type,
+)]
+#[serde(rename_all = "snake_case")]
+#[sqlx(rename_all = "snake_case")]
+pub enum QueryKind {
+    /// A question the passage answers ("What was cloud revenue in 2025?").
+    Question,
+    /// A few search keywords ("cloud revenue 2025 growth").
+    Keywords,
+    /// A statement the passage supports or refutes ("Cloud revenue grew 12% in 2025.").
+    Claim,
+}
+
+impl QueryKind {
+    pub const ALL: [QueryKind; 3] = [QueryKind::Question, QueryKind::Keywords, QueryKind::Claim];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            QueryKind::Question => "question",
+            QueryKind::Keywords => "keywords",
+            QueryKind::Claim => "claim",
+        }
+    }
+}
+
+/// Why a candidate query is dropped by the cheap rules, if it is (a question).
 pub fn rule_violation(q: &str) -> Option<QueryStatus> {
+    rule_violation_of(q, QueryKind::Question)
+}
+
+/// Why a candidate query of `kind` is dropped by the cheap rules, if it is: too short or long for
+/// its kind, leaning on "the passage", or (a question) not a question.
+pub fn rule_violation_of(q: &str, kind: QueryKind) -> Option<QueryStatus> {
     let n = normalise(q);
     let words: Vec<&str> = n.split(' ').filter(|w| !w.is_empty()).collect();
-    if words.len() < 3 {
+    let (min, max) = match kind {
+        QueryKind::Question => (3, 60),
+        QueryKind::Keywords => (2, 16),
+        QueryKind::Claim => (4, 60),
+    };
+    if words.len() < min {
         return Some(QueryStatus::TooShort);
     }
-    if words.len() > 60 {
+    if words.len() > max {
         return Some(QueryStatus::TooLong);
     }
     let padded = format!(" {n} ");
     if CONTEXT_PHRASES.iter().any(|p| padded.contains(&format!(" {p} "))) {
         return Some(QueryStatus::RefersToContext);
     }
-    if !q.trim_end().ends_with('?') && !QUESTION_WORDS.contains(&words[0]) {
+    if kind == QueryKind::Question && !q.trim_end().ends_with('?') && !QUESTION_WORDS.contains(&words[0]) {
         return Some(QueryStatus::NotAQuestion);
     }
     None
@@ -123,7 +162,8 @@ impl DupIndex {
         let mut seen = HashSet::new();
         for key in &keys {
             for &i in self.buckets.get(key).into_iter().flatten() {
-                if seen.insert(i) && jaccard(&words, &self.sets[i]) >= self.threshold {
+                let gone = self.sets[i].is_empty();
+                if seen.insert(i) && !gone && jaccard(&words, &self.sets[i]) >= self.threshold {
                     return Some(QueryStatus::NearDuplicate);
                 }
             }
@@ -135,6 +175,20 @@ impl DupIndex {
         self.sets.push(words);
         self.exact.insert(n);
         None
+    }
+
+    /// Forgets a query added before (one that was not stored after all), so it makes nothing else a
+    /// duplicate.
+    pub fn forget(&mut self, q: &str) {
+        let n = normalise(q);
+        if !self.exact.remove(&n) {
+            return;
+        }
+        let words = content_words(&n);
+        // An emptied set is similar to nothing (a Jaccard of 0), so its bucket entries can stay.
+        if let Some(set) = self.sets.iter_mut().rev().find(|s| **s == words) {
+            set.clear();
+        }
     }
 }
 
@@ -348,6 +402,14 @@ mod tests {
         assert_eq!(rule_violation("What does the passage say about revenue?"), Some(QueryStatus::RefersToContext));
         assert_eq!(rule_violation("According to this document, what is the debt?"), Some(QueryStatus::RefersToContext));
         assert_eq!(rule_violation("Revenue?"), Some(QueryStatus::TooShort));
+        // Keywords and claims are no questions, and have lengths of their own.
+        assert_eq!(rule_violation_of("cloud segment revenue 2025", QueryKind::Keywords), None);
+        assert_eq!(rule_violation_of("revenue", QueryKind::Keywords), Some(QueryStatus::TooShort));
+        assert_eq!(rule_violation_of("Cloud revenue grew 12% in fiscal 2025.", QueryKind::Claim), None);
+        assert_eq!(
+            rule_violation_of("The passage says revenue grew.", QueryKind::Claim),
+            Some(QueryStatus::RefersToContext)
+        );
     }
 
     #[test]
@@ -363,6 +425,8 @@ mod tests {
             Some(QueryStatus::NearDuplicate)
         );
         assert_eq!(ix.check_and_add("What was the 2024 operating margin of the Hardware segment?"), None);
+        ix.forget("What was the 2024 operating margin of the Hardware segment?");
+        assert_eq!(ix.check_and_add("what was the 2024 operating margin of the hardware segment"), None, "forgotten");
         // Many queries sharing common words stay distinct.
         for i in 0..2000 {
             assert_eq!(

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The carry folder for the GPU machine (issue 17 part B), at most 60 MiB: the stripped CUDA binary
-# (xz), a BERT tokenizer and the data of device_run.sh (SciFact abstracts as pairs and texts). The
+# with llama.cpp's libraries (tar.xz), a BERT tokenizer and the data of device_run.sh (SciFact abstracts as pairs and texts). The
 # weights are made there from a fixed seed (make_weights.py): real ones would not fit.
 #   bash bench/gpu/toolkit.sh && source ~/.cache/flow/cuda13/env.sh
 #   cargo build --release --features cuda --target-dir target/cuda
@@ -17,8 +17,18 @@ C=bench/gpu/carry
 rm -rf "$C"
 mkdir -p "$C"
 T=$(mktemp -d)
-strip -o "$T/flow" "$BIN"
-xz -T2 -9 -c "$T/flow" > "$C/flow.xz"
+# The binary links llama.cpp's shared libraries (found beside it through its $ORIGIN rpath) and
+# loads its CPU kernels from the libggml-cpu-*.so beside it.
+LLAMA=$(dirname "$(ls -t "$(dirname "$BIN")"/build/llama-cpp-sys-2-*/out/lib/libllama.so | head -1)")
+mkdir -p "$T/bin"
+strip -o "$T/bin/flow" "$BIN"
+for f in "$LLAMA"/lib*.so.*.* "$LLAMA"/../backends/libggml-cpu-*.so; do
+  strip -o "$T/bin/$(basename "$f")" "$f"
+done
+for f in "$LLAMA"/lib*.so.?; do
+  ln -s "$(readlink "$f")" "$T/bin/$(basename "$f")"
+done
+tar -C "$T/bin" -cf - . | xz -T2 -9 > "$C/flow.tar.xz"
 mkdir -p "$T/pack/tokenizer"
 for f in tokenizer.json vocab.txt tokenizer_config.json special_tokens_map.json; do
   cp "$TOKENIZER/$f" "$T/pack/tokenizer/"

@@ -23,10 +23,10 @@ log "work dir $W, device $DEVICE, quick $QUICK"
 python3 - "$C" "$W" <<'PY'
 import lzma, os, shutil, sys, tarfile
 c, w = sys.argv[1], sys.argv[2]
-if os.path.exists(os.path.join(c, "flow.xz")):
-    with lzma.open(os.path.join(c, "flow.xz")) as src, open(os.path.join(w, "flow"), "wb") as dst:
-        shutil.copyfileobj(src, dst)
-    os.chmod(os.path.join(w, "flow"), 0o755)
+if os.path.exists(os.path.join(c, "flow.tar.xz")):
+    # flow with llama.cpp's libraries and CPU kernels beside it (its rpath is $ORIGIN).
+    with tarfile.open(os.path.join(c, "flow.tar.xz")) as t:
+        t.extractall(w)
 with tarfile.open(os.path.join(c, "data.tar.xz")) as t:
     t.extractall(w)
 PY

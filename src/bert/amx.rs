@@ -151,14 +151,19 @@ impl PackedB {
 
     /// B read from row-major memory: B[kk][j] = b[kk * ld + j].
     pub fn from_rows(b: &[f32], k: usize, n: usize, ld: usize) -> PackedB {
-        assert!(k == 0 || b.len() >= (k - 1) * ld + n, "matrix shape");
-        Self::pack(k, n, |kk, j| b[kk * ld + j])
+        Self::from_strided(b, k, n, ld, 1)
+    }
+
+    /// B read through strides: B[kk][j] = b[kk * rs + j * cs] (cs = ld, rs = 1 reads a transpose).
+    pub fn from_strided(b: &[f32], k: usize, n: usize, rs: usize, cs: usize) -> PackedB {
+        assert!(k == 0 || n == 0 || b.len() > (k - 1) * rs + (n - 1) * cs, "matrix shape");
+        Self::pack(k, n, |kk, j| b[kk * rs + j * cs])
     }
 
     fn pack(k: usize, n: usize, get: impl Fn(usize, usize) -> f32 + Sync) -> PackedB {
         let (kb, nb) = (k.div_ceil(BLOCK), n.div_ceil(BLOCK));
         let mut data = Aligned::<u16>::zeroed(nb * kb * 2 * TILE);
-        data.par_chunks_mut(kb * 2 * TILE).enumerate().for_each(|(b, block)| {
+        let pack_block = |(b, block): (usize, &mut [u16])| {
             for s in 0..kb {
                 for half in 0..2 {
                     let tile = &mut block[(s * 2 + half) * TILE..][..TILE];
@@ -175,7 +180,13 @@ impl PackedB {
                     }
                 }
             }
-        });
+        };
+        // A weight is packed over every core; attention's small operands inside one task.
+        if n * k >= 1 << 16 {
+            data.par_chunks_mut(kb * 2 * TILE).enumerate().for_each(pack_block);
+        } else {
+            data.chunks_mut(kb * 2 * TILE).enumerate().for_each(pack_block);
+        }
         PackedB { k, n, kb, data }
     }
 
@@ -284,6 +295,9 @@ unsafe fn kernel(a: *const u16, b: *const u16, steps: usize, out: *mut f32) {
 /// Rows `m0..m0+32` of A as one bf16 panel ([K/32][2 halves of 16 rows][16x32]), zero beyond m and k.
 fn convert_panel(a: &Lhs, m0: usize, k: usize, panel: &mut [u16]) {
     let steps = k.div_ceil(BLOCK);
+    if a.rs == 1 && a.cs != 1 {
+        return convert_panel_transposed(a, m0, k, panel);
+    }
     for i in 0..BLOCK {
         let row = m0 + i;
         let (half, r) = (i / 16, i % 16);
@@ -302,6 +316,20 @@ fn convert_panel(a: &Lhs, m0: usize, k: usize, panel: &mut [u16]) {
                     *d = if e < width { bf16(a.a[row * a.rs + (k0 + e) * a.cs]) } else { 0 };
                 }
             }
+        }
+    }
+}
+
+/// The panel of an A stored transposed (A[i][kk] = a[i + kk * cs], e.g. dY^T for a weight's
+/// gradient): read 32 consecutive rows of each stored line, so the reads stay sequential.
+fn convert_panel_transposed(a: &Lhs, m0: usize, k: usize, panel: &mut [u16]) {
+    panel[..k.div_ceil(BLOCK) * 2 * TILE].fill(0);
+    let rows = a.m.saturating_sub(m0).min(BLOCK);
+    for kk in 0..k {
+        let line = &a.a[m0 + kk * a.cs..][..rows];
+        let (s, e) = (kk / BLOCK, kk % BLOCK);
+        for (i, v) in line.iter().enumerate() {
+            panel[((s * 2 + i / 16) * 16 + i % 16) * 32 + e] = bf16(*v);
         }
     }
 }
@@ -345,47 +373,86 @@ unsafe impl Sync for OutPtr {}
 /// 32-row panels over every core. `available()` must be true.
 pub fn matmul(a: &Lhs, b: &PackedB, c: &mut [f32], ldc: usize, out: Out) {
     assert!(available(), "AMX products called where AMX is not available");
-    let (m, n, k) = (a.m, b.n, b.k);
-    assert!(m == 0 || c.len() >= (m - 1) * ldc + n, "output shape");
+    assert!(a.m == 0 || c.len() >= (a.m - 1) * ldc + b.n, "output shape");
     let c = OutPtr(c.as_mut_ptr());
     let steps = b.kb;
-    (0..m.div_ceil(BLOCK)).into_par_iter().for_each_init(
+    (0..a.m.div_ceil(BLOCK)).into_par_iter().for_each_init(
         || (Aligned::<u16>::zeroed(steps.max(1) * 2 * TILE), Aligned::<f32>::zeroed(BLOCK * BLOCK)),
-        |(panel, block), p| {
-            let m0 = p * BLOCK;
-            convert_panel(a, m0, k, panel);
-            configure();
-            for nb in 0..n.div_ceil(BLOCK) {
-                if steps > 0 {
-                    // SAFETY: AMX is configured on this thread; panel and the B block hold `steps`
-                    // steps of two aligned tiles; block holds 32x32 aligned floats.
-                    unsafe { kernel(panel.as_ptr(), b.block(nb), steps, block.as_mut_ptr()) };
-                } else {
-                    block.fill(0.0);
+        // SAFETY: each panel writes its own 32 rows of C, which the assert above keeps inside `c`.
+        |(panel, block), p| unsafe { one_panel(a, b, c, ldc, out, p, panel, block) },
+    );
+}
+
+/// The same product on the calling thread alone (attention's per-head products, each a task of
+/// its own), into C at `c` with row stride `ldc`.
+///
+/// # Safety
+/// `c` must address `a.m` rows of `b.n` floats at stride `ldc` that no other thread touches.
+pub unsafe fn matmul_here(a: &Lhs, b: &PackedB, c: *mut f32, ldc: usize, out: Out) {
+    thread_local! {
+        static BUFS: std::cell::RefCell<(Aligned<u16>, Aligned<f32>)> =
+            std::cell::RefCell::new((Aligned::zeroed(0), Aligned::zeroed(BLOCK * BLOCK)));
+    }
+    BUFS.with_borrow_mut(|(panel, block)| {
+        if panel.len() < b.kb.max(1) * 2 * TILE {
+            *panel = Aligned::zeroed(b.kb.max(1) * 2 * TILE);
+        }
+        for p in 0..a.m.div_ceil(BLOCK) {
+            // SAFETY: forwarded from the caller.
+            unsafe { one_panel(a, b, OutPtr(c), ldc, out, p, panel, block) };
+        }
+    });
+}
+
+/// Rows p*32.. of C: A's panel converted once, then every 32-column block of B.
+///
+/// # Safety
+/// AMX must be available; `c` must address those rows (row stride `ldc`, `b.n` columns), owned by
+/// the caller; `panel` must hold `b.kb` steps of two tiles.
+#[allow(clippy::too_many_arguments)]
+unsafe fn one_panel(
+    a: &Lhs,
+    b: &PackedB,
+    c: OutPtr,
+    ldc: usize,
+    out: Out,
+    p: usize,
+    panel: &mut [u16],
+    block: &mut [f32],
+) {
+    let (m, n, k, steps) = (a.m, b.n, b.k, b.kb);
+    let m0 = p * BLOCK;
+    convert_panel(a, m0, k, panel);
+    configure();
+    for nb in 0..n.div_ceil(BLOCK) {
+        if steps > 0 {
+            // SAFETY: AMX is configured on this thread; panel and the B block hold `steps` steps of
+            // two aligned tiles; block holds 32x32 aligned floats.
+            unsafe { kernel(panel.as_ptr(), b.block(nb), steps, block.as_mut_ptr()) };
+        } else {
+            block.fill(0.0);
+        }
+        let (rows, cols) = ((m - m0).min(BLOCK), (n - nb * BLOCK).min(BLOCK));
+        for r in 0..rows {
+            let src = &block[r * BLOCK..][..cols];
+            // SAFETY: row m0 + r of C belongs to the caller; columns nb*32.. are inside n.
+            let dst = unsafe { std::slice::from_raw_parts_mut(c.0.add((m0 + r) * ldc + nb * BLOCK), cols) };
+            match out {
+                Out::Store => dst.copy_from_slice(src),
+                Out::Bias(bias) => {
+                    for ((d, s), b) in dst.iter_mut().zip(src).zip(&bias[nb * BLOCK..]) {
+                        *d = s + b;
+                    }
                 }
-                let (rows, cols) = ((m - m0).min(BLOCK), (n - nb * BLOCK).min(BLOCK));
-                for r in 0..rows {
-                    let src = &block[r * BLOCK..][..cols];
-                    // SAFETY: row m0 + r of C belongs to this task; columns nb*32.. are inside n.
-                    let dst = unsafe { std::slice::from_raw_parts_mut(c.0.add((m0 + r) * ldc + nb * BLOCK), cols) };
-                    match out {
-                        Out::Store => dst.copy_from_slice(src),
-                        Out::Bias(bias) => {
-                            for ((d, s), b) in dst.iter_mut().zip(src).zip(&bias[nb * BLOCK..]) {
-                                *d = s + b;
-                            }
-                        }
-                        Out::Add => {
-                            for (d, s) in dst.iter_mut().zip(src) {
-                                *d += s;
-                            }
-                        }
+                Out::Add => {
+                    for (d, s) in dst.iter_mut().zip(src) {
+                        *d += s;
                     }
                 }
             }
-            release();
-        },
-    );
+        }
+    }
+    release();
 }
 
 #[cfg(test)]

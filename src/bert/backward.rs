@@ -6,9 +6,11 @@ use std::collections::HashMap;
 use candle_transformers::models::bert::HiddenAct;
 use rayon::prelude::*;
 
+use crate::bert::Products;
+use crate::bert::amx::{self, Lhs, Out, PackedB};
 use crate::bert::dropout::{Dropout, Site};
 use crate::bert::packed::{
-    self as k, CpuBert, ROWS_PER_TASK, SharedMut, activate, attention, dropped_probs, layer_norm_rows, linear, matmul,
+    self as k, CpuBert, ROWS_PER_TASK, SharedMut, Which, activate, attention, dropped_probs, layer_norm_rows, matmul,
     prob_offsets,
 };
 
@@ -82,11 +84,11 @@ pub fn forward(
     for (li, l) in m.layers.iter().enumerate() {
         let x_in = x.clone();
         let mut qkv = vec![0.0; t * 3 * h];
-        linear(&x, h, &l.qkv_w, &l.qkv_b, &mut qkv);
+        l.linear(Which::Qkv, &x, &mut qkv);
         let (mut ctx, mut probs) = (vec![0.0; t * h], vec![0.0; n_probs]);
-        attention(&qkv, lens, h, m.heads, scale, &mut ctx, Some(&mut probs), drop.map(|d| (d, li)));
+        attention(&qkv, lens, h, m.heads, scale, &mut ctx, Some(&mut probs), drop.map(|d| (d, li)), m.products);
         let mut tmp = vec![0.0; t * h];
-        linear(&ctx, h, &l.out_w, &l.out_b, &mut tmp);
+        l.linear(Which::Out, &ctx, &mut tmp);
         if let Some(d) = drop {
             d.apply_packed(Site::AttentionOut(li), &mut tmp, lens, h);
         }
@@ -94,10 +96,10 @@ pub fn forward(
         layer_norm_rows(&mut x, Some(&tmp), &l.ln1, m.eps, Some((&mut xhat1, &mut rstd1)));
         let x_mid = x.clone();
         let mut pre = vec![0.0; t * i];
-        linear(&x, h, &l.inter_w, &l.inter_b, &mut pre);
+        l.linear(Which::Inter, &x, &mut pre);
         let mut act = pre.clone();
         activate(&mut act, m.act);
-        linear(&act, i, &l.down_w, &l.down_b, &mut tmp);
+        l.linear(Which::Down, &act, &mut tmp);
         if let Some(d) = drop {
             d.apply_packed(Site::FeedForwardOut(li), &mut tmp, lens, h);
         }
@@ -108,10 +110,23 @@ pub fn forward(
     Ok((x, Tape { ids: ids.to_vec(), lens: lens.to_vec(), drop: drop.copied(), xhat0, rstd0, layers }))
 }
 
-/// dX [t, k] = dY [t, n] W [n, k]; dW [n, k] = dY^T X; db [n] = column sums of dY.
-fn linear_backward(dy: &[f32], x: &[f32], w: &[f32], n: usize, k: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+/// dX [t, k] = dY [t, n] W [n, k]; dW [n, k] = dY^T X; db [n] = column sums of dY. With bf16
+/// products both run on AMX (bf16 inputs, f32 sums), as PyTorch's autocast runs them.
+fn linear_backward(
+    dy: &[f32],
+    x: &[f32],
+    w: &[f32],
+    (n, k): (usize, usize),
+    products: Products,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let t = dy.len() / n;
     let (mut dx, mut dw) = (vec![0.0f32; t * k], vec![0.0f32; n * k]);
+    if products == Products::Bf16 {
+        amx::matmul(&Lhs::rows(dy, t, n), &PackedB::from_rows(w, n, k, k), &mut dx, k, Out::Store);
+        let dy_t = Lhs { a: dy, m: n, rs: 1, cs: n };
+        amx::matmul(&dy_t, &PackedB::from_rows(x, t, k, k), &mut dw, k, Out::Store);
+        return (dx, dw, column_sums(dy, n));
+    }
     // SAFETY: dY [t, n], W [n, k] and X [t, k] are row-major (dY^T read through swapped strides);
     // dX [t, k] and dW [n, k] are fresh buffers of exactly those sizes.
     unsafe {
@@ -206,15 +221,20 @@ pub fn backward(m: &CpuBert, tape: &Tape, mut dy: Vec<f32>) -> FlatGrads {
         grads.insert(name("output.LayerNorm.weight"), dg2);
         grads.insert(name("output.LayerNorm.bias"), db2);
         let drop = tape.drop.as_ref();
-        let (mut dact, dwd, dbd) =
-            linear_backward(&masked(drop, Site::FeedForwardOut(li), &dr2, lens, h), &tp.act, &l.down_w, h, i);
+        let (mut dact, dwd, dbd) = linear_backward(
+            &masked(drop, Site::FeedForwardOut(li), &dr2, lens, h),
+            &tp.act,
+            &l.down_w,
+            (h, i),
+            m.products,
+        );
         grads.insert(name("output.dense.weight"), dwd);
         grads.insert(name("output.dense.bias"), dbd);
         let act = m.act;
         dact.par_chunks_mut(4096).zip(tp.pre.par_chunks(4096)).for_each(|(d, x)| {
             d.iter_mut().zip(x).for_each(|(d, x)| *d *= gelu_grad(*x, act));
         });
-        let (mut dx_mid, dwi, dbi) = linear_backward(&dact, &tp.x_mid, &l.inter_w, i, h);
+        let (mut dx_mid, dwi, dbi) = linear_backward(&dact, &tp.x_mid, &l.inter_w, (i, h), m.products);
         grads.insert(name("intermediate.dense.weight"), dwi);
         grads.insert(name("intermediate.dense.bias"), dbi);
         add_into(&mut dx_mid, &dr2);
@@ -222,8 +242,13 @@ pub fn backward(m: &CpuBert, tape: &Tape, mut dy: Vec<f32>) -> FlatGrads {
         let (dr1, dg1, db1) = layer_norm_backward(&dx_mid, &tp.xhat1, &tp.rstd1, &l.ln1.0);
         grads.insert(name("attention.output.LayerNorm.weight"), dg1);
         grads.insert(name("attention.output.LayerNorm.bias"), db1);
-        let (dctx, dwo, dbo) =
-            linear_backward(&masked(drop, Site::AttentionOut(li), &dr1, lens, h), &tp.ctx, &l.out_w, h, h);
+        let (dctx, dwo, dbo) = linear_backward(
+            &masked(drop, Site::AttentionOut(li), &dr1, lens, h),
+            &tp.ctx,
+            &l.out_w,
+            (h, h),
+            m.products,
+        );
         grads.insert(name("attention.output.dense.weight"), dwo);
         grads.insert(name("attention.output.dense.bias"), dbo);
 
@@ -273,7 +298,7 @@ pub fn backward(m: &CpuBert, tape: &Tape, mut dy: Vec<f32>) -> FlatGrads {
                 matmul((n, dh, n), out.at(base + h), h3, (dp.as_ptr(), n, 1), (q, 1, h3), scale, false);
             }
         });
-        let (mut dx_in, dwqkv, dbqkv) = linear_backward(&dqkv, &tp.x_in, &l.qkv_w, 3 * h, h);
+        let (mut dx_in, dwqkv, dbqkv) = linear_backward(&dqkv, &tp.x_in, &l.qkv_w, (3 * h, h), m.products);
         for (j, part) in ["query", "key", "value"].iter().enumerate() {
             grads.insert(name(&format!("attention.self.{part}.weight")), dwqkv[j * h * h..(j + 1) * h * h].to_vec());
             grads.insert(name(&format!("attention.self.{part}.bias")), dbqkv[j * h..(j + 1) * h].to_vec());
@@ -313,8 +338,48 @@ mod tests {
     use candle_core::{Device, Tensor};
     use candle_transformers::models::bert::Config;
 
+    /// Each parameter's gradient as (ours, autograd's) for a random BERT of `config` (weights spread
+    /// `spread`) with `products`, and a loss that weighs each hidden state differently.
+    fn ours_and_autograd(
+        config: &Config,
+        spread: f32,
+        lens: &[usize],
+        drop: Option<Dropout>,
+        products: crate::bert::Products,
+    ) -> Vec<(String, Vec<f32>, Vec<f32>)> {
+        let (h, vocab) = (config.hidden_size, config.vocab_size as u32);
+        let (varmap, vb) = random_bert(config, spread);
+        let graph = TrainBert::load(vb.clone(), config).unwrap();
+        let cpu = CpuBert::load(&vb, config).unwrap().with_products(products, false);
+        let max = *lens.iter().max().unwrap();
+        let mut rng = fastrand::Rng::with_seed(3);
+        let seqs: Vec<Vec<u32>> = lens.iter().map(|&n| (0..n).map(|_| rng.u32(0..vocab)).collect()).collect();
+        // A fixed random weight per (token, dimension): loss = sum(w * hidden).
+        let weights: Vec<Vec<f32>> = seqs.iter().map(|s| (0..s.len() * h).map(|_| rng.f32() - 0.5).collect()).collect();
+
+        let (ids_t, mask_t) = padded(&seqs, max);
+        let mut wpad = Vec::new();
+        for (s, w) in seqs.iter().zip(&weights) {
+            wpad.extend(w.iter().copied().chain(std::iter::repeat_n(0.0, (max - s.len()) * h)));
+        }
+        let w_t = Tensor::from_vec(wpad, (lens.len(), max, h), &Device::Cpu).unwrap();
+        let loss = (graph.forward_with(&ids_t, &mask_t, drop.as_ref()).unwrap() * w_t).unwrap().sum_all().unwrap();
+        let want = loss.backward().unwrap();
+
+        let (_, tape) = forward(&cpu, &seqs.concat(), lens, drop.as_ref()).unwrap();
+        let mut got = backward(&cpu, &tape, weights.concat());
+        let vars = varmap.data().lock().unwrap();
+        assert_eq!(got.len(), vars.len(), "a parameter has no gradient");
+        vars.iter()
+            .map(|(name, var)| {
+                let w: Vec<f32> = want.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                (name.clone(), got.remove(name).unwrap(), w)
+            })
+            .collect()
+    }
+
     /// Every parameter's gradient from the hand-written backward pass against candle's autograd
-    /// through the training graph, for a loss that weighs each hidden state differently.
+    /// through the training graph.
     #[test]
     fn gradients_match_autograd() {
         let dropouts = [None, Some(Dropout { p: 0.25, seed: 5, seq_offset: 0 })];
@@ -331,38 +396,44 @@ mod tests {
                 max_position_embeddings: 12,
                 ..Config::default()
             };
-            let (varmap, vb) = random_bert(&config, 0.2);
-            let graph = TrainBert::load(vb.clone(), &config).unwrap();
-            let cpu = CpuBert::load(&vb, &config).unwrap();
-            let lens = [5usize, 9, 3];
-            let max = 9;
-            let mut rng = fastrand::Rng::with_seed(3);
-            let seqs: Vec<Vec<u32>> = lens.iter().map(|&n| (0..n).map(|_| rng.u32(0..30)).collect()).collect();
-            // A fixed random weight per (token, dimension): loss = sum(w * hidden).
-            let weights: Vec<Vec<f32>> =
-                seqs.iter().map(|s| (0..s.len() * 16).map(|_| rng.f32() - 0.5).collect()).collect();
-
-            let (ids_t, mask_t) = padded(&seqs, max);
-            let mut wpad = Vec::new();
-            for (s, w) in seqs.iter().zip(&weights) {
-                wpad.extend(w.iter().copied().chain(std::iter::repeat_n(0.0, (max - s.len()) * 16)));
-            }
-            let w_t = Tensor::from_vec(wpad, (3, max, 16), &Device::Cpu).unwrap();
-            let loss = (graph.forward_with(&ids_t, &mask_t, drop.as_ref()).unwrap() * w_t).unwrap().sum_all().unwrap();
-            let want = loss.backward().unwrap();
-
-            let (_, tape) = forward(&cpu, &seqs.concat(), &lens, drop.as_ref()).unwrap();
-            let got = backward(&cpu, &tape, weights.concat());
-            let vars = varmap.data().lock().unwrap();
-            assert_eq!(got.len(), vars.len(), "a parameter has no gradient");
-            for (name, var) in vars.iter() {
-                let w: Vec<f32> = want.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-                let g = &got[name];
+            for (name, g, w) in ours_and_autograd(&config, 0.2, &[5, 9, 3], drop, crate::bert::Products::F32) {
                 let scale = w.iter().fold(1e-3f32, |a, b| a.max(b.abs()));
                 for (j, (a, b)) in g.iter().zip(&w).enumerate() {
                     assert!((a - b).abs() <= 2e-3 * scale, "{act:?} {drop:?} {name}[{j}]: {a} vs {b} (scale {scale})");
                 }
             }
+        }
+    }
+
+    /// The same backward pass with bf16 products on AMX, against autograd in f32: bf16 keeps 8 bits
+    /// of mantissa, so each gradient is checked by direction (cosine) and by its largest error
+    /// relative to its largest value, at bounds loose enough for bf16 and tight enough that a wrong
+    /// transpose or a missing term fails.
+    #[test]
+    fn bf16_gradients_follow_autograd() {
+        if !crate::bert::amx::available() {
+            eprintln!("skipped: this CPU (or kernel) has no AMX bf16; the f32 path serves it");
+            return;
+        }
+        let config = Config {
+            vocab_size: 40,
+            hidden_size: 64,
+            num_hidden_layers: 2,
+            num_attention_heads: 2,
+            intermediate_size: 96,
+            max_position_embeddings: 40,
+            ..Config::default()
+        };
+        for (name, g, w) in ours_and_autograd(&config, 0.1, &[17, 33, 6], None, crate::bert::Products::Bf16) {
+            let scale = w.iter().fold(1e-3f32, |a, b| a.max(b.abs()));
+            let worst = g.iter().zip(&w).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / scale;
+            let dot: f64 = g.iter().zip(&w).map(|(a, b)| (*a as f64) * (*b as f64)).sum();
+            let norm = |v: &[f32]| v.iter().map(|a| (*a as f64).powi(2)).sum::<f64>().sqrt();
+            let cos = dot / (norm(&g) * norm(&w)).max(1e-30);
+            // A gradient that is zero in exact arithmetic (the key bias: softmax ignores a constant
+            // added to a row of scores) is rounding noise on both sides and has no direction.
+            let direction_ok = cos >= 0.995 || scale <= 1e-3;
+            assert!(direction_ok && worst <= 0.05, "{name}: cosine {cos:.5}, worst error {worst:.4} of its scale");
         }
     }
 }

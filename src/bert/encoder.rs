@@ -11,6 +11,7 @@ use candle_transformers::models::bert::{BertModel, Config};
 use serde::Deserialize;
 use tokenizers::{Tokenizer, TruncationParams};
 
+use super::Products;
 use super::packed::{CpuBert, Scratch};
 use crate::error::{Error, Result};
 
@@ -146,7 +147,12 @@ impl Folder {
 impl SentenceEncoder {
     /// Loads a sentence-transformers folder (config.json, model.safetensors, tokenizer.json,
     /// modules.json, 1_Pooling/config.json). `max_seq_length` overrides sentence_bert_config.json.
-    pub fn load(dir: &Path, max_seq_length: Option<usize>, device: &Device) -> Result<SentenceEncoder> {
+    pub fn load(
+        dir: &Path,
+        max_seq_length: Option<usize>,
+        device: &Device,
+        products: Products,
+    ) -> Result<SentenceEncoder> {
         let folder = Folder::read(dir, max_seq_length)?;
         let weights = dir.join("model.safetensors");
         if !weights.exists() {
@@ -162,7 +168,7 @@ impl SentenceEncoder {
                 "the file is corrupt: fetch the model again",
             )
         })?;
-        SentenceEncoder::with_weights(folder, &vb).map_err(|e| {
+        SentenceEncoder::with_weights(folder, &vb, products).map_err(|e| {
             Error::bad_input(
                 format!("{}: not a BERT checkpoint matching config.json: {e}", weights.display()),
                 "flow's local embedder runs BERT-family sentence-transformers models (e.g. all-MiniLM-L6-v2)",
@@ -170,11 +176,13 @@ impl SentenceEncoder {
         })
     }
 
-    /// An encoder over the weights in `vb` (a file, or a training run's VarMap) on `vb`'s device.
-    pub fn with_weights(folder: Folder, vb: &VarBuilder) -> candle_core::Result<SentenceEncoder> {
+    /// An encoder over the weights in `vb` (a file, or a training run's VarMap) on `vb`'s device,
+    /// with its CPU matrix products in `products`.
+    pub fn with_weights(folder: Folder, vb: &VarBuilder, products: Products) -> candle_core::Result<SentenceEncoder> {
         let device = vb.device().clone();
         let backend = if device.is_cpu() {
-            Backend::Cpu(CpuBert::load(vb, &folder.config)?, Mutex::new(Scratch::default()))
+            let model = CpuBert::load(vb, &folder.config)?.with_products(products, true);
+            Backend::Cpu(model, Mutex::new(Scratch::default()))
         } else {
             Backend::Device(BertModel::load(vb.clone(), &folder.config)?)
         };
@@ -202,6 +210,14 @@ impl SentenceEncoder {
     /// Embeds texts in batches of `batch_size`, longest first so padding stays small; the output
     /// is in the input order.
     /// Where it runs.
+    /// How its matrix products run: f32, or bf16 on AMX (a GPU's own precision counts as f32 here).
+    pub fn products(&self) -> Products {
+        match &self.backend {
+            Backend::Cpu(m, _) => m.products,
+            Backend::Device(_) => Products::F32,
+        }
+    }
+
     pub fn device(&self) -> &Device {
         &self.device
     }

@@ -7,6 +7,8 @@ use candle_transformers::models::bert::{Config, HiddenAct};
 use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
 
+use super::Products;
+use super::amx::{self, Lhs, Out, PackedB};
 use super::dropout::{Dropout, ROW_SPAN, Site};
 use super::kernels::softmax;
 pub(crate) use super::kernels::{ROWS_PER_TASK, SharedMut, activate, erf, exp, layer_norm_rows};
@@ -23,6 +25,59 @@ pub(crate) struct Layer {
     pub(crate) down_w: Vec<f32>,
     pub(crate) down_b: Vec<f32>,
     pub(crate) ln2: (Vec<f32>, Vec<f32>),
+    /// The four matrices again as bf16 AMX operands, when the products are bf16.
+    pub(crate) packed: Option<PackedLayer>,
+}
+
+/// A layer's weights packed for `amx::matmul` (B = W^T, so y = x B).
+pub(crate) struct PackedLayer {
+    pub(crate) qkv: PackedB,
+    pub(crate) out: PackedB,
+    pub(crate) inter: PackedB,
+    pub(crate) down: PackedB,
+}
+
+impl Layer {
+    fn pack(&mut self, h: usize, i: usize) {
+        self.packed = Some(PackedLayer {
+            qkv: PackedB::from_weight(&self.qkv_w, 3 * h, h),
+            out: PackedB::from_weight(&self.out_w, h, h),
+            inter: PackedB::from_weight(&self.inter_w, i, h),
+            down: PackedB::from_weight(&self.down_w, h, i),
+        });
+    }
+
+    /// y = x W^T + b for one of the layer's four matrices, in bf16 where it is packed.
+    pub(crate) fn linear(&self, which: Which, x: &[f32], y: &mut [f32]) {
+        let (w, b) = match which {
+            Which::Qkv => (&self.qkv_w, &self.qkv_b),
+            Which::Out => (&self.out_w, &self.out_b),
+            Which::Inter => (&self.inter_w, &self.inter_b),
+            Which::Down => (&self.down_w, &self.down_b),
+        };
+        match &self.packed {
+            Some(p) => {
+                let packed = match which {
+                    Which::Qkv => &p.qkv,
+                    Which::Out => &p.out,
+                    Which::Inter => &p.inter,
+                    Which::Down => &p.down,
+                };
+                let n = b.len();
+                amx::matmul(&Lhs::rows(x, x.len() / packed.k, packed.k), packed, y, n, Out::Bias(b));
+            }
+            None => linear(x, w.len() / b.len().max(1), w, b, y),
+        }
+    }
+}
+
+/// Which of a layer's four matrices.
+#[derive(Clone, Copy)]
+pub(crate) enum Which {
+    Qkv,
+    Out,
+    Inter,
+    Down,
 }
 
 /// The weights of a BERT encoder as plain row-major matrices (PyTorch's [out, in] layout).
@@ -40,6 +95,7 @@ pub struct CpuBert {
     pub(crate) type_vocab: usize,
     pub(crate) eps: f32,
     pub(crate) act: HiddenAct,
+    pub(crate) products: Products,
 }
 
 /// Activations of one batch; kept between batches so large buffers are not mapped and faulted in again.
@@ -90,6 +146,7 @@ impl CpuBert {
                 down_w: get(&l, &[h, i], "output.dense.weight")?,
                 down_b: get(&l, &[h], "output.dense.bias")?,
                 ln2: ln(l.pp("output.LayerNorm"))?,
+                packed: None,
             });
         }
         Ok(CpuBert {
@@ -106,7 +163,28 @@ impl CpuBert {
             type_vocab: c.type_vocab_size,
             eps: c.layer_norm_eps as f32,
             act: c.hidden_act,
+            products: Products::F32,
         })
+    }
+
+    /// The same model with its matrix products in `products`: for bf16, the four matrices of every
+    /// layer are packed as AMX operands (and attention's products run on AMX too). With `inference_only`,
+    /// the f32 copies of those matrices are dropped (only a backward pass reads them).
+    pub fn with_products(mut self, products: Products, inference_only: bool) -> Self {
+        assert!(products == Products::F32 || amx::available(), "bf16 products asked for where AMX is not available");
+        self.products = products;
+        if products == Products::Bf16 {
+            let (h, i) = (self.hidden, self.inter);
+            for l in &mut self.layers {
+                l.pack(h, i);
+                if inference_only {
+                    for w in [&mut l.qkv_w, &mut l.out_w, &mut l.inter_w, &mut l.down_w] {
+                        *w = Vec::new();
+                    }
+                }
+            }
+        }
+        self
     }
 
     pub fn hidden_size(&self) -> usize {
@@ -163,16 +241,16 @@ impl CpuBert {
         let scale = 1.0 / ((h / self.heads) as f32).sqrt();
         for l in &self.layers {
             let qkv = &mut s.qkv[..t * 3 * h];
-            linear(x, h, &l.qkv_w, &l.qkv_b, qkv);
+            l.linear(Which::Qkv, x, qkv);
             let ctx = &mut s.ctx[..t * h];
-            attention(qkv, lens, h, self.heads, scale, ctx, None, None);
+            attention(qkv, lens, h, self.heads, scale, ctx, None, None, self.products);
             let tmp = &mut s.tmp[..t * h];
-            linear(ctx, h, &l.out_w, &l.out_b, tmp);
+            l.linear(Which::Out, ctx, tmp);
             layer_norm_rows(x, Some(tmp), &l.ln1, self.eps, None);
             let inter = &mut s.inter[..t * self.inter];
-            linear(x, h, &l.inter_w, &l.inter_b, inter);
+            l.linear(Which::Inter, x, inter);
             activate(inter, self.act);
-            linear(inter, self.inter, &l.down_w, &l.down_b, tmp);
+            l.linear(Which::Down, inter, tmp);
             layer_norm_rows(x, Some(tmp), &l.ln2, self.eps, None);
         }
         Ok(&s.x[..t * h])
@@ -282,6 +360,7 @@ pub(crate) fn attention(
     ctx: &mut [f32],
     keep: Option<&mut [f32]>,
     drop: Option<(&Dropout, usize)>,
+    products: Products,
 ) {
     let dh = h / heads;
     let mut starts = Vec::with_capacity(lens.len());
@@ -310,25 +389,39 @@ pub(crate) fn attention(
                 &mut local[..]
             }
         };
-        let q = qkv[r0 * 3 * h + hd * dh..].as_ptr();
-        let k = qkv[r0 * 3 * h + h + hd * dh..].as_ptr();
-        let v = qkv[r0 * 3 * h + 2 * h + hd * dh..].as_ptr();
-        // SAFETY: q, k and v address n rows of dh columns with row stride 3h inside qkv; scores is
-        // n x n; the ctx block (rows r0..r0+n, columns hd*dh..+dh) belongs to this task alone.
-        unsafe {
-            matmul((n, n, dh), scores.as_mut_ptr(), n, (q, 1, 3 * h), (k, 3 * h, 1), scale, false);
-            for r in scores.chunks_exact_mut(n) {
-                softmax(r);
+        let (q0, k0, v0) = (r0 * 3 * h + hd * dh, r0 * 3 * h + h + hd * dh, r0 * 3 * h + 2 * h + hd * dh);
+        let amx = products == Products::Bf16;
+        if amx {
+            // K^T [dh, n] and V [n, dh] as bf16 operands, read in place from the qkv rows.
+            let kt = PackedB::from_strided(&qkv[k0..], dh, n, 1, 3 * h);
+            // SAFETY: scores is an n x n buffer of this task's.
+            unsafe { amx::matmul_here(&Lhs::rows(&qkv[q0..], n, 3 * h), &kt, scores.as_mut_ptr(), n, Out::Store) };
+            scores.iter_mut().for_each(|v| *v *= scale);
+        } else {
+            // SAFETY: q and k address n rows of dh columns with row stride 3h inside qkv; scores is n x n.
+            unsafe {
+                let (q, k) = (qkv[q0..].as_ptr(), qkv[k0..].as_ptr());
+                matmul((n, n, dh), scores.as_mut_ptr(), n, (q, 1, 3 * h), (k, 3 * h, 1), scale, false);
             }
-            let probs: &[f32] = match drop {
-                Some((d, layer)) => {
-                    dropped_probs(d, layer, s, hd, n, scores, dropped);
-                    &dropped[..]
-                }
-                None => scores,
-            };
-            let dst = out.at(r0 * h + hd * dh);
-            matmul((n, dh, n), dst, h, (probs.as_ptr(), 1, n), (v, 1, 3 * h), 1.0, false);
+        }
+        for r in scores.chunks_exact_mut(n) {
+            softmax(r);
+        }
+        let probs: &[f32] = match drop {
+            Some((d, layer)) => {
+                dropped_probs(d, layer, s, hd, n, scores, dropped);
+                &dropped[..]
+            }
+            None => scores,
+        };
+        let dst = out.at(r0 * h + hd * dh);
+        if amx {
+            let v = PackedB::from_rows(&qkv[v0..], n, dh, 3 * h);
+            // SAFETY: the ctx block (rows r0..r0+n, columns hd*dh..+dh, row stride h) is this task's alone.
+            unsafe { amx::matmul_here(&Lhs::rows(probs, n, n), &v, dst, h, Out::Store) };
+        } else {
+            // SAFETY: v addresses n rows of dh columns (row stride 3h); the ctx block is this task's.
+            unsafe { matmul((n, dh, n), dst, h, (probs.as_ptr(), 1, n), (qkv[v0..].as_ptr(), 1, 3 * h), 1.0, false) };
         }
     });
 }
@@ -436,6 +529,41 @@ mod tests {
                     row += 1;
                 }
             }
+        }
+    }
+    /// bf16 products on AMX against the f32 path on a BERT wide enough that every product spans
+    /// several tiles: each token's hidden state within cosine 0.999 (the bar for vectors).
+    #[test]
+    fn bf16_products_stay_within_cosine_of_f32() {
+        if !amx::available() {
+            eprintln!("skipped: this CPU (or kernel) has no AMX bf16; the f32 path serves it");
+            return;
+        }
+        let config = Config {
+            vocab_size: 80,
+            hidden_size: 96,
+            num_hidden_layers: 2,
+            num_attention_heads: 3,
+            intermediate_size: 200,
+            max_position_embeddings: 80,
+            ..Config::default()
+        };
+        // Weights of a trained BERT's spread (about 0.05): wider random weights saturate attention,
+        // where any rounding, f32's included, moves the output far more than in a real model.
+        let (_varmap, vb) = super::test_support::random_bert(&config, 0.05);
+        let f32_model = CpuBert::load(&vb, &config).unwrap();
+        let bf16_model = CpuBert::load(&vb, &config).unwrap().with_products(Products::Bf16, true);
+        let lens = [70usize, 5, 33];
+        let mut rng = fastrand::Rng::with_seed(11);
+        let ids: Vec<u32> = (0..lens.iter().sum::<usize>()).map(|_| rng.u32(1..80)).collect();
+        let want = f32_model.forward(&ids, &lens, &mut Scratch::default()).unwrap().to_vec();
+        let got = bf16_model.forward(&ids, &lens, &mut Scratch::default()).unwrap().to_vec();
+        assert_ne!(want, got, "the bf16 model did not run bf16 products");
+        for (r, (g, w)) in got.chunks(96).zip(want.chunks(96)).enumerate() {
+            let dot: f32 = g.iter().zip(w).map(|(a, b)| a * b).sum();
+            let norm = |v: &[f32]| v.iter().map(|a| a * a).sum::<f32>().sqrt();
+            let cos = dot / (norm(g) * norm(w));
+            assert!(cos >= 0.999, "token {r}: cosine {cos}");
         }
     }
 }

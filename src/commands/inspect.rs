@@ -269,8 +269,12 @@ pub async fn pairs(a: PairsArgs) -> anyhow::Result<u8> {
     for p in &rows {
         let passage: String = p.passage.chars().take(240).collect::<String>().replace('\n', " ");
         let page = p.page.map(|n| format!(" p.{n}")).unwrap_or_default();
-        let score = p.score.map(|s| format!(" score {s}")).unwrap_or_default();
-        outln!("#{} [{}{score}] {}", p.query_id, p.verdict, p.query)?;
+        let score = match (p.expected, p.score) {
+            (Some(e), _) => format!(" score {e:.2}"),
+            (None, Some(s)) => format!(" score {s}"),
+            _ => String::new(),
+        };
+        outln!("#{} [{}{score}] ({}) {}", p.query_id, p.verdict, p.kind, p.query)?;
         outln!("   {}{page} ({})", p.document, p.generator)?;
         outln!("   {passage}{}", if p.passage.chars().count() > 240 { "..." } else { "" })?;
         if let Some(r) = &p.reason {

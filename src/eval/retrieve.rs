@@ -116,7 +116,8 @@ async fn dense(
     };
     let augment = match model {
         Some(m) if kind.trained().is_some() => {
-            Some(BlackBox::local(Path::new(&m.path), &format!("model {} at {}", m.id, m.path), None, cx.device)?)
+            let name = format!("model {} at {}", m.id, m.path);
+            Some(BlackBox::local(Path::new(&m.path), &name, None, cx.device, crate::workflow::Precision::Auto)?)
         }
         _ => None,
     };

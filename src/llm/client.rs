@@ -63,6 +63,18 @@ struct StoredAnswer<'a> {
     latency_ms: i64,
     attempts: u32,
     usable: bool,
+    /// How the answer was held to its shape.
+    constrained: &'a str,
+}
+
+/// How an answer was held to its shape: what the local engine says it did, else `json_schema` for a
+/// request that asked a server for structured output, else `none`.
+fn constrained_of<'a>(answer: &'a ChatAnswer, request: &Value) -> &'a str {
+    match answer.raw["constrained"].as_str() {
+        Some(c) => c,
+        None if request.get("response_format").is_some() => "json_schema",
+        None => "none",
+    }
 }
 
 /// One request's cost at `price` (0 without one).
@@ -190,17 +202,26 @@ impl LlmClient {
             Some((a, _)) => spent_at(self.batch_price, a.prompt_tokens, a.completion_tokens),
             None => spent_at(self.batch_price, 0, 0),
         };
+        // Stored before its reservation is settled: a run waiting for its requests in flight then
+        // finds every paid answer in the store.
+        let stored = match answer {
+            Some((a, usable)) => {
+                let constrained = a.raw["constrained"].as_str().unwrap_or("json_schema");
+                let stored = StoredAnswer { hash, request, answer: a, latency_ms, attempts: 1, usable, constrained };
+                Some(self.store_answer(id, &stored).await)
+            }
+            None => None,
+        };
         match reserved {
             Some(r) => self.ledgers.settle(r, &used),
             None => self.ledgers.record(&used),
         }
         self.usage.calls.fetch_add(1, Ordering::Relaxed);
-        let Some((answer, usable)) = answer else {
+        let Some((answer, _)) = answer else {
             self.usage.failures.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         };
-        let stored = StoredAnswer { hash, request, answer, latency_ms, attempts: 1, usable };
-        self.store_answer(id, &stored).await?;
+        stored.expect("stored above")?;
         self.usage.batch_prompt_tokens.fetch_add(answer.prompt_tokens, Ordering::Relaxed);
         self.usage.batch_completion_tokens.fetch_add(answer.completion_tokens, Ordering::Relaxed);
         self.batched.lock().unwrap_or_else(|p| p.into_inner()).insert(hash.to_string());
@@ -281,7 +302,16 @@ impl LlmClient {
             tries += attempts;
             let usable = req.accept.is_none_or(|accept| accept(&answer.text));
             let latency_ms = latency.as_millis() as i64;
-            let stored = StoredAnswer { hash: &hash, request: &request, answer: &answer, latency_ms, attempts, usable };
+            let constrained = constrained_of(&answer, &body);
+            let stored = StoredAnswer {
+                hash: &hash,
+                request: &request,
+                answer: &answer,
+                latency_ms,
+                attempts,
+                usable,
+                constrained,
+            };
             let call_id = self.store_answer(id, &stored).await;
             self.ledgers.settle(&reserved, &self.spent(answer.prompt_tokens, answer.completion_tokens));
             let call_id = call_id?;
@@ -318,6 +348,7 @@ impl LlmClient {
                 run_id: (self.run_id != OUTSIDE_RUN).then_some(self.run_id),
                 stage: Some(&self.stage),
                 usable: a.usable,
+                constrained: Some(a.constrained),
             },
         )
         .await
@@ -366,6 +397,7 @@ impl LlmClient {
                 run_id: (self.run_id != OUTSIDE_RUN).then_some(self.run_id),
                 stage: Some(&self.stage),
                 usable: true,
+                constrained: None,
             },
         )
         .await;

@@ -48,7 +48,7 @@ impl BlackBox {
                     Error::bad_input(format!("`models.{key}` names no `model`"), "add `model: all-MiniLM-L6-v2`")
                 })?;
                 let dir = crate::models::resolve(&name, &wf.dir, "model.safetensors")?;
-                BlackBox::local(&dir, &name, spec.max_seq_length, spec.device)
+                BlackBox::local(&dir, &name, spec.max_seq_length, spec.device, spec.precision)
             }
             Provider::Openai => {
                 let provider = super::embedding_provider(wf, key)?;
@@ -71,10 +71,17 @@ impl BlackBox {
         name: &str,
         max_seq_length: Option<usize>,
         device: crate::workflow::Device,
+        precision: crate::workflow::Precision,
     ) -> Result<BlackBox> {
-        let enc = SentenceEncoder::load(dir, max_seq_length, &crate::models::device(device)?)?;
+        let products = crate::bert::Products::of(precision)?;
+        let enc = SentenceEncoder::load(dir, max_seq_length, &crate::models::device(device)?, products)?;
         let weights = std::fs::read(dir.join("model.safetensors")).map_err(Error::io(dir))?;
-        let identity = format!("local|{name}|{}|{}", enc.max_seq_length, &sha256_hex(&weights)[..16]);
+        // bf16 products make (slightly) other vectors: stored ones of f32 are not reused for them.
+        let products = match enc.products() {
+            crate::bert::Products::F32 => String::new(),
+            crate::bert::Products::Bf16 => "|bf16".into(),
+        };
+        let identity = format!("local|{name}|{}|{}{products}", enc.max_seq_length, &sha256_hex(&weights)[..16]);
         Ok(BlackBox {
             backend: Backend::Local(Arc::new(enc)),
             identity,

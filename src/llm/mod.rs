@@ -10,7 +10,6 @@ pub mod limiter;
 pub mod local;
 pub mod openai;
 pub mod plan;
-pub mod qwen2;
 pub mod retry;
 
 use std::time::Duration;
@@ -61,6 +60,77 @@ pub struct ChatRequest {
     pub json_schema: Option<(String, Value)>,
     /// Whether an answer's text parsed into a result; only such answers are replayed from the cache.
     pub accept: Option<fn(&str) -> bool>,
+    /// The answer starts with a 1-5 score whose probabilities the caller wants (`score_probs`).
+    pub score: Option<ScoreAsk>,
+}
+
+/// A judge's request: its answer's `score` (1-5) is read as the model's probabilities over the five
+/// digits, from the logits of a local model or the `logprobs` of a server that returns them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScoreAsk {
+    /// Whether the answer goes on to give its reason (else a local model answers in one forward pass).
+    pub reason: bool,
+}
+
+/// How a 1-5 score was read: its probabilities over the five digits, or only the digit the model
+/// wrote (a server that returns no logprobs).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ScoreReading {
+    Probabilities([f64; 5]),
+    Sampled(u8),
+}
+
+impl ScoreReading {
+    /// The expected score: sum of d * p(d).
+    pub fn expected(&self) -> f64 {
+        match self {
+            ScoreReading::Probabilities(p) => p.iter().enumerate().map(|(i, p)| (i + 1) as f64 * p).sum(),
+            ScoreReading::Sampled(d) => f64::from(*d),
+        }
+    }
+
+    /// The five digits' probabilities, where they were read.
+    pub fn probabilities(&self) -> Option<&[f64; 5]> {
+        match self {
+            ScoreReading::Probabilities(p) => Some(p),
+            ScoreReading::Sampled(_) => None,
+        }
+    }
+
+    pub fn source(&self) -> &'static str {
+        match self {
+            ScoreReading::Probabilities(_) => "probabilities",
+            ScoreReading::Sampled(_) => "sampled",
+        }
+    }
+}
+
+/// The score distribution in an answer's raw reply: the local engine's `score_probs`, or the
+/// `top_logprobs` of the first digit token of an OpenAI-compatible reply (renormalised over the
+/// digits 1-5). None when the reply holds neither.
+pub fn score_probabilities(raw: &Value) -> Option<[f64; 5]> {
+    if let Some(p) = raw["score_probs"].as_array().filter(|p| p.len() == 5) {
+        let mut out = [0.0; 5];
+        for (o, v) in out.iter_mut().zip(p) {
+            *o = v.as_f64()?;
+        }
+        return Some(out);
+    }
+    let content = raw.pointer("/choices/0/logprobs/content")?.as_array()?;
+    let digit = |s: &str| s.trim().parse::<u8>().ok().filter(|d| (1..=5).contains(d));
+    let at = content.iter().find(|t| t["token"].as_str().and_then(digit).is_some())?;
+    let mut mass = [0.0f64; 5];
+    for alt in at["top_logprobs"].as_array().into_iter().flatten() {
+        if let (Some(d), Some(lp)) = (alt["token"].as_str().and_then(digit), alt["logprob"].as_f64()) {
+            mass[d as usize - 1] += lp.exp();
+        }
+    }
+    let sum: f64 = mass.iter().sum();
+    // Only the chosen digit came back: that is a sampled digit, not a distribution.
+    if sum <= 0.0 || mass.iter().filter(|m| **m > 0.0).count() < 2 {
+        return None;
+    }
+    Some(mass.map(|m| m / sum))
 }
 
 impl ChatRequest {
@@ -164,27 +234,31 @@ pub fn chat_provider(wf: &crate::workflow::Workflow, key: &str) -> crate::Result
         crate::workflow::Provider::Local => {
             let name = spec.model.clone().unwrap_or_default();
             let path = local_gguf(&name, &wf.dir)?;
-            shared_local(&path, &name, spec.device, writes_json(wf, key)?)
+            let parallel = spec.parallel.unwrap_or(local::DEFAULT_PARALLEL);
+            shared_local(&path, &name, parallel, writes_json(wf, key)?, spec.requantize)
         }
     }
 }
 
-/// One loaded local model per file, device and JSON setting, shared by every stage that names it:
-/// a 0.5B model is 2.5 GB in memory, and the stages of a run would otherwise each load their own.
+/// One loaded local model per file, parallelism and JSON setting, shared by every stage that names
+/// it: the stages of a run would otherwise each load the weights and hold a context of their own.
+/// (The map is process-wide because llama.cpp's backend is; the models in it go when the last
+/// stage holding one drops it.)
 fn shared_local(
     path: &std::path::Path,
     name: &str,
-    device: crate::workflow::Device,
+    parallel: usize,
     json: bool,
+    requantize: crate::workflow::Requantize,
 ) -> crate::Result<std::sync::Arc<dyn ChatProvider>> {
     use std::sync::{Arc, Mutex, OnceLock, Weak};
     static LOADED: OnceLock<Mutex<std::collections::HashMap<String, Weak<local::LocalChat>>>> = OnceLock::new();
-    let key = format!("{}|{name}|{device:?}|{json}", path.display());
+    let key = format!("{}|{name}|{parallel}|{json}|{requantize:?}", path.display());
     let mut loaded = LOADED.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
     if let Some(chat) = loaded.get(&key).and_then(Weak::upgrade) {
         return Ok(chat);
     }
-    let chat = Arc::new(local::LocalChat::load(path, name, device, json)?);
+    let chat = Arc::new(local::LocalChat::load(path, name, parallel, json, requantize)?);
     loaded.insert(key, Arc::downgrade(&chat));
     Ok(chat)
 }

@@ -151,6 +151,11 @@ impl ChatProvider for OpenAi {
             body["response_format"] =
                 json!({ "type": "json_schema", "json_schema": { "name": name, "schema": schema, "strict": true } });
         }
+        if req.score.is_some() {
+            // The score digit's alternatives: its probabilities where the server returns them.
+            body["logprobs"] = json!(true);
+            body["top_logprobs"] = json!(5);
+        }
         body
     }
 

@@ -202,15 +202,20 @@ async fn pairs_section(b: &mut String, store: &Store) -> Result<()> {
                 let passage: String = p.passage.chars().take(300).collect();
                 vec![
                     format!("<span class=\"text\">{}</span>", escape(&p.query)),
+                    escape(&p.kind),
                     format!("{}{}", escape(&passage), if p.passage.chars().count() > 300 { "…" } else { "" }),
                     escape(&p.document),
-                    p.score.map(|s| s.to_string()).unwrap_or_default(),
+                    match (p.expected, p.score) {
+                        (Some(e), _) => format!("{e:.2}"),
+                        (None, Some(s)) => s.to_string(),
+                        _ => String::new(),
+                    },
                     escape(p.reason.as_deref().unwrap_or("")),
                 ]
             })
             .collect();
         b.push_str(
-            &html_table(&["query", "passage", "document", "score", "judge's reason"], &rows)
+            &html_table(&["query", "kind", "passage", "document", "score", "judge's reason"], &rows)
                 .replace("<td>", "<td class=\"text\">"),
         );
     }

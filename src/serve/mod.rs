@@ -24,6 +24,7 @@ use crate::retriever::hybrid::validated_alpha;
 use crate::retriever::{self, Kind, TRAINED_DENSE, Upstream};
 use crate::store::models::{self as models_table, ModelRow};
 use crate::store::{Store, documents};
+use crate::workflow::Precision;
 use crate::workflow::{Device, Workflow};
 
 /// Where a trained retriever's vectors come from: its model folder behind its own queue.
@@ -295,9 +296,11 @@ impl Service {
 
     async fn load_augment(&self, m: &ModelRow) -> Result<Augment> {
         let (path, name, device) = (m.path.clone(), format!("model {} at {}", m.id, m.path), self.device);
-        let encoder = tokio::task::spawn_blocking(move || BlackBox::local(Path::new(&path), &name, None, device))
-            .await
-            .map_err(Error::task("loading a trained model"))??;
+        let encoder = tokio::task::spawn_blocking(move || {
+            BlackBox::local(Path::new(&path), &name, None, device, Precision::Auto)
+        })
+        .await
+        .map_err(Error::task("loading a trained model"))??;
         let encoder = Arc::new(encoder);
         let shared = Shared { wf: self.wf.clone(), store: self.store.clone(), metrics: self.metrics.clone() };
         let batch = Batcher::spawn(encoder.clone(), "augment", self.window, shared);

@@ -328,6 +328,7 @@ impl EvalRag {
             params: &params,
             schema: ("rag_answer", &schema),
             accept: |text| parse_answer(text).is_some(),
+            score: None,
         };
         let mut answers: Vec<Answer> = vec![None; items.len()];
         let mut rx = chat.launch(super::llm::requests(requests, &how, chat.json)?, 64).await?;
@@ -374,6 +375,7 @@ impl EvalRag {
             params: &params,
             schema: ("rag_grade", &schema),
             accept: |text| parse_grade(text).is_some(),
+            score: None,
         };
         let mut graded = vec![false; items.len()];
         let mut rx = chat.launch(super::llm::requests(requests, &how, chat.json)?, 64).await?;

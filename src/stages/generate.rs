@@ -14,7 +14,7 @@ use crate::llm::plan::Planned;
 use crate::llm::{self, ChatDone, ChatRequest, LlmFailure};
 use crate::prompt::Template;
 use crate::store::queries::{self, Generation, NewQuery};
-use crate::text::{DupIndex, QueryStatus, extract_questions, first_json, question_list, rule_violation};
+use crate::text::{DupIndex, QueryKind, QueryStatus, extract_questions, first_json, question_list, rule_violation_of};
 use crate::workflow::{CheckCtx, Checked, Diagnostic, StageSpec, Workflow, check_typed, checked};
 
 pub const KIND: Kind = Kind {
@@ -47,6 +47,31 @@ llm_params! {
         /// the same on every run and a chunk stays in it while the corpus around it changes.
         #[serde(default)]
         pub sample: Option<usize>,
+        /// The kinds of query asked for per chunk: a list (`[question, keywords, claim]`, each
+        /// `per_chunk` times) or a map of kind to count. Default: questions only.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub kinds: Option<Kinds>,
+    }
+}
+
+/// `kinds:` as the YAML writes it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+pub enum Kinds {
+    List(Vec<QueryKind>),
+    Counts(std::collections::BTreeMap<QueryKind, u32>),
+}
+
+impl Params {
+    /// Each kind asked for and how many of it per chunk, in a fixed order.
+    pub fn kind_counts(&self) -> Vec<(QueryKind, u32)> {
+        match &self.kinds {
+            None => vec![(QueryKind::Question, self.per_chunk)],
+            Some(Kinds::List(l)) => {
+                QueryKind::ALL.into_iter().filter(|k| l.contains(k)).map(|k| (k, self.per_chunk)).collect()
+            }
+            Some(Kinds::Counts(m)) => m.iter().map(|(k, n)| (*k, *n)).collect(),
+        }
     }
 }
 
@@ -62,6 +87,16 @@ fn check(cx: &CheckCtx) -> Checked {
     let Some(mut p) = check_typed::<Params>(cx.node, cx.params.clone(), &mut diags) else { return Err(diags) };
     p.fill_defaults();
     let at = |key: &str| cx.node.get(key).map(|n| n.span()).unwrap_or(cx.node.span());
+    let counts = p.kind_counts();
+    if counts.is_empty() || counts.iter().any(|(_, n)| !(1..=20).contains(n)) {
+        diags.push(
+            Diagnostic::new(
+                at("kinds"),
+                format!("stage `{}`: kinds must name at least one kind, each 1 to 20 times", cx.stage),
+            )
+            .hint("kinds: [question, keywords, claim], or kinds: { question: 2, claim: 1 }"),
+        );
+    }
     if !(1..=20).contains(&p.per_chunk) {
         diags.push(
             Diagnostic::new(at("per_chunk"), format!("stage `{}`: per_chunk must be 1 to 20", cx.stage))
@@ -87,7 +122,8 @@ fn check(cx: &CheckCtx) -> Checked {
 /// The prompt, rendered once against its documented variables.
 fn templates(spec: &StageSpec, wf: &Workflow) -> Result<(Params, Template)> {
     let params: Params = spec.params()?;
-    let sample = json!({ "chunk": "", "title": "", "path": "", "n": 2, "domain": "", "examples": [""] });
+    let sample =
+        json!({ "chunk": "", "title": "", "path": "", "n": 2, "domain": "", "examples": [""], "kind": "question" });
     let files = ("generate_queries.j2", "generate_query_local.j2");
     let template = prompt(wf, &params.model, params.prompt.as_deref(), files, sample)?;
     Ok((params, template))
@@ -100,6 +136,12 @@ fn build(spec: &StageSpec, wf: &Workflow) -> Result<Box<dyn Stage>> {
 }
 
 type Generate = LlmStage<Params>;
+
+/// Request ids are chunk id * KIND_SLOTS + the kind's index, so every kind asked of a chunk has an id.
+const KIND_SLOTS: i64 = 8;
+
+/// One kind's answer about a chunk.
+type Answer = std::result::Result<ChatDone, LlmFailure>;
 
 const QUERIES_SCHEMA: &str = r#"{"type":"object","properties":{"queries":{"type":"array","items":{"type":"string"}}},"required":["queries"],"additionalProperties":false}"#;
 
@@ -130,13 +172,22 @@ impl Stage for Generate {
         for q in queries::kept_texts(&ctx.store, &self.name).await? {
             dups.check_and_add(&q);
         }
+        let kinds = self.params.kind_counts();
         let mut results = chat.launch(self.requests(todo, chat.json)?, 256).await?;
         let mut tally = Tally::default();
         let mut usage = UsageWriter::default();
-        while let Some((chunk_id, outcome)) = results.recv().await {
-            let g = self.generation(chunk_id, &settings, outcome?, &mut dups);
-            queries::write_generation(&ctx.store, &self.name, &g).await?;
-            tally.add(&g, &ctx.progress);
+        // A chunk is one item: it is written once every kind asked of it has its answer.
+        let mut answered: std::collections::HashMap<i64, Vec<(QueryKind, Answer)>> = Default::default();
+        while let Some((item, outcome)) = results.recv().await {
+            let (chunk_id, kind) = (item / KIND_SLOTS, kinds[(item % KIND_SLOTS) as usize].0);
+            let got = answered.entry(chunk_id).or_default();
+            got.push((kind, outcome?));
+            if got.len() == kinds.len() {
+                let got = answered.remove(&chunk_id).unwrap_or_default();
+                let g = self.generation(chunk_id, &settings, got, &mut dups);
+                queries::write_generation(&ctx.store, &self.name, &g).await?;
+                tally.add(&g, &ctx.progress);
+            }
             usage.tick(ctx, || chat.usage()).await?;
         }
         let usage = usage.finish(ctx, chat.usage()).await?;
@@ -208,18 +259,21 @@ impl Generate {
     /// The questions a run would write, for the judge after it: at most per_chunk of each chunk
     /// asked, of the length its kept questions have.
     async fn forecast(&self, cx: &PlanCtx<'_>, todo: &[queries::InputChunk], settings: String) -> Result<Forecast> {
-        let per = self.params.per_chunk as usize;
+        let kinds = self.params.kind_counts();
         let about = todo
             .iter()
             .flat_map(|c| {
-                let q = crate::store::judgments::JudgeInput {
-                    query_id: 0,
-                    query: String::new(),
-                    chunk: c.text.clone(),
-                    title: c.title.clone(),
-                    path: c.path.clone(),
-                };
-                std::iter::repeat_n(q, per)
+                kinds.iter().flat_map(move |&(kind, n)| {
+                    let q = crate::store::judgments::JudgeInput {
+                        query_id: 0,
+                        query: String::new(),
+                        kind,
+                        chunk: c.text.clone(),
+                        title: c.title.clone(),
+                        path: c.path.clone(),
+                    };
+                    std::iter::repeat_n(q, n as usize)
+                })
             })
             .collect();
         let (query_tokens, basis) = match queries::kept_mean_chars(cx.store, &self.name).await? {
@@ -234,41 +288,48 @@ impl Generate {
         let p = &self.params;
         let llm = p.llm();
         let gen_params = llm.gen_params(None);
-        let mut schema: serde_json::Value = serde_json::from_str(QUERIES_SCHEMA).expect("static schema");
-        if self.provider.identity().provider == crate::workflow::Provider::Local {
-            // The local engine stops at this many (an API's structured output may not take maxItems).
-            schema["properties"]["queries"]["maxItems"] = json!(p.per_chunk);
+        let mut all = Vec::new();
+        for (slot, (kind, n)) in p.kind_counts().into_iter().enumerate() {
+            let mut schema: serde_json::Value = serde_json::from_str(QUERIES_SCHEMA).expect("static schema");
+            if self.provider.identity().provider == crate::workflow::Provider::Local {
+                // The local engine's grammar stops the list at this many (an API's structured output
+                // may not take maxItems).
+                schema["properties"]["queries"]["maxItems"] = json!(n);
+            }
+            let items = todo
+                .iter()
+                .map(|c| {
+                    let vars = json!({
+                        "chunk": c.text, "title": c.title.clone().unwrap_or_default(), "path": c.path,
+                        "n": n, "domain": p.domain.clone().unwrap_or_default(), "examples": p.examples,
+                        "kind": kind.name(),
+                    });
+                    (c.id * KIND_SLOTS + slot as i64, vars)
+                })
+                .collect();
+            let how = Prompted {
+                template: &self.template,
+                system: llm.system.as_deref(),
+                params: &gen_params,
+                schema: ("queries", &schema),
+                accept: answer_parses,
+                score: None,
+            };
+            all.extend(requests(items, &how, json)?);
         }
-        let items = todo
-            .into_iter()
-            .map(|c| {
-                let vars = json!({
-                    "chunk": c.text, "title": c.title.unwrap_or_default(), "path": c.path,
-                    "n": p.per_chunk, "domain": p.domain.clone().unwrap_or_default(), "examples": p.examples,
-                });
-                (c.id, vars)
-            })
-            .collect();
-        let how = Prompted {
-            template: &self.template,
-            system: llm.system.as_deref(),
-            params: &gen_params,
-            schema: ("queries", &schema),
-            accept: answer_parses,
-        };
-        requests(items, &how, json)
+        Ok(all)
     }
 
-    /// One chunk's result: its questions, each kept or dropped with the reason, or why it failed.
+    /// One chunk's result: its queries of every kind asked, each kept or dropped with the reason,
+    /// or why it failed (any kind's answer failing fails the chunk; the others are in the cache).
     fn generation(
         &self,
         chunk_id: i64,
         settings: &str,
-        outcome: std::result::Result<ChatDone, LlmFailure>,
+        answers: Vec<(QueryKind, Answer)>,
         dups: &mut DupIndex,
     ) -> Generation {
-        let p = &self.params;
-        let llm = p.llm();
+        let llm = self.params.llm();
         let id = self.provider.identity();
         let mut g = Generation {
             chunk_id,
@@ -280,50 +341,77 @@ impl Generate {
             queries: Vec::new(),
             error: None,
         };
-        let done = match outcome {
-            Ok(done) => done,
-            Err(f) => {
-                g.error = Some(f.message);
-                return g;
-            }
-        };
-        g.call_id = Some(done.call_id);
-        g.params = json!({
-            "provider": id.provider, "base_url": id.base_url, "temperature": llm.temperature, "top_p": llm.top_p,
-            "max_tokens": llm.max_tokens, "seed": llm.seed, "response_id": done.answer.response_id,
-        })
-        .to_string();
-        match done.answer.finish_reason.as_deref() {
-            Some("length") => {
-                g.error = Some(format!(
-                    "the answer was cut off at max_tokens = {} (finish_reason: length); raise max_tokens",
-                    llm.max_tokens
-                ))
-            }
-            Some("content_filter") => g.error = Some("the server's content filter stopped the answer".into()),
-            _ if !answer_parses(&done.answer.text) => {
-                g.error = Some(format!(
-                    "the answer did not parse (cut off or malformed JSON); it is asked again on resume: {}",
-                    done.answer.text.chars().take(200).collect::<String>()
-                ))
-            }
-            _ => {
-                let mut n_kept = 0;
-                for q in extract_questions(&done.answer.text) {
-                    let status = if n_kept >= p.per_chunk {
-                        Some(QueryStatus::OverQuota)
-                    } else {
-                        rule_violation(&q).or_else(|| dups.check_and_add(&q))
-                    };
-                    if status.is_none() {
-                        n_kept += 1;
-                    }
-                    g.queries.push(NewQuery { text: q, status: status.unwrap_or(QueryStatus::Kept) });
+        let counts = self.params.kind_counts();
+        let mut kept_here = Vec::new();
+        for (kind, outcome) in answers {
+            let wanted = counts.iter().find(|(k, _)| *k == kind).map_or(0, |c| c.1);
+            match kept_of(kind, wanted, outcome, llm.max_tokens, dups, &mut kept_here) {
+                Ok((call_id, response_id, qs)) => {
+                    g.call_id.get_or_insert(call_id);
+                    g.queries.extend(qs);
+                    g.params = json!({
+                        "provider": id.provider, "base_url": id.base_url, "temperature": llm.temperature,
+                        "top_p": llm.top_p, "max_tokens": llm.max_tokens, "seed": llm.seed, "response_id": response_id,
+                    })
+                    .to_string();
                 }
+                Err(e) => {
+                    g.error.get_or_insert(e);
+                }
+            }
+        }
+        if g.error.is_some() {
+            // Asked again on resume (from the cache for the kinds that answered), so nothing is written now.
+            g.queries.clear();
+            for q in kept_here {
+                dups.forget(&q);
             }
         }
         g
     }
+}
+
+/// One kind's answer about a chunk as queries (each kept or dropped by the rules and the duplicate
+/// index), with its call and response id; or why it gives none.
+fn kept_of(
+    kind: QueryKind,
+    wanted: u32,
+    outcome: Answer,
+    max_tokens: u32,
+    dups: &mut DupIndex,
+    kept: &mut Vec<String>,
+) -> std::result::Result<(i64, Option<String>, Vec<NewQuery>), String> {
+    let done = outcome.map_err(|f| f.message)?;
+    match done.answer.finish_reason.as_deref() {
+        Some("length") => {
+            return Err(format!(
+                "the answer was cut off at max_tokens = {max_tokens} (finish_reason: length); raise max_tokens"
+            ));
+        }
+        Some("content_filter") => return Err("the server's content filter stopped the answer".into()),
+        _ if !answer_parses(&done.answer.text) => {
+            return Err(format!(
+                "the answer did not parse (cut off or malformed JSON); it is asked again on resume: {}",
+                done.answer.text.chars().take(200).collect::<String>()
+            ));
+        }
+        _ => {}
+    }
+    let mut out = Vec::new();
+    let mut n_kept = 0;
+    for q in extract_questions(&done.answer.text) {
+        let status = if n_kept >= wanted {
+            Some(QueryStatus::OverQuota)
+        } else {
+            rule_violation_of(&q, kind).or_else(|| dups.check_and_add(&q))
+        };
+        if status.is_none() {
+            n_kept += 1;
+            kept.push(q.clone());
+        }
+        out.push(NewQuery { text: q, kind, status: status.unwrap_or(QueryStatus::Kept) });
+    }
+    Ok((done.call_id, done.answer.response_id, out))
 }
 
 /// The chunks `sample` keeps (all without one), in their stored order.

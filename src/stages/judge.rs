@@ -11,7 +11,7 @@ use super::llm::{
 use super::{Forecast, Kind, Outcome, PlanCtx, Stage, StageCtx, StagePlan};
 use crate::error::Result;
 use crate::llm::plan::Planned;
-use crate::llm::{self, ChatDone, ChatRequest, LlmFailure};
+use crate::llm::{self, ChatDone, ChatRequest, LlmFailure, ScoreAsk, ScoreReading};
 use crate::prompt::Template;
 use crate::store::judgments::{self, Judgment};
 use crate::store::states::Verdict;
@@ -33,25 +33,31 @@ llm_params! {
         /// for an API model, judge_local.j2 for a local one).
         #[serde(default)]
         pub prompt: Option<String>,
+        /// Accept at this score (1-5; the expected score where the model's probabilities are read).
         #[serde(default = "default_min_score")]
-        pub min_score: i64,
+        pub min_score: f64,
         #[serde(default)]
         pub domain: Option<String>,
+        /// Ask for the judge's reason beside its score (default: yes for an API model; a local model
+        /// scores in one forward pass without one).
+        #[serde(default)]
+        pub reason: Option<bool>,
     }
 }
 
-fn default_min_score() -> i64 {
-    4
+fn default_min_score() -> f64 {
+    4.0
 }
 
 fn check(cx: &CheckCtx) -> Checked {
     let mut diags = Vec::new();
     let Some(mut p) = check_typed::<Params>(cx.node, cx.params.clone(), &mut diags) else { return Err(diags) };
     p.fill_defaults();
-    if !(1..=5).contains(&p.min_score) {
+    if !(1.0..=5.0).contains(&p.min_score) {
         let span = cx.node.get("min_score").map(|n| n.span()).unwrap_or(cx.node.span());
         diags.push(
-            Diagnostic::new(span, format!("stage `{}`: min_score must be 1 to 5", cx.stage)).hint("4 keeps good pairs"),
+            Diagnostic::new(span, format!("stage `{}`: min_score must be from 1 to 5", cx.stage))
+                .hint("4 keeps good pairs; a fraction such as 3.5 compares with the expected score"),
         );
     }
     p.llm().check(cx, &mut diags);
@@ -61,7 +67,7 @@ fn check(cx: &CheckCtx) -> Checked {
 /// The prompt, rendered once against its documented variables.
 fn templates(spec: &StageSpec, wf: &Workflow) -> Result<(Params, Template)> {
     let params: Params = spec.params()?;
-    let sample = json!({ "query": "", "chunk": "", "title": "", "path": "", "domain": "", "min_score": 4 });
+    let sample = json!({ "query": "", "kind": "question", "chunk": "", "title": "", "path": "", "domain": "", "min_score": 4, "reason": true });
     let template = prompt(wf, &params.model, params.prompt.as_deref(), ("judge.j2", "judge_local.j2"), sample)?;
     Ok((params, template))
 }
@@ -75,6 +81,8 @@ fn build(spec: &StageSpec, wf: &Workflow) -> Result<Box<dyn Stage>> {
 type Judge = LlmStage<Params>;
 
 const JUDGMENT_SCHEMA: &str = r#"{"type":"object","properties":{"score":{"type":"integer"},"reason":{"type":"string"}},"required":["score","reason"],"additionalProperties":false}"#;
+const SCORE_SCHEMA: &str =
+    r#"{"type":"object","properties":{"score":{"type":"integer"}},"required":["score"],"additionalProperties":false}"#;
 
 /// The score (1-5) and reason in a judge's answer: JSON if there is any, else "score: N" in prose.
 pub fn parse_judgment(text: &str) -> Option<(i64, String)> {
@@ -129,18 +137,21 @@ impl Stage for Judge {
         let (mut failed, mut accepted, mut rejected, mut first_error) = (0u64, 0u64, 0u64, None::<String>);
         let mut usage = UsageWriter::default();
         while let Some((query_id, outcome)) = results.recv().await {
-            let (verdict, score, reason, call_id) = self.verdict(outcome?);
+            let Decided { verdict, reading, reason, call } = self.verdict(outcome?);
             judgments::write(
                 &ctx.store,
                 &self.name,
                 &Judgment {
                     query_id,
                     settings: &settings,
-                    score,
+                    score: reading.as_ref().map(|r| r.expected().round() as i64),
+                    expected: reading.as_ref().map(ScoreReading::expected),
+                    probs: reading.as_ref().and_then(ScoreReading::probabilities).map(|p| json!(p).to_string()),
+                    scored_by: reading.as_ref().map(ScoreReading::source),
                     verdict,
                     reason: Some(&reason),
                     model: &model,
-                    call_id,
+                    call_id: call,
                 },
             )
             .await?;
@@ -209,13 +220,15 @@ impl Judge {
         let p = &self.params;
         let llm = p.llm();
         let gen_params = llm.gen_params(None);
-        let schema: Value = serde_json::from_str(JUDGMENT_SCHEMA).expect("static schema");
+        let reason = self.with_reason();
+        let schema: Value =
+            serde_json::from_str(if reason { JUDGMENT_SCHEMA } else { SCORE_SCHEMA }).expect("static schema");
         let items = todo
             .into_iter()
             .map(|q| {
                 let vars = json!({
-                    "query": q.query, "chunk": q.chunk, "title": q.title.unwrap_or_default(), "path": q.path,
-                    "domain": p.domain.clone().unwrap_or_default(), "min_score": p.min_score,
+                    "query": q.query, "kind": q.kind.name(), "chunk": q.chunk, "title": q.title.unwrap_or_default(),
+                    "path": q.path, "domain": p.domain.clone().unwrap_or_default(), "min_score": p.min_score, "reason": reason,
                 });
                 (q.query_id, vars)
             })
@@ -226,42 +239,54 @@ impl Judge {
             params: &gen_params,
             schema: ("judgment", &schema),
             accept: |text| parse_judgment(text).is_some(),
+            score: Some(ScoreAsk { reason }),
         };
         requests(items, &how, json)
     }
 
-    /// Verdict, score, reason and call of one answer. An answer cut off after its score still
-    /// carries the verdict; only one cut off before it fails.
-    fn verdict(
-        &self,
-        outcome: std::result::Result<ChatDone, LlmFailure>,
-    ) -> (Verdict, Option<i64>, String, Option<i64>) {
+    /// Whether this judge asks for its reason.
+    fn with_reason(&self) -> bool {
+        self.params.reason.unwrap_or(self.provider.identity().provider != crate::workflow::Provider::Local)
+    }
+
+    /// One answer judged: its verdict, how the score was read, the reason and the call. The score is
+    /// the expected score where the answer carries the digits' probabilities, else the digit written.
+    /// An answer cut off after its score still carries the verdict; only one cut off before it fails.
+    fn verdict(&self, outcome: std::result::Result<ChatDone, LlmFailure>) -> Decided {
         let done = match outcome {
             Ok(done) => done,
-            Err(f) => return (Verdict::Failed, None, f.message, None),
+            Err(f) => return Decided { verdict: Verdict::Failed, reading: None, reason: f.message, call: None },
         };
         let call = Some(done.call_id);
+        let fail = |reason: String| Decided { verdict: Verdict::Failed, reading: None, reason, call };
         match (parse_judgment(&done.answer.text), done.answer.finish_reason.as_deref()) {
             (Some((s, r)), _) => {
-                (if s >= self.params.min_score { Verdict::Accepted } else { Verdict::Rejected }, Some(s), r, call)
+                let reading = match crate::llm::score_probabilities(&done.answer.raw) {
+                    Some(p) => ScoreReading::Probabilities(p),
+                    None => ScoreReading::Sampled(s as u8),
+                };
+                let verdict =
+                    if reading.expected() >= self.params.min_score { Verdict::Accepted } else { Verdict::Rejected };
+                Decided { verdict, reading: Some(reading), reason: r, call }
             }
-            (None, Some("length")) => (
-                Verdict::Failed,
-                None,
-                format!("the answer was cut off at max_tokens = {}; raise max_tokens", self.params.llm().max_tokens),
-                call,
-            ),
-            (None, _) => (
-                Verdict::Failed,
-                None,
-                format!(
-                    "no score from 1 to 5 in the judge's answer: {}",
-                    done.answer.text.chars().take(200).collect::<String>()
-                ),
-                call,
-            ),
+            (None, Some("length")) => fail(format!(
+                "the answer was cut off at max_tokens = {}; raise max_tokens",
+                self.params.llm().max_tokens
+            )),
+            (None, _) => fail(format!(
+                "no score from 1 to 5 in the judge's answer: {}",
+                done.answer.text.chars().take(200).collect::<String>()
+            )),
         }
     }
+}
+
+/// A judge's decision on one question.
+struct Decided {
+    verdict: Verdict,
+    reading: Option<ScoreReading>,
+    reason: String,
+    call: Option<i64>,
 }
 
 #[cfg(test)]

@@ -149,6 +149,8 @@ pub struct Prompted<'a> {
     pub schema: (&'a str, &'a Value),
     /// Whether an answer parsed into this stage's result: only such answers are cache hits.
     pub accept: fn(&str) -> bool,
+    /// The answer is a 1-5 score read as probabilities (a judge).
+    pub score: Option<crate::llm::ScoreAsk>,
 }
 
 /// The key of the settings an LLM stage's results belong to: its checked parameters (less those
@@ -305,7 +307,8 @@ pub fn requests(items: Vec<(i64, Value)>, how: &Prompted, json: bool) -> Result<
         messages.push(Message::user(how.template.render(vars)?));
         let json_schema = Some((how.schema.0.to_string(), how.schema.1.clone()));
         let accept = Some(how.accept);
-        requests.push((id, ChatRequest { messages, params: how.params.clone(), json_schema, accept }));
+        let score = how.score;
+        requests.push((id, ChatRequest { messages, params: how.params.clone(), json_schema, accept, score }));
     }
     Ok(requests)
 }

@@ -14,8 +14,9 @@ use crate::error::{Error, Result};
 use crate::llm::embed::BlackBox;
 use crate::store::{models as models_table, pairs};
 use crate::train::data::{self, Example};
-use crate::train::params::{InitFrom, Params, Precision};
+use crate::train::params::{InitFrom, Params};
 use crate::train::{self, Event, Retriever, TrainConfig, model::Augment};
+use crate::workflow::Precision;
 use crate::workflow::{CheckCtx, Checked, Diagnostic, StageSpec, Workflow, check_typed, checked};
 
 pub const KIND: Kind = Kind {
@@ -223,7 +224,8 @@ impl Stage for Train {
         let mut aug = Augment::new(folder, Some(&start.weights), &device)?;
         if cfg.bf16 {
             aug.model.compute = candle_core::DType::BF16;
-            ctx.progress.log("mixed precision: bf16 matrix products, f32 weights and optimiser");
+            let on = if device.is_cpu() { "on AMX tiles" } else { "on the GPU" };
+            ctx.progress.log(&format!("mixed precision: bf16 matrix products {on}, f32 weights and optimiser"));
         }
         let pairs_total = (train_set.len() * p.epochs) as u64;
         ctx.progress.set_total(pairs_total);
@@ -357,7 +359,7 @@ impl Train {
         let bf16 = match p.precision {
             Precision::Bf16 => true,
             Precision::F32 => false,
-            Precision::Auto => device.is_cuda(),
+            Precision::Auto => device.is_cuda() || (device.is_cpu() && crate::bert::amx::available()),
         };
         TrainConfig {
             retriever: p.retriever,

@@ -10,6 +10,7 @@ use crate::error::Result;
 pub struct JudgeInput {
     pub query_id: i64,
     pub query: String,
+    pub kind: crate::text::QueryKind,
     pub chunk: String,
     pub title: Option<String>,
     pub path: String,
@@ -18,7 +19,7 @@ pub struct JudgeInput {
 /// Makes this judge's verdicts of `settings` the current ones, superseding the rest, and decides
 /// them again from their stored scores at `min_score` (a threshold change costs no call). Returns
 /// how many verdicts changed.
-pub async fn activate(store: &Store, stage: &str, settings: &str, min_score: i64) -> Result<u64> {
+pub async fn activate(store: &Store, stage: &str, settings: &str, min_score: f64) -> Result<u64> {
     let mut tx = store.pool.begin().await.at(store)?;
     sqlx::query("UPDATE judgments SET superseded_at = ? WHERE stage = ? AND settings != ? AND superseded_at IS NULL")
         .bind(now_ms())
@@ -36,9 +37,9 @@ pub async fn activate(store: &Store, stage: &str, settings: &str, min_score: i64
     .await
     .at(store)?;
     let changed = sqlx::query(
-        "UPDATE judgments SET verdict = CASE WHEN score >= ?3 THEN 'accepted' ELSE 'rejected' END
+        "UPDATE judgments SET verdict = CASE WHEN COALESCE(expected, score) >= ?3 THEN 'accepted' ELSE 'rejected' END
          WHERE stage = ?1 AND settings = ?2 AND score IS NOT NULL
-           AND verdict != CASE WHEN score >= ?3 THEN 'accepted' ELSE 'rejected' END",
+           AND verdict != CASE WHEN COALESCE(expected, score) >= ?3 THEN 'accepted' ELSE 'rejected' END",
     )
     .bind(stage)
     .bind(settings)
@@ -82,7 +83,7 @@ async fn pending_of(
 ) -> Result<Vec<JudgeInput>> {
     let stages = serde_json::to_string(generate_stages).expect("strings serialise");
     sqlx::query_as(
-        "SELECT q.id AS query_id, q.text AS query, c.text AS chunk, d.title, d.path
+        "SELECT q.id AS query_id, q.text AS query, q.kind, c.text AS chunk, d.title, d.path
          FROM queries q JOIN chunks c ON c.id = q.chunk_id JOIN documents d ON d.id = c.document_id
          WHERE q.stage IN (SELECT value FROM json_each(?1)) AND q.status = 'kept'
            AND (CASE WHEN ?4 IS NULL THEN q.superseded_at IS NULL ELSE q.settings = ?4 END)
@@ -120,7 +121,12 @@ pub struct Judgment<'a> {
     pub query_id: i64,
     /// Key of the judge settings that made it (its threshold left out).
     pub settings: &'a str,
+    /// The score (None for a failed judgment): the digit, the expected score, the five digits'
+    /// probabilities as JSON where they were read, and how (`probabilities` or `sampled`).
     pub score: Option<i64>,
+    pub expected: Option<f64>,
+    pub probs: Option<String>,
+    pub scored_by: Option<&'a str>,
     pub verdict: Verdict,
     pub reason: Option<&'a str>,
     pub model: &'a str,
@@ -129,15 +135,20 @@ pub struct Judgment<'a> {
 
 pub async fn write(store: &Store, stage: &str, j: &Judgment<'_>) -> Result<()> {
     sqlx::query(
-        "INSERT INTO judgments (query_id, stage, settings, score, verdict, reason, model, call_id, created_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
-         ON CONFLICT (query_id, stage, settings) DO UPDATE SET score = excluded.score, verdict = excluded.verdict,
+        "INSERT INTO judgments (query_id, stage, settings, score, expected, probs, scored_by, verdict, reason, model,
+            call_id, created_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+         ON CONFLICT (query_id, stage, settings) DO UPDATE SET score = excluded.score, expected = excluded.expected,
+            probs = excluded.probs, scored_by = excluded.scored_by, verdict = excluded.verdict,
             reason = excluded.reason, model = excluded.model, call_id = excluded.call_id, created_at = excluded.created_at",
     )
     .bind(j.query_id)
     .bind(stage)
     .bind(j.settings)
     .bind(j.score)
+    .bind(j.expected)
+    .bind(&j.probs)
+    .bind(j.scored_by)
     .bind(j.verdict)
     .bind(j.reason)
     .bind(j.model)

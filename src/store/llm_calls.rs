@@ -37,6 +37,8 @@ pub struct NewCall<'a> {
     pub run_id: Option<i64>,
     pub stage: Option<&'a str>,
     pub usable: bool,
+    /// How the answer was held to its shape (`grammar`, `probabilities`, `json_schema`, `none`).
+    pub constrained: Option<&'a str>,
 }
 
 pub async fn lookup(store: &Store, hash: &str) -> Result<Option<CallRow>> {
@@ -61,13 +63,15 @@ pub async fn mark_unusable(store: &Store, id: i64) -> Result<()> {
 pub async fn insert(store: &Store, c: &NewCall<'_>) -> Result<i64> {
     let id: Option<i64> = sqlx::query_scalar(
         "INSERT INTO llm_calls (request_hash, kind, provider, base_url, model, request, response, text, finish_reason,
-            response_id, prompt_tokens, completion_tokens, latency_ms, attempts, run_id, stage, usable, created_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+            response_id, prompt_tokens, completion_tokens, latency_ms, attempts, run_id, stage, usable, constrained,
+            created_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
          ON CONFLICT (request_hash) DO UPDATE SET response = excluded.response, text = excluded.text,
             finish_reason = excluded.finish_reason, response_id = excluded.response_id,
             prompt_tokens = excluded.prompt_tokens, completion_tokens = excluded.completion_tokens,
             latency_ms = excluded.latency_ms, attempts = excluded.attempts, run_id = excluded.run_id,
-            stage = excluded.stage, usable = excluded.usable, created_at = excluded.created_at
+            stage = excluded.stage, usable = excluded.usable, constrained = excluded.constrained,
+            created_at = excluded.created_at
          WHERE llm_calls.usable = 0
          RETURNING id",
     )
@@ -88,6 +92,7 @@ pub async fn insert(store: &Store, c: &NewCall<'_>) -> Result<i64> {
     .bind(c.run_id)
     .bind(c.stage)
     .bind(c.usable)
+    .bind(c.constrained)
     .bind(now_ms())
     .fetch_optional(&store.pool)
     .await

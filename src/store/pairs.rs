@@ -9,10 +9,14 @@ use crate::error::Result;
 pub struct PairRow {
     pub query_id: i64,
     pub query: String,
+    /// question, keywords or claim.
+    pub kind: String,
     pub passage: String,
     pub document: String,
     pub page: Option<i64>,
     pub score: Option<i64>,
+    /// The expected score where the judge's probabilities were read.
+    pub expected: Option<f64>,
     pub verdict: String,
     pub reason: Option<String>,
     pub generator: String,
@@ -21,7 +25,8 @@ pub struct PairRow {
 /// Pairs, newest first; `run` limits them to queries made during that run, `verdict` to one verdict.
 pub async fn list(store: &Store, run: Option<i64>, verdict: Option<&str>, limit: i64) -> Result<Vec<PairRow>> {
     sqlx::query_as(
-        "SELECT p.query_id, p.query, p.passage, p.document, p.page, p.score, p.verdict, p.reason, p.generator
+        "SELECT p.query_id, p.query, p.kind, p.passage, p.document, p.page, p.score, p.expected, p.verdict, p.reason,
+                p.generator
          FROM pairs p
          WHERE (?1 IS NULL OR p.verdict = ?1)
            AND (?2 IS NULL OR p.created_at BETWEEN (SELECT started_at FROM runs WHERE id = ?2)

@@ -7,7 +7,7 @@ use sqlx::FromRow;
 use super::states::GenerationStatus;
 use super::{AtStore, Store, now_ms};
 use crate::error::Result;
-use crate::text::QueryStatus;
+use crate::text::{QueryKind, QueryStatus};
 
 /// A live chunk a generate stage works from.
 #[derive(Debug, Clone, FromRow)]
@@ -106,6 +106,7 @@ pub async fn kept_mean_chars(store: &Store, stage: &str) -> Result<Option<f64>> 
 #[derive(Debug, Clone)]
 pub struct NewQuery {
     pub text: String,
+    pub kind: QueryKind,
     /// Kept, or why it was dropped.
     pub status: QueryStatus,
 }
@@ -129,12 +130,14 @@ pub async fn write_generation(store: &Store, stage: &str, g: &Generation) -> Res
     let mut tx = store.pool.begin().await.at(store)?;
     for q in &g.queries {
         sqlx::query(
-            "INSERT INTO queries (chunk_id, stage, text, model, prompt_hash, params, status, call_id, settings, created_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO queries (chunk_id, stage, text, kind, model, prompt_hash, params, status, call_id, settings,
+                created_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(g.chunk_id)
         .bind(stage)
         .bind(&q.text)
+        .bind(q.kind)
         .bind(&g.model)
         .bind(&g.prompt_hash)
         .bind(&g.params)
@@ -143,7 +146,8 @@ pub async fn write_generation(store: &Store, stage: &str, g: &Generation) -> Res
         .bind(&g.settings)
         .bind(now)
         .execute(&mut *tx)
-        .await.at(store)?;
+        .await
+        .at(store)?;
     }
     let kept = g.queries.iter().filter(|q| q.status == QueryStatus::Kept).count() as i64;
     sqlx::query(

@@ -162,9 +162,11 @@ pub fn train(
         total_steps,
         warmup: (total_steps as f64 * cfg.warmup).ceil() as u64,
         bm25: validation_bm25(data.val),
-        // The hand-written backward pass covers the CPU in f32 with mean or CLS pooling; bf16
-        // (meant for GPUs) and max pooling go through autograd anywhere.
-        fast: aug.device.is_cpu() && aug.folder.pooling != crate::bert::Pooling::Max && !cfg.bf16,
+        // The hand-written backward pass covers the CPU with mean or CLS pooling, in f32 or with
+        // bf16 products on AMX; bf16 on a CPU without AMX and max pooling go through autograd.
+        fast: aug.device.is_cpu()
+            && aug.folder.pooling != crate::bert::Pooling::Max
+            && (!cfg.bf16 || crate::bert::amx::available()),
     };
     let resumed = t.resume(on)?;
     if t.state.black_box_alpha.is_none() {
@@ -418,13 +420,18 @@ mod tests {
         let words = ["alpha", "beta", "gamma", "delta"];
         let aug = Augment::new(model::tiny_folder(t.path(), &words).unwrap(), None, &candle_core::Device::Cpu).unwrap();
         let texts: Vec<String> = vec!["alpha beta".into(), "gamma".into(), "delta alpha gamma".into()];
-        let before = aug.encoder().unwrap().embed(&texts, 2).unwrap();
+        let encoder = aug.encoder().unwrap();
+        let before = encoder.embed(&texts, 2).unwrap();
         aug.save(&t.path().join("ckpt"), &HashMap::new(), None).unwrap();
-        let reloaded =
-            crate::bert::encoder::SentenceEncoder::load(&t.path().join("ckpt"), None, &candle_core::Device::Cpu)
-                .unwrap()
-                .embed(&texts, 2)
-                .unwrap();
+        let reloaded = crate::bert::encoder::SentenceEncoder::load(
+            &t.path().join("ckpt"),
+            None,
+            &candle_core::Device::Cpu,
+            encoder.products(),
+        )
+        .unwrap()
+        .embed(&texts, 2)
+        .unwrap();
         assert_eq!(before, reloaded);
 
         // A parent's BERT pooler is not trained, but it is kept: transformers then loads the folder
@@ -446,10 +453,19 @@ mod tests {
             .unwrap();
         let kept: Vec<f32> = saved["pooler.dense.weight"].flatten_all().unwrap().to_vec1().unwrap();
         assert_eq!(kept, [0.25, -1.5, 3.0, 0.5]);
-        // The graph used in training agrees with the inference path.
+        // The graph used in training agrees with the inference path (in f32, as the graph runs).
         let graph: Vec<Vec<f32>> =
             aug.encode(&["alpha beta", "gamma", "delta alpha gamma"]).unwrap().to_vec2().unwrap();
-        for (g, r) in graph.iter().zip(&reloaded) {
+        let reloaded_f32 = crate::bert::encoder::SentenceEncoder::load(
+            &t.path().join("ckpt"),
+            None,
+            &candle_core::Device::Cpu,
+            crate::bert::Products::F32,
+        )
+        .unwrap()
+        .embed(&texts, 2)
+        .unwrap();
+        for (g, r) in graph.iter().zip(&reloaded_f32) {
             let n = r.iter().map(|x| x * x).sum::<f32>().sqrt();
             for (a, b) in g.iter().zip(r) {
                 assert!((a - b / n).abs() < 1e-5);

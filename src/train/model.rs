@@ -102,7 +102,9 @@ impl Augment {
     /// An inference encoder over the current weights (the fast packed path on the CPU).
     pub fn encoder(&self) -> Result<SentenceEncoder> {
         let vb = VarBuilder::from_varmap(&self.varmap, DType::F32, &self.device);
-        SentenceEncoder::with_weights(self.folder.clone(), &vb).map_err(Error::tensor("building the augment encoder"))
+        // The products eval will embed with (bf16 on a CPU with AMX), so validation scores what ships.
+        SentenceEncoder::with_weights(self.folder.clone(), &vb, crate::bert::Products::auto())
+            .map_err(Error::tensor("building the augment encoder"))
     }
 
     /// Writes a sentence-transformers folder: the parent folder's configuration files, this model's

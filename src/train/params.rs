@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::Retriever;
-use crate::workflow::{Device, Tunable};
+use crate::workflow::{Device, Precision, Tunable};
 
 /// The kind name of the stage these parameters belong to.
 pub const KIND_NAME: &str = "train";
@@ -70,18 +70,9 @@ pub struct Params {
     /// or always from `models.<augment>.init` (`base`: retrain from scratch).
     #[serde(default)]
     pub init_from: InitFrom,
-    /// auto (bf16 matrix products on a GPU, f32 on the CPU) | f32 | bf16
+    /// auto (bf16 matrix products on a GPU, and on a CPU with AMX; f32 elsewhere) | f32 | bf16
     #[serde(default)]
     pub precision: Precision,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Precision {
-    #[default]
-    Auto,
-    F32,
-    Bf16,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

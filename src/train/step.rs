@@ -77,7 +77,8 @@ pub(super) fn fast_step(
 ) -> candle_core::Result<(f64, Grads)> {
     let (queries, passages) = texts;
     let vb = candle_nn::VarBuilder::from_varmap(&aug.varmap, candle_core::DType::F32, &aug.device);
-    let cpu = crate::bert::packed::CpuBert::load(&vb, &aug.folder.config)?;
+    let products = if cfg.bf16 { crate::bert::Products::Bf16 } else { crate::bert::Products::F32 };
+    let cpu = crate::bert::packed::CpuBert::load(&vb, &aug.folder.config)?.with_products(products, false);
     let all: Vec<&str> = queries.iter().chain(passages).copied().collect();
     let enc = aug.folder.tokenizer.encode_batch(all.clone(), true).map_err(candle_core::Error::msg)?;
     let lens: Vec<usize> = enc.iter().map(|e| e.get_ids().len()).collect();

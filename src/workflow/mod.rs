@@ -15,8 +15,8 @@ use serde_json::Value;
 
 pub use crate::diag::{Diagnostic, Diagnostics, did_you_mean};
 pub use models::{
-    BatchSpec, DEFAULT_EMBEDDER, Device, Fallback, Limits, ModelSpec, Price, Provider, RetryPolicy, check_base_url,
-    shown_url,
+    BatchSpec, DEFAULT_EMBEDDER, Device, Fallback, Limits, ModelSpec, Precision, Price, Provider, Requantize,
+    RetryPolicy, check_base_url, shown_url,
 };
 use yaml::{Node, Span};
 

@@ -66,6 +66,37 @@ pub struct ModelSpec {
     /// Where a local model runs (default auto); ignored for API models.
     #[serde(default)]
     pub device: Device,
+    /// A local chat model: requests decoded together in one batch (default 8, see the README).
+    pub parallel: Option<usize>,
+    /// A local chat model's weights: `auto` loads a Q8_0 copy (made once) where the CPU has AMX and
+    /// most of the GGUF's matrices are in types AMX has no kernels for; `never`; `q8_0` always.
+    #[serde(default)]
+    pub requantize: Requantize,
+    /// A local embedding model's matrix products (default auto: bf16 on a CPU with AMX).
+    #[serde(default)]
+    pub precision: Precision,
+}
+
+/// The precision of a BERT's matrix products: `auto` (bf16 with f32 sums on a GPU, and on a CPU with
+/// AMX; f32 elsewhere), `f32`, or `bf16`. LayerNorm, softmax, GELU, pooling and optimiser stay f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    #[default]
+    Auto,
+    F32,
+    Bf16,
+}
+
+/// Whether a local GGUF is loaded as it is or as a Q8_0 copy (see `ModelSpec::requantize`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Requantize {
+    #[default]
+    Auto,
+    Never,
+    #[serde(rename = "q8_0")]
+    Q8_0,
 }
 
 /// Rate limits of one endpoint, as the workflow sets them.

@@ -302,7 +302,7 @@ fn pairs_view_filters_by_verdict() {
     assert_eq!(v[0]["reason"], "leans on the passage");
     assert_eq!(v[0]["document"], "d000.txt");
     let all = sb.flow(&["pairs", "-w", "wf.yaml"]);
-    assert!(all.stdout.contains("[accepted score 5] What drove cloud revenue?"), "{}", all.stdout);
+    assert!(all.stdout.contains("[accepted score 5] (question) What drove cloud revenue?"), "{}", all.stdout);
 }
 
 #[test]

@@ -386,3 +386,45 @@ fn a_run_level_token_budget_stops_before_crossing_it() {
     let used = db.scalar("SELECT SUM(prompt_tokens + completion_tokens) FROM stage_runs");
     assert!(used > 0 && used <= 4000, "{used} tokens against a cap of 4000");
 }
+
+#[test]
+fn kinds_of_query_are_asked_stored_shown_and_part_of_the_settings() {
+    let srv = server::start(Config::default());
+    let sb = Sandbox::new();
+    corpus(&sb, 10);
+    let kinds = |k: &str| workflow(&srv.base_url(), "", &format!(", kinds: {k}"));
+    sb.write("wf.yaml", kinds("{ question: 2, keywords: 1, claim: 1 }"));
+    let run = |sb: &Sandbox| -> crate::harness::Ran {
+        sb.cmd(&["run", "wf.yaml"]).env("OPENAI_API_KEY", "sk-test").output().unwrap().into()
+    };
+    let r = run(&sb);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let db = sb.db("t.db");
+    assert_eq!(db.scalar("SELECT COUNT(*) FROM llm_calls WHERE request LIKE '%keyword quer%'"), 10);
+    assert_eq!(db.scalar("SELECT COUNT(*) FROM llm_calls WHERE request LIKE '%different claim%'"), 10);
+    let by_kind = |k: &str| {
+        db.scalar(&format!(
+            "SELECT COUNT(*) FROM queries WHERE kind = '{k}' AND status = 'kept' AND superseded_at IS NULL"
+        ))
+    };
+    // One keyword query and one claim per chunk (the server offers two of each), up to two questions.
+    assert_eq!((by_kind("keywords"), by_kind("claim")), (10, 10));
+    assert!((15..=20).contains(&by_kind("question")), "{}", by_kind("question"));
+    // The judge is told which kind it judges.
+    assert!(db.scalar("SELECT COUNT(*) FROM llm_calls WHERE request LIKE '%Query (keywords)%'") >= 10);
+    let pairs = sb.cmd(&["pairs", "-w", "wf.yaml", "--limit", "100"]).output().unwrap();
+    let shown = String::from_utf8_lossy(&pairs.stdout);
+    assert!(shown.contains("keywords") && shown.contains("claim"), "{shown}");
+
+    // Questions only: a new setting, so generate runs again, and its question requests are the
+    // same bodies as before (answered from the cache).
+    let calls = db.scalar("SELECT COUNT(*) FROM llm_calls");
+    sb.write("wf.yaml", kinds("[question]"));
+    let r = run(&sb);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert_eq!(by_kind("keywords") + by_kind("claim"), 0, "the other kinds are superseded");
+    assert!(by_kind("question") >= 15);
+    let generate_calls = db.scalar("SELECT COUNT(*) FROM llm_calls WHERE request LIKE '%You write search queries%'");
+    assert_eq!(generate_calls, 30, "no generate request was sent again");
+    assert!(db.scalar("SELECT COUNT(*) FROM llm_calls") >= calls);
+}

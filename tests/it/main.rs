@@ -14,7 +14,6 @@ mod local;
 mod openai_server;
 mod plan;
 mod pull;
-mod qwen;
 mod reliable;
 mod robust;
 mod schedule;

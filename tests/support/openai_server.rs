@@ -311,6 +311,21 @@ fn answer(schema: &str, prompt: &str, h: u64, prose: bool) -> String {
             json!({"score": score, "reason": format!("test judge gives {score}")}).to_string()
         };
     }
+    // The built-in prompts' other kinds of query: keyword searches and claims.
+    if prompt.contains("keyword quer") {
+        let qs = [
+            format!("metric {} section {}", h % 100_000, (h >> 20) % 1000),
+            format!("item {} fiscal change", (h >> 8) % 100_000),
+        ];
+        return json!({"queries": qs}).to_string();
+    }
+    if prompt.contains("different claim") {
+        let qs = [
+            format!("Metric {} rose in section {} of the report.", h % 100_000, (h >> 20) % 1000),
+            format!("Item {} changed during fiscal year {}.", (h >> 8) % 100_000, 2000 + (h >> 40) % 26),
+        ];
+        return json!({"queries": qs}).to_string();
+    }
     let mut qs = vec![
         format!("What was the value of metric {} reported in section {}?", h % 100_000, (h >> 20) % 1000),
         format!("How did item {} change during fiscal year {}?", (h >> 8) % 100_000, 2000 + (h >> 40) % 26),
