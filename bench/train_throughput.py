@@ -150,6 +150,7 @@ def main():
     ap.add_argument("--skip-flow", action="store_true")
     ap.add_argument("--skip-eval", action="store_true", help="speed and loss curves only")
     ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--st-epochs", type=int, default=1, help="sentence-transformers' epochs (its speed per pair does not depend on them)")
     ap.add_argument("--retrievers", default="augment_only,mafin")
     ap.add_argument("--eval-only", action="store_true",
                     help="no training: evaluate the checkpoints an earlier run left in /tmp/flow-bench-*")
@@ -164,9 +165,9 @@ def main():
         if os.path.exists("/tmp/flow-bench-st-model/modules.json"):
             st_model = SentenceTransformer("/tmp/flow-bench-st-model", device="cpu")
     if not args.skip_st:
-        _, result["sentence_transformers_bf16_autocast"] = train_st(corpus, queries, train, bf16=True, epochs=args.epochs)
+        _, result["sentence_transformers_bf16_autocast"] = train_st(corpus, queries, train, bf16=True, epochs=args.st_epochs)
         print(json.dumps(result, indent=2), file=sys.stderr)
-        st_model, result["sentence_transformers"] = train_st(corpus, queries, train, epochs=args.epochs)
+        st_model, result["sentence_transformers"] = train_st(corpus, queries, train, epochs=args.st_epochs)
         print(json.dumps(result, indent=2), file=sys.stderr)
     flow_models = {}
     if args.eval_only:

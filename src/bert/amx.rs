@@ -11,7 +11,10 @@
 use std::arch::asm;
 use std::sync::OnceLock;
 
+use candle_transformers::models::bert::HiddenAct;
 use rayon::prelude::*;
+
+use super::kernels::apply;
 
 /// Rows (and columns) of one register block: 2x2 tiles of 16.
 const BLOCK: usize = 32;
@@ -37,7 +40,13 @@ fn cpu_and_os() -> bool {
         let l7 = __cpuid_count(7, 0);
         let (amx_bf16, amx_tile) = ((l7.edx >> 22) & 1 == 1, (l7.edx >> 24) & 1 == 1);
         let osxsave = (__cpuid(1).ecx >> 27) & 1 == 1;
-        if !(amx_bf16 && amx_tile && osxsave) {
+        // Every AMX CPU has AVX512-BF16 too; the code around the tiles (conversion, the output's
+        // bias and sums) is compiled for it, so it is required, not assumed.
+        let wide = std::arch::is_x86_feature_detected!("avx512bf16")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("avx512dq");
+        if !(amx_bf16 && amx_tile && osxsave && wide) {
             return false;
         }
         let (lo, _hi): (u32, u32);
@@ -157,7 +166,55 @@ impl PackedB {
     /// B read through strides: B[kk][j] = b[kk * rs + j * cs] (cs = ld, rs = 1 reads a transpose).
     pub fn from_strided(b: &[f32], k: usize, n: usize, rs: usize, cs: usize) -> PackedB {
         assert!(k == 0 || n == 0 || b.len() > (k - 1) * rs + (n - 1) * cs, "matrix shape");
+        if n * k < 1 << 16 && (cs == 1 || rs == 1) && available() {
+            // SAFETY: the assert above keeps every read inside `b`; AMX (and AVX-512) is there.
+            return unsafe { Self::pack_small(b, k, n, rs, cs) };
+        }
         Self::pack(k, n, |kk, j| b[kk * rs + j * cs])
+    }
+
+    /// The packing of attention's operands (K^T and V of one head, a few thousand values, packed
+    /// once per sequence and head, so as hot as the products): whole rows of 16 or 32 values at a
+    /// time with no per-value closure, compiled for AVX-512 (this only runs where AMX does).
+    ///
+    /// # Safety
+    /// Every B[kk][j] = b[kk * rs + j * cs] for kk < k, j < n must be inside `b`; AMX available.
+    #[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl,avx512dq"))]
+    unsafe fn pack_small(b: &[f32], k: usize, n: usize, rs: usize, cs: usize) -> PackedB {
+        let (kb, nb) = (k.div_ceil(BLOCK), n.div_ceil(BLOCK));
+        let mut data = Aligned::<u16>::zeroed(nb * kb * 2 * TILE);
+        for blk in 0..nb {
+            for s in 0..kb {
+                for half in 0..2 {
+                    let c0 = blk * BLOCK + half * 16;
+                    if c0 >= n {
+                        continue;
+                    }
+                    let cols = (n - c0).min(16);
+                    let tile = &mut data[((blk * kb + s) * 2 + half) * TILE..][..TILE];
+                    let rows = (k - s * BLOCK).min(BLOCK);
+                    if cs == 1 {
+                        // Row-major B (V): tile row r interleaves B rows 2r and 2r+1.
+                        for e in 0..rows {
+                            let src = &b[(s * BLOCK + e) * rs + c0..][..cols];
+                            let (r, p) = (e / 2, e % 2);
+                            for (j, v) in src.iter().enumerate() {
+                                tile[r * 32 + 2 * j + p] = bf16(*v);
+                            }
+                        }
+                    } else {
+                        // B stored transposed (K^T): column j of B is a contiguous run of K's row j.
+                        for j in 0..cols {
+                            let src = &b[(c0 + j) * cs + s * BLOCK..][..rows];
+                            for (e, v) in src.iter().enumerate() {
+                                tile[(e / 2) * 32 + 2 * j + e % 2] = bf16(*v);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        PackedB { k, n, kb, data }
     }
 
     fn pack(k: usize, n: usize, get: impl Fn(usize, usize) -> f32 + Sync) -> PackedB {
@@ -218,6 +275,8 @@ pub enum Out<'a> {
     Store,
     /// C = A B + bias (one value per column).
     Bias(&'a [f32]),
+    /// C = act(A B + bias), the activation applied while the block is in cache.
+    BiasAct(&'a [f32], HiddenAct),
     /// C += A B.
     Add,
 }
@@ -293,6 +352,7 @@ unsafe fn kernel(a: *const u16, b: *const u16, steps: usize, out: *mut f32) {
 }
 
 /// Rows `m0..m0+32` of A as one bf16 panel ([K/32][2 halves of 16 rows][16x32]), zero beyond m and k.
+#[inline(always)]
 fn convert_panel(a: &Lhs, m0: usize, k: usize, panel: &mut [u16]) {
     let steps = k.div_ceil(BLOCK);
     if a.rs == 1 && a.cs != 1 {
@@ -310,7 +370,9 @@ fn convert_panel(a: &Lhs, m0: usize, k: usize, panel: &mut [u16]) {
             let k0 = s * BLOCK;
             let width = (k - k0).min(BLOCK);
             if a.cs == 1 && width == BLOCK {
-                convert32(&a.a[row * a.rs + k0..][..BLOCK], dst);
+                // SAFETY: this runs inside `one_panel`, which only runs where `available()` found
+                // AVX512-BF16.
+                unsafe { convert32(&a.a[row * a.rs + k0..][..BLOCK], dst) };
             } else {
                 for (e, d) in dst.iter_mut().enumerate() {
                     *d = if e < width { bf16(a.a[row * a.rs + (k0 + e) * a.cs]) } else { 0 };
@@ -334,22 +396,14 @@ fn convert_panel_transposed(a: &Lhs, m0: usize, k: usize, panel: &mut [u16]) {
     }
 }
 
-/// 32 consecutive floats to bf16: one `vcvtne2ps2bf16` where the CPU has AVX512-BF16 (every AMX CPU).
-fn convert32(src: &[f32], dst: &mut [u16]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512bf16") {
-        // SAFETY: the feature was just checked; both slices hold 32 elements.
-        unsafe { convert32_avx512(src, dst) };
-        return;
-    }
-    for (d, s) in dst.iter_mut().zip(src) {
-        *d = bf16(*s);
-    }
-}
-
+/// 32 consecutive floats to bf16 with one `vcvtne2ps2bf16`.
+///
+/// # Safety
+/// The CPU must have AVX512-BF16 (every AMX CPU has it; `available()` checks).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
-unsafe fn convert32_avx512(src: &[f32], dst: &mut [u16]) {
+#[inline]
+unsafe fn convert32(src: &[f32], dst: &mut [u16]) {
     use std::arch::x86_64::*;
     assert!(src.len() >= 32 && dst.len() >= 32);
     // SAFETY: 32 floats are read and 32 bf16 written, unaligned accesses.
@@ -406,10 +460,14 @@ pub unsafe fn matmul_here(a: &Lhs, b: &PackedB, c: *mut f32, ldc: usize, out: Ou
 
 /// Rows p*32.. of C: A's panel converted once, then every 32-column block of B.
 ///
+/// Compiled for AVX-512 (every AMX CPU has it), so the conversion of A and the writing of C run
+/// 16 lanes wide.
+///
 /// # Safety
 /// AMX must be available; `c` must address those rows (row stride `ldc`, `b.n` columns), owned by
 /// the caller; `panel` must hold `b.kb` steps of two tiles.
 #[allow(clippy::too_many_arguments)]
+#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl,avx512dq"))]
 unsafe fn one_panel(
     a: &Lhs,
     b: &PackedB,
@@ -443,6 +501,12 @@ unsafe fn one_panel(
                     for ((d, s), b) in dst.iter_mut().zip(src).zip(&bias[nb * BLOCK..]) {
                         *d = s + b;
                     }
+                }
+                Out::BiasAct(bias, act) => {
+                    for ((d, s), b) in dst.iter_mut().zip(src).zip(&bias[nb * BLOCK..]) {
+                        *d = s + b;
+                    }
+                    apply(dst, act);
                 }
                 Out::Add => {
                     for (d, s) in dst.iter_mut().zip(src) {
@@ -494,7 +558,9 @@ mod tests {
             let b: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect();
             let want = reference(&a, &b, m, k, n);
             let bias: Vec<f32> = (0..n).map(|j| j as f32).collect();
-            for packed in [PackedB::from_weight(&w, n, k), PackedB::from_rows(&b, k, n, n)] {
+            for packed in
+                [PackedB::from_weight(&w, n, k), PackedB::from_rows(&b, k, n, n), PackedB::from_strided(&w, k, n, 1, k)]
+            {
                 let mut c = vec![1.0f32; m * n];
                 matmul(&Lhs::rows(&a, m, k), &packed, &mut c, n, Out::Add);
                 for (g, w) in c.iter().zip(&want) {

@@ -10,7 +10,7 @@ use rayon::prelude::*;
 use super::Products;
 use super::amx::{self, Lhs, Out, PackedB};
 use super::dropout::{Dropout, ROW_SPAN, Site};
-use super::kernels::softmax;
+use super::kernels::softmax_scaled;
 pub(crate) use super::kernels::{ROWS_PER_TASK, SharedMut, activate, erf, exp, layer_norm_rows};
 
 pub(crate) struct Layer {
@@ -45,6 +45,27 @@ impl Layer {
             inter: PackedB::from_weight(&self.inter_w, i, h),
             down: PackedB::from_weight(&self.down_w, h, i),
         });
+    }
+
+    /// y = act(x W^T + b) for the intermediate matrix: on AMX the activation runs on each block of
+    /// the product while it is in cache, else as a pass of its own.
+    pub(crate) fn linear_act(&self, x: &[f32], y: &mut [f32], act: HiddenAct) {
+        match &self.packed {
+            Some(p) => {
+                let n = self.inter_b.len();
+                amx::matmul(
+                    &Lhs::rows(x, x.len() / p.inter.k, p.inter.k),
+                    &p.inter,
+                    y,
+                    n,
+                    Out::BiasAct(&self.inter_b, act),
+                )
+            }
+            None => {
+                self.linear(Which::Inter, x, y);
+                activate(y, act);
+            }
+        }
     }
 
     /// y = x W^T + b for one of the layer's four matrices, in bf16 where it is packed.
@@ -248,8 +269,7 @@ impl CpuBert {
             l.linear(Which::Out, ctx, tmp);
             layer_norm_rows(x, Some(tmp), &l.ln1, self.eps, None);
             let inter = &mut s.inter[..t * self.inter];
-            l.linear(Which::Inter, x, inter);
-            activate(inter, self.act);
+            l.linear_act(x, inter, self.act);
             l.linear(Which::Down, inter, tmp);
             layer_norm_rows(x, Some(tmp), &l.ln2, self.eps, None);
         }
@@ -396,7 +416,6 @@ pub(crate) fn attention(
             let kt = PackedB::from_strided(&qkv[k0..], dh, n, 1, 3 * h);
             // SAFETY: scores is an n x n buffer of this task's.
             unsafe { amx::matmul_here(&Lhs::rows(&qkv[q0..], n, 3 * h), &kt, scores.as_mut_ptr(), n, Out::Store) };
-            scores.iter_mut().for_each(|v| *v *= scale);
         } else {
             // SAFETY: q and k address n rows of dh columns with row stride 3h inside qkv; scores is n x n.
             unsafe {
@@ -404,8 +423,10 @@ pub(crate) fn attention(
                 matmul((n, n, dh), scores.as_mut_ptr(), n, (q, 1, 3 * h), (k, 3 * h, 1), scale, false);
             }
         }
+        // The f32 product applied the scale already; AMX's is applied with the softmax, in one pass.
+        let row_scale = if amx { scale } else { 1.0 };
         for r in scores.chunks_exact_mut(n) {
-            softmax(r);
+            softmax_scaled(r, row_scale);
         }
         let probs: &[f32] = match drop {
             Some((d, layer)) => {

@@ -268,7 +268,13 @@ impl Trainer<'_> {
         on(Event::Validation { step: self.state.step, epoch: epoch_done, metrics: &m })?;
         let chosen = [
             v.weight.filter(|_| self.cfg.weight_auto).map(|w| format!("w {w:.1}")),
-            v.alpha.map(|a| format!("hybrid alpha {a:.2}")),
+            v.alpha.map(|a| match val.queries.len() < crate::rank::fuse::MIN_BLEND_QUERIES {
+                true => format!(
+                    "hybrid alpha {a:.2} ({} validation queries are too few to choose a blend: the better side alone)",
+                    val.queries.len()
+                ),
+                false => format!("hybrid alpha {a:.2}"),
+            }),
         ];
         let chosen: Vec<String> = chosen.into_iter().flatten().collect();
         if !chosen.is_empty() {
