@@ -67,9 +67,25 @@ impl Dropout {
         // Drop when a 24-bit uniform falls below p.
         let cut = (self.p as f64 * (1u64 << 24) as f64) as u64;
         let s = self.scale();
-        for (j, o) in out[..width].iter_mut().enumerate() {
-            *o = if (mix(key ^ j as u64) >> 40) < cut { 0.0 } else { s };
+        #[inline(always)]
+        fn fill(key: u64, cut: u64, s: f32, out: &mut [f32]) {
+            for (j, o) in out.iter_mut().enumerate() {
+                *o = if (mix(key ^ j as u64) >> 40) < cut { 0.0 } else { s };
+            }
         }
+        // The hash's 64-bit products are one vector instruction in AVX-512 (DQ), scalar code in
+        // the AVX2 baseline: a training step draws a mask value for every attention probability.
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+        unsafe fn wide(key: u64, cut: u64, s: f32, out: &mut [f32]) {
+            fill(key, cut, s, out)
+        }
+        #[cfg(target_arch = "x86_64")]
+        if crate::bert::kernels::avx512() {
+            // SAFETY: the CPU was just found to have these features.
+            return unsafe { wide(key, cut, s, &mut out[..width]) };
+        }
+        fill(key, cut, s, &mut out[..width])
     }
 
     /// Multiplies packed rows `x` ([sum(lens), width], sequence after sequence) by their masks.

@@ -244,12 +244,35 @@ impl SentenceEncoder {
         Ok(out)
     }
 
+    /// The packed CPU pass over `seqs`, in slices of about `SLICE_TOKENS` tokens (see there).
     fn forward_cpu(
         &self,
         model: &CpuBert,
         scratch: &Mutex<Scratch>,
         seqs: &[&[u32]],
     ) -> candle_core::Result<Vec<Vec<f32>>> {
+        let mut out = Vec::with_capacity(seqs.len());
+        let (mut start, mut tokens) = (0, 0);
+        for (i, s) in seqs.iter().enumerate() {
+            if tokens > 0 && tokens + s.len() > SLICE_TOKENS {
+                out.extend(self.forward_slice(model, scratch, &seqs[start..i])?);
+                (start, tokens) = (i, 0);
+            }
+            tokens += s.len();
+        }
+        out.extend(self.forward_slice(model, scratch, &seqs[start..])?);
+        Ok(out)
+    }
+
+    fn forward_slice(
+        &self,
+        model: &CpuBert,
+        scratch: &Mutex<Scratch>,
+        seqs: &[&[u32]],
+    ) -> candle_core::Result<Vec<Vec<f32>>> {
+        if seqs.is_empty() {
+            return Ok(Vec::new());
+        }
         let lens: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
         let ids: Vec<u32> = seqs.concat();
         let mut scratch = scratch.lock().unwrap_or_else(|p| p.into_inner());
@@ -296,6 +319,12 @@ impl SentenceEncoder {
         pooled.to_vec2::<f32>()
     }
 }
+
+/// Tokens per packed forward pass on the CPU: a caller's batch is cut into slices this long, so an
+/// encoder layer's activations (about 9 KB a token) stay near the cores instead of streaming
+/// through memory; 32 texts of 256 tokens in four slices embed 10% faster than in one (bf16 on AMX,
+/// 2 Sapphire Rapids cores), and slices this size still give every core many row panels.
+const SLICE_TOKENS: usize = 2048;
 
 /// Token ids and attention mask [B, L] of `seqs` padded to the longest.
 pub fn padded_batch(seqs: &[&[u32]], device: &Device) -> candle_core::Result<(Tensor, Tensor)> {

@@ -198,17 +198,20 @@ pub(crate) fn sum(v: &[f32]) -> f32 {
 }
 
 dispatched! {
-    /// softmax(scale * r), in place.
+    /// softmax(scale * r), in place, for a scale > 0.
     fn softmax_scaled(r: &mut [f32], scale: f32) {
-        if scale != 1.0 {
-            r.iter_mut().for_each(|v| *v *= scale);
+        let inv = softmax_exp(r, scale);
+        for v in r.iter_mut() {
+            *v *= inv;
         }
-        softmax_body(r)
     }
 }
 
+/// The first two of softmax's three passes, in place: e^(scale * (v - max)) for a scale > 0 (the
+/// scale folded into the exponent), returning 1 / their sum, which the caller applies (the fused
+/// attention does it while converting the row for the next product).
 #[inline(always)]
-fn softmax_body(r: &mut [f32]) {
+pub(crate) fn softmax_exp(r: &mut [f32], scale: f32) -> f32 {
     let mut m = [f32::NEG_INFINITY; 16];
     let mut chunks = r.chunks_exact(16);
     for c in &mut chunks {
@@ -217,25 +220,35 @@ fn softmax_body(r: &mut [f32]) {
         }
     }
     let max = chunks.remainder().iter().fold(m.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)), |a, &b| a.max(b));
-    for v in r.iter_mut() {
-        *v = exp(*v - max);
+    let shift = -scale * max;
+    let mut acc = [0.0f32; 16];
+    let mut chunks = r.chunks_exact_mut(16);
+    for c in &mut chunks {
+        for j in 0..16 {
+            c[j] = exp(c[j].mul_add(scale, shift));
+            acc[j] += c[j];
+        }
     }
-    let inv = 1.0 / sum(r);
-    for v in r.iter_mut() {
-        *v *= inv;
+    let mut total = acc.iter().sum::<f32>();
+    for v in chunks.into_remainder() {
+        *v = exp(v.mul_add(scale, shift));
+        total += *v;
     }
+    1.0 / total
 }
 
 /// e^x with Cephes' expf polynomial (relative error about 1e-7); branch-free so loops over it vectorise.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
-    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let n = x.mul_add(std::f32::consts::LOG2_E, 0.5).floor();
+    let r = n.mul_add(2.121_944_4e-4, n.mul_add(-0.693_359_4, x));
     let z = r * r;
-    let p =
-        ((((1.987_569_1e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1) * r + 0.5;
-    let y = p * z + r + 1.0;
+    // Horner's rule in fused multiply-adds (the build's x86-64-v3 baseline has FMA): half the
+    // instructions of separate products and sums, and one rounding per step.
+    let p = 1.987_569_1e-4f32.mul_add(r, 1.398_2e-3).mul_add(r, 8.333_452e-3).mul_add(r, 4.166_579_6e-2);
+    let p = p.mul_add(r, 1.666_666_5e-1).mul_add(r, 0.5);
+    let y = p.mul_add(z, r + 1.0);
     // 2^n from n's bits once it sits in the low mantissa of 1.5 * 2^23: unlike `n as i32`, whose
     // saturating conversion is scalar code, this stays in vector registers.
     let n_bits = (n + 12_582_912.0).to_bits() as i32 - 0x4B40_0000;
@@ -246,9 +259,10 @@ pub fn exp(x: f32) -> f32 {
 #[inline(always)]
 pub fn erf(x: f32) -> f32 {
     let a = x.abs();
-    let t = 1.0 / (1.0 + 0.327_591_1 * a);
-    let poly = ((((1.061_405_4 * t - 1.453_152_1) * t + 1.421_413_8) * t - 0.284_496_74) * t + 0.254_829_6) * t;
-    let y = 1.0 - poly * exp(-a * a);
+    let t = 1.0 / 0.327_591_1f32.mul_add(a, 1.0);
+    let poly = 1.061_405_4f32.mul_add(t, -1.453_152_1).mul_add(t, 1.421_413_8).mul_add(t, -0.284_496_74);
+    let poly = poly.mul_add(t, 0.254_829_6) * t;
+    let y = (-poly).mul_add(exp(-a * a), 1.0);
     y.copysign(x)
 }
 

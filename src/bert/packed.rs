@@ -68,6 +68,25 @@ impl Layer {
         }
     }
 
+    /// The feed-forward block, y = act(x I^T + i) D^T + d, with `inter` as the intermediate's room
+    /// where the products are f32 (on AMX it never leaves the cache).
+    pub(crate) fn mlp(&self, x: &[f32], inter: &mut [f32], y: &mut [f32], act: HiddenAct) {
+        match &self.packed {
+            Some(p) => amx::mlp(
+                &Lhs::rows(x, x.len() / p.inter.k, p.inter.k),
+                (&p.inter, &self.inter_b),
+                act,
+                (&p.down, &self.down_b),
+                y,
+                self.down_b.len(),
+            ),
+            None => {
+                self.linear_act(x, inter, act);
+                self.linear(Which::Down, inter, y);
+            }
+        }
+    }
+
     /// y = x W^T + b for one of the layer's four matrices, in bf16 where it is packed.
     pub(crate) fn linear(&self, which: Which, x: &[f32], y: &mut [f32]) {
         let (w, b) = match which {
@@ -248,8 +267,10 @@ impl CpuBert {
     pub fn forward<'s>(&self, ids: &[u32], lens: &[usize], s: &'s mut Scratch) -> candle_core::Result<&'s [f32]> {
         let (h, t) = (self.hidden, ids.len());
         self.check_input(ids, lens)?;
+        // On AMX the feed-forward intermediate stays in cache (`Layer::mlp`): no room for it here.
+        let inter = if self.products == Products::Bf16 { 0 } else { self.inter };
         for (buf, width) in
-            [(&mut s.x, h), (&mut s.qkv, 3 * h), (&mut s.ctx, h), (&mut s.tmp, h), (&mut s.inter, self.inter)]
+            [(&mut s.x, h), (&mut s.qkv, 3 * h), (&mut s.ctx, h), (&mut s.tmp, h), (&mut s.inter, inter)]
         {
             if buf.len() < t * width {
                 buf.resize(t * width, 0.0);
@@ -268,9 +289,7 @@ impl CpuBert {
             let tmp = &mut s.tmp[..t * h];
             l.linear(Which::Out, ctx, tmp);
             layer_norm_rows(x, Some(tmp), &l.ln1, self.eps, None);
-            let inter = &mut s.inter[..t * self.inter];
-            l.linear_act(x, inter, self.act);
-            l.linear(Which::Down, inter, tmp);
+            l.mlp(x, &mut s.inter[..t * inter], tmp, self.act);
             layer_norm_rows(x, Some(tmp), &l.ln2, self.eps, None);
         }
         Ok(&s.x[..t * h])
@@ -401,6 +420,18 @@ pub(crate) fn attention(
         if n == 0 {
             return;
         }
+        let (q0, k0, v0) = (r0 * 3 * h + hd * dh, r0 * 3 * h + h + hd * dh, r0 * 3 * h + 2 * h + hd * dh);
+        let amx = products == Products::Bf16;
+        // Inference on AMX: the fused head (nothing to keep for a backward pass, nothing dropped).
+        if amx && kept.is_none() && drop.is_none() {
+            let kt = PackedB::from_strided(&qkv[k0..], dh, n, 1, 3 * h);
+            let v = PackedB::from_rows(&qkv[v0..], n, dh, 3 * h);
+            // SAFETY: the ctx block (rows r0..r0+n, columns hd*dh..+dh, row stride h) is this task's alone.
+            unsafe {
+                amx::attention_head(&Lhs::rows(&qkv[q0..], n, 3 * h), &kt, &v, scale, out.at(r0 * h + hd * dh), h)
+            };
+            return;
+        }
         let scores: &mut [f32] = match kept {
             // SAFETY: each (sequence, head) owns the n*n block at its offset.
             Some(p) => unsafe { std::slice::from_raw_parts_mut(p.at(poffs[s] + hd * n * n), n * n) },
@@ -409,8 +440,6 @@ pub(crate) fn attention(
                 &mut local[..]
             }
         };
-        let (q0, k0, v0) = (r0 * 3 * h + hd * dh, r0 * 3 * h + h + hd * dh, r0 * 3 * h + 2 * h + hd * dh);
-        let amx = products == Products::Bf16;
         if amx {
             // K^T [dh, n] and V [n, dh] as bf16 operands, read in place from the qkv rows.
             let kt = PackedB::from_strided(&qkv[k0..], dh, n, 1, 3 * h);
