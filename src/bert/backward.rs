@@ -500,7 +500,7 @@ mod tests {
             let worst = g.iter().zip(w).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / scale;
             let dot: f64 = g.iter().zip(w).map(|(a, b)| (*a as f64) * (*b as f64)).sum();
             let norm = |v: &[f32]| v.iter().map(|a| (*a as f64).powi(2)).sum::<f64>().sqrt();
-            let cos = dot / (norm(&g) * norm(&w)).max(1e-30);
+            let cos = dot / (norm(g) * norm(w)).max(1e-30);
             assert!(cos >= 0.995 && worst <= 0.05, "{name}: cosine {cos:.5}, worst error {worst:.4} of its scale");
         }
     }

@@ -94,9 +94,15 @@ pub(crate) fn layer_norm_rows(
     let h = g.len();
     let kept = keep.map(|(xhat, rstd)| (SharedMut(xhat.as_mut_ptr()), SharedMut(rstd.as_mut_ptr())));
     let work = |(chunk, xs, adds): (usize, &mut [f32], Option<&[f32]>)| {
-        let kept = kept.map(|(xhat, rstd)| (xhat.at(chunk * ROWS_PER_TASK * h), rstd.at(chunk * ROWS_PER_TASK)));
+        let rows = xs.len() / h;
         // SAFETY: this task's rows of xhat and rstd start there, and belong to it alone.
-        unsafe { layer_norm_task(xs, adds, g, b, eps, kept) }
+        let kept = kept.map(|(xhat, rstd)| unsafe {
+            (
+                std::slice::from_raw_parts_mut(xhat.at(chunk * ROWS_PER_TASK * h), rows * h),
+                std::slice::from_raw_parts_mut(rstd.at(chunk * ROWS_PER_TASK), rows),
+            )
+        });
+        layer_norm_task(xs, adds, g, b, eps, kept)
     };
     match add {
         Some(a) => x
@@ -108,28 +114,18 @@ pub(crate) fn layer_norm_rows(
     }
 }
 
-/// LayerNorm of one task's rows (see `layer_norm_rows`); `kept`: where its rows of xhat and 1/std go.
-///
-/// # Safety
-/// `kept`'s pointers must address as many rows (of `g.len()` and of 1 float) as `xs` holds.
-unsafe fn layer_norm_task(
-    xs: &mut [f32],
-    adds: Option<&[f32]>,
-    g: &[f32],
-    b: &[f32],
-    eps: f32,
-    kept: Option<(*mut f32, *mut f32)>,
-) {
-    #[inline(always)]
-    unsafe fn body(
+dispatched! {
+    /// LayerNorm of one task's rows (see `layer_norm_rows`); `kept`: its rows of xhat and 1/std.
+    fn layer_norm_task(
         xs: &mut [f32],
         adds: Option<&[f32]>,
         g: &[f32],
         b: &[f32],
         eps: f32,
-        kept: Option<(*mut f32, *mut f32)>,
+        kept: Option<(&mut [f32], &mut [f32])>
     ) {
         let h = g.len();
+        let mut kept = kept;
         for (i, r) in xs.chunks_exact_mut(h).enumerate() {
             if let Some(a) = adds {
                 for (v, a) in r.iter_mut().zip(&a[i * h..(i + 1) * h]) {
@@ -147,14 +143,10 @@ unsafe fn layer_norm_task(
             }
             let tail: f32 = chunks.remainder().iter().map(|v| (v - mean) * (v - mean)).sum();
             let inv = 1.0 / ((var.iter().sum::<f32>() + tail) / h as f32 + eps).sqrt();
-            if let Some((xhat, rstd)) = kept {
-                // SAFETY: row i of this task's xhat and rstd, as the caller promised.
-                unsafe {
-                    *rstd.add(i) = inv;
-                    let dst = std::slice::from_raw_parts_mut(xhat.add(i * h), h);
-                    for (d, v) in dst.iter_mut().zip(r.iter()) {
-                        *d = (v - mean) * inv;
-                    }
+            if let Some((xhat, rstd)) = kept.as_mut() {
+                rstd[i] = inv;
+                for (d, v) in xhat[i * h..(i + 1) * h].iter_mut().zip(r.iter()) {
+                    *d = (v - mean) * inv;
                 }
             }
             for ((v, g), b) in r.iter_mut().zip(g).zip(b) {
@@ -162,26 +154,6 @@ unsafe fn layer_norm_task(
             }
         }
     }
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
-    unsafe fn wide(
-        xs: &mut [f32],
-        adds: Option<&[f32]>,
-        g: &[f32],
-        b: &[f32],
-        eps: f32,
-        kept: Option<(*mut f32, *mut f32)>,
-    ) {
-        // SAFETY: forwarded from the caller.
-        unsafe { body(xs, adds, g, b, eps, kept) }
-    }
-    #[cfg(target_arch = "x86_64")]
-    if avx512() {
-        // SAFETY: the CPU has the features; the rest is forwarded from the caller.
-        return unsafe { wide(xs, adds, g, b, eps, kept) };
-    }
-    // SAFETY: forwarded from the caller.
-    unsafe { body(xs, adds, g, b, eps, kept) }
 }
 
 /// A sum in sixteen lanes, which the compiler turns into vector adds.

@@ -1,5 +1,6 @@
 //! Training examples, the validation split held out by document, batches with no repeated text (a
-//! repeated passage in a batch would be counted as its own negative), and hard negatives mined with the black box.
+//! repeated passage in a batch would be counted as its own negative), what the labels say is relevant
+//! (never taught as a negative), and hard negatives mined with the black box.
 
 use std::collections::{HashMap, HashSet};
 
@@ -169,6 +170,57 @@ pub fn mine_negatives(examples: &mut [Example], bb: &HashMap<String, Vec<f32>>, 
     Ok(found)
 }
 
+/// What the labels say is relevant, from every training pair: each query's documents (all its
+/// qrels), and each passage's document. In a batch, another pair's passage whose document is
+/// relevant to a query, or comes from the same document as the query's own passage (another chunk
+/// of it, for generated pairs), is not taught as that query's negative: it is masked out of the
+/// query's softmax. Without this, a query with many relevant documents learns to push away the ones
+/// it was not paired with in this batch.
+#[derive(Debug, Default)]
+pub struct Relevance {
+    docs: HashMap<String, HashSet<String>>,
+    doc_of: HashMap<String, String>,
+}
+
+impl Relevance {
+    pub fn new(examples: &[Example]) -> Relevance {
+        let mut r = Relevance::default();
+        for e in examples {
+            r.docs.entry(e.query.clone()).or_default().insert(e.doc.clone());
+            r.doc_of.entry(e.positive.clone()).or_insert_with(|| e.doc.clone());
+        }
+        r
+    }
+
+    /// The (query row, passage column) entries of a batch's score matrix that must not count as
+    /// negatives; rows are `batch`'s queries, columns its positives then its hard negatives, in the
+    /// order `step::batch_texts` lays them out. A query's own positive is never among them.
+    pub fn masked(&self, examples: &[Example], batch: &[usize]) -> Vec<(usize, usize)> {
+        let columns: Vec<Option<&str>> = batch
+            .iter()
+            .map(|&i| Some(examples[i].doc.as_str()))
+            .chain(
+                batch
+                    .iter()
+                    .filter_map(|&i| examples[i].negative.as_deref())
+                    .map(|n| self.doc_of.get(n).map(String::as_str)),
+            )
+            .collect();
+        let mut out = Vec::new();
+        for (row, &i) in batch.iter().enumerate() {
+            let e = &examples[i];
+            let relevant = self.docs.get(&e.query);
+            for (col, doc) in columns.iter().enumerate() {
+                let Some(doc) = doc else { continue };
+                if col != row && (*doc == e.doc || relevant.is_some_and(|r| r.contains(*doc))) {
+                    out.push((row, col));
+                }
+            }
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -208,5 +260,26 @@ mod tests {
         let set = retrieval_set(&val, &train, &[], 1);
         assert_eq!(set.corpus.len(), 200);
         assert!(set.relevant.iter().all(|r| r.len() == 1));
+    }
+
+    /// Two queries share a relevant document: q0 is paired with A and B, q1 with B. In a batch
+    /// holding (q0, A) and (q1, B), B is relevant to q0 and must not be its negative; A is not
+    /// known to be relevant to q1 and stays its negative. Chunks of one document mask each other.
+    #[test]
+    fn labelled_positives_are_never_negatives() {
+        let mut data = vec![ex("q0", "A", "a"), ex("q1", "B", "b"), ex("q0", "B", "b"), ex("q2", "C", "c")];
+        data.push(ex("q3", "C2", "c"));
+        let rel = Relevance::new(&data);
+        assert_eq!(rel.masked(&data, &[0, 1, 3]), vec![(0, 1)]);
+        // q2's C and q3's C2 are two chunks of document c.
+        assert_eq!(rel.masked(&data, &[3, 4, 0]), vec![(0, 1), (1, 0)]);
+        // Hard negatives are columns too: q1's negative A is fine for q1 and q0's own document.
+        data[0].negative = Some("C".into());
+        data[1].negative = Some("A".into());
+        // Columns: A (q0's), B (q1's), then the negatives C (q0's) and A (q1's).
+        assert_eq!(rel.masked(&data, &[0, 1]), vec![(0, 1), (0, 3)]);
+        // Nothing shared, nothing masked.
+        let plain = vec![ex("x", "X", "dx"), ex("y", "Y", "dy")];
+        assert!(Relevance::new(&plain).masked(&plain, &[0, 1]).is_empty());
     }
 }

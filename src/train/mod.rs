@@ -162,6 +162,7 @@ pub fn train(
         total_steps,
         warmup: (total_steps as f64 * cfg.warmup).ceil() as u64,
         bm25: validation_bm25(data.val),
+        relevance: data::Relevance::new(data.train),
         // The hand-written backward pass covers the CPU with mean or CLS pooling, in f32 or with
         // bf16 products on AMX; bf16 on a CPU without AMX and max pooling go through autograd.
         fast: aug.device.is_cpu()
@@ -197,6 +198,8 @@ struct Trainer<'a> {
     cfg: &'a TrainConfig,
     aug: &'a Augment,
     data: TrainData<'a>,
+    /// What the training labels say is relevant: never taught as a negative.
+    relevance: data::Relevance,
     best_dir: PathBuf,
     last_dir: PathBuf,
     opt: AdamW,
@@ -308,6 +311,7 @@ impl Trainer<'_> {
             let started = std::time::Instant::now();
             let (queries, passages) = batch_texts(train, batch);
             let texts = (&queries[..], &passages[..]);
+            let masked = self.relevance.masked(train, batch);
             // A mask per (epoch, batch), so a resumed run drops what the uninterrupted one would.
             let drop = (cfg.dropout > 0.0).then(|| Dropout {
                 p: cfg.dropout as f32,
@@ -315,9 +319,9 @@ impl Trainer<'_> {
                 seq_offset: 0,
             });
             let (loss, g) = if self.fast {
-                fast_step(cfg, aug, texts, bb, accum, drop)
+                fast_step(cfg, aug, texts, &masked, bb, accum, drop)
             } else {
-                graph_step(cfg, aug, &self.opt, texts, bb, accum, drop)
+                graph_step(cfg, aug, &self.opt, texts, &masked, bb, accum, drop)
             }
             .map_err(tensor_err)?;
             for (name, g) in g {
@@ -410,7 +414,7 @@ mod tests {
         );
         let q = aug.encode(&["alpha beta", "gamma delta"]).unwrap();
         let p = aug.encode(&["one two", "three four"]).unwrap();
-        let loss = loss::ranking_loss(&q.matmul(&p.t().unwrap()).unwrap(), 20.0).unwrap();
+        let loss = loss::ranking_loss(&q.matmul(&p.t().unwrap()).unwrap(), 20.0, &[]).unwrap();
         let store = loss.backward().unwrap();
         let mut grads = Grads::new();
         opt.collect(&store, &mut grads).unwrap();
@@ -494,9 +498,9 @@ mod tests {
         );
         let q = ["alpha beta", "gamma", "delta delta one"];
         let p = ["one two three", "three four alpha delta", "two"];
-        let (l32, g32) = graph_step(&cfg, &aug, &opt, (&q[..], &p[..]), &None, 1, None).unwrap();
+        let (l32, g32) = graph_step(&cfg, &aug, &opt, (&q[..], &p[..]), &[], &None, 1, None).unwrap();
         aug.model.compute = candle_core::DType::BF16;
-        let (l16, g16) = graph_step(&cfg, &aug, &opt, (&q[..], &p[..]), &None, 1, None).unwrap();
+        let (l16, g16) = graph_step(&cfg, &aug, &opt, (&q[..], &p[..]), &[], &None, 1, None).unwrap();
         assert!((l32 - l16).abs() < 0.02 * l32.abs().max(1.0), "loss {l32} vs {l16}");
         // bf16 rounding shows in the loss: the products really ran in bf16.
         assert_ne!(l32, l16);
@@ -549,10 +553,12 @@ mod tests {
         );
         let (q, p) = batch_texts(&train, &[0, 1, 2]);
         let mut losses = Vec::new();
-        // Without dropout, and with it: both paths must drop the same elements.
+        // Without dropout, and with it: both paths must drop the same elements. Query 0's row leaves
+        // out passage 2 (as if the labels said it were relevant): both paths mask the same entry.
+        let masked = [(0, 2)];
         for drop in [None, Some(Dropout { p: 0.3, seed: 11, seq_offset: 0 })] {
-            let (l1, g1) = fast_step(&cfg, &aug, (&q, &p), &bb, 2, drop).unwrap();
-            let (l2, g2) = graph_step(&cfg, &aug, &opt, (&q, &p), &bb, 2, drop).unwrap();
+            let (l1, g1) = fast_step(&cfg, &aug, (&q, &p), &masked, &bb, 2, drop).unwrap();
+            let (l2, g2) = graph_step(&cfg, &aug, &opt, (&q, &p), &masked, &bb, 2, drop).unwrap();
             assert!((l1 - l2).abs() < 1e-4, "dropout {drop:?}: loss {l1} vs {l2}");
             assert_eq!(g1.len(), g2.len());
             for (name, a) in &g1 {
@@ -564,7 +570,8 @@ mod tests {
                 }
             }
             // The same seed drops the same elements again.
-            assert_eq!(fast_step(&cfg, &aug, (&q, &p), &bb, 2, drop).unwrap().0, l1);
+            assert_eq!(fast_step(&cfg, &aug, (&q, &p), &masked, &bb, 2, drop).unwrap().0, l1);
+            assert_ne!(fast_step(&cfg, &aug, (&q, &p), &[], &bb, 2, drop).unwrap().0, l1, "the mask changed nothing");
             losses.push(l1);
         }
         assert_ne!(losses[0], losses[1], "dropout did not change the training loss");

@@ -25,6 +25,7 @@ fn loss_from(
     queries: &[&str],
     passages: &[&str],
     bb: &BlackBoxVectors,
+    masked: &[(usize, usize)],
 ) -> candle_core::Result<Tensor> {
     let s_aug = q.matmul(&p.t()?)?;
     let s_bb = match (cfg.retriever, bb) {
@@ -42,15 +43,18 @@ fn loss_from(
         }
         _ => None,
     };
-    loss::ranking_loss(&loss::combined(&s_aug, s_bb.as_ref(), cfg.weight)?, cfg.scale)
+    loss::ranking_loss(&loss::combined(&s_aug, s_bb.as_ref(), cfg.weight)?, cfg.scale, masked)
 }
 
 /// One batch through candle's autograd (any device): the loss and the parameters' gradients / accum.
+/// `masked`: the (query, passage) entries that are not negatives (`data::Relevance::masked`).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn graph_step(
     cfg: &TrainConfig,
     aug: &Augment,
     opt: &AdamW,
     texts: (&[&str], &[&str]),
+    masked: &[(usize, usize)],
     bb: &BlackBoxVectors,
     accum: usize,
     drop: Option<Dropout>,
@@ -59,7 +63,7 @@ pub(super) fn graph_step(
     // Passages are sequences queries.len().. of the batch, as in the CPU path's single pass.
     let pdrop = drop.map(|d| Dropout { seq_offset: queries.len(), ..d });
     let (q, p) = (aug.encode_with(queries, drop.as_ref())?, aug.encode_with(passages, pdrop.as_ref())?);
-    let loss = loss_from(cfg, &q, &p, queries, passages, bb)?;
+    let loss = loss_from(cfg, &q, &p, queries, passages, bb, masked)?;
     let mut grads = Grads::new();
     opt.collect(&(&loss / accum as f64)?.backward()?, &mut grads)?;
     Ok((loss.to_scalar::<f32>()? as f64, grads))
@@ -71,6 +75,7 @@ pub(super) fn fast_step(
     cfg: &TrainConfig,
     aug: &Augment,
     texts: (&[&str], &[&str]),
+    masked: &[(usize, usize)],
     bb: &BlackBoxVectors,
     accum: usize,
     drop: Option<Dropout>,
@@ -103,7 +108,7 @@ pub(super) fn fast_step(
     let leaf = candle_core::Var::from_vec(pooled, (all.len(), h), &aug.device)?;
     let emb = loss::normalize(leaf.as_tensor())?;
     let (q, p) = (emb.narrow(0, 0, queries.len())?, emb.narrow(0, queries.len(), passages.len())?);
-    let loss = loss_from(cfg, &q, &p, queries, passages, bb)?;
+    let loss = loss_from(cfg, &q, &p, queries, passages, bb, masked)?;
     let dpool: Vec<f32> = (&loss / accum as f64)?
         .backward()?
         .get(leaf.as_tensor())
