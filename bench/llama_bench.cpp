@@ -1,11 +1,14 @@
 // llama.cpp's own speed for one stream, measured as its llama-bench measures it (test_prompt and
-// test_gen in tools/llama-bench/llama-bench.cpp: random tokens, n_batch-sized prompt decodes, one
-// token per generation decode), linked against the very llama.cpp build flow uses. The crate
-// vendors llama.cpp without its tools, so bench/local_engine.py compiles this against it.
+// test_gen in tools/llama-bench/llama-bench.cpp: n_batch-sized prompt decodes, one token per
+// generation decode), linked against the very llama.cpp build flow uses. The crate vendors
+// llama.cpp without its tools, so bench/local_engine.py compiles this against it. The prompt is the
+// text bench/local_llm.rs gives flow, not llama-bench's random tokens: llama.cpp itself decodes
+// that text about 5% slower than random tokens here, so both engines must read the same tokens.
 // Usage: llama_bench GGUF BACKENDS_DIR N_PROMPT N_GEN RUNS  (prints one JSON line per run)
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "ggml-backend.h"
@@ -45,6 +48,14 @@ int main(int argc, char ** argv) {
             int n = n_prompt - done < n_batch ? n_prompt - done : n_batch;
             tokens[0] = done == 0 && llama_vocab_get_add_bos(vocab) ? llama_vocab_bos(vocab) : std::rand() % n_vocab;
             for (int i = 1; i < n; i++) tokens[i] = std::rand() % n_vocab;
+            // bench/local_llm.rs's prompt: the chat template's head, then the same words.
+            std::string text = "<|im_start|>user\nRun " + std::to_string(run + 2) + ". ";
+            const char * words[] = {"revenue", "margin", "segment", "cloud", "growth", "quarter", "debt",
+                                    "cash", "flow", "customers", "pricing", "region", "cost"};
+            for (int i = 0; i < done + n; i++) text += std::string(words[i % 13]) + " ";
+            std::vector<llama_token> ids(text.size() + 16);
+            int m = llama_tokenize(vocab, text.c_str(), (int) text.size(), ids.data(), (int) ids.size(), false, true);
+            for (int i = 0; i < n && done + i < m; i++) tokens[i] = ids[done + i];
             if (llama_decode(ctx, llama_batch_get_one(tokens.data(), n))) { fprintf(stderr, "decode failed\n"); return 1; }
             done += n;
         }

@@ -164,14 +164,14 @@ def main():
     ap.add_argument("--gguf", default=DEFAULT_GGUF)
     ap.add_argument("--llama-python", default="/tmp/llamapy/bin/python")
     ap.add_argument("--chunks", type=int, default=32)
-    ap.add_argument("--in-flight", default="1,4,8,16")
+    ap.add_argument("--in-flight", default="1,4,8,16", help="requests in flight per stage run; \"\" runs none")
     ap.add_argument("--skip-stream", action="store_true")
     args = ap.parse_args()
     result = {"cpu": cpu(), "gguf": args.gguf}
     if not args.skip_stream:
         result["one_stream"] = one_stream(args)
         print(json.dumps(result, indent=2), file=sys.stderr)
-    result["stages"] = [stages(args, int(p)) for p in args.in_flight.split(",")]
+    result["stages"] = [stages(args, int(p)) for p in args.in_flight.split(",") if p]
     print(json.dumps(result, indent=2))
     for requantize, row in result.get("one_stream", {}).items():
         for peer in ("llama.cpp", "llama-cpp-python", "llama-cpp-python, no repack"):
