@@ -15,6 +15,7 @@ use candle_transformers::models::bert::HiddenAct;
 use rayon::prelude::*;
 
 use super::kernels::{apply, softmax_exp};
+use super::mpnet::HeadBias;
 
 /// Rows (and columns) of one register block: 2x2 tiles of 16.
 const BLOCK: usize = 32;
@@ -666,12 +667,21 @@ fn finish(src: &[f32], dst: &mut [f32], out: Out, col: usize) {
 /// rows' scores (32 x n) are made, exponentiated and converted into the second product's bf16
 /// operand while they are in cache, softmax's division applied in that conversion, so the n x n
 /// probabilities never reach memory. For inference; training keeps the probabilities and takes the
-/// two products one by one. `kt` is K^T [dh, n], `v` is V [n, dh].
+/// two products one by one. `kt` is K^T [dh, n], `v` is V [n, dh]; `bias` (MPNet's, by relative
+/// position) is added to the scaled scores.
 ///
 /// # Safety
 /// `ctx` must address `q.m` rows of `v.n` floats at stride `ldc` that no other thread touches;
 /// `available()` must be true; q.m == kt.n == v.k.
-pub unsafe fn attention_head(q: &Lhs, kt: &PackedB, v: &PackedB, scale: f32, ctx: *mut f32, ldc: usize) {
+pub(crate) unsafe fn attention_head(
+    q: &Lhs,
+    kt: &PackedB,
+    v: &PackedB,
+    scale: f32,
+    bias: Option<HeadBias>,
+    ctx: *mut f32,
+    ldc: usize,
+) {
     thread_local! {
         static BUFS: std::cell::RefCell<[Aligned<u16>; 2]> =
             std::cell::RefCell::new([Aligned::zeroed(0), Aligned::zeroed(0)]);
@@ -692,7 +702,7 @@ pub unsafe fn attention_head(q: &Lhs, kt: &PackedB, v: &PackedB, scale: f32, ctx
             }
             for p in 0..q.m.div_ceil(BLOCK) {
                 // SAFETY: forwarded from the caller; the buffers were sized above.
-                unsafe { attention_panel(q, kt, v, scale, ctx, ldc, p, [p_in, p_mid], scores, block) };
+                unsafe { attention_panel(q, kt, v, (scale, bias), ctx, ldc, p, [p_in, p_mid], scores, block) };
             }
         })
     });
@@ -708,7 +718,7 @@ unsafe fn attention_panel(
     q: &Lhs,
     kt: &PackedB,
     v: &PackedB,
-    scale: f32,
+    (scale, bias): (f32, Option<HeadBias>),
     ctx: *mut f32,
     ldc: usize,
     p: usize,
@@ -726,7 +736,13 @@ unsafe fn attention_panel(
     }
     for i in 0..BLOCK {
         let row = &mut scores[i * width..][..n];
-        let inv = softmax_exp(row, scale);
+        let inv = match bias {
+            Some(b) if m0 + i < n => {
+                b.add_scaled(row, m0 + i, scale);
+                softmax_exp(row, 1.0)
+            }
+            _ => softmax_exp(row, scale),
+        };
         for s in 0..v.kb {
             let dst = &mut p_mid[((s * 2 + i / 16) * 16 + i % 16) * BLOCK..][..BLOCK];
             let chunk = &row[s * BLOCK..(s * BLOCK + BLOCK).min(n)];

@@ -86,7 +86,7 @@ pub fn forward(
         let mut qkv = vec![0.0; t * 3 * h];
         l.linear(Which::Qkv, &x, &mut qkv);
         let (mut ctx, mut probs) = (vec![0.0; t * h], vec![0.0; n_probs]);
-        attention(&qkv, lens, h, m.heads, scale, &mut ctx, Some(&mut probs), drop.map(|d| (d, li)), m.products);
+        attention(&qkv, lens, h, m.heads, scale, &mut ctx, Some(&mut probs), drop.map(|d| (d, li)), m.products, None);
         let mut tmp = vec![0.0; t * h];
         l.linear(Which::Out, &ctx, &mut tmp);
         if let Some(d) = drop {

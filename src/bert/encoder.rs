@@ -74,10 +74,20 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> Result<
     })
 }
 
+/// Which encoder a folder holds (config.json's `model_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    Bert,
+    /// MPNet (all-mpnet-base-v2): embedded on the CPU's packed path only, and not trained by flow.
+    Mpnet,
+}
+
 /// What a sentence-transformers folder says besides its weights.
 #[derive(Clone)]
 pub struct Folder {
     pub dir: PathBuf,
+    pub arch: Arch,
+    /// The encoder's shape in BERT's terms (MPNet's config.json reads as one with a single token type).
     pub config: Config,
     pub tokenizer: Tokenizer,
     pub pooling: Pooling,
@@ -89,7 +99,19 @@ impl Folder {
     /// Reads config.json, tokenizer.json, modules.json and the pooling config. `max_seq_length`
     /// overrides sentence_bert_config.json.
     pub fn read(dir: &Path, max_seq_length: Option<usize>) -> Result<Folder> {
-        let config: Config = read_json(&dir.join("config.json"), "BERT config.json")?;
+        let config_path = dir.join("config.json");
+        let mut raw: serde_json::Value = read_json(&config_path, "BERT or MPNet config.json")?;
+        let arch =
+            if raw.get("model_type").and_then(|t| t.as_str()) == Some("mpnet") { Arch::Mpnet } else { Arch::Bert };
+        if let (Arch::Mpnet, Some(fields)) = (arch, raw.as_object_mut()) {
+            fields.entry("type_vocab_size").or_insert(1.into());
+        }
+        let config: Config = serde_json::from_value(raw).map_err(|e| {
+            Error::bad_input(
+                format!("{}: not a BERT or MPNet config: {e}", config_path.display()),
+                "the file is corrupt or of another architecture: fetch the model again",
+            )
+        })?;
         let (pooling, normalize) = match std::fs::metadata(dir.join("modules.json")) {
             Ok(_) => {
                 let modules: Vec<Module> = read_json(&dir.join("modules.json"), "modules.json")?;
@@ -119,7 +141,9 @@ impl Folder {
             .ok()
             .and_then(|t| serde_json::from_str::<SbConfig>(&t).ok())
             .and_then(|c| c.max_seq_length);
-        let max_seq_length = max_seq_length.or(configured).unwrap_or(512).min(config.max_position_embeddings).max(2);
+        let offset = if arch == Arch::Mpnet { super::mpnet::POSITION_OFFSET } else { 0 };
+        let positions = config.max_position_embeddings.saturating_sub(offset);
+        let max_seq_length = max_seq_length.or(configured).unwrap_or(512).min(positions).max(2);
 
         let tok_path = dir.join("tokenizer.json");
         let mut tokenizer = Tokenizer::from_file(&tok_path).map_err(|e| {
@@ -140,7 +164,7 @@ impl Folder {
             })?;
         tokenizer.with_padding(None);
 
-        Ok(Folder { dir: dir.to_path_buf(), config, tokenizer, pooling, normalize, max_seq_length })
+        Ok(Folder { dir: dir.to_path_buf(), arch, config, tokenizer, pooling, normalize, max_seq_length })
     }
 }
 
@@ -154,6 +178,8 @@ impl SentenceEncoder {
         products: Products,
     ) -> Result<SentenceEncoder> {
         let folder = Folder::read(dir, max_seq_length)?;
+        // MPNet has the packed CPU path only (candle has no MPNet graph); on a GPU machine it runs there.
+        let device = if folder.arch == Arch::Mpnet { &Device::Cpu } else { device };
         let weights = dir.join("model.safetensors");
         if !weights.exists() {
             return Err(Error::bad_input(
@@ -170,8 +196,8 @@ impl SentenceEncoder {
         })?;
         SentenceEncoder::with_weights(folder, &vb, products).map_err(|e| {
             Error::bad_input(
-                format!("{}: not a BERT checkpoint matching config.json: {e}", weights.display()),
-                "flow's local embedder runs BERT-family sentence-transformers models (e.g. all-MiniLM-L6-v2)",
+                format!("{}: not a BERT or MPNet checkpoint matching config.json: {e}", weights.display()),
+                "flow's local embedder runs BERT-family and MPNet sentence-transformers models (e.g. all-MiniLM-L6-v2, all-mpnet-base-v2)",
             )
         })
     }
@@ -183,6 +209,8 @@ impl SentenceEncoder {
         let backend = if device.is_cpu() {
             let model = CpuBert::load(vb, &folder.config)?.with_products(products, true);
             Backend::Cpu(model, Mutex::new(Scratch::default()))
+        } else if folder.arch == Arch::Mpnet {
+            candle_core::bail!("MPNet runs on the CPU only: load it with the CPU device")
         } else {
             Backend::Device(BertModel::load(vb.clone(), &folder.config)?)
         };

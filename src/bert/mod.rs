@@ -21,10 +21,11 @@ pub mod dropout;
 pub mod encoder;
 pub mod graph;
 pub mod kernels;
+pub mod mpnet;
 pub mod packed;
 pub mod passages;
 
-pub use encoder::{Folder, Pooling, SentenceEncoder, normalize_rows, padded_batch, pool};
+pub use encoder::{Arch, Folder, Pooling, SentenceEncoder, normalize_rows, padded_batch, pool};
 
 /// How the packed CPU path multiplies matrices: in f32, or in bf16 with f32 sums on AMX tiles
 /// (LayerNorm, softmax, GELU, pooling and the optimiser stay f32, as under PyTorch's autocast).

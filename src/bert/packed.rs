@@ -12,6 +12,7 @@ use super::amx::{self, Lhs, Out, PackedB};
 use super::dropout::{Dropout, ROW_SPAN, Site};
 use super::kernels::softmax_scaled;
 pub(crate) use super::kernels::{ROWS_PER_TASK, SharedMut, activate, erf, exp, layer_norm_rows};
+use super::mpnet::{self, HeadBiases, RelativeBias};
 
 pub(crate) struct Layer {
     /// Query, key and value projections stacked: [3H, H].
@@ -111,6 +112,15 @@ impl Layer {
     }
 }
 
+/// Where a BERT layer's attention tensors are: query, key, value, output, and the LayerNorm after it.
+const BERT_ATTENTION_NAMES: [&str; 5] = [
+    "attention.self.query",
+    "attention.self.key",
+    "attention.self.value",
+    "attention.output.dense",
+    "attention.output.LayerNorm",
+];
+
 /// Which of a layer's four matrices.
 #[derive(Clone, Copy)]
 pub(crate) enum Which {
@@ -120,10 +130,14 @@ pub(crate) enum Which {
     Down,
 }
 
-/// The weights of a BERT encoder as plain row-major matrices (PyTorch's [out, in] layout).
+/// The weights of a BERT (or MPNet) encoder as plain row-major matrices (PyTorch's [out, in] layout).
 pub struct CpuBert {
     pub(crate) word: Vec<f32>,
     pub(crate) pos: Vec<f32>,
+    /// The position row of a sequence's first token: 0 for BERT, 2 for MPNet.
+    pub(crate) pos_offset: usize,
+    /// MPNet's attention bias by relative position; None for BERT.
+    pub(crate) rel: Option<RelativeBias>,
     pub(crate) type0: Vec<f32>,
     pub(crate) emb_ln: (Vec<f32>, Vec<f32>),
     pub(crate) layers: Vec<Layer>,
@@ -157,7 +171,8 @@ fn cat(parts: &[&Tensor]) -> candle_core::Result<Vec<f32>> {
 }
 
 impl CpuBert {
-    /// Reads the weights through `vb`, whose tensors may be named with or without a `bert.` prefix.
+    /// Reads the weights through `vb`, whose tensors may be named with or without a `bert.` prefix;
+    /// an MPNet checkpoint (sentence-transformers' all-mpnet-base-v2) is recognised by its tensors.
     pub fn load(vb: &VarBuilder, c: &Config) -> candle_core::Result<CpuBert> {
         let vb = if vb.contains_tensor("bert.embeddings.word_embeddings.weight") { vb.pp("bert") } else { vb.clone() };
         let (h, i) = (c.hidden_size, c.intermediate_size);
@@ -168,19 +183,23 @@ impl CpuBert {
             Ok((get(&p, &[h], "weight")?, get(&p, &[h], "bias")?))
         };
         let e = vb.pp("embeddings");
-        let types = get(&e, &[c.type_vocab_size, h], "token_type_embeddings.weight")?;
+        let is_mpnet = mpnet::is_mpnet(&vb);
+        // MPNet has no token types: its embedding is word + position.
+        let types =
+            if is_mpnet { vec![0.0; h] } else { get(&e, &[c.type_vocab_size, h], "token_type_embeddings.weight")? };
+        let names = if is_mpnet { &mpnet::ATTENTION_NAMES } else { &BERT_ATTENTION_NAMES };
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for n in 0..c.num_hidden_layers {
             let l = vb.pp(format!("encoder.layer.{n}"));
-            let a = l.pp("attention.self");
-            let w = |name: &str| a.get((h, h), &format!("{name}.weight"));
-            let b = |name: &str| a.get(h, &format!("{name}.bias"));
+            let w = |name: &str| l.get((h, h), &format!("{name}.weight"));
+            let b = |name: &str| l.get(h, &format!("{name}.bias"));
+            let [q, k, v, o, norm] = names;
             layers.push(Layer {
-                qkv_w: cat(&[&w("query")?, &w("key")?, &w("value")?])?,
-                qkv_b: cat(&[&b("query")?, &b("key")?, &b("value")?])?,
-                out_w: get(&l, &[h, h], "attention.output.dense.weight")?,
-                out_b: get(&l, &[h], "attention.output.dense.bias")?,
-                ln1: ln(l.pp("attention.output.LayerNorm"))?,
+                qkv_w: cat(&[&w(q)?, &w(k)?, &w(v)?])?,
+                qkv_b: cat(&[&b(q)?, &b(k)?, &b(v)?])?,
+                out_w: get(&l, &[h, h], &format!("{o}.weight"))?,
+                out_b: get(&l, &[h], &format!("{o}.bias"))?,
+                ln1: ln(l.pp(norm))?,
                 inter_w: get(&l, &[i, h], "intermediate.dense.weight")?,
                 inter_b: get(&l, &[i], "intermediate.dense.bias")?,
                 down_w: get(&l, &[h, i], "output.dense.weight")?,
@@ -189,16 +208,19 @@ impl CpuBert {
                 packed: None,
             });
         }
+        let pos_offset = if is_mpnet { mpnet::POSITION_OFFSET } else { 0 };
         Ok(CpuBert {
             word: get(&e, &[c.vocab_size, h], "word_embeddings.weight")?,
             pos: get(&e, &[c.max_position_embeddings, h], "position_embeddings.weight")?,
+            pos_offset,
+            rel: if is_mpnet { Some(RelativeBias::load(&vb, c)?) } else { None },
             type0: types[..h].to_vec(),
             emb_ln: ln(e.pp("LayerNorm"))?,
             layers,
             hidden: h,
             heads: c.num_attention_heads,
             inter: i,
-            max_pos: c.max_position_embeddings,
+            max_pos: c.max_position_embeddings.saturating_sub(pos_offset),
             vocab: c.vocab_size,
             type_vocab: c.type_vocab_size,
             eps: c.layer_norm_eps as f32,
@@ -239,6 +261,7 @@ impl CpuBert {
             for p in 0..n {
                 let id = ids[row] as usize;
                 let dst = &mut x[row * h..(row + 1) * h];
+                let p = p + self.pos_offset;
                 let (w, ps) = (&self.word[id * h..(id + 1) * h], &self.pos[p * h..(p + 1) * h]);
                 for j in 0..h {
                     dst[j] = w[j] + ps[j] + self.type0[j];
@@ -281,11 +304,12 @@ impl CpuBert {
         layer_norm_rows(x, None, &self.emb_ln, self.eps, None);
 
         let scale = 1.0 / ((h / self.heads) as f32).sqrt();
+        let biases = self.rel.as_ref().map(|r| r.by_offset(lens.iter().copied().max().unwrap_or(0)));
         for l in &self.layers {
             let qkv = &mut s.qkv[..t * 3 * h];
             l.linear(Which::Qkv, x, qkv);
             let ctx = &mut s.ctx[..t * h];
-            attention(qkv, lens, h, self.heads, scale, ctx, None, None, self.products);
+            attention(qkv, lens, h, self.heads, scale, ctx, None, None, self.products, biases.as_ref());
             let tmp = &mut s.tmp[..t * h];
             l.linear(Which::Out, ctx, tmp);
             layer_norm_rows(x, Some(tmp), &l.ln1, self.eps, None);
@@ -388,7 +412,8 @@ pub(crate) fn prob_offsets(lens: &[usize], heads: usize) -> (Vec<usize>, usize) 
 
 /// Multi-head self-attention of each packed sequence over its own tokens only (so no mask is needed).
 /// With `keep`, the probabilities are written there (laid out by `prob_offsets`) for a backward pass;
-/// with `drop`, layer `.1`'s dropout applies to them (what is kept stays undropped).
+/// with `drop`, layer `.1`'s dropout applies to them (what is kept stays undropped); with `bias`
+/// (MPNet's), each score gets its head's bias for the offset between key and query.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attention(
     qkv: &[f32],
@@ -400,6 +425,7 @@ pub(crate) fn attention(
     keep: Option<&mut [f32]>,
     drop: Option<(&Dropout, usize)>,
     products: Products,
+    bias: Option<&HeadBiases>,
 ) {
     let dh = h / heads;
     let mut starts = Vec::with_capacity(lens.len());
@@ -422,13 +448,14 @@ pub(crate) fn attention(
         }
         let (q0, k0, v0) = (r0 * 3 * h + hd * dh, r0 * 3 * h + h + hd * dh, r0 * 3 * h + 2 * h + hd * dh);
         let amx = products == Products::Bf16;
+        let bias = bias.map(|b| b.head(hd));
         // Inference on AMX: the fused head (nothing to keep for a backward pass, nothing dropped).
         if amx && kept.is_none() && drop.is_none() {
             let kt = PackedB::from_strided(&qkv[k0..], dh, n, 1, 3 * h);
             let v = PackedB::from_rows(&qkv[v0..], n, dh, 3 * h);
             // SAFETY: the ctx block (rows r0..r0+n, columns hd*dh..+dh, row stride h) is this task's alone.
             unsafe {
-                amx::attention_head(&Lhs::rows(&qkv[q0..], n, 3 * h), &kt, &v, scale, out.at(r0 * h + hd * dh), h)
+                amx::attention_head(&Lhs::rows(&qkv[q0..], n, 3 * h), &kt, &v, scale, bias, out.at(r0 * h + hd * dh), h)
             };
             return;
         }
@@ -452,8 +479,15 @@ pub(crate) fn attention(
                 matmul((n, n, dh), scores.as_mut_ptr(), n, (q, 1, 3 * h), (k, 3 * h, 1), scale, false);
             }
         }
-        // The f32 product applied the scale already; AMX's is applied with the softmax, in one pass.
-        let row_scale = if amx { scale } else { 1.0 };
+        // The f32 product applied the scale already; AMX's is applied with the softmax, in one pass,
+        // or with the bias where there is one.
+        let mut row_scale = if amx { scale } else { 1.0 };
+        if let Some(b) = bias {
+            for (i, r) in scores.chunks_exact_mut(n).enumerate() {
+                b.add_scaled(r, i, row_scale);
+            }
+            row_scale = 1.0;
+        }
         for r in scores.chunks_exact_mut(n) {
             softmax_scaled(r, row_scale);
         }

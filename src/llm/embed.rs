@@ -75,13 +75,15 @@ impl BlackBox {
     ) -> Result<BlackBox> {
         let products = crate::bert::Products::of(precision)?;
         let enc = SentenceEncoder::load(dir, max_seq_length, &crate::models::device(device)?, products)?;
-        let weights = std::fs::read(dir.join("model.safetensors")).map_err(Error::io(dir))?;
+        let weights_path = dir.join("model.safetensors");
+        // Streamed: all-mpnet-base-v2's 440 MB are not read into memory a second time to be hashed.
+        let weights = crate::digest::sha256_file(&weights_path).map_err(Error::io(&weights_path))?;
         // bf16 products make (slightly) other vectors: stored ones of f32 are not reused for them.
         let products = match enc.products() {
             crate::bert::Products::F32 => String::new(),
             crate::bert::Products::Bf16 => "|bf16".into(),
         };
-        let identity = format!("local|{name}|{}|{}{products}", enc.max_seq_length, &sha256_hex(&weights)[..16]);
+        let identity = format!("local|{name}|{}|{}{products}", enc.max_seq_length, &weights[..16]);
         Ok(BlackBox {
             backend: Backend::Local(Arc::new(enc)),
             identity,

