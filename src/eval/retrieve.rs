@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 use crate::llm::embed::BlackBox;
 use crate::progress::StageProgress;
 use crate::rank::search::{BLOCK, TopK};
-use crate::retriever::hybrid::{Chosen, Hybrid};
+use crate::retriever::hybrid::{Chosen, Hybrid, LabelFree, validated_alpha};
 use crate::retriever::params::RetrievalParams;
 use crate::retriever::{self, ALL, Kind, PassageMode, Passages, Upstream, combine, trained_beside};
 use crate::store::Store;
@@ -35,6 +35,8 @@ pub struct Ctx<'a> {
     /// What `hybrid` fuses, and how.
     pub hybrid: &'a Hybrid,
     pub passages: Passages,
+    /// The judged pairs upstream: where a hybrid with no train stage chooses its alpha.
+    pub pairs: &'a crate::store::pairs::PairSource,
 }
 
 impl Ctx<'_> {
@@ -78,12 +80,44 @@ pub async fn rank(cx: &Ctx<'_>, set: &EvalSet, kind: Kind, model: Option<&ModelR
             let lexical = bm25(&Ctx { count_items: false, ..*cx }, set, crate::rank::fuse::DEPTH);
             let dense_model = model.filter(|_| h.dense.trained().is_some());
             let dense = dense(cx, set, h.dense, dense_model, crate::rank::fuse::DEPTH).await?;
-            let (hits, chosen) = crate::retriever::hybrid::fuse(h, model, &lexical, &dense, &set.relevant, k)?;
+            let unvalidated = h.needs_training() && validated_alpha(h.dense, model).is_none();
+            let label_free = if unvalidated { label_free_alpha(cx, h.dense, dense_model).await? } else { None };
+            let (hits, chosen) =
+                crate::retriever::hybrid::fuse(h, model, label_free, &lexical, &dense, &set.relevant, k)?;
             cx.progress.log(&chosen.label());
             Ok(Ranked { hits, hybrid: Some(chosen) })
         }
         _ => Ok(Ranked { hits: dense(cx, set, kind, model, k).await?, hybrid: None }),
     }
+}
+
+/// Where no train stage chose the hybrid's alpha: the alpha the judge-accepted pairs upstream choose
+/// (label-free), with how many queries chose it. Nothing was trained on those pairs, so all of them
+/// validate: each query over its passage and up to `data::MAX_DISTRACTORS` other live chunks. With
+/// fewer than `MIN_BLEND_QUERIES` queries the choice is one side (`best_alpha`). None without pairs.
+async fn label_free_alpha(cx: &Ctx<'_>, dense_kind: Kind, model: Option<&ModelRow>) -> Result<Option<LabelFree>> {
+    if cx.pairs.is_empty() {
+        return Ok(None);
+    }
+    let accepted = crate::store::pairs::accepted(cx.store, cx.pairs).await?;
+    if accepted.is_empty() {
+        return Ok(None);
+    }
+    cx.progress.message("hybrid: choosing alpha on the accepted pairs");
+    let examples: Vec<crate::train::data::Example> = accepted
+        .into_iter()
+        .map(|a| crate::train::data::Example { query: a.query, positive: a.passage, doc: a.document, negative: None })
+        .collect();
+    let chunks: Vec<String> =
+        crate::store::documents::live_chunks(cx.store).await?.into_iter().map(|(_, text)| text).collect();
+    let seed = crate::train::params::Params::default().seed;
+    let rs = crate::train::data::retrieval_set(&examples, &[], &chunks, seed);
+    let set = EvalSet { queries: rs.queries, docs: rs.corpus, relevant: rs.relevant, ..Default::default() };
+    let quiet = Ctx { count_items: false, ..*cx };
+    let lexical = bm25(&quiet, &set, crate::rank::fuse::DEPTH);
+    let dense = dense(&quiet, &set, dense_kind, model, crate::rank::fuse::DEPTH).await?;
+    let (alpha, ndcg) = crate::rank::fuse::best_alpha(&lexical, &dense, &set.relevant);
+    Ok(Some(LabelFree { alpha, queries: set.queries.len(), ndcg }))
 }
 
 fn bm25(cx: &Ctx<'_>, set: &EvalSet, k: usize) -> Vec<Vec<(usize, f32)>> {
@@ -200,11 +234,14 @@ pub struct Plan {
     pub black_box: String,
     pub hybrid: Hybrid,
     pub passages: Passages,
+    /// The judged pairs upstream (the synthetic set's, and a hybrid's label-free alpha's).
+    pub pairs: crate::store::pairs::PairSource,
 }
 
 impl Plan {
     /// `listed` retrievers, else bm25, black_box, what upstream trains, and hybrid when there is a
-    /// train stage upstream (its alpha is chosen on that stage's validation split).
+    /// train stage upstream (its alpha is chosen on that stage's validation split) or a judge (on
+    /// the pairs it accepted).
     pub fn new(
         spec: &crate::workflow::StageSpec,
         wf: &Workflow,
@@ -213,19 +250,20 @@ impl Plan {
         c: RetrievalParams,
     ) -> Result<Plan> {
         let up = Upstream::of(wf, Some(&spec.name));
-        let source = super::set::Source::new(set, &wf.dir, up.split, pairs)?;
+        let source = super::set::Source::new(set, &wf.dir, up.split, pairs.clone())?;
         let hybrid = Hybrid::new(&c.hybrid, &up.trained);
         let retrievers = match &c.retrievers {
             Some(l) => l.clone(),
             None => ALL
                 .into_iter()
                 .filter(|k| match k {
-                    Kind::Hybrid => !up.trained.is_empty() || !hybrid.needs_training(),
+                    // Its alpha comes from a train stage's validation, else the accepted pairs upstream.
+                    Kind::Hybrid => !up.trained.is_empty() || !hybrid.needs_training() || !pairs.is_empty(),
                     k => k.trained().is_none() || up.trained.contains(k),
                 })
                 .collect(),
         };
-        Ok(Plan { up, source, retrievers, black_box: c.black_box, hybrid, passages: c.passages })
+        Ok(Plan { up, source, retrievers, black_box: c.black_box, hybrid, passages: c.passages, pairs })
     }
 
     /// The training retriever whose models `kind` uses (hybrid: its dense side's).
@@ -244,7 +282,8 @@ impl Plan {
             .models
             .get(&self.black_box)
             .map(|m| format!("{:?}|{:?}|{:?}|{:?}", m.provider, m.model, m.base_url, m.max_seq_length));
-        let hybrid = self.retrievers.contains(&Kind::Hybrid).then_some(&self.hybrid);
+        // A hybrid may choose its alpha on the accepted pairs upstream: which judges' is a setting.
+        let hybrid = self.retrievers.contains(&Kind::Hybrid).then_some((&self.hybrid, &self.pairs));
         Ok(format!("{digest}|{:?}|{:?}|{bb:?}|{hybrid:?}|{:?}", self.source, self.retrievers, self.passages))
     }
 

@@ -121,12 +121,34 @@ impl Chosen {
     }
 }
 
+/// The alpha the judge-accepted pairs chose where no train stage did (label-free), how many queries
+/// chose it, and the nDCG@10 it reached on them.
+#[derive(Debug, Clone, Copy)]
+pub struct LabelFree {
+    pub alpha: f64,
+    pub queries: usize,
+    pub ndcg: f64,
+}
+
+impl LabelFree {
+    fn from(&self) -> String {
+        let how = if self.queries < fuse::MIN_BLEND_QUERIES {
+            format!("too few to blend, so the better side ({})", if self.alpha >= 0.5 { "dense" } else { "bm25" })
+        } else {
+            "no train stage".to_string()
+        };
+        format!("{} accepted synthetic pairs ({how})", self.queries)
+    }
+}
+
 /// Fuses each query's BM25 and dense hits (each side's top `fuse::DEPTH`) into its top `k`, with the
 /// alpha `h` says; `model` is the dense side's model (or, for the black box, the train stage's newest
-/// model, which holds the black box's alpha).
+/// model, which holds the black box's alpha). Where no validation split chose one, `label_free` (the
+/// accepted pairs' choice) is used, and without it RRF.
 pub fn fuse(
     h: &Hybrid,
     model: Option<&ModelRow>,
+    label_free: Option<LabelFree>,
     bm25: &[Vec<(usize, f32)>],
     dense: &[Vec<(usize, f32)>],
     relevant: &[std::collections::HashSet<usize>],
@@ -140,8 +162,12 @@ pub fn fuse(
         }
         (Fusion::Convex, Tunable::Auto, AlphaFrom::Validation) => match validated_alpha(h.dense, model) {
             Some((a, id)) => (Some(a), format!("validation (model {id})")),
-            // No validation split chose one (too few pairs to hold any out, or no train stage):
-            // RRF needs no alpha, and the label says it was used instead.
+            None if label_free.is_some() => {
+                let lf = label_free.expect("checked");
+                (Some(lf.alpha), lf.from())
+            }
+            // No validation split chose one and there are no accepted pairs to choose it on: RRF
+            // needs no alpha, and the label says it was used instead.
             None => {
                 let hits = fuse::fuse_all(bm25, dense, Fusion::Rrf, 0.0, k);
                 let chosen = Chosen::rrf_instead(h.dense, model);

@@ -147,6 +147,7 @@ pub fn retrieve_ctx<'a>(
         device: plan.up.device,
         hybrid: &plan.hybrid,
         passages: plan.passages,
+        pairs: &plan.pairs,
     }
 }
 

@@ -272,3 +272,33 @@ fn hybrid_without_a_validation_alpha_fuses_by_rrf_and_says_so() {
     let db = sb.db("t.db");
     assert_eq!(db.real("SELECT json_extract(metrics, '$.alpha') FROM eval_results"), -1.0);
 }
+
+/// With no train stage but judge-accepted pairs upstream, hybrid chooses its alpha on those pairs
+/// (label-free, each over its passage and the other chunks); too few of them to blend choose one
+/// side, and the label says which.
+#[test]
+fn hybrid_without_a_train_stage_chooses_alpha_on_the_accepted_pairs() {
+    let srv = openai_server::start(Config::default());
+    let sb = Sandbox::new();
+    toy_set(&sb);
+    crate::train::toy_test_split(&sb);
+    crate::llm::corpus(&sb, 12);
+    let p = concat!(env!("CARGO_MANIFEST_DIR"), "/prompts");
+    sb.write(
+        "wf.yaml",
+        format!(
+            "name: t\nstore: t.db\n{MODELS}  llm: {{ provider: openai, model: test-model, base_url: \"{}\" }}\nstages:\n  chunk: {{ kind: chunk, corpus: docs, max_tokens: 200, overlap: 0 }}\n  gen: {{ kind: generate, needs: [chunk], prompt: {p}/generate_queries.j2, per_chunk: 1 }}\n  judge: {{ kind: judge, needs: [gen], prompt: {p}/judge.j2, min_score: 2 }}\n  eval:\n    kind: eval_recall\n    needs: [judge]\n    eval_set: {{ beir: toy, split: test }}\n    retrievers: [bm25, black_box, hybrid]\n",
+            srv.base_url()
+        ),
+    );
+    let r: crate::harness::Ran = sb.cmd(&["run", "wf.yaml"]).env("OPENAI_API_KEY", "sk-test").output().unwrap().into();
+    assert_eq!(r.code, 0, "{}", r.all());
+    let db = sb.db("t.db");
+    let accepted = db.scalar("SELECT COUNT(*) FROM judgments WHERE verdict = 'accepted'");
+    assert!(accepted > 0 && accepted < 30, "the case of too few pairs to blend: {accepted}");
+    let alpha = db.real("SELECT json_extract(metrics, '$.alpha') FROM eval_results WHERE retriever = 'hybrid'");
+    assert!(alpha == 0.0 || alpha == 1.0, "one side, not a blend and not RRF (-1): {alpha}");
+    let side = if alpha == 1.0 { "dense" } else { "bm25" };
+    let want = format!("{accepted} accepted synthetic pairs (too few to blend, so the better side ({side}))");
+    assert!(r.all().contains(&want), "{want} in:\n{}", r.all());
+}
