@@ -1,0 +1,152 @@
+#!/usr/bin/env python3
+"""The label-free loop on any BEIR folder (issue 28): chunk its corpus, have the local model write
+queries (of several kinds) for a sample of chunks, judge them, train mafin beside each black box on
+the accepted pairs alone, and score bm25, black_box, mafin and the hybrid on the folder's human test
+queries (never seen by generation or training). Writes one table (markdown, and JSON beside it).
+
+    cargo build --release && target/release/flow models pull all-mpnet-base-v2   # for that black box
+    python3 bench/synthetic_loop.py BEIR_FOLDER [--sample 2000] [--kinds question,claim]
+        [--black-boxes all-MiniLM-L6-v2,all-mpnet-base-v2] [--llm qwen2.5-coder-0.5b-instruct]
+        [--domain "biomedical research abstracts"] [--work DIR] [--split test]
+
+The folder needs corpus.jsonl (`_id`, `title`, `text`), queries.jsonl and qrels/<split>.tsv, as BEIR
+ships them; nothing else about it is assumed. Everything runs as one flow workflow in `--work`
+(default /tmp/flow-loop-<folder name>), so it resumes where it stopped when run again with the same
+options (each finished stage is skipped, each paid or computed answer is reused); flow prints a
+progress line per stage. A changed option is a changed stage setting: that stage and those after it
+run again.
+"""
+import argparse
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLOW = os.path.join(ROOT, "target", "release", "flow")
+
+
+def workflow(args, beir):
+    kinds = ", ".join(f"{k}: 1" for k in args.kinds.split(","))
+    keys = {bb: "bb_" + "".join(c if c.isalnum() else "_" for c in bb) for bb in args.black_boxes.split(",")}
+    lines = [
+        "# Written by bench/synthetic_loop.py: the label-free loop on " + beir,
+        "name: synthetic-loop",
+        "store: loop.db",
+        "models:",
+        f'  llm: {{ provider: local, model: "{args.llm}" }}',
+        f'  augment: {{ init: all-MiniLM-L6-v2, max_seq_length: {args.max_seq_length} }}',
+    ]
+    for bb, key in keys.items():
+        lines.append(f'  {key}: {{ provider: local, model: "{bb}", max_seq_length: {args.max_seq_length} }}')
+    lines += [
+        "stages:",
+        "  chunk:",
+        "    kind: chunk",
+        f'    corpus: ["{beir}/corpus.jsonl"]',
+        "    jsonl: { id: _id, title: title, text: text }",
+        "  generate:",
+        "    kind: generate",
+        "    needs: chunk",
+        f"    sample: {args.sample}",
+        f"    kinds: {{ {kinds} }}",
+        f'    domain: "{args.domain}"',
+        "    temperature: 0",
+        "    max_tokens: 96",
+        "    max_failures: 0.1",
+        "  judge:",
+        "    kind: judge",
+        "    needs: generate",
+        f'    domain: "{args.domain}"',
+        "    max_tokens: 64",
+        "    max_failures: 0.1",
+    ]
+    for key in keys.values():
+        lines += [
+            f"  train_{key}:",
+            "    kind: train",
+            "    needs: judge",
+            "    retriever: mafin",
+            f"    black_box: {key}",
+            f"    epochs: {args.epochs}",
+            f"  eval_{key}:",
+            "    kind: eval_recall",
+            f"    needs: train_{key}",
+            f"    black_box: {key}",
+            f'    eval_set: {{ beir: "{beir}", split: {args.split} }}',
+            "    promote: false",
+            "    retrievers: [bm25, black_box, mafin, hybrid]",
+            "    hybrid: { dense: mafin }",
+        ]
+    return "\n".join(lines) + "\n", keys
+
+
+def table(db, keys, args, beir, wall):
+    con = sqlite3.connect(db)
+    chunks = con.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
+    by_kind = dict(con.execute("SELECT kind, COUNT(*) FROM queries GROUP BY kind").fetchall())
+    accepted = con.execute("SELECT COUNT(*) FROM judgments WHERE verdict = 'accepted'").fetchone()[0]
+    judged = con.execute("SELECT COUNT(*) FROM judgments").fetchone()[0]
+    rows = []
+    for bb, key in keys.items():
+        for retriever, metrics in latest_metrics(con, f"eval_{key}").items():
+            rows.append({"black_box": bb, "retriever": retriever, **metrics})
+    out = {"beir": beir, "sample": args.sample, "kinds": args.kinds, "llm": args.llm, "chunks": chunks,
+           "queries_by_kind": by_kind, "judged": judged, "accepted": accepted, "wall_s": round(wall), "rows": rows}
+    md = [f"Label-free loop on `{beir}` ({args.split} queries, human labels): {args.llm} wrote "
+          f"{sum(by_kind.values())} queries ({', '.join(f'{k} {v}' for k, v in sorted(by_kind.items()))}) "
+          f"for a sample of {args.sample} of {chunks} chunks; the judge accepted {accepted} of {judged}.",
+          "", "| black box | retriever | nDCG@10 | Recall@10 | Recall@100 | MRR@10 |", "|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        md.append(f"| {r['black_box']} | {r['retriever']} | {r.get('ndcg@10', float('nan')):.4f} | "
+                  f"{r.get('recall@10', float('nan')):.4f} | {r.get('recall@100', float('nan')):.4f} | "
+                  f"{r.get('mrr@10', float('nan')):.4f} |")
+    return out, "\n".join(md)
+
+
+def latest_metrics(con, stage):
+    """{retriever: {metric: value}} from the stage's last run."""
+    rows = con.execute("SELECT retriever, metrics FROM eval_results WHERE stage = ? ORDER BY id", (stage,)).fetchall()
+    return {retriever: json.loads(metrics) for retriever, metrics in rows}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("beir", help="a BEIR folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv")
+    ap.add_argument("--sample", type=int, default=2000, help="chunks asked for queries (drawn by a hash of their text)")
+    ap.add_argument("--kinds", default="question,claim", help="query kinds, one query of each per chunk")
+    ap.add_argument("--black-boxes", default="all-MiniLM-L6-v2,all-mpnet-base-v2")
+    ap.add_argument("--llm", default="qwen2.5-coder-0.5b-instruct")
+    ap.add_argument("--domain", default="the documents of this collection")
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--max-seq-length", type=int, default=256)
+    ap.add_argument("--work", help="where the workflow and its store live (default /tmp/flow-loop-<folder>)")
+    args = ap.parse_args()
+    beir = os.path.abspath(args.beir)
+    for need in ("corpus.jsonl", "queries.jsonl", f"qrels/{args.split}.tsv"):
+        if not os.path.exists(os.path.join(beir, need)):
+            sys.exit(f"{beir} is not a BEIR folder: {need} is missing")
+    work = args.work or f"/tmp/flow-loop-{os.path.basename(beir.rstrip('/'))}"
+    os.makedirs(work, exist_ok=True)
+    text, keys = workflow(args, beir)
+    wf = os.path.join(work, "loop.yaml")
+    with open(wf, "w") as f:
+        f.write(text)
+    print(f"workflow: {wf}", file=sys.stderr)
+    t = time.time()
+    r = subprocess.run([FLOW, "run", wf], cwd=work)
+    if r.returncode != 0:
+        sys.exit(f"flow run failed (exit {r.returncode}); run this script again to resume")
+    out, md = table(os.path.join(work, "loop.db"), keys, args, beir, time.time() - t)
+    with open(os.path.join(work, "table.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    with open(os.path.join(work, "table.md"), "w") as f:
+        f.write(md + "\n")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
