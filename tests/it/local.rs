@@ -279,5 +279,5 @@ fn bad_model_files_name_the_file_and_what_was_expected() {
         .err()
         .unwrap()
         .to_string();
-    assert!(err.contains("not a BERT checkpoint matching config.json"), "{err}");
+    assert!(err.contains("not a BERT or MPNet checkpoint matching config.json"), "{err}");
 }
