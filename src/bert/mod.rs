@@ -11,11 +11,13 @@
 //! `amx.rs` holds the bf16 matrix products on AMX tiles that both CPU paths use where the CPU has them.
 //! `passages.rs` cuts long documents into overlapping windows for MaxP scoring.
 //! `kernels.rs` holds the packed path's row kernels (activations, LayerNorm, softmax, exp/erf).
+//! `attention.rs` is the packed path's attention (both CPU paths), `mpnet.rs` what MPNet changes in it.
 //! `dropout.rs` draws the training dropout masks both training paths apply, the same elements in each.
 //! `encoder.rs` also reads a sentence-transformers folder (config, tokenizer, pooling, normalisation)
 //! for every path.
 
 pub mod amx;
+pub mod attention;
 pub mod backward;
 pub mod dropout;
 pub mod encoder;

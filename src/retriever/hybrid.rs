@@ -162,17 +162,15 @@ pub fn fuse(
         }
         (Fusion::Convex, Tunable::Auto, AlphaFrom::Validation) => match validated_alpha(h.dense, model) {
             Some((a, id)) => (Some(a), format!("validation (model {id})")),
-            None if label_free.is_some() => {
-                let lf = label_free.expect("checked");
-                (Some(lf.alpha), lf.from())
-            }
-            // No validation split chose one and there are no accepted pairs to choose it on: RRF
-            // needs no alpha, and the label says it was used instead.
-            None => {
-                let hits = fuse::fuse_all(bm25, dense, Fusion::Rrf, 0.0, k);
-                let chosen = Chosen::rrf_instead(h.dense, model);
-                return Ok((hits, chosen));
-            }
+            None => match label_free {
+                Some(lf) => (Some(lf.alpha), lf.from()),
+                // No validation split chose one and there are no accepted pairs to choose it on:
+                // RRF needs no alpha, and the label says it was used instead.
+                None => {
+                    let hits = fuse::fuse_all(bm25, dense, Fusion::Rrf, 0.0, k);
+                    return Ok((hits, Chosen::rrf_instead(h.dense, model)));
+                }
+            },
         },
     };
     let hits = fuse::fuse_all(bm25, dense, h.fusion, alpha.unwrap_or(0.0), k);

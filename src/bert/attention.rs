@@ -1,0 +1,182 @@
+//! Attention over packed sequences, each (sequence, head) a task of its own: the fused AMX head for
+//! inference, else scores, softmax (with dropout and MPNet's bias) and the second product one by one.
+
+use gemm::{Parallelism, gemm};
+use rayon::prelude::*;
+
+use super::Products;
+use super::amx::{self, Lhs, Out, PackedB};
+use super::dropout::{Dropout, ROW_SPAN, Site};
+use super::kernels::{SharedMut, softmax_scaled};
+use super::mpnet::HeadBiases;
+
+/// dst = beta * lhs x rhs for an [m, k] lhs and a [k, n] rhs, each read through (column, row) strides
+/// in elements; dst is row-major with row stride `dst_rs`. `par` spreads one product over every core.
+///
+/// # Safety
+/// Every pointer must address the elements its strides reach, and dst must not alias lhs or rhs.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn matmul(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_rs: usize,
+    lhs: (*const f32, usize, usize),
+    rhs: (*const f32, usize, usize),
+    beta: f32,
+    par: bool,
+) {
+    let p = if par { Parallelism::Rayon(rayon::current_num_threads()) } else { Parallelism::None };
+    let i = |x: usize| x as isize;
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            i(dst_rs),
+            false,
+            lhs.0,
+            i(lhs.1),
+            i(lhs.2),
+            rhs.0,
+            i(rhs.1),
+            i(rhs.2),
+            0.0,
+            beta,
+            false,
+            false,
+            false,
+            p,
+        )
+    }
+}
+
+/// Where each (sequence, head)'s attention probabilities start in a buffer that keeps them all.
+pub(crate) fn prob_offsets(lens: &[usize], heads: usize) -> (Vec<usize>, usize) {
+    let mut offs = Vec::with_capacity(lens.len());
+    let mut at = 0;
+    for &n in lens {
+        offs.push(at);
+        at += n * n * heads;
+    }
+    (offs, at)
+}
+
+/// Multi-head self-attention of each packed sequence over its own tokens only (so no mask is needed).
+/// With `keep`, the probabilities are written there (laid out by `prob_offsets`) for a backward pass;
+/// with `drop`, layer `.1`'s dropout applies to them (what is kept stays undropped); with `bias`
+/// (MPNet's), each score gets its head's bias for the offset between key and query.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attention(
+    qkv: &[f32],
+    lens: &[usize],
+    h: usize,
+    heads: usize,
+    scale: f32,
+    ctx: &mut [f32],
+    keep: Option<&mut [f32]>,
+    drop: Option<(&Dropout, usize)>,
+    products: Products,
+    bias: Option<&HeadBiases>,
+) {
+    let dh = h / heads;
+    let mut starts = Vec::with_capacity(lens.len());
+    let mut at = 0;
+    for &n in lens {
+        starts.push(at);
+        at += n;
+    }
+    let out = SharedMut(ctx.as_mut_ptr());
+    let (poffs, total) = prob_offsets(lens, heads);
+    let kept = keep.map(|k| {
+        assert!(k.len() >= total, "probability buffer too small");
+        SharedMut(k.as_mut_ptr())
+    });
+    let tasks: Vec<(usize, usize)> = (0..lens.len()).flat_map(|s| (0..heads).map(move |hd| (s, hd))).collect();
+    tasks.par_iter().for_each_init(Default::default, |(local, dropped): &mut (Vec<f32>, Vec<f32>), &(s, hd)| {
+        let (r0, n) = (starts[s], lens[s]);
+        if n == 0 {
+            return;
+        }
+        let (q0, k0, v0) = (r0 * 3 * h + hd * dh, r0 * 3 * h + h + hd * dh, r0 * 3 * h + 2 * h + hd * dh);
+        let amx = products == Products::Bf16;
+        let bias = bias.map(|b| b.head(hd));
+        // Inference on AMX: the fused head (nothing to keep for a backward pass, nothing dropped).
+        if amx && kept.is_none() && drop.is_none() {
+            let kt = PackedB::from_strided(&qkv[k0..], dh, n, 1, 3 * h);
+            let v = PackedB::from_rows(&qkv[v0..], n, dh, 3 * h);
+            // SAFETY: the ctx block (rows r0..r0+n, columns hd*dh..+dh, row stride h) is this task's alone.
+            unsafe {
+                amx::attention_head(&Lhs::rows(&qkv[q0..], n, 3 * h), &kt, &v, scale, bias, out.at(r0 * h + hd * dh), h)
+            };
+            return;
+        }
+        let scores: &mut [f32] = match kept {
+            // SAFETY: each (sequence, head) owns the n*n block at its offset.
+            Some(p) => unsafe { std::slice::from_raw_parts_mut(p.at(poffs[s] + hd * n * n), n * n) },
+            None => {
+                local.resize(n * n, 0.0);
+                &mut local[..]
+            }
+        };
+        if amx {
+            // K^T [dh, n] and V [n, dh] as bf16 operands, read in place from the qkv rows.
+            let kt = PackedB::from_strided(&qkv[k0..], dh, n, 1, 3 * h);
+            // SAFETY: scores is an n x n buffer of this task's.
+            unsafe { amx::matmul_here(&Lhs::rows(&qkv[q0..], n, 3 * h), &kt, scores.as_mut_ptr(), n, Out::Store) };
+        } else {
+            // SAFETY: q and k address n rows of dh columns with row stride 3h inside qkv; scores is n x n.
+            unsafe {
+                let (q, k) = (qkv[q0..].as_ptr(), qkv[k0..].as_ptr());
+                matmul((n, n, dh), scores.as_mut_ptr(), n, (q, 1, 3 * h), (k, 3 * h, 1), scale, false);
+            }
+        }
+        // The f32 product applied the scale already; AMX's is applied with the softmax, in one pass,
+        // or with the bias where there is one.
+        let mut row_scale = if amx { scale } else { 1.0 };
+        if let Some(b) = bias {
+            for (i, r) in scores.chunks_exact_mut(n).enumerate() {
+                b.add_scaled(r, i, row_scale);
+            }
+            row_scale = 1.0;
+        }
+        for r in scores.chunks_exact_mut(n) {
+            softmax_scaled(r, row_scale);
+        }
+        let probs: &[f32] = match drop {
+            Some((d, layer)) => {
+                dropped_probs(d, layer, s, hd, n, scores, dropped);
+                &dropped[..]
+            }
+            None => scores,
+        };
+        let dst = out.at(r0 * h + hd * dh);
+        if amx {
+            let v = PackedB::from_rows(&qkv[v0..], n, dh, 3 * h);
+            // SAFETY: the ctx block (rows r0..r0+n, columns hd*dh..+dh, row stride h) is this task's alone.
+            unsafe { amx::matmul_here(&Lhs::rows(probs, n, n), &v, dst, h, Out::Store) };
+        } else {
+            // SAFETY: v addresses n rows of dh columns (row stride 3h); the ctx block is this task's.
+            unsafe { matmul((n, dh, n), dst, h, (probs.as_ptr(), 1, n), (qkv[v0..].as_ptr(), 1, 3 * h), 1.0, false) };
+        }
+    });
+}
+
+/// `probs` (one sequence's n x n block for head `hd`) times its dropout mask, into `out`.
+pub(crate) fn dropped_probs(
+    d: &Dropout,
+    layer: usize,
+    seq: usize,
+    hd: usize,
+    n: usize,
+    probs: &[f32],
+    out: &mut Vec<f32>,
+) {
+    out.resize(n * n, 0.0);
+    for (i, (o, p)) in out.chunks_exact_mut(n).zip(probs.chunks_exact(n)).enumerate() {
+        d.row(Site::Probs(layer), seq, hd * ROW_SPAN + i, n, o);
+        o.iter_mut().zip(p).for_each(|(o, p)| *o *= p);
+    }
+}
