@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """The label-free loop on any BEIR folder (issue 28): chunk its corpus, have the local model write
 queries (of several kinds) for a sample of chunks, judge them, train mafin beside each black box on
-the accepted pairs alone, and score bm25, black_box, mafin and the hybrid on the folder's human test
-queries (never seen by generation or training). Writes one table (markdown, and JSON beside it).
+the accepted pairs alone (and, with --reranker, a reranker over the black box's hybrid), and score
+bm25, black_box, mafin, the hybrid and the reranker on the folder's human test queries (never seen by generation or training). Writes one table (markdown, and JSON beside it).
 
     cargo build --release && target/release/flow models pull all-mpnet-base-v2   # for that black box
-    python3 bench/synthetic_loop.py BEIR_FOLDER [--sample 2000] [--kinds question,claim]
+    python3 bench/synthetic_loop.py BEIR_FOLDER [--sample 2000] [--kinds question,claim] [--reranker]
         [--black-boxes all-MiniLM-L6-v2,all-mpnet-base-v2] [--llm qwen2.5-coder-0.5b-instruct]
         [--domain "biomedical research abstracts"] [--work DIR] [--split test]
 
@@ -94,6 +94,27 @@ def workflow(args, beir):
             "    retrievers: [bm25, black_box, mafin, hybrid]",
             "    hybrid: { dense: mafin }",
         ]
+        if args.reranker:
+            # The reranker from the same accepted pairs, over the black box's hybrid (issue 29).
+            lines += [
+                f"  rerank_{key}:",
+                "    kind: train",
+                "    needs: judge",
+                "    retriever: reranker",
+                f"    black_box: {key}",
+                f"    epochs: {args.reranker_epochs}",
+                "    batch_size: 8",
+                "    grad_accum: 2",
+                "    lr: 3.0e-5",
+                f"  eval_rerank_{key}:",
+                "    kind: eval_recall",
+                f"    needs: rerank_{key}",
+                f"    black_box: {key}",
+                f'    eval_set: {{ beir: "{beir}", split: {args.split} }}',
+                "    promote: false",
+                "    retrievers: [hybrid, rerank]",
+                "    hybrid: { dense: black_box }",
+            ]
     return "\n".join(lines) + "\n", keys
 
 
@@ -108,6 +129,10 @@ def table(db, keys, args, beir, wall):
     for bb, key in keys.items():
         for retriever, metrics in latest_metrics(con, f"eval_{key}").items():
             name = "hybrid: bm25 + mafin" if retriever == "hybrid" else retriever
+            rows.append({"black_box": bb, "retriever": name, **metrics})
+        for retriever, metrics in latest_metrics(con, f"eval_rerank_{key}").items():
+            name = {"hybrid": "hybrid: bm25 + black_box, alpha from the reranker's validation",
+                    "rerank": "rerank over that hybrid"}.get(retriever, retriever)
             rows.append({"black_box": bb, "retriever": name, **metrics})
         for stage, name in ((f"fuse_{key}", "hybrid: bm25 + black_box, alpha from the accepted pairs (no training)"),
                             (f"rrf_{key}", "hybrid: bm25 + black_box, rrf (no training)")):
@@ -150,6 +175,8 @@ def main():
     # workflows/finance.yaml; the stage's own default, 4, suits an API judge.
     ap.add_argument("--min-score", type=float, default=3.5, help="the judge's acceptance threshold")
     ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--reranker", action="store_true", help="also train a reranker beside each black box")
+    ap.add_argument("--reranker-epochs", type=int, default=2)
     ap.add_argument("--max-seq-length", type=int, default=256)
     ap.add_argument("--work", help="where the workflow and its store live (default /tmp/flow-loop-<folder>)")
     args = ap.parse_args()

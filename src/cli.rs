@@ -91,7 +91,8 @@ pub struct SearchArgs {
     pub target: Target,
     /// The question.
     pub query: String,
-    /// mafin, augment_only, black_box, bm25 or hybrid (default: the promoted retriever).
+    /// mafin, augment_only, black_box, bm25, hybrid or rerank (default: the promoted retriever; rerank
+    /// once a reranker is promoted).
     #[arg(long, short)]
     pub retriever: Option<String>,
     #[arg(short, default_value_t = 5)]

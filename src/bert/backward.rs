@@ -31,6 +31,7 @@ struct LayerTape {
 
 pub struct Tape {
     ids: Vec<u32>,
+    types: Option<Vec<u32>>,
     lens: Vec<usize>,
     /// The pass's dropout: the backward pass regenerates its masks rather than keeping them.
     drop: Option<Dropout>,
@@ -69,10 +70,21 @@ pub fn forward(
     lens: &[usize],
     drop: Option<&Dropout>,
 ) -> candle_core::Result<(Vec<f32>, Tape)> {
-    m.check_input(ids, lens)?;
+    forward_typed(m, ids, None, lens, drop)
+}
+
+/// `forward` with each token's segment (see `CpuBert::embed`).
+pub fn forward_typed(
+    m: &CpuBert,
+    ids: &[u32],
+    types: Option<&[u32]>,
+    lens: &[usize],
+    drop: Option<&Dropout>,
+) -> candle_core::Result<(Vec<f32>, Tape)> {
+    m.check_input(ids, types, lens)?;
     let (h, t, i) = (m.hidden, ids.len(), m.inter);
     let mut x = vec![0.0f32; t * h];
-    m.embed(ids, lens, &mut x);
+    m.embed(ids, types, lens, &mut x);
     let (mut xhat0, mut rstd0) = (vec![0.0; t * h], vec![0.0; t]);
     layer_norm_rows(&mut x, None, &m.emb_ln, m.eps, Some((&mut xhat0, &mut rstd0)));
     if let Some(d) = drop {
@@ -107,7 +119,18 @@ pub fn forward(
         layer_norm_rows(&mut x, Some(&tmp), &l.ln2, m.eps, Some((&mut xhat2, &mut rstd2)));
         layers.push(LayerTape { x_in, qkv, probs, ctx, xhat1, rstd1, x_mid, pre, act, xhat2, rstd2 });
     }
-    Ok((x, Tape { ids: ids.to_vec(), lens: lens.to_vec(), drop: drop.copied(), xhat0, rstd0, layers }))
+    Ok((
+        x,
+        Tape {
+            ids: ids.to_vec(),
+            types: types.map(<[u32]>::to_vec),
+            lens: lens.to_vec(),
+            drop: drop.copied(),
+            xhat0,
+            rstd0,
+            layers,
+        },
+    ))
 }
 
 /// dX [t, k] = dY [t, n] W [n, k]; dW [n, k] = dY^T X; db [n] = column sums of dY. With bf16
@@ -380,9 +403,16 @@ pub fn backward(m: &CpuBert, tape: &Tape, mut dy: Vec<f32>) -> FlatGrads {
             row += 1;
         }
     }
-    let type_rows = m.type_vocab;
-    let mut dtype = vec![0.0f32; type_rows * h];
-    dtype[..h].copy_from_slice(&column_sums(&demb, h));
+    let mut dtype = vec![0.0f32; m.type_vocab * h];
+    match &tape.types {
+        Some(types) => {
+            for (row, &ty) in types.iter().enumerate() {
+                let g = &demb[row * h..(row + 1) * h];
+                dtype[ty as usize * h..(ty as usize + 1) * h].iter_mut().zip(g).for_each(|(a, b)| *a += b);
+            }
+        }
+        None => dtype[..h].copy_from_slice(&column_sums(&demb, h)),
+    }
     grads.insert("embeddings.word_embeddings.weight".into(), dword);
     grads.insert("embeddings.position_embeddings.weight".into(), dpos);
     grads.insert("embeddings.token_type_embeddings.weight".into(), dtype);

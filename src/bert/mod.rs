@@ -12,6 +12,7 @@
 //! `passages.rs` cuts long documents into overlapping windows for MaxP scoring.
 //! `kernels.rs` holds the packed path's row kernels (activations, LayerNorm, softmax, exp/erf).
 //! `attention.rs` is the packed path's attention (both CPU paths), `mpnet.rs` what MPNet changes in it.
+//! `cross.rs` is the cross-encoder (reranker): pairs with token types through the packed path, a scalar head.
 //! `dropout.rs` draws the training dropout masks both training paths apply, the same elements in each.
 //! `encoder.rs` also reads a sentence-transformers folder (config, tokenizer, pooling, normalisation)
 //! for every path.
@@ -19,6 +20,7 @@
 pub mod amx;
 pub mod attention;
 pub mod backward;
+pub mod cross;
 pub mod dropout;
 pub mod encoder;
 pub mod graph;

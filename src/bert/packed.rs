@@ -137,7 +137,8 @@ pub struct CpuBert {
     pub(crate) pos_offset: usize,
     /// MPNet's attention bias by relative position; None for BERT.
     pub(crate) rel: Option<RelativeBias>,
-    pub(crate) type0: Vec<f32>,
+    /// Token-type rows [type_vocab, hidden] (segment A, B); MPNet's single row is zeros.
+    pub(crate) types: Vec<f32>,
     pub(crate) emb_ln: (Vec<f32>, Vec<f32>),
     pub(crate) layers: Vec<Layer>,
     pub(crate) hidden: usize,
@@ -186,6 +187,7 @@ impl CpuBert {
         // MPNet has no token types: its embedding is word + position.
         let types =
             if is_mpnet { vec![0.0; h] } else { get(&e, &[c.type_vocab_size, h], "token_type_embeddings.weight")? };
+        let type_vocab = if is_mpnet { 1 } else { c.type_vocab_size };
         let names = if is_mpnet { &mpnet::ATTENTION_NAMES } else { &BERT_ATTENTION_NAMES };
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for n in 0..c.num_hidden_layers {
@@ -213,7 +215,7 @@ impl CpuBert {
             pos: get(&e, &[c.max_position_embeddings, h], "position_embeddings.weight")?,
             pos_offset,
             rel: if is_mpnet { Some(RelativeBias::load(&vb, c)?) } else { None },
-            type0: types[..h].to_vec(),
+            types,
             emb_ln: ln(e.pp("LayerNorm"))?,
             layers,
             hidden: h,
@@ -221,7 +223,7 @@ impl CpuBert {
             inter: i,
             max_pos: c.max_position_embeddings.saturating_sub(pos_offset),
             vocab: c.vocab_size,
-            type_vocab: c.type_vocab_size,
+            type_vocab,
             eps: c.layer_norm_eps as f32,
             act: c.hidden_act,
             products: Products::F32,
@@ -252,18 +254,21 @@ impl CpuBert {
         self.hidden
     }
 
-    /// Word + position + token-type embeddings of packed sequences, before LayerNorm.
-    pub(crate) fn embed(&self, ids: &[u32], lens: &[usize], x: &mut [f32]) {
+    /// Word + position + token-type embeddings of packed sequences, before LayerNorm; `types` gives
+    /// each token's segment (a cross-encoder's query 0, passage 1), None all 0.
+    pub(crate) fn embed(&self, ids: &[u32], types: Option<&[u32]>, lens: &[usize], x: &mut [f32]) {
         let h = self.hidden;
         let mut row = 0;
         for &n in lens {
             for p in 0..n {
                 let id = ids[row] as usize;
+                let ty = types.map_or(0, |t| t[row] as usize);
                 let dst = &mut x[row * h..(row + 1) * h];
                 let p = p + self.pos_offset;
                 let (w, ps) = (&self.word[id * h..(id + 1) * h], &self.pos[p * h..(p + 1) * h]);
+                let tt = &self.types[ty * h..(ty + 1) * h];
                 for j in 0..h {
-                    dst[j] = w[j] + ps[j] + self.type0[j];
+                    dst[j] = w[j] + ps[j] + tt[j];
                 }
                 row += 1;
             }
@@ -271,9 +276,17 @@ impl CpuBert {
     }
 
     /// Checks packed input against the model before a forward pass.
-    pub(crate) fn check_input(&self, ids: &[u32], lens: &[usize]) -> candle_core::Result<()> {
+    pub(crate) fn check_input(&self, ids: &[u32], types: Option<&[u32]>, lens: &[usize]) -> candle_core::Result<()> {
         if lens.iter().sum::<usize>() != ids.len() {
             candle_core::bail!("sequence lengths do not add up to the token count")
+        }
+        if let Some(t) = types {
+            if t.len() != ids.len() {
+                candle_core::bail!("{} token types for {} tokens", t.len(), ids.len())
+            }
+            if let Some(&ty) = t.iter().find(|&&ty| ty as usize >= self.type_vocab) {
+                candle_core::bail!("token type {ty} is outside the model's {} types", self.type_vocab)
+            }
         }
         if let Some(&n) = lens.iter().find(|&&n| n > self.max_pos) {
             candle_core::bail!("a sequence of {n} tokens is longer than the model's {} positions", self.max_pos)
@@ -287,8 +300,19 @@ impl CpuBert {
     /// Last hidden states of the sequences in `ids`, packed one after another (`lens` says where
     /// each ends): a [sum(lens), hidden] row-major matrix in `scratch`'s output.
     pub fn forward<'s>(&self, ids: &[u32], lens: &[usize], s: &'s mut Scratch) -> candle_core::Result<&'s [f32]> {
+        self.forward_typed(ids, None, lens, s)
+    }
+
+    /// `forward` with each token's segment (`embed`).
+    pub fn forward_typed<'s>(
+        &self,
+        ids: &[u32],
+        types: Option<&[u32]>,
+        lens: &[usize],
+        s: &'s mut Scratch,
+    ) -> candle_core::Result<&'s [f32]> {
         let (h, t) = (self.hidden, ids.len());
-        self.check_input(ids, lens)?;
+        self.check_input(ids, types, lens)?;
         // On AMX the feed-forward intermediate stays in cache (`Layer::mlp`): no room for it here.
         let inter = if self.products == Products::Bf16 { 0 } else { self.inter };
         for (buf, width) in
@@ -299,7 +323,7 @@ impl CpuBert {
             }
         }
         let x = &mut s.x[..t * h];
-        self.embed(ids, lens, x);
+        self.embed(ids, types, lens, x);
         layer_norm_rows(x, None, &self.emb_ln, self.eps, None);
 
         let scale = 1.0 / ((h / self.heads) as f32).sqrt();

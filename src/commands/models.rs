@@ -140,7 +140,10 @@ async fn list_trained(wf: &std::path::Path, json: bool) -> anyhow::Result<u8> {
     };
     let val = |m: &trained::ModelRow| -> String {
         let v: serde_json::Value = serde_json::from_str(&m.metrics).unwrap_or_default();
-        v["validation"]["recall@10"].as_f64().map(|x| format!("{x:.4}")).unwrap_or_else(|| "-".into())
+        match (v["validation"]["recall@10"].as_f64(), v["validation"]["ndcg@10"].as_f64()) {
+            (Some(r), Some(n)) => format!("{r:.4} / {n:.4}"),
+            _ => "-".into(),
+        }
     };
     let table: Vec<Vec<String>> = rows
         .iter()
@@ -153,7 +156,7 @@ async fn list_trained(wf: &std::path::Path, json: bool) -> anyhow::Result<u8> {
                 m.parent_id.map(|p| format!("model {p}")).unwrap_or_else(|| "base".into()),
                 val(m),
                 improved(m.improved).into(),
-                if m.retriever == "mafin" { format!("{:.1}", m.weight) } else { "-".into() },
+                flow::retriever::settings_label(m),
                 m.alpha.map(|a| format!("{a:.2}")).unwrap_or_else(|| "-".into()),
                 metric(m),
                 super::fmt_time(m.created_at),
@@ -170,9 +173,9 @@ async fn list_trained(wf: &std::path::Path, json: bool) -> anyhow::Result<u8> {
                 "RETRIEVER",
                 "STATUS",
                 "FROM",
-                "VAL R@10",
+                "VAL R@10 / NDCG@10",
                 "IMPROVED",
-                "W",
+                "SETTINGS",
                 "ALPHA",
                 "GATE",
                 "CREATED",

@@ -1,4 +1,4 @@
-//! The retrievers an eval stage compares (bm25, black_box, augment_only, mafin, hybrid): each ranks an
+//! The retrievers an eval stage compares (bm25, black_box, augment_only, mafin, hybrid, rerank): each ranks an
 //! eval set's corpus for its queries, embedding the corpus block by block through the vector cache.
 
 use std::path::Path;
@@ -37,6 +37,10 @@ pub struct Ctx<'a> {
     pub passages: Passages,
     /// The judged pairs upstream: where a hybrid with no train stage chooses its alpha.
     pub pairs: &'a crate::store::pairs::PairSource,
+    /// The train stages upstream (where `rerank` finds its first stage's dense model).
+    pub train_stages: &'a [String],
+    /// How many first-stage documents `rerank` reranks (None: what its training validated).
+    pub rerank_k: Option<usize>,
 }
 
 impl Ctx<'_> {
@@ -67,13 +71,15 @@ impl Ctx<'_> {
 pub struct Ranked {
     pub hits: Vec<Vec<(usize, f32)>>,
     pub hybrid: Option<Chosen>,
+    /// For rerank: the cross-encoder's milliseconds per query (tokenizing and scoring its pairs).
+    pub rerank_ms: Option<f64>,
 }
 
 /// Each query's `k` best (document index, score) under `kind`. For hybrid, `model` is the dense
 /// side's model (for the black box: the newest upstream model, which holds its alpha).
 pub async fn rank(cx: &Ctx<'_>, set: &EvalSet, kind: Kind, model: Option<&ModelRow>, k: usize) -> Result<Ranked> {
     match kind {
-        Kind::Bm25 => Ok(Ranked { hits: bm25(cx, set, k), hybrid: None }),
+        Kind::Bm25 => Ok(Ranked { hits: bm25(cx, set, k), hybrid: None, rerank_ms: None }),
         Kind::Hybrid => {
             let h = cx.hybrid;
             // The dense side counts the passages searched; BM25 is the same passages again.
@@ -85,10 +91,53 @@ pub async fn rank(cx: &Ctx<'_>, set: &EvalSet, kind: Kind, model: Option<&ModelR
             let (hits, chosen) =
                 crate::retriever::hybrid::fuse(h, model, label_free, &lexical, &dense, &set.relevant, k)?;
             cx.progress.log(&chosen.label());
-            Ok(Ranked { hits, hybrid: Some(chosen) })
+            Ok(Ranked { hits, hybrid: Some(chosen), rerank_ms: None })
         }
-        _ => Ok(Ranked { hits: dense(cx, set, kind, model, k).await?, hybrid: None }),
+        Kind::Rerank => rerank(cx, set, model, k).await,
+        _ => Ok(Ranked { hits: dense(cx, set, kind, model, k).await?, hybrid: None, rerank_ms: None }),
     }
+}
+
+/// `model`'s cross-encoder over the hybrid's top `rerank_k`, blended with the hybrid at the weight its
+/// validation chose; past `rerank_k`, the hybrid's order. The hybrid's dense side is the newest
+/// upstream model of its kind, or for the black box the reranker's own row (its training chose the
+/// black box's alpha on its split).
+async fn rerank(cx: &Ctx<'_>, set: &EvalSet, model: Option<&ModelRow>, k: usize) -> Result<Ranked> {
+    let model = model.ok_or_else(|| Error::internal("rerank was scored without its model"))?;
+    let first_model = match cx.hybrid.dense.trained() {
+        Some(_) => retriever::newest(cx.store, cx.train_stages, cx.hybrid.dense).await?,
+        None => Some(model.clone()),
+    };
+    let first = Box::pin(rank(cx, set, Kind::Hybrid, first_model.as_ref(), crate::rank::fuse::DEPTH)).await?;
+    let depth = retriever::rerank_k(model, cx.rerank_k);
+    let blend = model.alpha.unwrap_or(1.0);
+    cx.progress.message(&format!("rerank: scoring the top {depth} of each query with model {}", model.id));
+    let dir = Path::new(&model.path).to_path_buf();
+    let enc = tokio::task::block_in_place(|| {
+        crate::bert::cross::CrossEncoder::load(&dir, None, crate::bert::Products::auto())
+    })?;
+    let started = std::time::Instant::now();
+    let scores = tokio::task::block_in_place(|| -> Result<Vec<Vec<f32>>> {
+        set.queries
+            .iter()
+            .zip(&first.hits)
+            .map(|(q, hits)| {
+                let pairs: Vec<(&str, &str)> =
+                    hits.iter().take(depth).map(|&(d, _)| (q.as_str(), set.docs[d].as_str())).collect();
+                enc.score(&pairs)
+            })
+            .collect()
+    })?;
+    let ms = started.elapsed().as_secs_f64() * 1000.0 / set.queries.len().max(1) as f64;
+    let mut hits = crate::train::rerank::reranked(&first.hits, &scores, depth, blend);
+    hits.iter_mut().for_each(|h| h.truncate(k));
+    cx.progress.log(&format!(
+        "rerank: model {} over the top {depth} of {}, blended with it at {blend:.2}; {ms:.0} ms per query ({})",
+        model.id,
+        first.hybrid.as_ref().map_or("hybrid".to_string(), |c| c.label()),
+        crate::bert::Products::auto().name()
+    ));
+    Ok(Ranked { hits, hybrid: first.hybrid, rerank_ms: Some(ms) })
 }
 
 /// Where no train stage chose the hybrid's alpha: the alpha the judge-accepted pairs upstream choose
@@ -236,6 +285,7 @@ pub struct Plan {
     pub passages: Passages,
     /// The judged pairs upstream (the synthetic set's, and a hybrid's label-free alpha's).
     pub pairs: crate::store::pairs::PairSource,
+    pub rerank_k: Option<usize>,
 }
 
 impl Plan {
@@ -263,7 +313,16 @@ impl Plan {
                 })
                 .collect(),
         };
-        Ok(Plan { up, source, retrievers, black_box: c.black_box, hybrid, passages: c.passages, pairs })
+        Ok(Plan {
+            up,
+            source,
+            retrievers,
+            black_box: c.black_box,
+            hybrid,
+            passages: c.passages,
+            pairs,
+            rerank_k: c.rerank_k,
+        })
     }
 
     /// The training retriever whose models `kind` uses (hybrid: its dense side's).
@@ -283,8 +342,12 @@ impl Plan {
             .get(&self.black_box)
             .map(|m| format!("{:?}|{:?}|{:?}|{:?}", m.provider, m.model, m.base_url, m.max_seq_length));
         // A hybrid may choose its alpha on the accepted pairs upstream: which judges' is a setting.
-        let hybrid = self.retrievers.contains(&Kind::Hybrid).then_some((&self.hybrid, &self.pairs));
-        Ok(format!("{digest}|{:?}|{:?}|{bb:?}|{hybrid:?}|{:?}", self.source, self.retrievers, self.passages))
+        let hybrid = self.retrievers.iter().any(|k| k.over_hybrid()).then_some((&self.hybrid, &self.pairs));
+        let rerank_k = self.retrievers.contains(&Kind::Rerank).then_some(self.rerank_k);
+        Ok(format!(
+            "{digest}|{:?}|{:?}|{bb:?}|{hybrid:?}|{:?}|{rerank_k:?}",
+            self.source, self.retrievers, self.passages
+        ))
     }
 
     /// The model of each retriever (None for bm25 and black_box); a trained retriever with no model,
@@ -338,5 +401,10 @@ pub async fn metrics_of(
         .zip(&set.relevant)
         .map(|(h, rel)| crate::rank::metrics::query_metrics(&h.iter().map(|x| x.0).collect::<Vec<_>>(), rel, ks))
         .collect();
-    Ok((crate::rank::metrics::mean(&per_query), ranked.hybrid))
+    let mut m = crate::rank::metrics::mean(&per_query);
+    if let (Some(ms), Some(model)) = (ranked.rerank_ms, model) {
+        m.insert("rerank_ms_per_query".into(), ms);
+        m.insert("rerank_k".into(), retriever::rerank_k(model, cx.rerank_k) as f64);
+    }
+    Ok((m, ranked.hybrid))
 }

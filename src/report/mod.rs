@@ -171,14 +171,14 @@ async fn models_section(b: &mut String, store: &Store) -> Result<()> {
                         Some(false) => "<b>no</b>: did not beat its starting model on validation".into(),
                         None => "no validation".into(),
                     },
-                    if m.retriever == "mafin" { format!("{:.1}", m.weight) } else { "-".into() },
+                    crate::retriever::settings_label(m),
                     m.alpha.map(|a| format!("{a:.2}")).unwrap_or_else(|| "-".into()),
                     escape(m.status_reason.as_deref().unwrap_or("")),
                 ]
             })
             .collect();
         b.push_str(&html_table(
-            &["id", "stage", "retriever", "status", "from", "run", "improved", "w", "hybrid alpha", "why"],
+            &["id", "stage", "retriever", "status", "from", "run", "improved", "settings", "alpha", "why"],
             &rows,
         ));
     }

@@ -26,9 +26,11 @@ pub enum Kind {
     Mafin,
     /// BM25 fused with a dense retriever (see `hybrid`).
     Hybrid,
+    /// A trained cross-encoder reranking the hybrid's top documents (`train::rerank`).
+    Rerank,
 }
 
-pub const ALL: [Kind; 5] = [Kind::Bm25, Kind::BlackBox, Kind::AugmentOnly, Kind::Mafin, Kind::Hybrid];
+pub const ALL: [Kind; 6] = [Kind::Bm25, Kind::BlackBox, Kind::AugmentOnly, Kind::Mafin, Kind::Hybrid, Kind::Rerank];
 
 /// The dense retrievers a trained model can stand behind, best first (what `hybrid` fuses by default).
 pub const TRAINED_DENSE: [Kind; 2] = [Kind::Mafin, Kind::AugmentOnly];
@@ -41,6 +43,7 @@ impl Kind {
             Kind::AugmentOnly => "augment_only",
             Kind::Mafin => "mafin",
             Kind::Hybrid => "hybrid",
+            Kind::Rerank => "rerank",
         }
     }
 
@@ -55,6 +58,7 @@ impl Kind {
         match self {
             Kind::AugmentOnly => Some(Trained::AugmentOnly),
             Kind::Mafin => Some(Trained::Mafin),
+            Kind::Rerank => Some(Trained::Reranker),
             _ => None,
         }
     }
@@ -64,12 +68,18 @@ impl Kind {
         match t {
             Trained::Mafin => Kind::Mafin,
             Trained::AugmentOnly => Kind::AugmentOnly,
+            Trained::Reranker => Kind::Rerank,
         }
     }
 
     /// Whether its vectors include the black box's.
     pub fn uses_black_box(self) -> bool {
         matches!(self, Kind::BlackBox | Kind::Mafin)
+    }
+
+    /// Whether it ranks over a hybrid first stage (and so needs what the hybrid needs).
+    pub fn over_hybrid(self) -> bool {
+        matches!(self, Kind::Hybrid | Kind::Rerank)
     }
 
     /// Whether it ranks by one embedding (so it can be served as vectors and be hybrid's dense side).
@@ -100,6 +110,29 @@ pub fn trained_beside(m: &ModelRow, bb: &BlackBox, key: &str) -> Result<()> {
             "point `black_box:` at the black box it was trained with, or retrain",
         )),
         _ => Ok(()),
+    }
+}
+
+/// How many first-stage documents a reranker model reranks: `asked`, else what its train stage
+/// validated it at.
+pub fn rerank_k(model: &ModelRow, asked: Option<usize>) -> usize {
+    asked
+        .or_else(|| {
+            serde_json::from_str::<serde_json::Value>(&model.metrics)
+                .ok()
+                .and_then(|m| m["rerank_k"].as_u64())
+                .map(|k| k as usize)
+        })
+        .unwrap_or_else(crate::train::params::default_rerank_k)
+        .max(1)
+}
+
+/// A trained model's own settings for tables: mafin's w, a reranker's depth and blend, else `-`.
+pub fn settings_label(m: &ModelRow) -> String {
+    match m.retriever.as_str() {
+        "mafin" => format!("w {:.1}", m.weight),
+        "reranker" => format!("top {}, blend {}", rerank_k(m, None), m.alpha.map_or("-".into(), |a| format!("{a:.2}"))),
+        _ => "-".into(),
     }
 }
 

@@ -17,6 +17,8 @@ pub struct RetrievalParams {
     /// What the `hybrid` retriever fuses (dense side, convex or rrf, alpha).
     pub hybrid: HybridParams,
     pub passages: Passages,
+    /// How many of the first stage's documents `rerank` reranks (default: what training validated).
+    pub rerank_k: Option<usize>,
 }
 
 pub fn default_black_box() -> String {
@@ -43,6 +45,9 @@ macro_rules! retrieval_params {
             /// Tokens neighbouring passages share (default a quarter of the window).
             #[serde(default)]
             pub stride: Option<usize>,
+            /// How many of the first stage's documents `rerank` reranks (default: what training validated).
+            #[serde(default)]
+            pub rerank_k: Option<usize>,
         } }
         impl $name {
             /// The retrieval settings among the stage's parameters.
@@ -52,6 +57,7 @@ macro_rules! retrieval_params {
                     black_box: self.black_box.clone(),
                     hybrid: self.hybrid.clone(),
                     passages: $crate::retriever::Passages { mode: self.passages, stride: self.stride },
+                    rerank_k: self.rerank_k,
                 }
             }
         }
@@ -91,7 +97,7 @@ impl RetrievalParams {
         let needs_bb = self
             .retrievers
             .as_ref()
-            .is_none_or(|r| r.iter().any(|k| k.uses_black_box() || (*k == Kind::Hybrid && hybrid_bb)));
+            .is_none_or(|r| r.iter().any(|k| k.uses_black_box() || (k.over_hybrid() && hybrid_bb)));
         if hybrid.dense.is_some_and(|d| !d.is_dense()) {
             diags.push(
                 Diagnostic::new(
@@ -99,6 +105,12 @@ impl RetrievalParams {
                     format!("stage `{}`: hybrid's `dense:` must be a dense retriever", cx.stage),
                 )
                 .hint("dense: mafin, augment_only or black_box"),
+            );
+        }
+        if self.rerank_k == Some(0) {
+            diags.push(
+                Diagnostic::new(at("rerank_k"), format!("stage `{}`: rerank_k must be at least 1", cx.stage))
+                    .hint("rerank_k: 30 reranks the first stage's top 30; leave it out for what training validated"),
             );
         }
         if hybrid.alpha.fixed().is_some_and(|a| !(0.0..=1.0).contains(&a)) {

@@ -1,4 +1,4 @@
-//! Gathers concurrent requests' texts into one encoder call: the first waits at most a short window
+//! Gathers concurrent requests' texts (or a reranker's pairs) into one model call: the first waits at most a short window
 //! for others to join, up to a size cap, so many small clients do not mean many tiny batches.
 
 use std::sync::Arc;
@@ -23,16 +23,32 @@ pub struct Window {
 
 type Reply = std::result::Result<Vec<Vec<f32>>, String>;
 
-struct Job {
-    texts: Vec<String>,
-    reply: oneshot::Sender<Reply>,
+/// What a queue's worker does with one gathered batch: its outputs, one per item, in order.
+pub type Run<I, O> = Arc<
+    dyn Fn(Vec<I>) -> std::pin::Pin<Box<dyn std::future::Future<Output = std::result::Result<Vec<O>, String>> + Send>>
+        + Send
+        + Sync,
+>;
+
+struct Job<I, O> {
+    items: Vec<I>,
+    reply: oneshot::Sender<std::result::Result<Vec<O>, String>>,
 }
 
-/// One encoder behind a queue; dropped with its last handle, after the queued work is done.
-#[derive(Clone)]
-pub struct Batcher {
-    tx: mpsc::Sender<Job>,
+/// One model behind a queue (an encoder's texts, a reranker's pairs); dropped with its last
+/// handle, after the queued work is done.
+pub struct Queue<I, O> {
+    tx: mpsc::Sender<Job<I, O>>,
 }
+
+impl<I, O> Clone for Queue<I, O> {
+    fn clone(&self) -> Self {
+        Queue { tx: self.tx.clone() }
+    }
+}
+
+/// An encoder's queue: texts in, vectors out.
+pub type Batcher = Queue<String, Vec<f32>>;
 
 /// What every batch needs to reach the cache.
 #[derive(Clone)]
@@ -43,22 +59,51 @@ pub struct Shared {
 }
 
 impl Batcher {
+    /// A queue in front of `encoder`, its batches embedded through the `embeddings` cache.
     pub fn spawn(encoder: Arc<BlackBox>, name: &'static str, window: Window, shared: Shared) -> Batcher {
-        let (tx, rx) = mpsc::channel::<Job>(1024);
-        tokio::spawn(work(encoder, name, window, shared, rx));
-        Batcher { tx }
+        let metrics = shared.metrics.clone();
+        let run: Run<String, Vec<f32>> = Arc::new(move |texts| {
+            let (encoder, shared) = (encoder.clone(), shared.clone());
+            Box::pin(async move {
+                encoder
+                    .embed(&shared.wf, &shared.store, &Account::outside("serve"), &texts)
+                    .await
+                    .map_err(|e| e.to_string())
+            })
+        });
+        Queue::start(name, window, metrics, run)
     }
 
     /// The encoder's vectors for `texts`, in order (through the `embeddings` cache).
     pub async fn embed(&self, texts: Vec<String>) -> Reply {
-        let (reply, rx) = oneshot::channel();
-        self.tx.send(Job { texts, reply }).await.map_err(|_| "the encoder queue has closed".to_string())?;
-        rx.await.map_err(|_| "the encoder stopped before answering".to_string())?
+        self.call(texts).await
     }
 }
 
-async fn work(encoder: Arc<BlackBox>, name: &'static str, window: Window, shared: Shared, mut rx: mpsc::Receiver<Job>) {
-    let mut held: Option<Job> = None;
+impl<I: Send + 'static, O: Send + 'static> Queue<I, O> {
+    /// A worker that gathers requests within `window` and hands each batch to `run`.
+    pub fn start(name: &'static str, window: Window, metrics: Arc<Metrics>, run: Run<I, O>) -> Queue<I, O> {
+        let (tx, rx) = mpsc::channel::<Job<I, O>>(1024);
+        tokio::spawn(work(run, name, window, metrics, rx));
+        Queue { tx }
+    }
+
+    /// The outputs for `items`, in order, computed in a batch with whatever other requests joined.
+    pub async fn call(&self, items: Vec<I>) -> std::result::Result<Vec<O>, String> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Job { items, reply }).await.map_err(|_| "the model queue has closed".to_string())?;
+        rx.await.map_err(|_| "the model stopped before answering".to_string())?
+    }
+}
+
+async fn work<I, O>(
+    run: Run<I, O>,
+    name: &'static str,
+    window: Window,
+    metrics: Arc<Metrics>,
+    mut rx: mpsc::Receiver<Job<I, O>>,
+) {
+    let mut held: Option<Job<I, O>> = None;
     loop {
         let first = match held.take() {
             Some(j) => j,
@@ -67,7 +112,7 @@ async fn work(encoder: Arc<BlackBox>, name: &'static str, window: Window, shared
                 None => return,
             },
         };
-        let mut n = first.texts.len();
+        let mut n = first.items.len();
         let mut jobs = vec![first];
         let deadline = tokio::time::Instant::now() + window.wait;
         while n < window.cap {
@@ -80,28 +125,31 @@ async fn work(encoder: Arc<BlackBox>, name: &'static str, window: Window, shared
                 }
             };
             let Some(j) = next else { break };
-            if n + j.texts.len() > window.cap {
+            if n + j.items.len() > window.cap {
                 held = Some(j);
                 break;
             }
-            n += j.texts.len();
+            n += j.items.len();
             jobs.push(j);
         }
-        let texts: Vec<String> = jobs.iter().flat_map(|j| j.texts.iter().cloned()).collect();
-        shared.metrics.batch(name, texts.len());
-        let result = encoder.embed(&shared.wf, &shared.store, &Account::outside("serve"), &texts).await;
-        match result {
-            Ok(mut vectors) => {
-                // Hand each job its own rows, first job first.
-                for j in jobs {
-                    let rest = vectors.split_off(j.texts.len().min(vectors.len()));
-                    let _ = j.reply.send(Ok(std::mem::replace(&mut vectors, rest)));
+        let mut replies = Vec::with_capacity(jobs.len());
+        let mut items = Vec::with_capacity(n);
+        for j in jobs {
+            replies.push((j.items.len(), j.reply));
+            items.extend(j.items);
+        }
+        metrics.batch(name, items.len());
+        match run(items).await {
+            Ok(mut outputs) => {
+                // Hand each job its own outputs, first job first.
+                for (len, reply) in replies {
+                    let rest = outputs.split_off(len.min(outputs.len()));
+                    let _ = reply.send(Ok(std::mem::replace(&mut outputs, rest)));
                 }
             }
-            Err(e) => {
-                let message = e.to_string();
-                for j in jobs {
-                    let _ = j.reply.send(Err(message.clone()));
+            Err(message) => {
+                for (_, reply) in replies {
+                    let _ = reply.send(Err(message.clone()));
                 }
             }
         }

@@ -51,6 +51,7 @@ pub fn router(svc: Arc<Service>, limits: Limits) -> Router {
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/models", get(models))
         .route("/v1/search", post(search))
+        .route("/v1/rerank", post(rerank))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .fallback(not_found)
@@ -72,6 +73,7 @@ fn route_of(path: &str) -> &'static str {
     match path {
         "/v1/embeddings" => "embeddings",
         "/v1/search" => "search",
+        "/v1/rerank" => "rerank",
         "/v1/models" => "models",
         "/healthz" => "healthz",
         "/metrics" => "metrics",
@@ -317,6 +319,19 @@ async fn models(State(app): State<App>) -> Response {
             })
         })
         .collect();
+    let mut data = data;
+    if let Some(r) = &live.reranker {
+        data.push(json!({
+            "id": "rerank",
+            "object": "model",
+            "created": r.model.created_at / 1000,
+            "owned_by": "flow",
+            "flow_model": r.label(),
+            "status": r.model.status.as_str(),
+            "default": false,
+            "default_for_search": live.search_default == crate::retriever::Kind::Rerank,
+        }));
+    }
     let body = json!({ "object": "list", "data": data, "search_also": ["bm25", "hybrid"] });
     with_model(Json(body).into_response(), &live.default_served().label())
 }
@@ -372,6 +387,112 @@ async fn search(State(app): State<App>, body: Bytes) -> Response {
     }
 }
 
+/// Cohere's rerank shape (which LangChain's and LlamaIndex's Cohere rerankers call): `query`,
+/// `documents` (strings or `{"text": ...}`), optional `top_n` and `return_documents`; each result's
+/// `index` into `documents` and `relevance_score`, sigmoid(logit) as sentence-transformers'
+/// `CrossEncoder.predict` reports it, best first.
+async fn rerank(State(app): State<App>, body: Bytes) -> Response {
+    let Some(req) = parse(&body) else { return not_json() };
+    let Some(query) = req["query"].as_str().filter(|q| !q.trim().is_empty()) else {
+        return error(StatusCode::BAD_REQUEST, "the request has no `query` (a non-empty string)", "invalid_query");
+    };
+    let docs: Vec<String> = match &req["documents"] {
+        Value::Array(items) if !items.is_empty() => {
+            let texts: Option<Vec<String>> = items
+                .iter()
+                .map(|d| match d {
+                    Value::String(s) => Some(s.clone()),
+                    Value::Object(o) => o.get("text").and_then(Value::as_str).map(str::to_string),
+                    _ => None,
+                })
+                .collect();
+            match texts {
+                Some(t) => t,
+                None => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "each of `documents` must be a string or an object with a `text` string",
+                        "invalid_documents",
+                    );
+                }
+            }
+        }
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "the request has no `documents` (a non-empty list of strings)",
+                "invalid_documents",
+            );
+        }
+    };
+    let limits = &app.limits;
+    if docs.len() > limits.max_inputs {
+        let msg = format!(
+            "{} documents in one request; this server takes at most {} (--max-inputs)",
+            docs.len(),
+            limits.max_inputs
+        );
+        return error(StatusCode::BAD_REQUEST, &msg, "invalid_documents");
+    }
+    let longest = std::iter::once(query).chain(docs.iter().map(String::as_str)).map(|t| t.chars().count()).max();
+    if let Some(n) = longest.filter(|&n| n > limits.max_chars) {
+        let msg = format!("a text has {n} characters; this server takes at most {} (--max-chars)", limits.max_chars);
+        return error(StatusCode::BAD_REQUEST, &msg, "invalid_documents");
+    }
+    let top_n = match &req["top_n"] {
+        Value::Null => docs.len(),
+        v => match v.as_u64().filter(|&n| n >= 1) {
+            Some(n) => (n as usize).min(docs.len()),
+            None => {
+                return error(StatusCode::BAD_REQUEST, "`top_n` must be a whole number of at least 1", "invalid_top_n");
+            }
+        },
+    };
+    let return_documents = match &req["return_documents"] {
+        Value::Null => false,
+        Value::Bool(b) => *b,
+        other => {
+            let msg = format!("`return_documents` must be true or false, not {}", type_name(other));
+            return error(StatusCode::BAD_REQUEST, &msg, "invalid_return_documents");
+        }
+    };
+    match app.svc.rerank(query, &docs).await {
+        Ok((r, logits)) => {
+            let mut order: Vec<usize> = (0..docs.len()).collect();
+            order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+            let results: Vec<Value> = order
+                .into_iter()
+                .take(top_n)
+                .map(|i| {
+                    let mut hit = json!({ "index": i, "relevance_score": crate::bert::cross::relevance(logits[i]) });
+                    if return_documents {
+                        hit["document"] = json!({ "text": docs[i] });
+                    }
+                    hit
+                })
+                .collect();
+            let tokens: usize = docs.iter().map(|d| r.encoder.count_tokens(query, d)).sum();
+            let label = r.label();
+            let body = json!({
+                "id": format!("rerank-{}", chrono::Utc::now().timestamp_micros()),
+                "results": results,
+                "model": label,
+                "meta": { "api_version": { "version": "1" }, "billed_units": { "search_units": 1 }, "tokens": { "input_tokens": tokens } },
+            });
+            if docs.iter().map(String::len).sum::<usize>() > RELEASE_AFTER_BYTES {
+                super::release_free_memory();
+            }
+            with_model(Json(body).into_response(), &label)
+        }
+        Err(Error::BadInput { .. }) => error(
+            StatusCode::NOT_FOUND,
+            "no reranker is served: train one (`retriever: reranker` in a train stage) and run the workflow",
+            "model_not_found",
+        ),
+        Err(e) => failed(&e),
+    }
+}
+
 async fn healthz(State(app): State<App>) -> Response {
     let label = app.svc.live().default_served().label();
     with_model(Json(json!({ "status": "ok", "model": label })).into_response(), &label)
@@ -385,7 +506,7 @@ async fn metrics(State(app): State<App>) -> Response {
 async fn not_found() -> Response {
     error(
         StatusCode::NOT_FOUND,
-        "no such endpoint: flow serve has /v1/embeddings, /v1/models, /v1/search, /healthz and /metrics",
+        "no such endpoint: flow serve has /v1/embeddings, /v1/models, /v1/search, /v1/rerank, /healthz and /metrics",
         "not_found",
     )
 }

@@ -54,7 +54,7 @@ pub struct Metrics {
 }
 
 pub const ROUTES: &[&str] = &["embeddings", "search", "models", "healthz", "metrics", "other"];
-pub const ENCODERS: &[&str] = &["black_box", "augment"];
+pub const ENCODERS: &[&str] = &["black_box", "augment", "reranker"];
 
 /// What the black box's cache did, read from the encoder at scrape time.
 pub struct BlackBoxCounts {

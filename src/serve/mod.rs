@@ -6,6 +6,7 @@ pub mod http;
 pub mod index;
 pub mod metrics;
 pub mod output;
+mod rerank;
 
 use std::path::Path;
 use std::sync::{Arc, RwLock};
@@ -16,6 +17,7 @@ use tokio::sync::OnceCell;
 use self::batch::{Batcher, Shared, Window};
 use self::index::{Corpus, Dense};
 use self::metrics::{BlackBoxCounts, Metrics};
+pub use self::rerank::Reranker;
 use crate::error::{Error, Result};
 use crate::llm::Account;
 use crate::llm::embed::BlackBox;
@@ -59,7 +61,12 @@ impl Served {
 /// What the server answers with until the next swap.
 pub struct Live {
     pub retrievers: Vec<Arc<Served>>,
+    /// The retriever embeddings are answered with (a dense one).
     pub default: Kind,
+    /// The reranker (the promoted one, else the newest), if one was trained.
+    pub reranker: Option<Arc<Reranker>>,
+    /// What a search without `retriever` uses: rerank once a reranker is promoted, else `default`.
+    pub search_default: Kind,
     models_stamp: String,
     corpus: OnceCell<Arc<Corpus>>,
 }
@@ -75,7 +82,11 @@ impl Live {
     }
 
     pub fn names(&self) -> Vec<&'static str> {
-        self.retrievers.iter().map(|s| s.kind.name()).collect()
+        let mut names: Vec<&'static str> = self.retrievers.iter().map(|s| s.kind.name()).collect();
+        if self.reranker.is_some() {
+            names.push(Kind::Rerank.name());
+        }
+        names
     }
 
     pub fn default_served(&self) -> &Arc<Served> {
@@ -148,6 +159,8 @@ impl Service {
         let placeholder = Live {
             retrievers: Vec::new(),
             default: Kind::BlackBox,
+            reranker: None,
+            search_default: Kind::BlackBox,
             models_stamp: String::new(),
             corpus: OnceCell::new(),
         };
@@ -291,7 +304,24 @@ impl Service {
         if !retrievers.iter().any(|s| s.kind == default.0) {
             default.0 = Kind::BlackBox;
         }
-        Ok(Live { retrievers, default: default.0, models_stamp, corpus })
+        let mut search_default = default.0;
+        let reranker = match retriever::served_model(&all, Kind::Rerank) {
+            Some((m, _)) if !retriever::model_on_disk(m) => {
+                log(&format!("rerank is not served: model {}'s folder {} is gone", m.id, m.path));
+                None
+            }
+            Some((m, promoted)) => {
+                if promoted {
+                    search_default = Kind::Rerank;
+                }
+                match old.and_then(|o| o.reranker.clone()).filter(|r| r.model.id == m.id) {
+                    Some(r) => Some(r),
+                    None => Some(Arc::new(self.load_reranker(m).await?)),
+                }
+            }
+            None => None,
+        };
+        Ok(Live { retrievers, default: default.0, reranker, search_default, models_stamp, corpus })
     }
 
     async fn load_augment(&self, m: &ModelRow) -> Result<Augment> {
@@ -418,20 +448,28 @@ impl Service {
         let corpus = self.corpus(&live).await?;
         let k = k.max(1);
         let kind = match name {
-            "" | "default" => live.default,
+            "" | "default" => live.search_default,
             n => Kind::parse(n).ok_or_else(|| unknown_retriever(n, &live))?,
         };
         let (model, fusion, hits) = match kind {
             Kind::Bm25 => ("bm25".to_string(), None, self.bm25(&corpus, query, k).await?),
             Kind::Hybrid => {
-                // The dense side: the best trained retriever served, else the black box.
-                let dense =
-                    TRAINED_DENSE.into_iter().find_map(|k| live.find(k.name())).unwrap_or(live.default_served());
-                let lexical = self.bm25(&corpus, query, fuse::DEPTH).await?;
-                let semantic = self.dense_hits(dense, &corpus, query, fuse::DEPTH).await?;
-                let (fusion, alpha, label) = hybrid_alpha(dense, &live);
-                let hits = fuse::fuse(&lexical, &semantic, fusion, alpha, k);
-                (dense.label(), Some(label), hits)
+                let (label, fusion, hits) = self.hybrid_hits(&live, &corpus, query, k).await?;
+                (label, Some(fusion), hits)
+            }
+            Kind::Rerank => {
+                let r = live.reranker.clone().ok_or_else(|| unknown_retriever(name, &live))?;
+                let (label, fusion, first) = self.hybrid_hits(&live, &corpus, query, fuse::DEPTH).await?;
+                let depth = retriever::rerank_k(&r.model, None);
+                let texts: Vec<String> =
+                    first.iter().take(depth).map(|&(c, _)| corpus.chunks[c].text.clone()).collect();
+                let (_, scores) = self.rerank(query, &texts).await?;
+                let blend = r.model.alpha.unwrap_or(1.0);
+                let mut hits =
+                    crate::train::rerank::reranked(&[first], &[scores], depth, blend).pop().unwrap_or_default();
+                hits.truncate(k);
+                let how = format!("top {depth} of hybrid ({label}, {fusion}), blended with it at {blend:.2}");
+                (r.label(), Some(how), hits)
             }
             dense => {
                 let served = live.find(dense.name()).cloned().ok_or_else(|| unknown_retriever(name, &live))?;
@@ -457,6 +495,22 @@ impl Service {
             })
             .collect();
         Ok(Found { retriever, model, fusion, hits })
+    }
+
+    /// The hybrid's top `k`: BM25 fused with the best trained dense retriever served (else the black
+    /// box); the dense side's label and how it fused.
+    async fn hybrid_hits(
+        &self,
+        live: &Live,
+        corpus: &Arc<Corpus>,
+        query: &str,
+        k: usize,
+    ) -> Result<(String, String, Vec<(usize, f32)>)> {
+        let dense = TRAINED_DENSE.into_iter().find_map(|k| live.find(k.name())).unwrap_or(live.default_served());
+        let lexical = self.bm25(corpus, query, fuse::DEPTH).await?;
+        let semantic = self.dense_hits(dense, corpus, query, fuse::DEPTH).await?;
+        let (fusion, alpha, label) = hybrid_alpha(dense, live);
+        Ok((dense.label(), label, fuse::fuse(&lexical, &semantic, fusion, alpha, k)))
     }
 
     async fn bm25(&self, corpus: &Arc<Corpus>, query: &str, k: usize) -> Result<Vec<(usize, f32)>> {
@@ -491,7 +545,12 @@ fn hybrid_alpha(dense: &Served, live: &Live) -> (Fusion, f64, String) {
     // For the black box, the newest model holds the alpha its training chose for it.
     let holder = match &dense.model {
         Some(m) => Some(m),
-        None => live.retrievers.iter().filter_map(|s| s.model.as_ref()).max_by_key(|m| m.id),
+        None => live
+            .retrievers
+            .iter()
+            .filter_map(|s| s.model.as_ref())
+            .chain(live.reranker.as_ref().map(|r| &r.model))
+            .max_by_key(|m| m.id),
     };
     match validated_alpha(dense.kind, holder) {
         Some((a, id)) => (Fusion::Convex, a, format!("convex alpha {a:.2} from validation (model {id})")),

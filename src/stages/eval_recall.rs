@@ -20,7 +20,7 @@ use crate::workflow::{CheckCtx, Checked, Diagnostic, StageSpec, Workflow, check_
 
 pub const KIND: Kind = Kind {
     name: "eval_recall",
-    about: "Recall@k, nDCG@10, MRR@10 and MAP@100 of bm25, the black box, augment_only and mafin on an eval set",
+    about: "Recall@k, nDCG@10, MRR@10 and MAP@100 of bm25, the black box, augment_only, mafin, hybrid and rerank on an eval set",
     check,
     preflight: super::no_preflight,
     build,
@@ -33,7 +33,7 @@ retrieval_params! {
         /// Run the promotion gate on the newest trained model (see `gate_retriever`, `gate_metric`).
         #[serde(default = "default_true")]
         pub promote: bool,
-        /// Whose model the gate judges (default: mafin if evaluated, else augment_only).
+        /// Whose model the gate judges (default: rerank if evaluated, else mafin, else augment_only).
         #[serde(default)]
         pub gate_retriever: Option<Retriever>,
         /// The metric the new model must reach against the promoted one, on this eval set.
@@ -69,7 +69,7 @@ fn check(cx: &CheckCtx) -> Checked {
         let span = cx.node.get("gate_retriever").map(|n| n.span()).unwrap_or(cx.node.span());
         diags.push(
             Diagnostic::new(span, format!("stage `{}`: gate_retriever {} has no trained model", cx.stage, r.name()))
-                .hint("mafin, augment_only, or hybrid over one of them"),
+                .hint("rerank, mafin, augment_only, or hybrid over one of them"),
         );
     }
     checked(&p, diags)
@@ -148,6 +148,8 @@ pub fn retrieve_ctx<'a>(
         hybrid: &plan.hybrid,
         passages: plan.passages,
         pairs: &plan.pairs,
+        train_stages: &plan.up.train_stages,
+        rerank_k: plan.rerank_k,
     }
 }
 
@@ -216,7 +218,11 @@ impl Stage for EvalRecall {
             if let Some(model) = model.as_ref().filter(|_| self.plan.trained_of(kind).is_some()) {
                 scored.push((kind, model.clone(), m.get(&self.params.gate_metric).copied().unwrap_or(0.0)));
             }
-            let label = chosen.map_or_else(|| kind.name().to_string(), |c| c.label());
+            let label = match (kind, chosen) {
+                (Retriever::Rerank, Some(c)) => format!("rerank over {}", c.label()),
+                (_, Some(c)) => c.label(),
+                (_, None) => kind.name().to_string(),
+            };
             rows.push((label, m, prev.map(|p| p.metrics())));
         }
         let table = metric_table(&rows);
@@ -226,7 +232,9 @@ impl Stage for EvalRecall {
             if compared { "metrics (change against the previous run on this eval set):" } else { "metrics:" }
         ));
         let gate_kind = self.params.gate_retriever.or_else(|| {
-            [Retriever::Mafin, Retriever::AugmentOnly].into_iter().find(|k| scored.iter().any(|s| s.0 == *k))
+            [Retriever::Rerank, Retriever::Mafin, Retriever::AugmentOnly]
+                .into_iter()
+                .find(|k| scored.iter().any(|s| s.0 == *k))
         });
         let mut gate = serde_json::Value::Null;
         if self.params.promote

@@ -60,7 +60,22 @@ fn check(cx: &CheckCtx) -> Checked {
             "add `augment: { init: all-MiniLM-L6-v2 }` under `models:`",
         );
     }
-    if (p.retriever == Retriever::Mafin || p.hard_negatives > 0) && !cx.models.contains_key(&p.black_box) {
+    if p.retriever == Retriever::Reranker && (p.negatives == 0 || p.rerank_k == 0) {
+        bad(
+            "negatives",
+            "a reranker needs at least 1 negative per query and a rerank_k of at least 1".into(),
+            "negatives: 7, rerank_k: 30",
+        );
+    }
+    if !(0.0..1.0).contains(&p.relative_margin) {
+        bad(
+            "relative_margin",
+            format!("relative_margin {} is not a share below 1", p.relative_margin),
+            "relative_margin: 0.05",
+        );
+    }
+    let needs_bb = matches!(p.retriever, Retriever::Mafin | Retriever::Reranker) || p.hard_negatives > 0;
+    if needs_bb && !cx.models.contains_key(&p.black_box) {
         bad(
             "black_box",
             format!("uses `models.{}`, which is not defined", p.black_box),
@@ -131,7 +146,7 @@ struct Train {
 
 impl Train {
     fn needs_black_box(&self) -> bool {
-        self.params.retriever == Retriever::Mafin || self.params.hard_negatives > 0
+        matches!(self.params.retriever, Retriever::Mafin | Retriever::Reranker) || self.params.hard_negatives > 0
     }
 
     /// The pairs to learn from, and the rest of the corpus they come from (validation's distractors:
@@ -209,34 +224,48 @@ impl Stage for Train {
             let found = data::mine_negatives(&mut train_set, bb, p.negative_margin)?;
             ctx.progress.log(&format!("mined a hard negative for {found} of {} pairs", train_set.len()));
         }
-        let vectors_for_training = if p.retriever == Retriever::Mafin { bb_vectors } else { None };
-
         let choice = p.device.unwrap_or(self.augment_device);
-        let device = crate::models::device(choice)?;
+        let mut device = crate::models::device(choice)?;
+        if p.retriever == Retriever::Reranker && !device.is_cpu() {
+            ctx.progress
+                .log("the reranker trains on the CPU path (packed encoder with token types); the GPU is not used");
+            device = candle_core::Device::Cpu;
+        }
         ctx.progress.log(&format!("training on {} (device: {choice})", crate::models::device_name(&device)));
         let cfg = self.config(&device);
         let trained_weight = cfg.weight;
         let start = self.start_from(ctx).await?;
         let fingerprint = self.data_fingerprint(&train_set, &val_set, &cfg, &start.hash, bb_model.as_ref());
         let dir = self.model_dir(&fingerprint);
-
         let folder = crate::bert::Folder::read(&self.init_dir, self.max_seq_length)?;
-        let mut aug = Augment::new(folder, Some(&start.weights), &device)?;
-        if cfg.bf16 {
-            aug.model.compute = candle_core::DType::BF16;
-            let on = if device.is_cpu() { "on AMX tiles" } else { "on the GPU" };
-            ctx.progress.log(&format!("mixed precision: bf16 matrix products {on}, f32 weights and optimiser"));
-        }
+        let job = match p.retriever {
+            Retriever::Reranker => {
+                let bb =
+                    bb_vectors.ok_or_else(|| Error::internal("a reranker was trained without black-box vectors"))?;
+                self.reranker_job(ctx, folder, &start.weights, &train_set, &val_set, bb, &cfg)?
+            }
+            _ => {
+                let mut aug = Augment::new(folder, Some(&start.weights), &device)?;
+                if cfg.bf16 {
+                    aug.model.compute = candle_core::DType::BF16;
+                    let on = if device.is_cpu() { "on AMX tiles" } else { "on the GPU" };
+                    ctx.progress.log(&format!("mixed precision: bf16 matrix products {on}, f32 weights and optimiser"));
+                }
+                let bb = if p.retriever == Retriever::Mafin { bb_vectors } else { None };
+                Job::BiEncoder { aug, bb }
+            }
+        };
         let pairs_total = (train_set.len() * p.epochs) as u64;
         ctx.progress.set_total(pairs_total);
         let n_val = val_set.queries.len();
         let started = std::time::Instant::now();
-        let job = Fit { cfg, aug, train_set, val_set, bb: vectors_for_training, dir, fingerprint: fingerprint.clone() };
-        let (outcome, pairs_seen, n_train) = job.run(ctx).await?;
+        let fit = Fit { cfg, job, train_set, val_set, dir, fingerprint: fingerprint.clone() };
+        let (outcome, pairs_seen, n_train) = fit.run(ctx).await?;
         let secs = started.elapsed().as_secs_f64();
         ctx.progress.cached(pairs_total.saturating_sub(ctx.progress.counts().done.max(0) as u64));
 
         let st = &outcome.state;
+        let cfg_rerank = self.config(&candle_core::Device::Cpu).rerank;
         let improved = st.improved();
         let weight = st.best_weight.unwrap_or(trained_weight);
         if improved == Some(false) {
@@ -250,6 +279,7 @@ impl Stage for Train {
             "best_epoch": st.best_epoch, "validation": st.best_metrics,
             "steps": st.step, "stopped_early": st.stopped_early, "improved": improved,
             "weight": weight, "alpha": st.best_alpha, "black_box_alpha": st.black_box_alpha,
+            "rerank_k": cfg_rerank.map(|r| r.k),
         });
         let best = outcome.best_dir.to_string_lossy().to_string();
         let id = models_table::insert(
@@ -378,6 +408,11 @@ impl Train {
             patience: p.patience,
             checkpoint_every: p.checkpoint_every,
             bf16,
+            rerank: (p.retriever == Retriever::Reranker).then_some(train::RerankConfig {
+                negatives: p.negatives,
+                relative_margin: p.relative_margin,
+                k: p.rerank_k,
+            }),
         }
     }
 
@@ -433,6 +468,41 @@ impl Train {
         sha256_hex(serde_json::to_string(&doc).expect("json").as_bytes())
     }
 
+    /// A reranker's training: its model from `weights`, each example's negatives from the first
+    /// stage's top ranks (BM25 with the black box over the training corpus), and the validation
+    /// queries' first-stage ranking, fused at the alpha the validation split chooses.
+    #[allow(clippy::too_many_arguments)]
+    fn reranker_job(
+        &self,
+        ctx: &StageCtx,
+        folder: crate::bert::Folder,
+        weights: &std::path::Path,
+        train_set: &[Example],
+        val_set: &data::RetrievalSet,
+        bb: HashMap<String, Vec<f32>>,
+        cfg: &TrainConfig,
+    ) -> Result<Job> {
+        let rc = cfg.rerank.ok_or_else(|| Error::internal("reranker settings missing"))?;
+        let (model, fresh_head) = train::rerank::CrossModel::new(folder, weights)?;
+        if fresh_head {
+            ctx.progress.log(
+                "the reranker's head starts from BERT's initialisation where the start folder has none (a new classifier)",
+            );
+        }
+        let (negatives, val_first, alpha) =
+            tokio::task::block_in_place(|| train::rerank::candidates(train_set, val_set, &bb, rc))?;
+        let mined: usize = negatives.iter().map(Vec::len).sum();
+        let short = negatives.iter().filter(|n| n.len() < rc.negatives).count();
+        ctx.progress.log(&format!(
+            "reranker: {mined} negatives mined for {} queries from the first stage's top {} (BM25 + black box, {}); {short} queries have fewer than {}",
+            train_set.len(),
+            crate::rank::fuse::DEPTH,
+            alpha.map_or("rrf".to_string(), |a| format!("alpha {a:.2}")),
+            rc.negatives
+        ));
+        Ok(Job::Reranker { model, negatives, val_first, bb: Some(bb) })
+    }
+
     /// `<store>.models/<stage>/<fingerprint>`, beside the store.
     fn model_dir(&self, fingerprint: &str) -> PathBuf {
         let store_dir = self.wf.store.parent().map(PathBuf::from).unwrap_or_default();
@@ -441,13 +511,27 @@ impl Train {
     }
 }
 
+/// What a training run trains: the bi-encoder augment (beside the black box's vectors for Mafin), or
+/// a reranker with its mined negatives and its validation's first stage.
+enum Job {
+    BiEncoder {
+        aug: Augment,
+        bb: Option<HashMap<String, Vec<f32>>>,
+    },
+    Reranker {
+        model: train::rerank::CrossModel,
+        negatives: Vec<Vec<String>>,
+        val_first: crate::rank::Ranking,
+        bb: Option<HashMap<String, Vec<f32>>>,
+    },
+}
+
 /// One training run on a blocking thread, its events written to the store as they come.
 struct Fit {
     cfg: TrainConfig,
-    aug: Augment,
+    job: Job,
     train_set: Vec<Example>,
     val_set: data::RetrievalSet,
-    bb: Option<HashMap<String, Vec<f32>>>,
     dir: PathBuf,
     fingerprint: String,
 }
@@ -500,8 +584,26 @@ impl Fit {
                     }
                 }
             };
-            let data = train::TrainData { train: &self.train_set, val: &self.val_set, bb: &self.bb };
-            let out = train::train(&self.cfg, &self.aug, &data, &self.dir, &self.fingerprint, &mut on);
+            let (cfg, dir, fp) = (&self.cfg, &self.dir, &self.fingerprint);
+            let out = match &self.job {
+                Job::BiEncoder { aug, bb } => {
+                    let data = train::TrainData { train: &self.train_set, val: &self.val_set, bb };
+                    train::train(cfg, aug, &data, dir, fp, &mut on)
+                }
+                Job::Reranker { model, negatives, val_first, bb } => {
+                    let learner = train::rerank::Reranking {
+                        cfg,
+                        model,
+                        train: &self.train_set,
+                        negatives,
+                        val: &self.val_set,
+                        val_first,
+                        bb,
+                        k: cfg.rerank.map_or(train::params::default_rerank_k(), |r| r.k),
+                    };
+                    train::fit(cfg, &learner, dir, fp, &mut on)
+                }
+            };
             (out, pairs_seen, self.train_set.len())
         })
         .await

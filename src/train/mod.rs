@@ -1,11 +1,14 @@
 //! Mafin training (arXiv 2402.12177): a frozen black-box embedding plus a trainable BERT augment,
 //! trained with in-batch (and mined hard) negatives, validated every epoch, checkpointed to resume.
 
+mod biencoder;
 pub mod data;
+mod fit;
 pub mod loss;
 pub mod model;
 pub mod optim;
 pub mod params;
+pub mod rerank;
 pub mod retriever;
 mod step;
 mod validate;
@@ -17,13 +20,13 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::bert::dropout::Dropout;
-use crate::error::{Error, Result};
+use crate::error::Result;
+pub use biencoder::train;
 use data::{Example, RetrievalSet};
-use model::Augment;
-use optim::{AdamW, AdamWConfig, Grads};
+pub use fit::fit;
+use optim::Grads;
 pub use retriever::{Retriever, normalized, retriever_rows};
-use step::{batch_texts, fast_step, graph_step};
-use validate::{black_box_alpha, validation, validation_bm25};
+pub use validate::black_box_alpha;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrainConfig {
@@ -54,6 +57,17 @@ pub struct TrainConfig {
     /// fingerprint when off, so f32 checkpoints keep their folders.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub bf16: bool,
+    /// The reranker's own settings (None for the bi-encoders, so their fingerprints stay as they were).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rerank: Option<RerankConfig>,
+}
+
+/// What a reranker's training adds: negatives per query, the margin guard and the validated depth.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct RerankConfig {
+    pub negatives: usize,
+    pub relative_margin: f64,
+    pub k: usize,
 }
 
 /// The w Mafin trains at when w is chosen afterwards: the augment's half of the cosine is as large
@@ -126,259 +140,42 @@ pub struct TrainData<'a> {
     pub bb: &'a BlackBoxVectors,
 }
 
-/// Trains `aug` on `train`, validating on `val`, writing `dir/best` (the best validation score so
-/// far) and `dir/last` (resumable: weights, optimiser moments and position). A `dir/last` left by an
-/// earlier attempt with the same fingerprint is continued rather than restarted.
-pub fn train(
-    cfg: &TrainConfig,
-    aug: &Augment,
-    data: &TrainData,
-    dir: &Path,
-    fingerprint: &str,
-    on: &mut dyn FnMut(Event) -> Result<()>,
-) -> Result<TrainOutcome> {
-    if cfg.retriever == Retriever::Mafin && data.bb.is_none() {
-        return Err(Error::internal("mafin training was started without black-box vectors"));
-    }
-    std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
-    let opt = AdamW::new(
-        aug.named_vars(),
-        AdamWConfig { lr: cfg.lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: cfg.weight_decay },
-    );
-    let per_epoch: Vec<usize> =
-        (0..cfg.epochs).map(|e| data::batches(data.train, cfg.batch_size, cfg.seed, e).len()).collect();
-    let accum = cfg.grad_accum.max(1);
-    let total_steps: u64 = per_epoch.iter().map(|&b| b.div_ceil(accum) as u64).sum();
-    let mut t = Trainer {
-        cfg,
-        aug,
-        data: *data,
-        best_dir: dir.join("best"),
-        last_dir: dir.join("last"),
-        opt,
-        state: TrainState { fingerprint: fingerprint.to_string(), ..Default::default() },
-        step_seconds: 0.0,
-        step_pairs: 0,
-        total_steps,
-        warmup: (total_steps as f64 * cfg.warmup).ceil() as u64,
-        bm25: validation_bm25(data.val),
-        relevance: data::Relevance::new(data.train),
-        // The hand-written backward pass covers the CPU with mean or CLS pooling, in f32 or with
-        // bf16 products on AMX; bf16 on a CPU without AMX and max pooling go through autograd.
-        fast: aug.device.is_cpu()
-            && aug.folder.pooling != crate::bert::Pooling::Max
-            && (!cfg.bf16 || crate::bert::amx::available()),
-    };
-    let resumed = t.resume(on)?;
-    if t.state.black_box_alpha.is_none() {
-        t.state.black_box_alpha = black_box_alpha(data.val, data.bb, &t.bm25)?;
-    }
-    if !t.state.validated_start {
-        // The starting model is the first candidate: training must beat it to replace it.
-        t.validate(0, on)?;
-        t.state.validated_start = true;
-    }
-    while t.state.epoch < cfg.epochs && !t.state.done {
-        t.epoch(on)?;
-    }
-    if data.val.queries.is_empty() {
-        // Nothing to choose by: the last weights are the result.
-        aug.save(&t.best_dir, &HashMap::new(), None)?;
-    }
-    let Trainer { state, step_seconds, step_pairs, best_dir, total_steps, .. } = t;
-    Ok(TrainOutcome { state, step_seconds, step_pairs, best_dir, total_steps, resumed })
+/// One validation: the metrics at what it chose (w, a blend), and what it chose for the log.
+pub struct Validation {
+    pub metrics: std::collections::BTreeMap<String, f64>,
+    /// Mafin's w (bi-encoders) or none.
+    pub weight: Option<f64>,
+    /// The hybrid alpha over this retriever (bi-encoders), or the reranker's blend with its first stage.
+    pub alpha: Option<f64>,
+    /// What was chosen, in words (`hybrid alpha 0.35`).
+    pub chosen: Vec<String>,
 }
 
-fn tensor_err(e: candle_core::Error) -> Error {
-    Error::Tensor { what: "training".into(), source: e }
-}
-
-/// One training run's moving parts: the model, its optimiser and where it stands.
-struct Trainer<'a> {
-    cfg: &'a TrainConfig,
-    aug: &'a Augment,
-    data: TrainData<'a>,
-    /// What the training labels say is relevant: never taught as a negative.
-    relevance: data::Relevance,
-    best_dir: PathBuf,
-    last_dir: PathBuf,
-    opt: AdamW,
-    state: TrainState,
-    step_seconds: f64,
-    step_pairs: usize,
-    total_steps: u64,
-    warmup: u64,
-    fast: bool,
-    /// BM25's top 100 for each validation query, for the hybrid alpha.
-    bm25: Vec<Vec<(usize, f32)>>,
-}
-
-impl Trainer<'_> {
-    /// Continues from `last/` when an earlier attempt with the same fingerprint left it.
-    fn resume(&mut self, on: &mut dyn FnMut(Event) -> Result<()>) -> Result<bool> {
-        let Some(last) = model::existing_checkpoint(&self.last_dir) else { return Ok(false) };
-        let Some(saved) = std::fs::read_to_string(last.join("trainer_state.json"))
-            .ok()
-            .and_then(|text| serde_json::from_str::<TrainState>(&text).ok())
-            .filter(|saved| saved.fingerprint == self.state.fingerprint)
-        else {
-            return Ok(false);
-        };
-        self.aug.load_weights(&last.join("model.safetensors"))?;
-        let moments = last.join("optimizer.safetensors");
-        if moments.exists() {
-            let t = candle_core::safetensors::load(&moments, &self.aug.device).map_err(tensor_err)?;
-            for name in self.opt.names().map(str::to_string).collect::<Vec<_>>() {
-                if let (Some(m), Some(v)) = (t.get(&format!("m.{name}")), t.get(&format!("v.{name}"))) {
-                    self.opt.m.insert(name.clone(), m.clone());
-                    self.opt.v.insert(name, v.clone());
-                }
-            }
-        }
-        self.opt.t = saved.adam_t;
-        on(Event::Log(format!(
-            "resuming training at epoch {}, batch {} (step {})",
-            saved.epoch + 1,
-            saved.next_batch,
-            saved.step
-        )))?;
-        self.state = saved;
-        Ok(true)
-    }
-
-    /// `last/`: weights, optimiser moments and position, for a resume.
-    fn save_last(&self) -> Result<()> {
-        let mut extra: HashMap<String, Tensor> = HashMap::new();
-        for (n, m) in &self.opt.m {
-            extra.insert(format!("m.{n}"), m.clone());
-        }
-        for (n, v) in &self.opt.v {
-            extra.insert(format!("v.{n}"), v.clone());
-        }
-        let mut st = self.state.clone();
-        st.adam_t = self.opt.t;
-        self.aug.save(&self.last_dir, &extra, Some(&serde_json::to_value(&st).expect("state json")))
-    }
-
-    /// Scores the model on the validation set; a better score replaces `best/`.
-    fn validate(&mut self, epoch_done: usize, on: &mut dyn FnMut(Event) -> Result<()>) -> Result<bool> {
-        let val = self.data.val;
-        if val.queries.is_empty() {
-            return Ok(false);
-        }
-        let v = validation(self.cfg, self.aug, val, self.data.bb, &self.bm25)?;
-        let m = v.metrics;
-        on(Event::Validation { step: self.state.step, epoch: epoch_done, metrics: &m })?;
-        let chosen = [
-            v.weight.filter(|_| self.cfg.weight_auto).map(|w| format!("w {w:.1}")),
-            v.alpha.map(|a| match val.queries.len() < crate::rank::fuse::MIN_BLEND_QUERIES {
-                true => format!(
-                    "hybrid alpha {a:.2} ({} validation queries are too few to choose a blend: the better side alone)",
-                    val.queries.len()
-                ),
-                false => format!("hybrid alpha {a:.2}"),
-            }),
-        ];
-        let chosen: Vec<String> = chosen.into_iter().flatten().collect();
-        if !chosen.is_empty() {
-            on(Event::Log(format!("validation after epoch {epoch_done} chose {}", chosen.join(", "))))?;
-        }
-        let score = (m.get("recall@10").copied().unwrap_or(0.0), m.get("ndcg@10").copied().unwrap_or(0.0));
-        let state = &mut self.state;
-        let better = state.best.is_none_or(|b| score > b);
-        if better {
-            state.best = Some(score);
-            state.best_epoch = Some(epoch_done);
-            state.best_metrics = m;
-            state.best_weight = v.weight;
-            state.best_alpha = v.alpha;
-            state.bad_epochs = 0;
-            self.aug.save(&self.best_dir, &HashMap::new(), None)?;
-        } else {
-            state.bad_epochs += 1;
-        }
-        Ok(better)
-    }
-
-    /// The rest of the current epoch (from `next_batch`), then its validation and early-stop check.
-    fn epoch(&mut self, on: &mut dyn FnMut(Event) -> Result<()>) -> Result<()> {
-        let (cfg, aug, train, bb) = (self.cfg, self.aug, self.data.train, self.data.bb);
-        let accum = cfg.grad_accum.max(1);
-        let batches = data::batches(train, cfg.batch_size, cfg.seed, self.state.epoch);
-        let mut grads = Grads::new();
-        let (mut pending, mut loss_sum) = (0usize, 0.0);
-        for (bi, batch) in batches.iter().enumerate().skip(self.state.next_batch) {
-            let started = std::time::Instant::now();
-            let (queries, passages) = batch_texts(train, batch);
-            let texts = (&queries[..], &passages[..]);
-            let masked = self.relevance.masked(train, batch);
-            // A mask per (epoch, batch), so a resumed run drops what the uninterrupted one would.
-            let drop = (cfg.dropout > 0.0).then(|| Dropout {
-                p: cfg.dropout as f32,
-                seed: Dropout::step_seed(cfg.seed, self.state.epoch as u64, bi as u64),
-                seq_offset: 0,
-            });
-            let (loss, g) = if self.fast {
-                fast_step(cfg, aug, texts, &masked, bb, accum, drop)
-            } else {
-                graph_step(cfg, aug, &self.opt, texts, &masked, bb, accum, drop)
-            }
-            .map_err(tensor_err)?;
-            for (name, g) in g {
-                optim::accumulate(&mut grads, name, g).map_err(tensor_err)?;
-            }
-            loss_sum += loss;
-            pending += 1;
-            self.step_pairs += batch.len();
-            let stepping = pending == accum || bi + 1 == batches.len();
-            let lr = optim::lr_at(self.state.step, self.total_steps, self.warmup, cfg.lr);
-            if stepping {
-                optim::clip_grad_norm(&mut grads, cfg.max_grad_norm).map_err(tensor_err)?;
-                self.opt.step(&grads, lr).map_err(tensor_err)?;
-                grads.clear();
-            }
-            self.step_seconds += started.elapsed().as_secs_f64();
-            if !stepping {
-                continue;
-            }
-            self.state.step += 1;
-            self.state.next_batch = bi + 1;
-            let pairs = batches[bi + 1 - pending..=bi].iter().map(Vec::len).sum();
-            let epoch = self.state.epoch + 1;
-            on(Event::Step { step: self.state.step, epoch, loss: loss_sum / pending as f64, lr, pairs })?;
-            (pending, loss_sum) = (0, 0.0);
-            if cfg.checkpoint_every > 0
-                && self.state.step.is_multiple_of(cfg.checkpoint_every)
-                && bi + 1 < batches.len()
-            {
-                self.save_last()?;
-            }
-        }
-        self.state.epoch += 1;
-        self.state.next_batch = 0;
-        let epoch = self.state.epoch;
-        let improved = self.validate(epoch, on)?;
-        let state = &mut self.state;
-        if !improved
-            && !self.data.val.queries.is_empty()
-            && state.bad_epochs >= cfg.patience.max(1)
-            && state.epoch < cfg.epochs
-        {
-            on(Event::Log(format!(
-                "early stop after epoch {}: no better validation for {} epochs",
-                state.epoch, state.bad_epochs
-            )))?;
-            state.stopped_early = true;
-            state.done = true;
-        }
-        state.done |= state.epoch >= cfg.epochs;
-        self.save_last()
-    }
+/// What the training loop drives: a model with its data, its batch step and its validation. The loop
+/// (`fit`) owns the optimiser, checkpoints, resume, early stopping and "not improved".
+pub trait Learner {
+    fn named_vars(&self) -> Vec<(String, candle_core::Var)>;
+    fn device(&self) -> &candle_core::Device;
+    /// The training examples, batched by `data::batches`.
+    fn examples(&self) -> &[Example];
+    /// Overwrites every parameter from a checkpoint's model.safetensors.
+    fn load_weights(&self, path: &Path) -> Result<()>;
+    /// Writes a checkpoint folder (weights, and for `last/` the optimiser's moments and position).
+    fn save(&self, dest: &Path, extra: &HashMap<String, Tensor>, state: Option<&serde_json::Value>) -> Result<()>;
+    /// One batch's loss and gradients, divided by `accum`.
+    fn step(&self, batch: &[usize], drop: Option<Dropout>, accum: usize) -> candle_core::Result<(f64, Grads)>;
+    fn validation_queries(&self) -> usize;
+    fn validate(&self) -> Result<Validation>;
+    /// The hybrid alpha of BM25 with the frozen black box on the validation split, if it has one.
+    fn black_box_alpha(&self) -> Result<Option<f64>>;
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use model::Augment;
+    use optim::{AdamW, AdamWConfig};
+    use step::{batch_texts, fast_step, graph_step};
 
     /// Settings for one hand-checked step: no warm-up, decay or clipping.
     fn step_cfg(retriever: Retriever, grad_accum: usize) -> TrainConfig {
@@ -399,6 +196,7 @@ mod tests {
             patience: 1,
             checkpoint_every: 0,
             bf16: false,
+            rerank: None,
         }
     }
 

@@ -55,20 +55,7 @@ impl Augment {
     /// Overwrites every parameter from a safetensors file.
     pub fn load_weights(&self, path: &Path) -> Result<()> {
         let tensors = candle_core::safetensors::load(path, &self.device).map_err(|e| weights_error(path, e))?;
-        for (name, var) in self.varmap.data().lock().expect("varmap lock").iter() {
-            let t = tensors
-                .get(name)
-                .or_else(|| tensors.get(&format!("bert.{name}")))
-                .ok_or_else(|| weights_error(path, format!("tensor `{name}` is missing")))?;
-            if t.dims() != var.dims() {
-                return Err(weights_error(
-                    path,
-                    format!("`{name}` is {:?}, config.json says {:?}", t.dims(), var.dims()),
-                ));
-            }
-            var.set(&t.to_dtype(DType::F32).map_err(|e| weights_error(path, e))?)
-                .map_err(|e| weights_error(path, e))?;
-        }
+        set_vars(&self.varmap, &tensors, |_| false, &|e| weights_error(path, e))?;
         let mut kept = self.kept.lock().expect("kept lock");
         kept.clear();
         for (name, t) in tensors {
@@ -146,15 +133,46 @@ impl Augment {
             let p = tmp.join("trainer_state.json");
             std::fs::write(&p, serde_json::to_vec_pretty(state).expect("json")).map_err(Error::io(&p))?;
         }
-        let old = dest.with_extension("old");
-        let _ = std::fs::remove_dir_all(&old);
-        if dest.exists() {
-            std::fs::rename(dest, &old).map_err(Error::io(dest))?;
-        }
-        std::fs::rename(&tmp, dest).map_err(Error::io(dest))?;
-        let _ = std::fs::remove_dir_all(&old);
-        Ok(())
+        replace_dir(&tmp, dest)
     }
+}
+
+/// Sets every variable of `varmap` from `tensors` (named as it is, or with a `bert.` prefix); a
+/// missing tensor `optional` allows keeps the variable's value (returns whether any did).
+pub(crate) fn set_vars(
+    varmap: &VarMap,
+    tensors: &HashMap<String, Tensor>,
+    optional: impl Fn(&str) -> bool,
+    err: &dyn Fn(String) -> Error,
+) -> Result<bool> {
+    let mut missing = false;
+    for (name, var) in varmap.data().lock().expect("varmap lock").iter() {
+        let Some(t) = tensors.get(name).or_else(|| tensors.get(&format!("bert.{name}"))) else {
+            if optional(name) {
+                missing = true;
+                continue;
+            }
+            return Err(err(format!("tensor `{name}` is missing")));
+        };
+        if t.dims() != var.dims() {
+            return Err(err(format!("`{name}` is {:?}, config.json says {:?}", t.dims(), var.dims())));
+        }
+        var.set(&t.to_dtype(DType::F32).map_err(|e| err(e.to_string()))?).map_err(|e| err(e.to_string()))?;
+    }
+    Ok(missing)
+}
+
+/// Puts the finished folder `tmp` in `dest`'s place: `dest` is first renamed aside, so a kill at any
+/// moment leaves `dest` or its `.old` copy whole (`existing_checkpoint` finds either).
+pub(crate) fn replace_dir(tmp: &Path, dest: &Path) -> Result<()> {
+    let old = dest.with_extension("old");
+    let _ = std::fs::remove_dir_all(&old);
+    if dest.exists() {
+        std::fs::rename(dest, &old).map_err(Error::io(dest))?;
+    }
+    std::fs::rename(tmp, dest).map_err(Error::io(dest))?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
 }
 
 /// A checkpoint folder as it stands after a possible kill mid-save: `dest`, else the `.old` copy.

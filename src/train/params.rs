@@ -55,6 +55,16 @@ pub struct Params {
     /// A mined negative must score at least this much below the positive (guards against false negatives).
     #[serde(default = "default_margin")]
     pub negative_margin: f64,
+    /// Reranker: negatives per query, mined from the first stage's top ranks.
+    #[serde(default = "default_negatives")]
+    pub negatives: usize,
+    /// Reranker: a mined negative the black box scores above (1 - this) x the positive's score is
+    /// left out (too often an unlabelled positive).
+    #[serde(default = "default_margin")]
+    pub relative_margin: f64,
+    /// Reranker: how many of the first stage's documents it reranks (validation and eval).
+    #[serde(default = "default_rerank_k")]
+    pub rerank_k: usize,
     #[serde(default = "default_val")]
     pub val_fraction: f64,
     #[serde(default = "default_patience")]
@@ -121,6 +131,13 @@ fn default_scale() -> f64 {
 }
 fn default_dropout() -> f64 {
     0.1
+}
+fn default_negatives() -> usize {
+    7
+}
+/// Chosen by measurement on SciFact (BENCHMARKS.md, "The reranker").
+pub fn default_rerank_k() -> usize {
+    30
 }
 fn default_margin() -> f64 {
     0.05

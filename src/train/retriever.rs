@@ -10,6 +10,8 @@ pub enum Retriever {
     Mafin,
     /// The augment alone: plain fine-tuning, for comparison.
     AugmentOnly,
+    /// A cross-encoder that reranks a first stage's top documents (`rerank`).
+    Reranker,
 }
 
 impl Retriever {
@@ -17,6 +19,7 @@ impl Retriever {
         match self {
             Retriever::Mafin => "mafin",
             Retriever::AugmentOnly => "augment_only",
+            Retriever::Reranker => "reranker",
         }
     }
 }

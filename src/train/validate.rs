@@ -3,19 +3,12 @@
 
 use super::data::RetrievalSet;
 use super::model::Augment;
-use super::{BlackBoxVectors, Retriever, TrainConfig, normalized, retriever_rows, weight_grid};
+use super::{BlackBoxVectors, Retriever, TrainConfig, Validation, normalized, retriever_rows, weight_grid};
 use crate::error::{Error, Result};
 use crate::rank::{fuse, metrics, search};
 
-/// One validation: the metrics at the chosen w, that w (Mafin) and the hybrid alpha it implies.
-pub(super) struct Validation {
-    pub metrics: std::collections::BTreeMap<String, f64>,
-    pub weight: Option<f64>,
-    pub alpha: Option<f64>,
-}
-
 /// BM25's top 100 over the validation corpus for each validation query.
-pub(super) fn validation_bm25(val: &RetrievalSet) -> Vec<Vec<(usize, f32)>> {
+pub(crate) fn validation_bm25(val: &RetrievalSet) -> Vec<Vec<(usize, f32)>> {
     if val.queries.is_empty() {
         return Vec::new();
     }
@@ -27,12 +20,12 @@ pub(super) fn validation_bm25(val: &RetrievalSet) -> Vec<Vec<(usize, f32)>> {
 }
 
 /// The hybrid alpha of BM25 with the frozen black box on the validation split, when both are there.
-pub(super) fn black_box_alpha(
+pub fn black_box_alpha(
     val: &RetrievalSet,
-    bb: &BlackBoxVectors,
+    bb: Option<&std::collections::HashMap<String, Vec<f32>>>,
     bm25: &[Vec<(usize, f32)>],
 ) -> Result<Option<f64>> {
-    let Some(bb) = bb.as_ref().filter(|_| !bm25.is_empty()) else { return Ok(None) };
+    let Some(bb) = bb.filter(|_| !bm25.is_empty()) else { return Ok(None) };
     let rows = |texts: &[String]| -> Vec<f32> {
         texts.iter().flat_map(|t| normalized(bb.get(t).map(Vec::as_slice).unwrap_or_default())).collect()
     };
@@ -94,5 +87,5 @@ pub(super) fn validation(
         })
         .collect();
     let alpha = (!bm25.is_empty()).then(|| fuse::best_alpha(bm25, &top, &val.relevant).0);
-    Ok(Validation { metrics: metrics::mean(&per), weight: mafin.then_some(weight), alpha })
+    Ok(Validation { metrics: metrics::mean(&per), weight: mafin.then_some(weight), alpha, chosen: Vec::new() })
 }

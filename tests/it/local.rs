@@ -281,3 +281,62 @@ fn bad_model_files_name_the_file_and_what_was_expected() {
         .to_string();
     assert!(err.contains("not a BERT or MPNet checkpoint matching config.json"), "{err}");
 }
+
+/// The folder a reranker checkpoint is saved as, built the same way every time: all-MiniLM-L6-v2
+/// (its pooler included) with a fixed classifier, trained at 128 tokens. `FLOW_KEEP_RERANKER=DIR`
+/// keeps a copy for tests/fixtures/make_reranker_fixture.py.
+fn fixed_reranker(dir: &std::path::Path) -> PathBuf {
+    use flow::train::rerank::CrossModel;
+    let folder = flow::bert::Folder::read(&minilm(), Some(128)).unwrap();
+    let (model, fresh) = CrossModel::new(folder, &minilm().join("model.safetensors")).unwrap();
+    assert!(fresh, "all-MiniLM-L6-v2 has no classifier");
+    let data = model.varmap.data().lock().unwrap();
+    let w: Vec<f32> = (0..384).map(|j| ((j * 7 % 13) as f32 - 6.0) / 20.0).collect();
+    data["classifier.weight"]
+        .set(&candle_core::Tensor::from_vec(w, (1, 384), &candle_core::Device::Cpu).unwrap())
+        .unwrap();
+    data["classifier.bias"].set(&candle_core::Tensor::new(&[0.1f32], &candle_core::Device::Cpu).unwrap()).unwrap();
+    drop(data);
+    let out = dir.join("reranker");
+    model.save(&out, &Default::default(), None).unwrap();
+    if let Ok(keep) = std::env::var("FLOW_KEEP_RERANKER") {
+        let keep = PathBuf::from(keep);
+        std::fs::create_dir_all(&keep).unwrap();
+        for f in std::fs::read_dir(&out).unwrap().flatten() {
+            std::fs::copy(f.path(), keep.join(f.file_name())).unwrap();
+        }
+    }
+    out
+}
+
+/// A reranker folder flow writes is what sentence-transformers' `CrossEncoder(path)` loads: its
+/// scores (sigmoid of the logit) for short pairs and for pairs cut at the 128-token window match
+/// the ones `CrossEncoder.predict` gave for the same folder, to 1e-4.
+#[test]
+fn reranker_folder_scores_as_sentence_transformers_cross_encoder() {
+    let fixture: Value = serde_json::from_str(include_str!("../fixtures/reranker_scores.json")).unwrap();
+    let t = tempfile::tempdir().unwrap();
+    let dir = fixed_reranker(t.path());
+    assert!(flow::bert::cross::is_cross_encoder(&dir));
+    let enc = flow::bert::cross::CrossEncoder::load(&dir, None, flow::bert::Products::F32).unwrap();
+    assert_eq!(enc.max_seq_length, 128, "the window trained at is read back from tokenizer_config.json");
+    let rows = fixture["pairs"].as_array().unwrap();
+    let pairs: Vec<(&str, &str)> =
+        rows.iter().map(|r| (r["query"].as_str().unwrap(), r["passage"].as_str().unwrap())).collect();
+    let got = enc.score(&pairs).unwrap();
+    for (i, (g, r)) in got.iter().zip(rows).enumerate() {
+        assert_eq!(enc.count_tokens(pairs[i].0, pairs[i].1) as u64, r["tokens"].as_u64().unwrap(), "pair {i} tokens");
+        let want = r["score"].as_f64().unwrap() as f32;
+        let score = flow::bert::cross::relevance(*g);
+        assert!((score - want).abs() < 1e-4, "pair {i}: {score} vs sentence-transformers {want}");
+    }
+    // The scores tell the pairs apart (the fixed head is not a constant).
+    let spread = got.iter().fold(f32::MIN, |m, x| m.max(*x)) - got.iter().fold(f32::MAX, |m, x| m.min(*x));
+    assert!(spread > 0.05, "logits {got:?}");
+    if flow::bert::amx::available() {
+        let bf16 = flow::bert::cross::CrossEncoder::load(&dir, None, flow::bert::Products::Bf16).unwrap();
+        for (a, b) in bf16.score(&pairs).unwrap().iter().zip(&got) {
+            assert!((a - b).abs() < 0.05, "bf16 logit {a} vs f32 {b}");
+        }
+    }
+}

@@ -303,10 +303,16 @@ fn openai_client_agrees(addr: &str, texts: &[String], want: &[f32]) {
 /// A folder holding the `openai` package (installed there with pip once), or None with a plain
 /// message where pip cannot reach PyPI.
 fn openai_package() -> Option<std::path::PathBuf> {
-    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("py-openai");
+    python_package("openai")
+}
+
+/// A folder holding the Python package `name` (installed there with pip once), or None with a plain
+/// message where pip cannot reach PyPI.
+fn python_package(name: &str) -> Option<std::path::PathBuf> {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("py-{name}"));
     let importable = |d: &std::path::Path| {
         std::process::Command::new("python3")
-            .args(["-c", "import openai"])
+            .args(["-c", &format!("import {name}")])
             .env("PYTHONPATH", d)
             .output()
             .is_ok_and(|o| o.status.success())
@@ -315,13 +321,13 @@ fn openai_package() -> Option<std::path::PathBuf> {
         let _ = std::process::Command::new("python3")
             .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--target"])
             .arg(&dir)
-            .arg("openai")
+            .arg(name)
             .output();
     }
     if importable(&dir) {
         return Some(dir);
     }
-    eprintln!("skipped: the openai Python client check (pip could not install `openai`)");
+    eprintln!("skipped: the {name} Python client check (pip could not install `{name}`)");
     None
 }
 
@@ -618,5 +624,99 @@ fn search_follows_the_chunks_a_later_run_changes() {
     // The new chunk is the query itself: first for both the lexical and the dense retriever.
     for r in ["bm25", "black_box"] {
         assert_eq!(search(r), "toy/corpus.jsonl#new", "{r}");
+    }
+}
+
+/// A reranker trained from the toy set's labels: the eval stage scores `rerank` over the hybrid, and
+/// `flow serve` reranks in Cohere's shape (checked with the `cohere` Python client where pip can
+/// install it) with the scores the model folder gives, and serves `rerank` in search.
+#[test]
+fn a_reranker_trains_is_evaluated_and_answers_coheres_rerank() {
+    let sb = Sandbox::new();
+    toy_set(&sb);
+    crate::train::toy_test_split(&sb);
+    let wf = workflow(4)
+        .replace("retriever: mafin", "retriever: reranker\n    negatives: 3\n    rerank_k: 10")
+        .replace("retrievers: [black_box, mafin]", "retrievers: [bm25, black_box, hybrid, rerank]");
+    sb.write("wf.yaml", &wf);
+    let r = sb.flow(&["run", "wf.yaml"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let out = r.all();
+    assert!(out.contains("negatives mined for"), "{out}");
+    assert!(out.contains("rerank over hybrid (black_box, convex alpha"), "{out}");
+    let db = sb.db("t.db");
+    assert_eq!(db.text("SELECT retriever FROM models"), "reranker");
+    let m: Value = serde_json::from_str(&db.text("SELECT metrics FROM models")).unwrap();
+    assert_eq!(m["rerank_k"], 10, "{m}");
+    assert!(m["alpha"].as_f64().is_some() && m["black_box_alpha"].as_f64().is_some(), "{m}");
+    let first: f64 = db.real("SELECT value FROM train_curves WHERE kind = 'loss' ORDER BY step LIMIT 1");
+    let last: f64 = db.real("SELECT value FROM train_curves WHERE kind = 'loss' ORDER BY step DESC LIMIT 1");
+    assert!(last < first, "listwise loss did not fall: {first} -> {last}");
+    let path: String = db.text("SELECT path FROM models");
+    assert!(flow::bert::cross::is_cross_encoder(std::path::Path::new(&path)));
+    let rerank: Value =
+        serde_json::from_str(&db.text("SELECT metrics FROM eval_results WHERE retriever = 'rerank'")).unwrap();
+    assert!(rerank["ndcg@10"].as_f64().is_some(), "{rerank}");
+    let listed = sb.flow(&["models", "list", "-w", "wf.yaml"]);
+    assert!(listed.all().contains("reranker") && listed.all().contains("top 10, blend"), "{}", listed.all());
+
+    let server = Server::start(&sb, &[], &[]);
+    let addr = server.addr.clone();
+    let docs = toy_texts(&sb, "toy/corpus.jsonl");
+    let queries = toy_texts(&sb, "toy/queries.jsonl");
+    let documents: Vec<String> = docs.iter().take(6).map(|d| d.1.clone()).collect();
+    let query = &queries[2].1;
+    let body =
+        json!({ "model": "rerank", "query": query, "documents": documents, "top_n": 3, "return_documents": true });
+    let reply = http(&addr, "POST", "/v1/rerank", Some(&body), None);
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let v = reply.json();
+    let results = v["results"].as_array().unwrap();
+    assert_eq!(results.len(), 3, "{v}");
+    // The scores are the model folder's, as sigmoid(logit), best first.
+    let enc =
+        flow::bert::cross::CrossEncoder::load(std::path::Path::new(&path), None, flow::bert::Products::auto()).unwrap();
+    let pairs: Vec<(&str, &str)> = documents.iter().map(|d| (query.as_str(), d.as_str())).collect();
+    let want: Vec<f32> = enc.score(&pairs).unwrap().into_iter().map(flow::bert::cross::relevance).collect();
+    let mut prev = f64::MAX;
+    for hit in results {
+        let (i, s) = (hit["index"].as_u64().unwrap() as usize, hit["relevance_score"].as_f64().unwrap());
+        assert!((s - want[i] as f64).abs() < 1e-5, "document {i}: {s} vs {}", want[i]);
+        assert!(s <= prev, "{v}");
+        prev = s;
+        assert_eq!(hit["document"]["text"], documents[i]);
+    }
+    assert!(want.iter().filter(|w| (**w as f64) > prev).count() <= 2, "top_n kept the best: {v}");
+    // Bad requests are 400s in the same error shape.
+    for bad in
+        [json!({ "query": query }), json!({ "query": query, "documents": [1, 2] }), json!({ "documents": ["a"] })]
+    {
+        let r = http(&addr, "POST", "/v1/rerank", Some(&bad), None);
+        assert_eq!(r.status, 400, "{bad}: {}", r.body);
+        assert!(r.json()["error"]["message"].is_string());
+    }
+    // Search with the reranker over the hybrid.
+    let s = http(&addr, "POST", "/v1/search", Some(&json!({ "query": query, "retriever": "rerank", "k": 5 })), None);
+    assert_eq!(s.status, 200, "{}", s.body);
+    let found = s.json();
+    assert!(found["model"].as_str().unwrap().starts_with("rerank@"), "{found}");
+    assert_eq!(found["data"].as_array().unwrap().len(), 5);
+    cohere_client_agrees(&addr, query, &documents, &want);
+}
+
+/// The `cohere` Python client's rerank call against the server (skipped where pip cannot install it).
+fn cohere_client_agrees(addr: &str, query: &str, documents: &[String], want: &[f32]) {
+    let Some(dir) = python_package("cohere") else { return };
+    let script = format!(
+        "import json, cohere\nc = cohere.Client(api_key='unused', base_url='http://{addr}')\nr = c.rerank(model='rerank', query={}, documents={}, top_n=2)\nprint(json.dumps([[x.index, x.relevance_score] for x in r.results]))\n",
+        serde_json::to_string(query).unwrap(),
+        serde_json::to_string(documents).unwrap()
+    );
+    let out = std::process::Command::new("python3").args(["-c", &script]).env("PYTHONPATH", &dir).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let got: Vec<(usize, f64)> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(got.len(), 2);
+    for (i, s) in got {
+        assert!((s - want[i] as f64).abs() < 1e-5, "cohere client: document {i} {s} vs {}", want[i]);
     }
 }
