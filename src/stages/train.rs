@@ -483,7 +483,7 @@ impl Train {
         cfg: &TrainConfig,
     ) -> Result<Job> {
         let rc = cfg.rerank.ok_or_else(|| Error::internal("reranker settings missing"))?;
-        let (model, fresh_head) = train::rerank::CrossModel::new(folder, weights)?;
+        let (model, fresh_head) = train::rerank::CrossModel::new(folder, weights, cfg.seed)?;
         if fresh_head {
             ctx.progress.log(
                 "the reranker's head starts from BERT's initialisation where the start folder has none (a new classifier)",

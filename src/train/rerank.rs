@@ -39,8 +39,9 @@ fn weights_error(path: &Path, e: impl std::fmt::Display) -> Error {
 impl CrossModel {
     /// A cross-encoder over `folder`'s BERT, its weights from `weights` (a sentence-transformers or
     /// reranker model.safetensors). A head the file lacks starts as BERT initialises one (N(0, 0.02)
-    /// weights, zero biases); `fresh_head` says whether it did.
-    pub fn new(folder: Folder, weights: &Path) -> Result<(CrossModel, bool)> {
+    /// weights, zero biases), drawn from `seed` so the same seed trains the same model; `fresh_head`
+    /// says whether it did.
+    pub fn new(folder: Folder, weights: &Path, seed: u64) -> Result<(CrossModel, bool)> {
         if folder.arch == crate::bert::Arch::Mpnet {
             return Err(weights_error(&folder.dir, "an MPNet has no token types to read a pair with"));
         }
@@ -49,15 +50,26 @@ impl CrossModel {
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
         crate::bert::graph::TrainBert::load(vb.clone(), &folder.config).map_err(|e| weights_error(&folder.dir, e))?;
         let h = folder.config.hidden_size;
-        let normal = Init::Randn { mean: 0.0, stdev: 0.02 };
+        let mut rng = fastrand::Rng::with_seed(seed);
+        // Box-Muller: candle's own random initialisation cannot be seeded.
+        let mut normal = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    let (u, v) = (rng.f64().max(f64::MIN_POSITIVE), rng.f64());
+                    (0.02 * (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
+                })
+                .collect()
+        };
         let head = [
-            ("pooler.dense.weight", vec![h, h], normal),
-            ("pooler.dense.bias", vec![h], Init::Const(0.0)),
-            ("classifier.weight", vec![1, h], normal),
-            ("classifier.bias", vec![1], Init::Const(0.0)),
+            ("pooler.dense.weight", vec![h, h], normal(h * h)),
+            ("pooler.dense.bias", vec![h], vec![0.0; h]),
+            ("classifier.weight", vec![1, h], normal(h)),
+            ("classifier.bias", vec![1], vec![0.0]),
         ];
-        for (name, shape, init) in head {
-            vb.get_with_hints(shape, name, init).map_err(|e| weights_error(&folder.dir, e))?;
+        for (name, shape, values) in head {
+            vb.get_with_hints(shape.clone(), name, Init::Const(0.0)).map_err(|e| weights_error(&folder.dir, e))?;
+            let t = Tensor::from_vec(values, shape, &device).map_err(|e| weights_error(&folder.dir, e))?;
+            varmap.data().lock().expect("varmap lock")[name].set(&t).map_err(|e| weights_error(&folder.dir, e))?;
         }
         let model = CrossModel { varmap, folder, device };
         let fresh_head = model.load_weights_from(weights, true)?;
@@ -501,7 +513,7 @@ mod grad_tests {
         let folder = tiny_folder(dir, &words).unwrap();
         let aug = Augment::new(folder.clone(), None, &Device::Cpu).unwrap();
         aug.save(&dir.join("start"), &HashMap::new(), None).unwrap();
-        let (model, fresh) = CrossModel::new(folder, &dir.join("start/model.safetensors")).unwrap();
+        let (model, fresh) = CrossModel::new(folder, &dir.join("start/model.safetensors"), 1).unwrap();
         assert!(fresh, "a sentence-transformers folder has no classifier");
         model
     }

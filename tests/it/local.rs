@@ -288,7 +288,7 @@ fn bad_model_files_name_the_file_and_what_was_expected() {
 fn fixed_reranker(dir: &std::path::Path) -> PathBuf {
     use flow::train::rerank::CrossModel;
     let folder = flow::bert::Folder::read(&minilm(), Some(128)).unwrap();
-    let (model, fresh) = CrossModel::new(folder, &minilm().join("model.safetensors")).unwrap();
+    let (model, fresh) = CrossModel::new(folder, &minilm().join("model.safetensors"), 1).unwrap();
     assert!(fresh, "all-MiniLM-L6-v2 has no classifier");
     let data = model.varmap.data().lock().unwrap();
     let w: Vec<f32> = (0..384).map(|j| ((j * 7 % 13) as f32 - 6.0) / 20.0).collect();

@@ -225,3 +225,40 @@ fn bf16_mixed_precision_trains_through_the_stage() {
     let last: f64 = db.real("SELECT value FROM train_curves WHERE kind = 'loss' ORDER BY step DESC LIMIT 1");
     assert!(last < first, "loss did not fall in bf16: {first} -> {last}");
 }
+
+/// A reranker's workflow on the toy set: the same seed trains the same weights, and a training
+/// killed with -9 resumes to them.
+fn reranker_workflow(epochs: usize) -> String {
+    workflow_epochs(epochs, "    checkpoint_every: 2\n    negatives: 3\n    rerank_k: 10\n")
+        .replace("retriever: augment_only", "retriever: reranker")
+        .replace("  augment: { init: tiny }", "  augment: { init: tiny }\n  black_box: { provider: local, model: tiny }")
+}
+
+#[test]
+fn a_reranker_killed_with_9_resumes_to_the_same_weights() {
+    let clean = Sandbox::new();
+    toy_set(&clean);
+    clean.write("wf.yaml", reranker_workflow(12));
+    let r = clean.flow(&["run", "wf.yaml", "--quiet"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert_eq!(clean.db("t.db").text("SELECT retriever FROM models"), "reranker");
+
+    let sb = Sandbox::new();
+    toy_set_from(&sb, Some(&clean));
+    sb.write("wf.yaml", reranker_workflow(12));
+    let mut child = sb.cmd(&["run", "wf.yaml", "--quiet"]).spawn().unwrap();
+    let db = sb.db("t.db");
+    let t = Instant::now();
+    while db.try_scalar("SELECT COUNT(*) FROM train_curves WHERE kind = 'loss'").unwrap_or(0) < 7 {
+        assert!(t.elapsed() < Duration::from_secs(120), "training did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(db.scalar("SELECT COUNT(*) FROM models"), 0, "killed before the end");
+    let r = sb.flow(&["resume", "-w", "wf.yaml"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert!(r.all().contains("resuming training at epoch"), "{}", r.all());
+    assert!(last_weights(&sb) == last_weights(&clean), "resumed reranker training ended with other weights");
+    assert!(best_weights(&sb) == best_weights(&clean));
+}
