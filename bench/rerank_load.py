@@ -1,19 +1,21 @@
 #!/usr/bin/env python3
-"""What reranking costs a `flow serve` search (issue 29): p50/p99 latency and queries/s of
-`/v1/search` with `retriever: rerank` against its first stage (`hybrid`) alone, under 1 and 8
-concurrent clients, on a BEIR folder's queries. The server's rerank batches the (query, passage) pairs
-of concurrent requests through the embeddings' batching window.
+"""What reranking costs `flow serve` (issue 29): p50/p99 latency and queries/s under 1 and 8
+concurrent clients, on a BEIR folder's queries. The server batches the (query, passage) pairs of
+concurrent requests through the embeddings' batching window.
 
-    python3 bench/rerank_load.py WORKFLOW BEIR_FOLDER [--clients 1,8] [--requests 48] [--k 10]
-        [--flow target/release/flow]
+    python3 bench/rerank_load.py WORKFLOW BEIR_FOLDER [--mode rerank|search] [--clients 1,8]
+        [--requests 48] [--docs 30] [--flow target/release/flow]
 
-WORKFLOW must have a trained reranker and a chunk stage over the folder's corpus (run it first;
-bench/scifact_rerank.yaml has both). Environment variables the workflow reads are passed through.
+`--mode rerank` (default): `POST /v1/rerank` with each query and `--docs` of the folder's documents
+(a seeded draw): the reranking alone, as a RAG stack calls it. `--mode search`: `/v1/search` with
+`retriever: rerank` against `hybrid` alone; the workflow then needs a chunk stage over the corpus.
+WORKFLOW must have a trained reranker. Environment variables the workflow reads are passed through.
 """
 import argparse
 import http.client
 import json
 import os
+import random
 import subprocess
 import sys
 import threading
@@ -26,12 +28,15 @@ from serve_load import start_server  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def search(addr, query, retriever, k):
+def search(addr, query, retriever, k, docs=None):
     host, port = addr.rsplit(":", 1)
     c = http.client.HTTPConnection(host, int(port), timeout=600)
-    body = json.dumps({"query": query, "retriever": retriever, "k": k})
+    if docs is None:
+        path, body = "/v1/search", json.dumps({"query": query, "retriever": retriever, "k": k})
+    else:
+        path, body = "/v1/rerank", json.dumps({"query": query, "documents": docs, "top_n": k})
     t = time.perf_counter()
-    c.request("POST", "/v1/search", body, {"Content-Type": "application/json"})
+    c.request("POST", path, body, {"Content-Type": "application/json"})
     r = c.getresponse()
     data = r.read()
     dt = time.perf_counter() - t
@@ -40,7 +45,7 @@ def search(addr, query, retriever, k):
     return dt
 
 
-def run(addr, queries, retriever, clients, k):
+def run(addr, queries, retriever, clients, k, docs_of=None):
     lat, lock = [], threading.Lock()
     todo = list(queries)
 
@@ -50,7 +55,7 @@ def run(addr, queries, retriever, clients, k):
                 if not todo:
                     return
                 q = todo.pop()
-            dt = search(addr, q, retriever, k)
+            dt = search(addr, q, retriever, k, docs_of(q) if docs_of else None)
             with lock:
                 lat.append(dt)
 
@@ -78,23 +83,37 @@ def main():
     ap.add_argument("--requests", type=int, default=48)
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--retrievers", default="hybrid,rerank")
+    ap.add_argument("--mode", choices=["rerank", "search"], default="rerank")
+    ap.add_argument("--docs", type=int, default=30, help="documents per /v1/rerank request")
     ap.add_argument("--flow", default=str(ROOT / "target" / "release" / "flow"))
     args = ap.parse_args()
     with open(os.path.join(args.beir, "queries.jsonl")) as f:
         queries = [json.loads(l)["text"] for l in f]
+    with open(os.path.join(args.beir, "corpus.jsonl")) as f:
+        corpus = [json.loads(l)["text"] for l in f]
+    docs_of = None
+    if args.mode == "rerank":
+        docs_of = lambda q: random.Random(q).sample(corpus, args.docs)  # noqa: E731
+        args.retrievers = "rerank"
     server, addr = start_server(args.flow, args.workflow)
     try:
         # The first search builds the chunk index from the embeddings cache (or embeds the chunks).
-        search(addr, queries[0], "hybrid", args.k)
-        search(addr, queries[1], "rerank", args.k)
+        if docs_of:
+            search(addr, queries[0], "rerank", args.k, docs_of(queries[0]))
+        else:
+            search(addr, queries[0], "hybrid", args.k)
+            search(addr, queries[1], "rerank", args.k)
         rows, at = [], 2
         for clients in [int(c) for c in args.clients.split(",")]:
             for retriever in args.retrievers.split(","):
                 batch = queries[at:at + args.requests]
                 at += args.requests
-                rows.append(run(addr, batch, retriever, clients, args.k))
+                rows.append(run(addr, batch, retriever, clients, args.k, docs_of))
                 print(json.dumps(rows[-1]), flush=True)
         print(f"server peak RSS {rss_mb(server.pid)} MB")
+        tokens = [len(d.split()) for d in corpus]
+        print(f"mode {args.mode}; documents per request {args.docs}; corpus words per document: median "
+              f"{sorted(tokens)[len(tokens) // 2]}")
         print("| retriever | clients | requests | p50 ms | p99 ms | queries/s |")
         print("|---|---:|---:|---:|---:|---:|")
         for r in rows:

@@ -33,7 +33,8 @@ retrieval_params! {
         /// Run the promotion gate on the newest trained model (see `gate_retriever`, `gate_metric`).
         #[serde(default = "default_true")]
         pub promote: bool,
-        /// Whose model the gate judges (default: rerank if evaluated, else mafin, else augment_only).
+        /// Whose model the gate judges (default: mafin, else augment_only, and rerank: each evaluated
+        /// one against the promoted model of its kind).
         #[serde(default)]
         pub gate_retriever: Option<Retriever>,
         /// The metric the new model must reach against the promoted one, on this eval set.
@@ -231,23 +232,28 @@ impl Stage for EvalRecall {
             "{}\n{table}",
             if compared { "metrics (change against the previous run on this eval set):" } else { "metrics:" }
         ));
-        let gate_kind = self.params.gate_retriever.or_else(|| {
-            [Retriever::Rerank, Retriever::Mafin, Retriever::AugmentOnly]
-                .into_iter()
-                .find(|k| scored.iter().any(|s| s.0 == *k))
-        });
-        let mut gate = serde_json::Value::Null;
-        if self.params.promote
-            && let Some((kind, candidate, value)) = scored.iter().find(|s| Some(s.0) == gate_kind)
-        {
+        // By default the gate judges the reranker and the best bi-encoder evaluated, each against the
+        // promoted model of its own kind.
+        let gate_kinds: Vec<Retriever> = match self.params.gate_retriever {
+            Some(k) => vec![k],
+            None => {
+                let scored_kind = |k: &Retriever| scored.iter().any(|s| s.0 == *k);
+                let bi = [Retriever::Mafin, Retriever::AugmentOnly].into_iter().find(scored_kind);
+                bi.into_iter().chain(Some(Retriever::Rerank).filter(scored_kind)).collect()
+            }
+        };
+        let mut gates = Vec::new();
+        for gate_kind in gate_kinds.into_iter().filter(|_| self.params.promote) {
+            let Some((kind, candidate, value)) = scored.iter().find(|s| s.0 == gate_kind) else { continue };
             let g = crate::eval::gate::Gate {
                 metric: &self.params.gate_metric,
                 kind: *kind,
                 trained: self.plan.trained_of(*kind).expect("scored retrievers are trained"),
                 stages: &self.plan.up.train_stages,
             };
-            gate = g.decide(&cx, &set, candidate, *value).await?;
+            gates.push(g.decide(&cx, &set, candidate, *value).await?);
         }
+        let gate = gates.first().cloned().unwrap_or(serde_json::Value::Null);
         // The black box's API calls (the gate's included) are this stage's LLM usage.
         if let Some(usage) = black_box.get().and_then(|b| b.usage()) {
             crate::store::runs::set_llm_usage(&ctx.store, ctx.stage_run_id, &usage).await?;
@@ -259,7 +265,7 @@ impl Stage for EvalRecall {
         Ok(Outcome {
             summary: json!({
                 "eval_set": set.key, "queries": set.queries.len(), "corpus": set.docs.len(),
-                "relevant": relevant, "retrievers": summary, "gate": gate, "devices": devices,
+                "relevant": relevant, "retrievers": summary, "gate": gate, "gates": gates, "devices": devices,
             }),
             failure: None,
         })
