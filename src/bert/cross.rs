@@ -55,8 +55,8 @@ impl Head {
     }
 }
 
-/// (query, passage) pairs tokenized and packed one after another: ids, segments (query 0, passage
-/// 1) and each pair's length. Pairs longer than the tokenizer's window are cut longest-first, as
+/// (query, passage) pairs tokenized and packed one after another: ids, segments (query 0 and
+/// passage 1) and each pair's length. Pairs longer than the tokenizer's window are cut longest-first, as
 /// transformers' tokenizer (`truncation=True`) cuts them for `CrossEncoder`.
 #[derive(Debug, Default)]
 pub struct Pairs {

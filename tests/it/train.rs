@@ -231,7 +231,10 @@ fn bf16_mixed_precision_trains_through_the_stage() {
 fn reranker_workflow(epochs: usize) -> String {
     workflow_epochs(epochs, "    checkpoint_every: 2\n    negatives: 3\n    rerank_k: 10\n")
         .replace("retriever: augment_only", "retriever: reranker")
-        .replace("  augment: { init: tiny }", "  augment: { init: tiny }\n  black_box: { provider: local, model: tiny }")
+        .replace(
+            "  augment: { init: tiny }",
+            "  augment: { init: tiny }\n  black_box: { provider: local, model: tiny }",
+        )
 }
 
 #[test]
