@@ -113,6 +113,14 @@ def workflow(args, beir):
                 "    promote: false",
                 "    retrievers: [hybrid, rerank]",
                 "    hybrid: { dense: black_box }",
+                f"  eval_rerank_mafin_{key}:",
+                "    kind: eval_recall",
+                f"    needs: [train_{key}, rerank_{key}]",
+                f"    black_box: {key}",
+                f'    eval_set: {{ beir: "{beir}", split: {args.split} }}',
+                "    promote: false",
+                "    retrievers: [rerank]",
+                "    hybrid: { dense: mafin }",
             ]
     return "\n".join(lines) + "\n", keys
 
@@ -133,6 +141,8 @@ def table(db, keys, args, beir, wall):
             name = {"hybrid": "hybrid: bm25 + black_box, alpha from the reranker's validation",
                     "rerank": "rerank over that hybrid"}.get(retriever, retriever)
             rows.append({"black_box": bb, "retriever": name, **metrics})
+        for _, metrics in latest_metrics(con, f"eval_rerank_mafin_{key}").items():
+            rows.append({"black_box": bb, "retriever": "rerank over hybrid: bm25 + mafin", **metrics})
         for stage, name in ((f"fuse_{key}", "hybrid: bm25 + black_box, alpha from the accepted pairs (no training)"),
                             (f"rrf_{key}", "hybrid: bm25 + black_box, rrf (no training)")):
             for _, metrics in latest_metrics(con, stage).items():
