@@ -500,7 +500,7 @@ impl Train {
             alpha.map_or("rrf".to_string(), |a| format!("alpha {a:.2}")),
             rc.negatives
         ));
-        Ok(Job::Reranker { model, negatives, val_first, bb: Some(bb) })
+        Ok(Job::Reranker { model, negatives, val_first, first_alpha: alpha })
     }
 
     /// `<store>.models/<stage>/<fingerprint>`, beside the store.
@@ -522,7 +522,7 @@ enum Job {
         model: train::rerank::CrossModel,
         negatives: Vec<Vec<String>>,
         val_first: crate::rank::Ranking,
-        bb: Option<HashMap<String, Vec<f32>>>,
+        first_alpha: Option<f64>,
     },
 }
 
@@ -590,7 +590,7 @@ impl Fit {
                     let data = train::TrainData { train: &self.train_set, val: &self.val_set, bb };
                     train::train(cfg, aug, &data, dir, fp, &mut on)
                 }
-                Job::Reranker { model, negatives, val_first, bb } => {
+                Job::Reranker { model, negatives, val_first, first_alpha } => {
                     let learner = train::rerank::Reranking {
                         cfg,
                         model,
@@ -598,7 +598,7 @@ impl Fit {
                         negatives,
                         val: &self.val_set,
                         val_first,
-                        bb,
+                        first_alpha: *first_alpha,
                         k: cfg.rerank.map_or(train::params::default_rerank_k(), |r| r.k),
                     };
                     train::fit(cfg, &learner, dir, fp, &mut on)

@@ -12,8 +12,7 @@ use candle_nn::{Init, VarBuilder, VarMap};
 
 use super::data::{Example, RetrievalSet};
 use super::optim::Grads;
-use super::validate::validation_bm25;
-use super::{BlackBoxVectors, Learner, TrainConfig, Validation, normalized};
+use super::{Learner, TrainConfig, Validation, normalized};
 use crate::bert::cross::{self, CrossEncoder};
 use crate::bert::dropout::Dropout;
 use crate::bert::{Folder, Products};
@@ -374,7 +373,8 @@ pub struct Reranking<'a> {
     pub val: &'a RetrievalSet,
     /// The first stage's ranking of each validation query (`first_stage`).
     pub val_first: &'a Ranking,
-    pub bb: &'a BlackBoxVectors,
+    /// The first stage's alpha, as `candidates` chose it on the validation split.
+    pub first_alpha: Option<f64>,
     /// How many first-stage documents validation reranks.
     pub k: usize,
 }
@@ -437,7 +437,7 @@ impl Learner for Reranking<'_> {
         Ok(Validation { metrics: metrics::mean(&per), weight: None, alpha: Some(alpha), chosen })
     }
     fn black_box_alpha(&self) -> Result<Option<f64>> {
-        super::black_box_alpha(self.val, self.bb.as_ref(), &validation_bm25(self.val))
+        Ok(self.first_alpha)
     }
 }
 

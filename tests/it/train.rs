@@ -139,21 +139,22 @@ fn a_tiny_bert_learns_the_toy_set_reproducibly() {
     assert!(best_weights(&sb) == best_weights(&again), "same seed gave different weights");
 }
 
-#[test]
-fn a_training_killed_with_9_resumes_to_the_same_weights() {
+/// Trains `wf` to the end in one sandbox; in another from the same start, kills the training with -9
+/// once a mid-training checkpoint is on disk and training has gone past it, resumes, and checks the
+/// resumed run ends with the same weights. Returns the uninterrupted sandbox.
+fn killed_with_9_resumes_to_the_same_weights(wf: &str) -> Sandbox {
     let clean = Sandbox::new();
     toy_set(&clean);
-    clean.write("wf.yaml", workflow_epochs(60, "    checkpoint_every: 2\n"));
+    clean.write("wf.yaml", wf);
     let r = clean.flow(&["run", "wf.yaml", "--quiet"]);
     assert_eq!(r.code, 0, "{}", r.all());
 
     let sb = Sandbox::new();
     toy_set_from(&sb, Some(&clean));
-    sb.write("wf.yaml", workflow_epochs(60, "    checkpoint_every: 2\n"));
+    sb.write("wf.yaml", wf);
     let mut child = sb.cmd(&["run", "wf.yaml", "--quiet"]).spawn().unwrap();
     let db = sb.db("t.db");
     let t = Instant::now();
-    // Kill once a mid-training checkpoint is on disk and training has gone past it.
     while db.try_scalar("SELECT COUNT(*) FROM train_curves WHERE kind = 'loss'").unwrap_or(0) < 7 {
         assert!(t.elapsed() < Duration::from_secs(120), "training did not start");
         std::thread::sleep(Duration::from_millis(10));
@@ -167,6 +168,12 @@ fn a_training_killed_with_9_resumes_to_the_same_weights() {
     assert!(r.all().contains("resuming training at epoch"), "{}", r.all());
     assert!(last_weights(&sb) == last_weights(&clean), "resumed training ended with other weights");
     assert!(best_weights(&sb) == best_weights(&clean));
+    clean
+}
+
+#[test]
+fn a_training_killed_with_9_resumes_to_the_same_weights() {
+    killed_with_9_resumes_to_the_same_weights(&workflow_epochs(60, "    checkpoint_every: 2\n"));
 }
 
 #[test]
@@ -239,29 +246,6 @@ fn reranker_workflow(epochs: usize) -> String {
 
 #[test]
 fn a_reranker_killed_with_9_resumes_to_the_same_weights() {
-    let clean = Sandbox::new();
-    toy_set(&clean);
-    clean.write("wf.yaml", reranker_workflow(12));
-    let r = clean.flow(&["run", "wf.yaml", "--quiet"]);
-    assert_eq!(r.code, 0, "{}", r.all());
+    let clean = killed_with_9_resumes_to_the_same_weights(&reranker_workflow(12));
     assert_eq!(clean.db("t.db").text("SELECT retriever FROM models"), "reranker");
-
-    let sb = Sandbox::new();
-    toy_set_from(&sb, Some(&clean));
-    sb.write("wf.yaml", reranker_workflow(12));
-    let mut child = sb.cmd(&["run", "wf.yaml", "--quiet"]).spawn().unwrap();
-    let db = sb.db("t.db");
-    let t = Instant::now();
-    while db.try_scalar("SELECT COUNT(*) FROM train_curves WHERE kind = 'loss'").unwrap_or(0) < 7 {
-        assert!(t.elapsed() < Duration::from_secs(120), "training did not start");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
-    assert_eq!(db.scalar("SELECT COUNT(*) FROM models"), 0, "killed before the end");
-    let r = sb.flow(&["resume", "-w", "wf.yaml"]);
-    assert_eq!(r.code, 0, "{}", r.all());
-    assert!(r.all().contains("resuming training at epoch"), "{}", r.all());
-    assert!(last_weights(&sb) == last_weights(&clean), "resumed reranker training ended with other weights");
-    assert!(best_weights(&sb) == best_weights(&clean));
 }
