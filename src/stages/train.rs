@@ -242,7 +242,7 @@ impl Stage for Train {
             Retriever::Reranker => {
                 let bb =
                     bb_vectors.ok_or_else(|| Error::internal("a reranker was trained without black-box vectors"))?;
-                self.reranker_job(ctx, folder, &start.weights, &train_set, &val_set, bb, &cfg)?
+                self.reranker_job(ctx, folder, &start.weights, &train_set, &val_set, &bb, &cfg)?
             }
             _ => {
                 let mut aug = Augment::new(folder, Some(&start.weights), &device)?;
@@ -479,7 +479,7 @@ impl Train {
         weights: &std::path::Path,
         train_set: &[Example],
         val_set: &data::RetrievalSet,
-        bb: HashMap<String, Vec<f32>>,
+        bb: &HashMap<String, Vec<f32>>,
         cfg: &TrainConfig,
     ) -> Result<Job> {
         let rc = cfg.rerank.ok_or_else(|| Error::internal("reranker settings missing"))?;
@@ -489,18 +489,9 @@ impl Train {
                 "the reranker's head starts from BERT's initialisation where the start folder has none (a new classifier)",
             );
         }
-        let (negatives, val_first, alpha) =
-            tokio::task::block_in_place(|| train::rerank::candidates(train_set, val_set, &bb, rc))?;
-        let mined: usize = negatives.iter().map(Vec::len).sum();
-        let short = negatives.iter().filter(|n| n.len() < rc.negatives).count();
-        ctx.progress.log(&format!(
-            "reranker: {mined} negatives mined for {} queries from the first stage's top {} (BM25 + black box, {}); {short} queries have fewer than {}",
-            train_set.len(),
-            crate::rank::fuse::DEPTH,
-            alpha.map_or("rrf".to_string(), |a| format!("alpha {a:.2}")),
-            rc.negatives
-        ));
-        Ok(Job::Reranker { model, negatives, val_first, first_alpha: alpha })
+        let c = tokio::task::block_in_place(|| train::rerank::candidates(train_set, val_set, bb, rc))?;
+        ctx.progress.log(&c.summary());
+        Ok(Job::Reranker { model, negatives: c.negatives, val_first: c.val_first, first_alpha: c.alpha })
     }
 
     /// `<store>.models/<stage>/<fingerprint>`, beside the store.

@@ -273,15 +273,39 @@ pub fn first_stage(
 }
 
 /// What a reranker's training reads besides its pairs, from the validation split's corpus (the
-/// training positives and the distractors): each example's negatives from the first stage's top
-/// ranks, each validation query's first-stage ranking, and the first stage's alpha (chosen on the
-/// validation split; None: RRF).
+/// training positives and the distractors).
+pub struct Candidates {
+    /// Each example's negatives, from the first stage's top ranks.
+    pub negatives: Vec<Vec<String>>,
+    /// Each validation query's first-stage ranking.
+    pub val_first: Ranking,
+    /// The first stage's alpha, chosen on the validation split (None: RRF).
+    pub alpha: Option<f64>,
+    wanted: usize,
+}
+
+impl Candidates {
+    /// One line for the stage's log: how many negatives were mined, and for how many queries fewer
+    /// than asked.
+    pub fn summary(&self) -> String {
+        let mined: usize = self.negatives.iter().map(Vec::len).sum();
+        let short = self.negatives.iter().filter(|n| n.len() < self.wanted).count();
+        format!(
+            "reranker: {mined} negatives mined for {} queries from the first stage's top {} (BM25 + black box, {}); {short} queries have fewer than {}",
+            self.negatives.len(),
+            fuse::DEPTH,
+            self.alpha.map_or("rrf".to_string(), |a| format!("alpha {a:.2}")),
+            self.wanted
+        )
+    }
+}
+
 pub fn candidates(
     train: &[Example],
     val: &RetrievalSet,
     bb: &HashMap<String, Vec<f32>>,
     rc: super::RerankConfig,
-) -> Result<(Vec<Vec<String>>, Ranking, Option<f64>)> {
+) -> Result<Candidates> {
     let index = bm25_index(val);
     let bm25_val = if val.queries.is_empty() { Vec::new() } else { index.search(&val.queries, fuse::DEPTH) };
     let alpha = super::black_box_alpha(val, Some(bb), &bm25_val)?;
@@ -289,7 +313,7 @@ pub fn candidates(
     let top = first_stage(val, &queries, &index, bb, alpha)?;
     let negatives = mine(train, val, &top, bb, rc.negatives, rc.relative_margin);
     let val_first = first_stage(val, &val.queries, &index, bb, alpha)?;
-    Ok((negatives, val_first, alpha))
+    Ok(Candidates { negatives, val_first, alpha, wanted: rc.negatives })
 }
 
 /// A BM25 index over `set`'s corpus.
