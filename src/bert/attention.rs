@@ -53,21 +53,11 @@ pub(crate) unsafe fn matmul(
     }
 }
 
-/// Where each (sequence, head)'s attention probabilities start in a buffer that keeps them all.
-pub(crate) fn prob_offsets(lens: &[usize], heads: usize) -> (Vec<usize>, usize) {
-    let mut offs = Vec::with_capacity(lens.len());
-    let mut at = 0;
-    for &n in lens {
-        offs.push(at);
-        at += n * n * heads;
-    }
-    (offs, at)
-}
-
 /// Multi-head self-attention of each packed sequence over its own tokens only (so no mask is needed).
-/// With `keep`, the probabilities are written there (laid out by `prob_offsets`) for a backward pass;
-/// with `drop`, layer `.1`'s dropout applies to them (what is kept stays undropped); with `bias`
-/// (MPNet's), each score gets its head's bias for the offset between key and query.
+/// With `for_backward`, the probabilities are those `head_probs` gives (the backward pass recomputes
+/// them rather than keeping them: they are the largest part of a training step's memory); with
+/// `drop`, layer `.1`'s dropout applies to them; with `bias` (MPNet's), each score gets its head's
+/// bias for the offset between key and query.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attention(
     qkv: &[f32],
@@ -76,81 +66,49 @@ pub(crate) fn attention(
     heads: usize,
     scale: f32,
     ctx: &mut [f32],
-    keep: Option<&mut [f32]>,
+    for_backward: bool,
     drop: Option<(&Dropout, usize)>,
     products: Products,
     bias: Option<&HeadBiases>,
 ) {
     let dh = h / heads;
-    let mut starts = Vec::with_capacity(lens.len());
-    let mut at = 0;
-    for &n in lens {
-        starts.push(at);
-        at += n;
-    }
+    let starts = seq_starts(lens);
     let out = SharedMut(ctx.as_mut_ptr());
-    let (poffs, total) = prob_offsets(lens, heads);
-    let kept = keep.map(|k| {
-        assert!(k.len() >= total, "probability buffer too small");
-        SharedMut(k.as_mut_ptr())
-    });
     let tasks: Vec<(usize, usize)> = (0..lens.len()).flat_map(|s| (0..heads).map(move |hd| (s, hd))).collect();
     tasks.par_iter().for_each_init(Default::default, |(local, dropped): &mut (Vec<f32>, Vec<f32>), &(s, hd)| {
         let (r0, n) = (starts[s], lens[s]);
         if n == 0 {
             return;
         }
-        let (q0, k0, v0) = (r0 * 3 * h + hd * dh, r0 * 3 * h + h + hd * dh, r0 * 3 * h + 2 * h + hd * dh);
+        let (q0, v0) = (r0 * 3 * h + hd * dh, r0 * 3 * h + 2 * h + hd * dh);
         let amx = products == Products::Bf16;
-        let bias = bias.map(|b| b.head(hd));
-        // Inference on AMX: the fused head (nothing to keep for a backward pass, nothing dropped).
-        if amx && kept.is_none() && drop.is_none() {
-            let kt = PackedB::from_strided(&qkv[k0..], dh, n, 1, 3 * h);
+        let head_bias = bias.map(|b| b.head(hd));
+        // Inference on AMX: the fused head (nothing to recompute for a backward pass, nothing dropped).
+        if amx && !for_backward && drop.is_none() {
+            let kt = PackedB::from_strided(&qkv[q0 + h..], dh, n, 1, 3 * h);
             let v = PackedB::from_rows(&qkv[v0..], n, dh, 3 * h);
             // SAFETY: the ctx block (rows r0..r0+n, columns hd*dh..+dh, row stride h) is this task's alone.
             unsafe {
-                amx::attention_head(&Lhs::rows(&qkv[q0..], n, 3 * h), &kt, &v, scale, bias, out.at(r0 * h + hd * dh), h)
+                amx::attention_head(
+                    &Lhs::rows(&qkv[q0..], n, 3 * h),
+                    &kt,
+                    &v,
+                    scale,
+                    head_bias,
+                    out.at(r0 * h + hd * dh),
+                    h,
+                )
             };
             return;
         }
-        let scores: &mut [f32] = match kept {
-            // SAFETY: each (sequence, head) owns the n*n block at its offset.
-            Some(p) => unsafe { std::slice::from_raw_parts_mut(p.at(poffs[s] + hd * n * n), n * n) },
-            None => {
-                local.resize(n * n, 0.0);
-                &mut local[..]
-            }
-        };
-        if amx {
-            // K^T [dh, n] and V [n, dh] as bf16 operands, read in place from the qkv rows.
-            let kt = PackedB::from_strided(&qkv[k0..], dh, n, 1, 3 * h);
-            // SAFETY: scores is an n x n buffer of this task's.
-            unsafe { amx::matmul_here(&Lhs::rows(&qkv[q0..], n, 3 * h), &kt, scores.as_mut_ptr(), n, Out::Store) };
-        } else {
-            // SAFETY: q and k address n rows of dh columns with row stride 3h inside qkv; scores is n x n.
-            unsafe {
-                let (q, k) = (qkv[q0..].as_ptr(), qkv[k0..].as_ptr());
-                matmul((n, n, dh), scores.as_mut_ptr(), n, (q, 1, 3 * h), (k, 3 * h, 1), scale, false);
-            }
-        }
-        // The f32 product applied the scale already; AMX's is applied with the softmax, in one pass,
-        // or with the bias where there is one.
-        let mut row_scale = if amx { scale } else { 1.0 };
-        if let Some(b) = bias {
-            for (i, r) in scores.chunks_exact_mut(n).enumerate() {
-                b.add_scaled(r, i, row_scale);
-            }
-            row_scale = 1.0;
-        }
-        for r in scores.chunks_exact_mut(n) {
-            softmax_scaled(r, row_scale);
-        }
+        local.resize(n * n, 0.0);
+        head_probs(&qkv[q0..], n, (h, dh), scale, products, bias.map(|b| (b, hd)), local);
         let probs: &[f32] = match drop {
             Some((d, layer)) => {
-                dropped_probs(d, layer, s, hd, n, scores, dropped);
+                dropped_probs(d, layer, s, hd, n, local, dropped);
                 &dropped[..]
             }
-            None => scores,
+            None => local,
         };
         let dst = out.at(r0 * h + hd * dh);
         if amx {
@@ -162,6 +120,58 @@ pub(crate) fn attention(
             unsafe { matmul((n, dh, n), dst, h, (probs.as_ptr(), 1, n), (qkv[v0..].as_ptr(), 1, 3 * h), 1.0, false) };
         }
     });
+}
+
+/// Where each packed sequence's first row is.
+pub(crate) fn seq_starts(lens: &[usize]) -> Vec<usize> {
+    let mut at = 0;
+    lens.iter()
+        .map(|&n| {
+            at += n;
+            at - n
+        })
+        .collect()
+}
+
+/// One (sequence, head)'s attention probabilities, softmax(scale q k^T + bias), before dropout, into
+/// the n x n `probs`. `qkv` starts at the head's query column of the sequence's first row (row
+/// stride 3h, keys h columns on). The forward and the backward pass both call this, so the backward
+/// reads the very probabilities the forward multiplied V by.
+pub(crate) fn head_probs(
+    qkv: &[f32],
+    n: usize,
+    (h, dh): (usize, usize),
+    scale: f32,
+    products: Products,
+    bias: Option<(&HeadBiases, usize)>,
+    probs: &mut [f32],
+) {
+    let amx = products == Products::Bf16;
+    if amx {
+        // K^T [dh, n] as a bf16 operand, read in place from the qkv rows.
+        let kt = PackedB::from_strided(&qkv[h..], dh, n, 1, 3 * h);
+        // SAFETY: probs is an n x n buffer.
+        unsafe { amx::matmul_here(&Lhs::rows(qkv, n, 3 * h), &kt, probs.as_mut_ptr(), n, Out::Store) };
+    } else {
+        // SAFETY: q and k address n rows of dh columns with row stride 3h inside qkv; probs is n x n.
+        unsafe {
+            let (q, k) = (qkv.as_ptr(), qkv[h..].as_ptr());
+            matmul((n, n, dh), probs.as_mut_ptr(), n, (q, 1, 3 * h), (k, 3 * h, 1), scale, false);
+        }
+    }
+    // The f32 product applied the scale already; AMX's is applied with the softmax, in one pass,
+    // or with the bias where there is one.
+    let mut row_scale = if amx { scale } else { 1.0 };
+    if let Some((b, hd)) = bias {
+        let b = b.head(hd);
+        for (i, r) in probs.chunks_exact_mut(n).enumerate() {
+            b.add_scaled(r, i, row_scale);
+        }
+        row_scale = 1.0;
+    }
+    for r in probs.chunks_exact_mut(n) {
+        softmax_scaled(r, row_scale);
+    }
 }
 
 /// `probs` (one sequence's n x n block for head `hd`) times its dropout mask, into `out`.

@@ -10,21 +10,20 @@ use crate::bert::Products;
 use crate::bert::amx::{self, Lhs, Out, PackedB};
 use crate::bert::dropout::{Dropout, Site};
 use crate::bert::packed::{
-    self as k, CpuBert, ROWS_PER_TASK, SharedMut, Which, activate, attention, dropped_probs, layer_norm_rows, matmul,
-    prob_offsets,
+    self as k, CpuBert, ROWS_PER_TASK, SharedMut, Which, activate, attention, dropped_probs, head_probs,
+    layer_norm_rows, matmul, seq_starts,
 };
 
-/// What one layer's backward pass reads.
+/// What one layer's backward pass reads. What is cheap to recompute is not kept (a step's tape is
+/// most of its memory): the attention probabilities (recomputed per head from `qkv`), the GELU's
+/// output (from `pre`), and the inputs of the layer and of its feed-forward block (from the
+/// LayerNorms' normalised rows, `LayerNorm::affine`), each bit for bit what the forward pass used.
 struct LayerTape {
-    x_in: Vec<f32>,
     qkv: Vec<f32>,
-    probs: Vec<f32>,
     ctx: Vec<f32>,
     xhat1: Vec<f32>,
     rstd1: Vec<f32>,
-    x_mid: Vec<f32>,
     pre: Vec<f32>,
-    act: Vec<f32>,
     xhat2: Vec<f32>,
     rstd2: Vec<f32>,
 }
@@ -91,14 +90,12 @@ pub fn forward_typed(
         d.apply_packed(Site::Embeddings, &mut x, lens, h);
     }
     let scale = 1.0 / ((h / m.heads) as f32).sqrt();
-    let (_, n_probs) = prob_offsets(lens, m.heads);
     let mut layers = Vec::with_capacity(m.layers.len());
     for (li, l) in m.layers.iter().enumerate() {
-        let x_in = x.clone();
         let mut qkv = vec![0.0; t * 3 * h];
         l.linear(Which::Qkv, &x, &mut qkv);
-        let (mut ctx, mut probs) = (vec![0.0; t * h], vec![0.0; n_probs]);
-        attention(&qkv, lens, h, m.heads, scale, &mut ctx, Some(&mut probs), drop.map(|d| (d, li)), m.products, None);
+        let mut ctx = vec![0.0; t * h];
+        attention(&qkv, lens, h, m.heads, scale, &mut ctx, true, drop.map(|d| (d, li)), m.products, None);
         let mut tmp = vec![0.0; t * h];
         l.linear(Which::Out, &ctx, &mut tmp);
         if let Some(d) = drop {
@@ -106,18 +103,18 @@ pub fn forward_typed(
         }
         let (mut xhat1, mut rstd1) = (vec![0.0; t * h], vec![0.0; t]);
         layer_norm_rows(&mut x, Some(&tmp), &l.ln1, m.eps, Some((&mut xhat1, &mut rstd1)));
-        let x_mid = x.clone();
         let mut pre = vec![0.0; t * i];
         l.linear(Which::Inter, &x, &mut pre);
         let mut act = pre.clone();
         activate(&mut act, m.act);
         l.linear(Which::Down, &act, &mut tmp);
+        std::mem::drop(act);
         if let Some(d) = drop {
             d.apply_packed(Site::FeedForwardOut(li), &mut tmp, lens, h);
         }
         let (mut xhat2, mut rstd2) = (vec![0.0; t * h], vec![0.0; t]);
         layer_norm_rows(&mut x, Some(&tmp), &l.ln2, m.eps, Some((&mut xhat2, &mut rstd2)));
-        layers.push(LayerTape { x_in, qkv, probs, ctx, xhat1, rstd1, x_mid, pre, act, xhat2, rstd2 });
+        layers.push(LayerTape { qkv, ctx, xhat1, rstd1, pre, xhat2, rstd2 });
     }
     Ok((
         x,
@@ -267,42 +264,76 @@ fn attention_head_backward_amx(
     }
 }
 
-/// Gradients of every parameter given the gradient of the last hidden states.
-pub fn backward(m: &CpuBert, tape: &Tape, mut dy: Vec<f32>) -> FlatGrads {
-    let (h, heads, i) = (m.hidden, m.heads, m.inter);
+/// y = xhat * g + b row by row: a LayerNorm's output from its normalised rows, bit for bit what
+/// `layer_norm_rows` wrote (the same products in the same order).
+fn ln_affine(xhat: &[f32], (g, b): &(Vec<f32>, Vec<f32>)) -> Vec<f32> {
+    let h = g.len();
+    let mut y = vec![0.0f32; xhat.len()];
+    y.par_chunks_mut(h * ROWS_PER_TASK).zip(xhat.par_chunks(h * ROWS_PER_TASK)).for_each(|(ys, xs)| {
+        for (yr, xr) in ys.chunks_exact_mut(h).zip(xs.chunks_exact(h)) {
+            for (((y, x), g), b) in yr.iter_mut().zip(xr).zip(g).zip(b) {
+                *y = x * g + b;
+            }
+        }
+    });
+    y
+}
+
+/// Layer `li`'s input as the forward pass had it: the embeddings' LayerNorm (and dropout) for the
+/// first layer, the previous layer's output for the others.
+fn layer_input(m: &CpuBert, tape: &Tape, li: usize) -> Vec<f32> {
+    match li.checked_sub(1) {
+        Some(prev) => ln_affine(&tape.layers[prev].xhat2, &m.layers[prev].ln2),
+        None => {
+            let mut x = ln_affine(&tape.xhat0, &m.emb_ln);
+            if let Some(d) = &tape.drop {
+                d.apply_packed(Site::Embeddings, &mut x, &tape.lens, m.hidden);
+            }
+            x
+        }
+    }
+}
+
+/// Gradients of every parameter given the gradient of the last hidden states. The tape is used up
+/// layer by layer, so its memory goes as the pass goes down.
+pub fn backward(m: &CpuBert, mut tape: Tape, mut dy: Vec<f32>) -> FlatGrads {
+    let (h, heads) = (m.hidden, m.heads);
     let dh = h / heads;
     let scale = 1.0 / (dh as f32).sqrt();
     let mut grads = FlatGrads::new();
-    let lens = &tape.lens;
-    let mut starts = Vec::with_capacity(lens.len());
-    let mut at = 0;
-    for &n in lens {
-        starts.push(at);
-        at += n;
-    }
-    let t = at;
-    let (poffs, _) = prob_offsets(lens, heads);
-    for (li, (l, tp)) in m.layers.iter().zip(&tape.layers).enumerate().rev() {
+    let lens = tape.lens.clone();
+    let lens = &lens[..];
+    let starts = seq_starts(lens);
+    let t: usize = lens.iter().sum();
+    let drop = tape.drop;
+    let drop = drop.as_ref();
+    while let Some(tp) = tape.layers.pop() {
+        let li = tape.layers.len();
+        let l = &m.layers[li];
         let name = |p: &str| format!("encoder.layer.{li}.{p}");
         // x_out = LN2(x_mid + down(act(pre)))
         let (dr2, dg2, db2) = layer_norm_backward(&dy, &tp.xhat2, &tp.rstd2, &l.ln2.0);
         grads.insert(name("output.LayerNorm.weight"), dg2);
         grads.insert(name("output.LayerNorm.bias"), db2);
-        let drop = tape.drop.as_ref();
+        let mut act = tp.pre.clone();
+        activate(&mut act, m.act);
         let (mut dact, dwd, dbd) = linear_backward(
             &masked(drop, Site::FeedForwardOut(li), &dr2, lens, h),
-            &tp.act,
+            &act,
             &l.down_w,
-            (h, i),
+            (h, m.inter),
             m.products,
         );
+        std::mem::drop(act);
         grads.insert(name("output.dense.weight"), dwd);
         grads.insert(name("output.dense.bias"), dbd);
-        let act = m.act;
+        let hidden_act = m.act;
         dact.par_chunks_mut(4096).zip(tp.pre.par_chunks(4096)).for_each(|(d, x)| {
-            d.iter_mut().zip(x).for_each(|(d, x)| *d *= gelu_grad(*x, act));
+            d.iter_mut().zip(x).for_each(|(d, x)| *d *= gelu_grad(*x, hidden_act));
         });
-        let (mut dx_mid, dwi, dbi) = linear_backward(&dact, &tp.x_mid, &l.inter_w, (i, h), m.products);
+        let x_mid = ln_affine(&tp.xhat1, &l.ln1);
+        let (mut dx_mid, dwi, dbi) = linear_backward(&dact, &x_mid, &l.inter_w, (m.inter, h), m.products);
+        std::mem::drop((x_mid, dact));
         grads.insert(name("intermediate.dense.weight"), dwi);
         grads.insert(name("intermediate.dense.bias"), dbi);
         add_into(&mut dx_mid, &dr2);
@@ -323,13 +354,17 @@ pub fn backward(m: &CpuBert, tape: &Tape, mut dy: Vec<f32>) -> FlatGrads {
         let mut dqkv = vec![0.0f32; t * 3 * h];
         let out = SharedMut(dqkv.as_mut_ptr());
         let tasks: Vec<(usize, usize)> = (0..lens.len()).flat_map(|s| (0..heads).map(move |hd| (s, hd))).collect();
-        tasks.par_iter().for_each_init(Default::default, |(dp, pd): &mut (Vec<f32>, Vec<f32>), &(s, hd)| {
+        type Bufs = (Vec<f32>, Vec<f32>, Vec<f32>);
+        tasks.par_iter().for_each_init(Default::default, |(dp, p, pd): &mut Bufs, &(s, hd)| {
             let (r0, n) = (starts[s], lens[s]);
             if n == 0 {
                 return;
             }
             dp.resize(n * n, 0.0);
-            let p = &tp.probs[poffs[s] + hd * n * n..poffs[s] + (hd + 1) * n * n];
+            p.resize(n * n, 0.0);
+            let base = r0 * 3 * h + hd * dh;
+            head_probs(&tp.qkv[base..], n, (h, dh), scale, m.products, None, p);
+            let p = &p[..];
             // With dropout the product used P' = P * M: dV = P'^T dctx and dP = (dctx V^T) * M.
             let pv: &[f32] = match drop {
                 Some(d) => {
@@ -338,7 +373,6 @@ pub fn backward(m: &CpuBert, tape: &Tape, mut dy: Vec<f32>) -> FlatGrads {
                 }
                 None => p,
             };
-            let base = r0 * 3 * h + hd * dh;
             let (q, kk, v) = (tp.qkv[base..].as_ptr(), tp.qkv[base + h..].as_ptr(), tp.qkv[base + 2 * h..].as_ptr());
             let h3 = 3 * h;
             if m.products == Products::Bf16 {
@@ -380,7 +414,9 @@ pub fn backward(m: &CpuBert, tape: &Tape, mut dy: Vec<f32>) -> FlatGrads {
                 matmul((n, dh, n), out.at(base + h), h3, (dp.as_ptr(), n, 1), (q, 1, h3), scale, false);
             }
         });
-        let (mut dx_in, dwqkv, dbqkv) = linear_backward(&dqkv, &tp.x_in, &l.qkv_w, (3 * h, h), m.products);
+        std::mem::drop(tp);
+        let x_in = layer_input(m, &tape, li);
+        let (mut dx_in, dwqkv, dbqkv) = linear_backward(&dqkv, &x_in, &l.qkv_w, (3 * h, h), m.products);
         for (j, part) in ["query", "key", "value"].iter().enumerate() {
             grads.insert(name(&format!("attention.self.{part}.weight")), dwqkv[j * h * h..(j + 1) * h * h].to_vec());
             grads.insert(name(&format!("attention.self.{part}.bias")), dbqkv[j * h..(j + 1) * h].to_vec());
@@ -388,7 +424,7 @@ pub fn backward(m: &CpuBert, tape: &Tape, mut dy: Vec<f32>) -> FlatGrads {
         add_into(&mut dx_in, &dr1);
         dy = dx_in;
     }
-    let dy = masked(tape.drop.as_ref(), Site::Embeddings, &dy, lens, h);
+    let dy = masked(drop, Site::Embeddings, &dy, lens, h);
     let (demb, dg0, db0) = layer_norm_backward(&dy, &tape.xhat0, &tape.rstd0, &m.emb_ln.0);
     grads.insert("embeddings.LayerNorm.weight".into(), dg0);
     grads.insert("embeddings.LayerNorm.bias".into(), db0);
@@ -456,7 +492,7 @@ mod tests {
         let want = loss.backward().unwrap();
 
         let (_, tape) = forward(&cpu, &seqs.concat(), lens, drop.as_ref()).unwrap();
-        let mut got = backward(&cpu, &tape, weights.concat());
+        let mut got = backward(&cpu, tape, weights.concat());
         let vars = varmap.data().lock().unwrap();
         assert_eq!(got.len(), vars.len(), "a parameter has no gradient");
         vars.iter()
@@ -492,6 +528,34 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// What the tape no longer keeps is recomputed bit for bit: each layer's input from the
+    /// LayerNorm before it (the first layer's with the embeddings' dropout), and the last hidden
+    /// states from the last LayerNorm.
+    #[test]
+    fn recomputed_inputs_are_the_forward_pass_own() {
+        let config = Config {
+            vocab_size: 30,
+            hidden_size: 16,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            intermediate_size: 24,
+            max_position_embeddings: 12,
+            ..Config::default()
+        };
+        let (_, vb) = random_bert(&config, 0.3);
+        let cpu = CpuBert::load(&vb, &config).unwrap();
+        let (ids, lens) = ((0..17).map(|i| i % 30).collect::<Vec<u32>>(), [5, 9, 3]);
+        let drop = Dropout { p: 0.25, seed: 5, seq_offset: 0 };
+        let (out, tape) = forward(&cpu, &ids, &lens, Some(&drop)).unwrap();
+        assert_eq!(ln_affine(&tape.layers[1].xhat2, &cpu.layers[1].ln2), out);
+        // The first layer's input, through a one-layer model on the same weights.
+        let one = CpuBert::load(&vb, &Config { num_hidden_layers: 1, ..config.clone() }).unwrap();
+        let (first, _) = forward(&one, &ids, &lens, Some(&drop)).unwrap();
+        assert_eq!(layer_input(&cpu, &tape, 1), first);
+        let x0 = layer_input(&cpu, &tape, 0);
+        assert!(x0.iter().filter(|v| **v == 0.0).count() > 17, "the embeddings' dropout was not applied");
     }
 
     /// The same backward pass with bf16 products on AMX, against autograd in f32: bf16 keeps 8 bits

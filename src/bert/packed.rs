@@ -9,7 +9,7 @@ use rayon::prelude::*;
 
 use super::Products;
 use super::amx::{self, Lhs, Out, PackedB};
-pub(crate) use super::attention::{attention, dropped_probs, matmul, prob_offsets};
+pub(crate) use super::attention::{attention, dropped_probs, head_probs, matmul, seq_starts};
 pub(crate) use super::kernels::{ROWS_PER_TASK, SharedMut, activate, erf, exp, layer_norm_rows};
 use super::mpnet::{self, RelativeBias};
 
@@ -332,7 +332,7 @@ impl CpuBert {
             let qkv = &mut s.qkv[..t * 3 * h];
             l.linear(Which::Qkv, x, qkv);
             let ctx = &mut s.ctx[..t * h];
-            attention(qkv, lens, h, self.heads, scale, ctx, None, None, self.products, biases.as_ref());
+            attention(qkv, lens, h, self.heads, scale, ctx, false, None, self.products, biases.as_ref());
             let tmp = &mut s.tmp[..t * h];
             l.linear(Which::Out, ctx, tmp);
             layer_norm_rows(x, Some(tmp), &l.ln1, self.eps, None);

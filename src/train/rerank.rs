@@ -214,7 +214,7 @@ impl CrossModel {
         for (s, &r) in starts.iter().enumerate() {
             dhidden[r * h..(r + 1) * h].copy_from_slice(&dcls[s * h..(s + 1) * h]);
         }
-        let mut flat_grads = crate::bert::backward::backward(&cpu, &tape, dhidden);
+        let mut flat_grads = crate::bert::backward::backward(&cpu, tape, dhidden);
         for (name, var) in self.named_vars() {
             if let Some(g) = flat_grads.remove(&name) {
                 grads.insert(name, Tensor::from_vec(g, var.shape(), &self.device)?);

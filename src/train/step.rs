@@ -122,7 +122,7 @@ pub(super) fn fast_step(
             dhidden[r * h..(r + 1) * h].iter_mut().zip(g).for_each(|(d, g)| *d = g / count);
         }
     }
-    let mut flat = crate::bert::backward::backward(&cpu, &tape, dhidden);
+    let mut flat = crate::bert::backward::backward(&cpu, tape, dhidden);
     let mut grads = Grads::new();
     for (name, var) in aug.named_vars() {
         if let Some(g) = flat.remove(&name) {
