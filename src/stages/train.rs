@@ -262,9 +262,12 @@ impl Stage for Train {
         let fit = Fit { cfg, job, train_set, val_set, dir, fingerprint: fingerprint.clone() };
         let (outcome, pairs_seen, n_train) = fit.run(ctx).await?;
         let secs = started.elapsed().as_secs_f64();
-        ctx.progress.cached(pairs_total.saturating_sub(ctx.progress.counts().done.max(0) as u64));
-
         let st = &outcome.state;
+        // Epochs early stopping left out are skipped; the rest not done here were done by an
+        // interrupted run this one resumed.
+        let left_out = if st.stopped_early { (p.epochs.saturating_sub(st.epoch) * n_train) as u64 } else { 0 };
+        ctx.progress.skipped(left_out);
+        ctx.progress.cached(pairs_total.saturating_sub(ctx.progress.counts().done.max(0) as u64 + left_out));
         let cfg_rerank = self.config(&candle_core::Device::Cpu).rerank;
         let improved = st.improved();
         let weight = st.best_weight.unwrap_or(trained_weight);
@@ -275,8 +278,12 @@ impl Stage for Train {
                 st.best_metrics.get("ndcg@10").copied().unwrap_or(0.0)
             ));
         }
+        let gain = st.gain();
+        if let Some(g) = &gain {
+            ctx.progress.log(&g.to_string());
+        }
         let metrics = json!({
-            "best_epoch": st.best_epoch, "validation": st.best_metrics,
+            "best_epoch": st.best_epoch, "validation": st.best_metrics, "validation_gain": gain,
             "steps": st.step, "stopped_early": st.stopped_early, "improved": improved,
             "weight": weight, "alpha": st.best_alpha, "black_box_alpha": st.black_box_alpha,
             "rerank_k": cfg_rerank.map(|r| r.k),
@@ -306,7 +313,7 @@ impl Stage for Train {
             summary: json!({
                 "model_id": id, "path": best, "train_pairs": n_train, "validation_queries": n_val,
                 "steps": outcome.state.step, "best_epoch": outcome.state.best_epoch,
-                "validation": outcome.state.best_metrics, "resumed": outcome.resumed,
+                "validation": outcome.state.best_metrics, "validation_gain": gain, "resumed": outcome.resumed,
                 "improved": improved, "weight": weight, "alpha": outcome.state.best_alpha,
                 "black_box_alpha": outcome.state.black_box_alpha,
                 "pairs_per_s": if outcome.step_seconds > 0.0 { outcome.step_pairs as f64 / outcome.step_seconds } else { 0.0 },
@@ -408,6 +415,7 @@ impl Train {
             patience: p.patience,
             checkpoint_every: p.checkpoint_every,
             bf16,
+            in_batch_guard: (p.in_batch_guard && p.retriever != Retriever::Reranker).then_some(p.negative_margin),
             rerank: (p.retriever == Retriever::Reranker).then_some(train::RerankConfig {
                 negatives: p.negatives,
                 relative_margin: p.relative_margin,
@@ -489,7 +497,7 @@ impl Train {
                 "the reranker's head starts from BERT's initialisation where the start folder has none (a new classifier)",
             );
         }
-        let c = tokio::task::block_in_place(|| train::rerank::candidates(train_set, val_set, bb, rc))?;
+        let c = tokio::task::block_in_place(|| train::candidates::candidates(train_set, val_set, bb, rc))?;
         ctx.progress.log(&c.summary());
         Ok(Job::Reranker { model, negatives: c.negatives, val_first: c.val_first, first_alpha: c.alpha })
     }

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::Tensor;
 
@@ -42,8 +43,17 @@ pub fn train(
             && aug.folder.pooling != crate::bert::Pooling::Max
             && (!cfg.bf16 || crate::bert::amx::available()),
         opt_names: AdamW::new(aug.named_vars(), adam_config(cfg)),
+        guard: Default::default(),
     };
-    fit(cfg, &learner, dir, fingerprint, on)
+    let outcome = fit(cfg, &learner, dir, fingerprint, on)?;
+    let (left, seen) = (learner.guard.0.into_inner(), learner.guard.1.into_inner());
+    if let Some(margin) = cfg.in_batch_guard.filter(|_| seen > 0) {
+        on(Event::Log(format!(
+            "in-batch guard: {left} of {seen} in-batch negatives ({:.2}%) were left out, the black box scoring them within {margin} of the positive",
+            100.0 * left as f64 / seen as f64
+        )))?;
+    }
+    Ok(outcome)
 }
 
 /// The bi-encoder learner: the augment model, alone or beside the black box (Mafin).
@@ -58,6 +68,8 @@ struct BiEncoder<'a> {
     bm25: Vec<Vec<(usize, f32)>>,
     /// An optimiser over the same parameters, whose order the autograd step collects gradients in.
     opt_names: AdamW,
+    /// This run's in-batch (query, passage) entries the guard left out, and all it looked at.
+    guard: (AtomicUsize, AtomicUsize),
 }
 
 impl Learner for BiEncoder<'_> {
@@ -80,7 +92,13 @@ impl Learner for BiEncoder<'_> {
         let (cfg, aug, train, bb) = (self.cfg, self.aug, self.data.train, self.data.bb);
         let (queries, passages) = batch_texts(train, batch);
         let texts = (&queries[..], &passages[..]);
-        let masked = self.relevance.masked(train, batch);
+        let mut masked = self.relevance.masked(train, batch);
+        if let (Some(margin), Some(vectors)) = (cfg.in_batch_guard, bb) {
+            let guarded = data::likely_positives(&queries, &passages, vectors, margin);
+            self.guard.0.fetch_add(guarded.len(), Ordering::Relaxed);
+            self.guard.1.fetch_add(queries.len() * passages.len().saturating_sub(1), Ordering::Relaxed);
+            masked.extend(guarded.into_iter().filter(|e| !masked.contains(e)).collect::<Vec<_>>());
+        }
         if self.fast {
             fast_step(cfg, aug, texts, &masked, bb, accum, drop)
         } else {

@@ -221,6 +221,32 @@ impl Relevance {
     }
 }
 
+/// The (query row, passage column) entries of a batch whose passage the black box scores within
+/// `margin` of the row's own positive (cosine): likely relevant passages the labels do not name (a
+/// medical query can have dozens of relevant documents and its labels one), so not taught as
+/// negatives. Label-free, it covers what `Relevance` cannot know. Texts without a vector are skipped.
+pub fn likely_positives(
+    queries: &[&str],
+    passages: &[&str],
+    bb: &HashMap<String, Vec<f32>>,
+    margin: f64,
+) -> Vec<(usize, usize)> {
+    let unit = |t: &str| bb.get(t).map(|v| super::normalized(v));
+    let ps: Vec<Option<Vec<f32>>> = passages.iter().map(|p| unit(p)).collect();
+    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>() as f64;
+    let mut out = Vec::new();
+    for (row, q) in queries.iter().enumerate() {
+        let (Some(q), Some(Some(own))) = (unit(q), ps.get(row)) else { continue };
+        let bar = dot(&q, own) - margin;
+        for (col, p) in ps.iter().enumerate() {
+            if col != row && p.as_ref().is_some_and(|p| dot(&q, p) > bar) {
+                out.push((row, col));
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -281,5 +307,33 @@ mod tests {
         // Nothing shared, nothing masked.
         let plain = vec![ex("x", "X", "dx"), ex("y", "Y", "dy")];
         assert!(Relevance::new(&plain).masked(&plain, &[0, 1]).is_empty());
+    }
+
+    /// Two queries on one topic whose labels name one passage each, while the other's passage is as
+    /// close to them as their own (an unlabelled positive), and a third on another topic. The guard
+    /// keeps the unlabelled positives out of the negatives, and only them; a passage just outside
+    /// the margin stays a negative.
+    #[test]
+    fn the_black_box_guard_leaves_out_unlabelled_positives() {
+        let v = |x: f32, y: f32| vec![x, y];
+        let bb: HashMap<String, Vec<f32>> = [
+            ("q0", v(1.0, 0.0)),
+            ("q1", v(1.0, 0.05)),
+            ("q2", v(0.0, 1.0)),
+            ("A", v(0.9, 0.44)),  // q0's positive: cos 0.898 to q0
+            ("B", v(0.92, 0.40)), // q1's positive: cos 0.917 to q0, 0.935 to q1
+            ("C", v(0.30, 0.95)), // q2's positive: far from q0 and q1
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let got = likely_positives(&["q0", "q1", "q2"], &["A", "B", "C"], &bb, 0.05);
+        // B is above q0's bar, A within 0.05 of q1's own; C is far below both, and q2's bar.
+        assert_eq!(got, vec![(0, 1), (1, 0)]);
+        // With no margin, B still beats A for q0 (a passage scored above the positive itself),
+        // but A is now below q1's bar.
+        assert_eq!(likely_positives(&["q0", "q1", "q2"], &["A", "B", "C"], &bb, 0.0), vec![(0, 1)]);
+        // A text the black box has no vector for is left alone.
+        assert!(likely_positives(&["q0", "zz"], &["A", "B"], &bb, 0.05).iter().all(|&(r, _)| r == 0));
     }
 }

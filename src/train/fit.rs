@@ -142,7 +142,11 @@ impl Trainer<'_> {
         let score = (m.get("recall@10").copied().unwrap_or(0.0), m.get("ndcg@10").copied().unwrap_or(0.0));
         let state = &mut self.state;
         let better = state.best.is_none_or(|b| score > b);
+        if epoch_done == 0 {
+            state.start_per_query.clone_from(&v.per_query);
+        }
         if better {
+            state.best_per_query = v.per_query;
             state.best = Some(score);
             state.best_epoch = Some(epoch_done);
             state.best_metrics = m;

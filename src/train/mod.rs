@@ -2,8 +2,10 @@
 //! trained with in-batch (and mined hard) negatives, validated every epoch, checkpointed to resume.
 
 mod biencoder;
+pub mod candidates;
 pub mod data;
 mod fit;
+pub mod gain;
 pub mod loss;
 pub mod model;
 pub mod optim;
@@ -57,6 +59,10 @@ pub struct TrainConfig {
     /// fingerprint when off, so f32 checkpoints keep their folders.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub bf16: bool,
+    /// The in-batch guard's margin (`data::likely_positives`); None: off (and left out of the
+    /// fingerprint, so models trained without it keep their folders).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_batch_guard: Option<f64>,
     /// The reranker's own settings (None for the bi-encoders, so their fingerprints stay as they were).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rerank: Option<RerankConfig>,
@@ -111,12 +117,22 @@ pub struct TrainState {
     /// The hybrid alpha over the black box alone, on the same validation split.
     #[serde(default)]
     pub black_box_alpha: Option<f64>,
+    /// Each validation query's nDCG@10 for the starting model and for the best, for `gain::Gain`.
+    #[serde(default)]
+    pub start_per_query: Vec<f64>,
+    #[serde(default)]
+    pub best_per_query: Vec<f64>,
 }
 
 impl TrainState {
     /// Whether training beat its starting model on validation (None: there was no validation).
     pub fn improved(&self) -> Option<bool> {
         self.best_epoch.map(|e| e > 0)
+    }
+
+    /// The best model's nDCG@10 gain over the start on validation, with its bootstrap interval.
+    pub fn gain(&self) -> Option<gain::Gain> {
+        gain::Gain::paired(&self.start_per_query, &self.best_per_query)
     }
 }
 
@@ -149,6 +165,8 @@ pub struct Validation {
     pub alpha: Option<f64>,
     /// What was chosen, in words (`hybrid alpha 0.35`).
     pub chosen: Vec<String>,
+    /// Each validation query's nDCG@10, in the validation set's order (for the gain's interval).
+    pub per_query: Vec<f64>,
 }
 
 /// What the training loop drives: a model with its data, its batch step and its validation. The loop
@@ -196,6 +214,7 @@ mod tests {
             patience: 1,
             checkpoint_every: 0,
             bf16: false,
+            in_batch_guard: None,
             rerank: None,
         }
     }

@@ -55,6 +55,10 @@ pub struct Params {
     /// A mined negative must score at least this much below the positive (guards against false negatives).
     #[serde(default = "default_margin")]
     pub negative_margin: f64,
+    /// Leave out of each query's in-batch negatives the passages the black box scores within
+    /// `negative_margin` of its positive: too often a relevant passage the labels do not name.
+    #[serde(default = "default_in_batch_guard")]
+    pub in_batch_guard: bool,
     /// Reranker: negatives per query, mined from the first stage's top ranks.
     #[serde(default = "default_negatives")]
     pub negatives: usize,
@@ -141,6 +145,9 @@ pub fn default_rerank_k() -> usize {
 }
 fn default_margin() -> f64 {
     0.05
+}
+fn default_in_batch_guard() -> bool {
+    false
 }
 fn default_val() -> f64 {
     0.1

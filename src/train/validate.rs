@@ -87,5 +87,11 @@ pub(super) fn validation(
         })
         .collect();
     let alpha = (!bm25.is_empty()).then(|| fuse::best_alpha(bm25, &top, &val.relevant).0);
-    Ok(Validation { metrics: metrics::mean(&per), weight: mafin.then_some(weight), alpha, chosen: Vec::new() })
+    Ok(Validation {
+        metrics: metrics::mean(&per),
+        weight: mafin.then_some(weight),
+        alpha,
+        chosen: Vec::new(),
+        per_query: super::gain::ndcg_per_query(&per),
+    })
 }

@@ -217,6 +217,18 @@ fn training_stops_early_when_validation_stops_improving() {
     assert_eq!(m["best_epoch"], 0, "{m}");
     assert_eq!(db.scalar("SELECT COUNT(*) FROM train_curves WHERE kind = 'validation'"), 2);
     assert_eq!(db.scalar("SELECT MAX(epoch) FROM train_curves WHERE kind = 'loss'"), 1);
+    // The four epochs early stopping left out are counted as skipped, not as already stored.
+    let out = r.all();
+    let line = out.lines().find(|l| l.contains("succeeded in") && l.contains("skipped")).expect("a totals line");
+    let count = |what: &str| -> u64 {
+        let before = line.split(what).next().unwrap_or_default();
+        before.trim_end().rsplit([' ', ':']).next().unwrap_or_default().parse().unwrap_or(u64::MAX)
+    };
+    let (done, skipped) = (count(" done"), count(" skipped"));
+    assert!(done > 0 && skipped == 4 * done && count(" already stored") == 0, "{line}");
+    // The best is the start: no gain, and the log says it is within noise.
+    assert_eq!(m["validation_gain"]["gain"], 0.0, "{m}");
+    assert_eq!(m["validation_gain"]["beyond_noise"], false, "{m}");
 }
 
 #[test]
