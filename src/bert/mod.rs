@@ -62,7 +62,10 @@ impl Products {
     pub fn name(self) -> &'static str {
         match self {
             Products::F32 => "f32",
-            Products::Bf16 => "bf16 (AMX)",
+            Products::Bf16 => match amx::engine() {
+                Some(amx::Engine::Avx512Bf16) => "bf16 (AVX512-BF16)",
+                _ => "bf16 (AMX)",
+            },
         }
     }
 }

@@ -234,7 +234,10 @@ impl CpuBert {
     /// layer are packed as AMX operands (and attention's products run on AMX too). With `inference_only`,
     /// the f32 copies of those matrices are dropped (only a backward pass reads them).
     pub fn with_products(mut self, products: Products, inference_only: bool) -> Self {
-        assert!(products == Products::F32 || amx::available(), "bf16 products asked for where AMX is not available");
+        assert!(
+            products == Products::F32 || amx::available(),
+            "bf16 products asked for where no bf16 engine is available"
+        );
         self.products = products;
         if products == Products::Bf16 {
             let (h, i) = (self.hidden, self.inter);

@@ -248,7 +248,11 @@ impl Stage for Train {
                 let mut aug = Augment::new(folder, Some(&start.weights), &device)?;
                 if cfg.bf16 {
                     aug.model.compute = candle_core::DType::BF16;
-                    let on = if device.is_cpu() { "on AMX tiles" } else { "on the GPU" };
+                    let on = match crate::bert::amx::engine() {
+                        _ if !device.is_cpu() => "on the GPU",
+                        Some(crate::bert::amx::Engine::Avx512Bf16) => "with AVX512-BF16",
+                        _ => "on AMX tiles",
+                    };
                     ctx.progress.log(&format!("mixed precision: bf16 matrix products {on}, f32 weights and optimiser"));
                 }
                 let bb = if p.retriever == Retriever::Mafin { bb_vectors } else { None };
