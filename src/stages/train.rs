@@ -16,7 +16,6 @@ use crate::store::{models as models_table, pairs};
 use crate::train::data::{self, Example};
 use crate::train::params::{InitFrom, Params};
 use crate::train::{self, Event, Retriever, TrainConfig, model::Augment};
-use crate::workflow::Precision;
 use crate::workflow::{CheckCtx, Checked, Diagnostic, StageSpec, Workflow, check_typed, checked};
 
 pub const KIND: Kind = Kind {
@@ -232,7 +231,7 @@ impl Stage for Train {
             device = candle_core::Device::Cpu;
         }
         ctx.progress.log(&format!("training on {} (device: {choice})", crate::models::device_name(&device)));
-        let cfg = self.config(&device);
+        let cfg = self.params.train_config(&device);
         let trained_weight = cfg.weight;
         let start = self.start_from(ctx).await?;
         let fingerprint = self.data_fingerprint(&train_set, &val_set, &cfg, &start.hash, bb_model.as_ref());
@@ -263,6 +262,7 @@ impl Stage for Train {
         ctx.progress.set_total(pairs_total);
         let n_val = val_set.queries.len();
         let started = std::time::Instant::now();
+        let cfg_rerank = cfg.rerank;
         let fit = Fit { cfg, job, train_set, val_set, dir, fingerprint: fingerprint.clone() };
         let (outcome, pairs_seen, n_train) = fit.run(ctx).await?;
         let secs = started.elapsed().as_secs_f64();
@@ -272,7 +272,6 @@ impl Stage for Train {
         let left_out = if st.stopped_early { (p.epochs.saturating_sub(st.epoch) * n_train) as u64 } else { 0 };
         ctx.progress.skipped(left_out);
         ctx.progress.cached(pairs_total.saturating_sub(ctx.progress.counts().done.max(0) as u64 + left_out));
-        let cfg_rerank = self.config(&candle_core::Device::Cpu).rerank;
         let improved = st.improved();
         let weight = st.best_weight.unwrap_or(trained_weight);
         if improved == Some(false) {
@@ -393,39 +392,6 @@ impl Train {
         }
         let by_text = texts.into_iter().zip(vectors).collect();
         Ok((Some(bb), Some(by_text)))
-    }
-
-    fn config(&self, device: &candle_core::Device) -> TrainConfig {
-        let p = &self.params;
-        let bf16 = match p.precision {
-            Precision::Bf16 => true,
-            Precision::F32 => false,
-            Precision::Auto => device.is_cuda() || (device.is_cpu() && crate::bert::amx::available()),
-        };
-        TrainConfig {
-            retriever: p.retriever,
-            epochs: p.epochs,
-            batch_size: p.batch_size,
-            lr: p.lr,
-            warmup: p.warmup,
-            weight_decay: p.weight_decay,
-            max_grad_norm: p.max_grad_norm,
-            grad_accum: p.grad_accum,
-            scale: p.scale,
-            weight: p.weight.fixed().unwrap_or(train::AUTO_TRAINING_WEIGHT),
-            weight_auto: p.weight.fixed().is_none() && p.retriever == Retriever::Mafin,
-            dropout: p.dropout,
-            seed: p.seed,
-            patience: p.patience,
-            checkpoint_every: p.checkpoint_every,
-            bf16,
-            in_batch_guard: (p.in_batch_guard && p.retriever != Retriever::Reranker).then_some(p.negative_margin),
-            rerank: (p.retriever == Retriever::Reranker).then_some(train::RerankConfig {
-                negatives: p.negatives,
-                relative_margin: p.relative_margin,
-                k: p.rerank_k,
-            }),
-        }
     }
 
     /// A refresh continues from the promoted model (same architecture, saved by an earlier run).

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::Retriever;
+use super::{Retriever, TrainConfig};
 use crate::workflow::{Device, Precision, Tunable};
 
 /// The kind name of the stage these parameters belong to.
@@ -160,6 +160,43 @@ fn default_seed() -> u64 {
 }
 fn default_checkpoint_every() -> u64 {
     50
+}
+
+impl Params {
+    /// The training settings these parameters make on `device` (`precision: auto` is bf16 on a GPU
+    /// and where the CPU has a bf16 engine).
+    pub fn train_config(&self, device: &candle_core::Device) -> TrainConfig {
+        let p = self;
+        let bf16 = match p.precision {
+            Precision::Bf16 => true,
+            Precision::F32 => false,
+            Precision::Auto => device.is_cuda() || (device.is_cpu() && crate::bert::amx::available()),
+        };
+        TrainConfig {
+            retriever: p.retriever,
+            epochs: p.epochs,
+            batch_size: p.batch_size,
+            lr: p.lr,
+            warmup: p.warmup,
+            weight_decay: p.weight_decay,
+            max_grad_norm: p.max_grad_norm,
+            grad_accum: p.grad_accum,
+            scale: p.scale,
+            weight: p.weight.fixed().unwrap_or(super::AUTO_TRAINING_WEIGHT),
+            weight_auto: p.weight.fixed().is_none() && p.retriever == Retriever::Mafin,
+            dropout: p.dropout,
+            seed: p.seed,
+            patience: p.patience,
+            checkpoint_every: p.checkpoint_every,
+            bf16,
+            in_batch_guard: (p.in_batch_guard && p.retriever != Retriever::Reranker).then_some(p.negative_margin),
+            rerank: (p.retriever == Retriever::Reranker).then_some(super::RerankConfig {
+                negatives: p.negatives,
+                relative_margin: p.relative_margin,
+                k: p.rerank_k,
+            }),
+        }
+    }
 }
 
 impl Default for Params {
