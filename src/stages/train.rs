@@ -282,7 +282,8 @@ impl Stage for Train {
             ));
         }
         let gain = st.gain();
-        if let Some(g) = &gain {
+        // A start kept as the best has no gain to qualify (the line above says so).
+        if let Some(g) = gain.as_ref().filter(|_| improved == Some(true)) {
             ctx.progress.log(&g.to_string());
         }
         let metrics = json!({

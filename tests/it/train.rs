@@ -123,6 +123,11 @@ fn a_tiny_bert_learns_the_toy_set_reproducibly() {
     let m: serde_json::Value = serde_json::from_str(&metrics).unwrap();
     assert!((m["validation"]["recall@10"].as_f64().unwrap() - best).abs() < 1e-9, "{metrics}");
     assert_eq!(db.scalar("SELECT improved FROM models"), 1, "it beat its starting model");
+    // The gain over the start is stated with its interval, which matches the stored one.
+    let gain = &m["validation_gain"];
+    assert!(gain["gain"].as_f64().unwrap() > 0.0, "{gain}");
+    let interval = format!("95% bootstrap interval {:+.4} to", gain["interval"][0].as_f64().unwrap());
+    assert!(r.all().contains(&interval), "{interval} not in:\n{}", r.all());
 
     // The checkpoint is a sentence-transformers folder.
     let path: String = db.text("SELECT path FROM models");
