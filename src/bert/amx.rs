@@ -54,6 +54,16 @@ pub fn engine() -> Option<Engine> {
     })
 }
 
+impl Engine {
+    /// How the products run, in words for logs ("bf16 products on AMX tiles").
+    pub fn describe(self) -> &'static str {
+        match self {
+            Engine::Amx => "on AMX tiles",
+            Engine::Avx512Bf16 => "with AVX512-BF16",
+        }
+    }
+}
+
 /// Whether bf16 products can run here (on AMX or on AVX512-BF16).
 pub fn available() -> bool {
     engine().is_some()

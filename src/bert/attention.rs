@@ -174,6 +174,90 @@ pub(crate) fn head_probs(
     }
 }
 
+/// Attention's backward pass: dqkv [t, 3h] from dctx [t, h], each (sequence, head) a task that
+/// recomputes its probabilities (`head_probs`, as the forward pass made them) rather than reading
+/// them kept: dP = dctx V^T, dV = P'^T dctx, dS = scale P (dP - rowsum(dP P)), dQ = dS K,
+/// dK = dS^T Q, where P' = P times layer `drop.1`'s dropout mask multiplied V in the forward pass.
+pub(crate) fn attention_backward(
+    qkv: &[f32],
+    dctx: &[f32],
+    lens: &[usize],
+    (h, heads): (usize, usize),
+    scale: f32,
+    drop: Option<(&Dropout, usize)>,
+    products: Products,
+) -> Vec<f32> {
+    let dh = h / heads;
+    let starts = seq_starts(lens);
+    let mut dqkv = vec![0.0f32; lens.iter().sum::<usize>() * 3 * h];
+    let out = SharedMut(dqkv.as_mut_ptr());
+    let tasks: Vec<(usize, usize)> = (0..lens.len()).flat_map(|s| (0..heads).map(move |hd| (s, hd))).collect();
+    type Bufs = (Vec<f32>, Vec<f32>, Vec<f32>);
+    tasks.par_iter().for_each_init(Default::default, |(dp, p, pd): &mut Bufs, &(s, hd)| {
+        let (r0, n) = (starts[s], lens[s]);
+        if n == 0 {
+            return;
+        }
+        dp.resize(n * n, 0.0);
+        p.resize(n * n, 0.0);
+        let base = r0 * 3 * h + hd * dh;
+        head_probs(&qkv[base..], n, (h, dh), scale, products, None, p);
+        let p = &p[..];
+        let pv: &[f32] = match drop {
+            Some((d, layer)) => {
+                dropped_probs(d, layer, s, hd, n, p, pd);
+                &pd[..]
+            }
+            None => p,
+        };
+        let (qkv, dctx, h3) = (&qkv[base..], &dctx[r0 * h + hd * dh..], 3 * h);
+        // SAFETY (both paths): reads n x dh blocks of qkv and dctx through their row strides and
+        // this task's n x n buffers; writes only this (sequence, head)'s q, k, v columns of dqkv.
+        if products == Products::Bf16 {
+            let (q, k, v) = (qkv, &qkv[h..], &qkv[2 * h..]);
+            let dc = Lhs::rows(dctx, n, h);
+            unsafe {
+                amx::matmul_here(&dc, &PackedB::from_strided(v, dh, n, 1, h3), dp.as_mut_ptr(), n, Out::Store);
+                let pv_t = Lhs { a: pv, m: n, rs: 1, cs: n };
+                amx::matmul_here(&pv_t, &PackedB::from_rows(dctx, n, dh, h), out.at(base + 2 * h), h3, Out::Store);
+            }
+            softmax_backward(dp, (p, pv), drop.is_some(), n, scale);
+            unsafe {
+                amx::matmul_here(&Lhs::rows(dp, n, n), &PackedB::from_rows(k, n, dh, h3), out.at(base), h3, Out::Store);
+                let ds_t = Lhs { a: dp, m: n, rs: 1, cs: n };
+                amx::matmul_here(&ds_t, &PackedB::from_rows(q, n, dh, h3), out.at(base + h), h3, Out::Store);
+            }
+            return;
+        }
+        let (q, k, v, dc) = (qkv.as_ptr(), qkv[h..].as_ptr(), qkv[2 * h..].as_ptr(), dctx.as_ptr());
+        unsafe {
+            matmul((n, n, dh), dp.as_mut_ptr(), n, (dc, 1, h), (v, h3, 1), 1.0, false);
+            matmul((n, dh, n), out.at(base + 2 * h), h3, (pv.as_ptr(), n, 1), (dc, 1, h), 1.0, false);
+        }
+        // The f32 products apply the scale to dQ and dK instead.
+        softmax_backward(dp, (p, pv), drop.is_some(), n, 1.0);
+        unsafe {
+            matmul((n, dh, n), out.at(base), h3, (dp.as_ptr(), 1, n), (k, 1, h3), scale, false);
+            matmul((n, dh, n), out.at(base + h), h3, (dp.as_ptr(), n, 1), (q, 1, h3), scale, false);
+        }
+    });
+    dqkv
+}
+
+/// dP (n x n, in place) to dS = scale P (dP - rowsum(dP P)); with dropout, dP is first taken
+/// through the mask, M = P' / P where P > 0 (a zero probability has a zero gradient anyway).
+fn softmax_backward(dp: &mut [f32], (p, pv): (&[f32], &[f32]), dropped: bool, n: usize, scale: f32) {
+    if dropped {
+        for ((d, a), b) in dp.iter_mut().zip(pv).zip(p) {
+            *d = if *b > 0.0 { *d * (a / b) } else { 0.0 };
+        }
+    }
+    for (dr, pr) in dp.chunks_exact_mut(n).zip(p.chunks_exact(n)) {
+        let dot: f32 = dr.iter().zip(pr).map(|(a, b)| a * b).sum();
+        dr.iter_mut().zip(pr).for_each(|(d, p)| *d = scale * p * (*d - dot));
+    }
+}
+
 /// `probs` (one sequence's n x n block for head `hd`) times its dropout mask, into `out`.
 pub(crate) fn dropped_probs(
     d: &Dropout,

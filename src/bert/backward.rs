@@ -8,16 +8,14 @@ use rayon::prelude::*;
 
 use crate::bert::Products;
 use crate::bert::amx::{self, Lhs, Out, PackedB};
+use crate::bert::attention::attention_backward;
 use crate::bert::dropout::{Dropout, Site};
-use crate::bert::packed::{
-    self as k, CpuBert, ROWS_PER_TASK, SharedMut, Which, activate, attention, dropped_probs, head_probs,
-    layer_norm_rows, matmul, seq_starts,
-};
+use crate::bert::packed::{self as k, CpuBert, ROWS_PER_TASK, Which, activate, attention, layer_norm_rows, matmul};
 
 /// What one layer's backward pass reads. What is cheap to recompute is not kept (a step's tape is
 /// most of its memory): the attention probabilities (recomputed per head from `qkv`), the GELU's
 /// output (from `pre`), and the inputs of the layer and of its feed-forward block (from the
-/// LayerNorms' normalised rows, `LayerNorm::affine`), each bit for bit what the forward pass used.
+/// LayerNorms' normalised rows, `ln_affine`), each bit for bit what the forward pass used.
 struct LayerTape {
     qkv: Vec<f32>,
     ctx: Vec<f32>,
@@ -219,51 +217,6 @@ fn add_into(a: &mut [f32], b: &[f32]) {
     a.par_chunks_mut(4096).zip(b.par_chunks(4096)).for_each(|(x, y)| x.iter_mut().zip(y).for_each(|(p, q)| *p += q));
 }
 
-/// One (sequence, head)'s attention backward with its four products on AMX (bf16 inputs, f32
-/// sums): dP = dctx V^T, dV = P'^T dctx, dS = scale P (dP - rowsum(dP P)), dQ = dS K, dK = dS^T Q.
-/// `qkv` starts at this head's query column of the sequence's first row (row stride 3h); `dctx` at
-/// its context column (row stride h); `out` is dqkv at the same place as `qkv`. `probs` is (P, P'),
-/// the probabilities and the dropped ones the forward pass multiplied V by.
-#[allow(clippy::too_many_arguments)]
-fn attention_head_backward_amx(
-    qkv: &[f32],
-    dctx: &[f32],
-    (p, pv): (&[f32], &[f32]),
-    dropped: bool,
-    dp: &mut [f32],
-    n: usize,
-    (h, dh): (usize, usize),
-    scale: f32,
-    out: *mut f32,
-) {
-    let h3 = 3 * h;
-    let (q, k, v) = (qkv, &qkv[h..], &qkv[2 * h..]);
-    let dc = Lhs::rows(dctx, n, h);
-    // SAFETY: every output is this task's (sequence, head) block of dqkv (n rows of dh at stride
-    // 3h), and dp is this task's n x n buffer.
-    unsafe {
-        amx::matmul_here(&dc, &PackedB::from_strided(v, dh, n, 1, h3), dp.as_mut_ptr(), n, Out::Store);
-        let pv_t = Lhs { a: pv, m: n, rs: 1, cs: n };
-        amx::matmul_here(&pv_t, &PackedB::from_rows(dctx, n, dh, h), out.add(2 * h), h3, Out::Store);
-    }
-    if dropped {
-        // dP = dP' * M, and M = P' / P where P > 0 (a zero probability has a zero gradient below).
-        for ((d, a), b) in dp.iter_mut().zip(pv).zip(p) {
-            *d = if *b > 0.0 { *d * (a / b) } else { 0.0 };
-        }
-    }
-    for (dr, pr) in dp.chunks_exact_mut(n).zip(p.chunks_exact(n)) {
-        let dot: f32 = dr.iter().zip(pr).map(|(a, b)| a * b).sum();
-        dr.iter_mut().zip(pr).for_each(|(d, p)| *d = scale * p * (*d - dot));
-    }
-    // SAFETY: as above.
-    unsafe {
-        amx::matmul_here(&Lhs::rows(dp, n, n), &PackedB::from_rows(k, n, dh, h3), out, h3, Out::Store);
-        let ds_t = Lhs { a: dp, m: n, rs: 1, cs: n };
-        amx::matmul_here(&ds_t, &PackedB::from_rows(q, n, dh, h3), out.add(h), h3, Out::Store);
-    }
-}
-
 /// y = xhat * g + b row by row: a LayerNorm's output from its normalised rows, bit for bit what
 /// `layer_norm_rows` wrote (the same products in the same order).
 fn ln_affine(xhat: &[f32], (g, b): &(Vec<f32>, Vec<f32>)) -> Vec<f32> {
@@ -303,8 +256,6 @@ pub fn backward(m: &CpuBert, mut tape: Tape, mut dy: Vec<f32>) -> FlatGrads {
     let mut grads = FlatGrads::new();
     let lens = tape.lens.clone();
     let lens = &lens[..];
-    let starts = seq_starts(lens);
-    let t: usize = lens.iter().sum();
     let drop = tape.drop;
     let drop = drop.as_ref();
     while let Some(tp) = tape.layers.pop() {
@@ -351,69 +302,7 @@ pub fn backward(m: &CpuBert, mut tape: Tape, mut dy: Vec<f32>) -> FlatGrads {
         grads.insert(name("attention.output.dense.weight"), dwo);
         grads.insert(name("attention.output.dense.bias"), dbo);
 
-        let mut dqkv = vec![0.0f32; t * 3 * h];
-        let out = SharedMut(dqkv.as_mut_ptr());
-        let tasks: Vec<(usize, usize)> = (0..lens.len()).flat_map(|s| (0..heads).map(move |hd| (s, hd))).collect();
-        type Bufs = (Vec<f32>, Vec<f32>, Vec<f32>);
-        tasks.par_iter().for_each_init(Default::default, |(dp, p, pd): &mut Bufs, &(s, hd)| {
-            let (r0, n) = (starts[s], lens[s]);
-            if n == 0 {
-                return;
-            }
-            dp.resize(n * n, 0.0);
-            p.resize(n * n, 0.0);
-            let base = r0 * 3 * h + hd * dh;
-            head_probs(&tp.qkv[base..], n, (h, dh), scale, m.products, None, p);
-            let p = &p[..];
-            // With dropout the product used P' = P * M: dV = P'^T dctx and dP = (dctx V^T) * M.
-            let pv: &[f32] = match drop {
-                Some(d) => {
-                    dropped_probs(d, li, s, hd, n, p, pd);
-                    &pd[..]
-                }
-                None => p,
-            };
-            let (q, kk, v) = (tp.qkv[base..].as_ptr(), tp.qkv[base + h..].as_ptr(), tp.qkv[base + 2 * h..].as_ptr());
-            let h3 = 3 * h;
-            if m.products == Products::Bf16 {
-                attention_head_backward_amx(
-                    &tp.qkv[base..],
-                    &dctx[r0 * h + hd * dh..],
-                    (p, pv),
-                    drop.is_some(),
-                    dp,
-                    n,
-                    (h, dh),
-                    scale,
-                    out.at(base),
-                );
-                return;
-            }
-            let dc = dctx[r0 * h + hd * dh..].as_ptr();
-            // SAFETY: reads n x dh blocks of qkv/dctx through their row strides and this task's
-            // n x n probabilities; writes only this (sequence, head)'s q, k, v columns of dqkv.
-            unsafe {
-                // dP = dctx V^T
-                matmul((n, n, dh), dp.as_mut_ptr(), n, (dc, 1, h), (v, h3, 1), 1.0, false);
-                // dV = P'^T dctx
-                matmul((n, dh, n), out.at(base + 2 * h), h3, (pv.as_ptr(), n, 1), (dc, 1, h), 1.0, false);
-                if drop.is_some() {
-                    // dP = dP' * M, and M = P' / P where P > 0 (a zero probability has a zero gradient
-                    // below anyway, as dS = P * (...)).
-                    for ((d, a), b) in dp.iter_mut().zip(pv).zip(p) {
-                        *d = if *b > 0.0 { *d * (a / b) } else { 0.0 };
-                    }
-                }
-                // dS = P * (dP - rowsum(dP * P))
-                for (dr, pr) in dp.chunks_exact_mut(n).zip(p.chunks_exact(n)) {
-                    let dot: f32 = dr.iter().zip(pr).map(|(a, b)| a * b).sum();
-                    dr.iter_mut().zip(pr).for_each(|(d, p)| *d = p * (*d - dot));
-                }
-                // dQ = scale dS K; dK = scale dS^T Q
-                matmul((n, dh, n), out.at(base), h3, (dp.as_ptr(), 1, n), (kk, 1, h3), scale, false);
-                matmul((n, dh, n), out.at(base + h), h3, (dp.as_ptr(), n, 1), (q, 1, h3), scale, false);
-            }
-        });
+        let dqkv = attention_backward(&tp.qkv, &dctx, lens, (h, heads), scale, drop.map(|d| (d, li)), m.products);
         std::mem::drop(tp);
         let x_in = layer_input(m, &tape, li);
         let (mut dx_in, dwqkv, dbqkv) = linear_backward(&dqkv, &x_in, &l.qkv_w, (3 * h, h), m.products);
@@ -503,6 +392,19 @@ mod tests {
             .collect()
     }
 
+    /// A two-layer BERT small enough for autograd and exact comparisons.
+    fn tiny_config() -> Config {
+        Config {
+            vocab_size: 30,
+            hidden_size: 16,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            intermediate_size: 24,
+            max_position_embeddings: 12,
+            ..Config::default()
+        }
+    }
+
     /// Every parameter's gradient from the hand-written backward pass against candle's autograd
     /// through the training graph.
     #[test]
@@ -511,16 +413,7 @@ mod tests {
         for (act, drop) in
             [HiddenAct::Gelu, HiddenAct::GeluApproximate].into_iter().flat_map(|a| dropouts.map(|d| (a, d)))
         {
-            let config = Config {
-                vocab_size: 30,
-                hidden_size: 16,
-                num_hidden_layers: 2,
-                num_attention_heads: 4,
-                intermediate_size: 24,
-                hidden_act: act,
-                max_position_embeddings: 12,
-                ..Config::default()
-            };
+            let config = Config { hidden_act: act, ..tiny_config() };
             for (name, g, w) in ours_and_autograd(&config, 0.2, &[5, 9, 3], drop, crate::bert::Products::F32) {
                 let scale = w.iter().fold(1e-3f32, |a, b| a.max(b.abs()));
                 for (j, (a, b)) in g.iter().zip(&w).enumerate() {
@@ -535,15 +428,7 @@ mod tests {
     /// states from the last LayerNorm.
     #[test]
     fn recomputed_inputs_are_the_forward_pass_own() {
-        let config = Config {
-            vocab_size: 30,
-            hidden_size: 16,
-            num_hidden_layers: 2,
-            num_attention_heads: 4,
-            intermediate_size: 24,
-            max_position_embeddings: 12,
-            ..Config::default()
-        };
+        let config = tiny_config();
         let (_, vb) = random_bert(&config, 0.3);
         let cpu = CpuBert::load(&vb, &config).unwrap();
         let (ids, lens) = ((0..17).map(|i| i % 30).collect::<Vec<u32>>(), [5, 9, 3]);

@@ -59,6 +59,16 @@ impl Products {
         }
     }
 
+    /// What a cache key adds for these products: vectors of f32 are not reused for bf16, nor those
+    /// of one bf16 engine for the other's (they add in another order).
+    pub fn cache_tag(self) -> &'static str {
+        match (self, amx::engine()) {
+            (Products::F32, _) => "",
+            (Products::Bf16, Some(amx::Engine::Avx512Bf16)) => "|bf16-avx512",
+            (Products::Bf16, _) => "|bf16",
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Products::F32 => "f32",

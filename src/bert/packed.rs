@@ -9,8 +9,8 @@ use rayon::prelude::*;
 
 use super::Products;
 use super::amx::{self, Lhs, Out, PackedB};
-pub(crate) use super::attention::{attention, dropped_probs, head_probs, matmul, seq_starts};
-pub(crate) use super::kernels::{ROWS_PER_TASK, SharedMut, activate, erf, exp, layer_norm_rows};
+pub(crate) use super::attention::{attention, matmul};
+pub(crate) use super::kernels::{ROWS_PER_TASK, activate, erf, exp, layer_norm_rows};
 use super::mpnet::{self, RelativeBias};
 
 pub(crate) struct Layer {

@@ -78,13 +78,7 @@ impl BlackBox {
         let weights_path = dir.join("model.safetensors");
         // Streamed: all-mpnet-base-v2's 440 MB are not read into memory a second time to be hashed.
         let weights = crate::digest::sha256_file(&weights_path).map_err(Error::io(&weights_path))?;
-        // bf16 products make (slightly) other vectors: stored ones of f32 are not reused for them,
-        // nor those of one bf16 engine for the other's (they add in another order).
-        let products = match (enc.products(), crate::bert::amx::engine()) {
-            (crate::bert::Products::F32, _) => String::new(),
-            (crate::bert::Products::Bf16, Some(crate::bert::amx::Engine::Avx512Bf16)) => "|bf16-avx512".into(),
-            (crate::bert::Products::Bf16, _) => "|bf16".into(),
-        };
+        let products = enc.products().cache_tag();
         let identity = format!("local|{name}|{}|{}{products}", enc.max_seq_length, &weights[..16]);
         Ok(BlackBox {
             backend: Backend::Local(Arc::new(enc)),

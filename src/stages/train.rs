@@ -247,10 +247,10 @@ impl Stage for Train {
                 let mut aug = Augment::new(folder, Some(&start.weights), &device)?;
                 if cfg.bf16 {
                     aug.model.compute = candle_core::DType::BF16;
-                    let on = match crate::bert::amx::engine() {
-                        _ if !device.is_cpu() => "on the GPU",
-                        Some(crate::bert::amx::Engine::Avx512Bf16) => "with AVX512-BF16",
-                        _ => "on AMX tiles",
+                    let on = match (device.is_cpu(), crate::bert::amx::engine()) {
+                        (false, _) => "on the GPU",
+                        (true, Some(e)) => e.describe(),
+                        (true, None) => "through candle's autograd (this CPU has no bf16 engine)",
                     };
                     ctx.progress.log(&format!("mixed precision: bf16 matrix products {on}, f32 weights and optimiser"));
                 }

@@ -97,7 +97,8 @@ impl Learner for BiEncoder<'_> {
             let guarded = data::likely_positives(&queries, &passages, vectors, margin);
             self.guard.0.fetch_add(guarded.len(), Ordering::Relaxed);
             self.guard.1.fetch_add(queries.len() * passages.len().saturating_sub(1), Ordering::Relaxed);
-            masked.extend(guarded.into_iter().filter(|e| !masked.contains(e)).collect::<Vec<_>>());
+            // An entry masked twice is masked once (the loss sets it, it does not add).
+            masked.extend(guarded);
         }
         if self.fast {
             fast_step(cfg, aug, texts, &masked, bb, accum, drop)
